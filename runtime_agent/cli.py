@@ -1,0 +1,70 @@
+"""`edge-agent`: the device-side command line (standard library argparse: the device stays light)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from runtime_agent import __version__
+from runtime_agent.bundle import read_bundle
+from runtime_agent.errors import AgentError
+from runtime_agent.model import LoadedModel
+from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir, load_public_key
+
+
+def _load_input(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise AgentError(f"input file {path} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise AgentError(f"input file {path} is not a .npy array ({exc}); save it with numpy.save") from None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    bundle = read_bundle(args.bundle, load_public_key(args.pubkey))
+    model = LoadedModel.from_bundle(bundle)
+    prediction = model.predict(_load_input(args.input))
+    if args.json:
+        print(json.dumps({"model": bundle.manifest["name"], "version": bundle.version,
+                          "labels": prediction.labels, "classes": prediction.classes.tolist(),
+                          "scores": prediction.scores.round(6).tolist()}))
+    else:
+        for index, (label, scores) in enumerate(zip(prediction.labels, prediction.scores)):
+            print(f"{index}\t{label}\t{scores.max():.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Serve signed model bundles on an edge device.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="verify a bundle and run it once on a .npy input")
+    predict.add_argument("--bundle", type=Path, required=True, help="signed .bundle file")
+    predict.add_argument("--input", type=Path, required=True, help=".npy array: one sample or a batch")
+    predict.add_argument("--pubkey", type=Path, default=default_key_dir() / PUBLIC_KEY_NAME,
+                         help="trusted public key (default: %(default)s)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except AgentError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Serve a verified bundle's model with onnxruntime, refusing bad input with a reason.
+
+Only a `Bundle` (which exists only after verification) can become a `LoadedModel`, so an unverified
+file can never be run by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime_agent.bundle import Bundle
+from runtime_agent.errors import BundleError, InputError
+
+
+def _providers(preferred: Sequence[str]) -> list[str]:
+    """The profile's providers this onnxruntime build has, CPU always last as the fallback."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in preferred if p in available and p != "CPUExecutionProvider"]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+@dataclass
+class Prediction:
+    labels: list[str]
+    classes: np.ndarray
+    scores: np.ndarray  # softmax probabilities, one row per sample
+
+
+@dataclass
+class LoadedModel:
+    bundle: Bundle
+    session: ort.InferenceSession
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension
+    dtype: np.dtype
+    labels: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0) -> "LoadedModel":
+        artifact = bundle.model_artifact
+        if artifact["format"] != "onnx":
+            raise BundleError(f"model format {artifact['format']!r} needs a runtime this agent does not have")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(bundle.model_bytes, options,
+                                           providers=_providers(providers or bundle.manifest.get("providers", [])))
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            raise BundleError(f"model {artifact['path']} cannot be loaded by onnxruntime: {exc}") from None
+        spec = bundle.manifest["input"]
+        return cls(bundle=bundle, session=session, input_name=session.get_inputs()[0].name,
+                   input_shape=tuple(int(d) for d in spec["shape"]), dtype=np.dtype(spec["dtype"]),
+                   labels=[str(label) for label in bundle.manifest["labels"]])
+
+    def validate(self, x: Any) -> np.ndarray:
+        """Return a batch `(n, *input_shape)`; a single sample gets a batch axis. Raise on anything else."""
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input must be a numpy array, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise InputError(f"input dtype is {x.dtype}, the model expects {self.dtype}; convert it with .astype('{self.dtype}')")
+        if x.shape == self.input_shape:
+            x = x[np.newaxis]
+        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
+            raise InputError(f"input shape is {list(x.shape)}, the model expects {list(self.input_shape)} "
+                             f"or a batch [n, {', '.join(map(str, self.input_shape))}]")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = int(np.size(x) - np.isfinite(x).sum())
+            raise InputError(f"input has {bad} NaN or infinite value(s); clean the data before sending it")
+        return x
+
+    def logits(self, x: Any) -> np.ndarray:
+        batch = self.validate(x)
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def predict(self, x: Any) -> Prediction:
+        logits = self.logits(x).astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        scores = shifted / shifted.sum(axis=1, keepdims=True)
+        classes = scores.argmax(axis=1)
+        return Prediction(labels=[self.labels[i] for i in classes], classes=classes, scores=scores)

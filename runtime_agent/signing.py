@@ -1,0 +1,91 @@
+"""Ed25519 keys for bundle signatures.
+
+The host signs, devices verify; both sides load keys through here so the file formats (PEM PKCS#8
+private key, PEM SubjectPublicKeyInfo public key) and the key id stay in one place. The key id is
+only a label that makes "wrong public key" errors readable; trust comes from the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from runtime_agent.errors import BundleError
+
+PRIVATE_KEY_NAME = "signing.key"
+PUBLIC_KEY_NAME = "signing.pub"
+
+
+def default_key_dir() -> Path:
+    """`$EDGE_TOOLCHAIN_KEYS`, else `$XDG_CONFIG_HOME/edge-toolchain/keys` (~/.config by default)."""
+    if env := os.environ.get("EDGE_TOOLCHAIN_KEYS"):
+        return Path(env).expanduser()
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config_home / "edge-toolchain" / "keys"
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"public key {path} does not exist; pass --pubkey with the key that signed the bundle") from None
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"public key {path} is not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"public key {path} is not an Ed25519 key")
+    return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise BundleError(f"signing key {path} does not exist; create one with `toolchain keys generate --out DIR`") from None
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"signing key {path} is not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"signing key {path} is not an Ed25519 key")
+    return key
+
+
+def verify_signature(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    try:
+        public_key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def write_keypair(directory: Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Create a key pair; the private key is written 0600 and never replaced unless asked."""
+    directory = Path(directory)
+    private_path, public_path = directory / PRIVATE_KEY_NAME, directory / PUBLIC_KEY_NAME
+    if private_path.exists() and not overwrite:
+        raise BundleError(f"{private_path} already exists; use --force to replace it (bundles signed with it will no longer verify)")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_atomic(private_path, private_pem, mode=0o600)
+    _write_atomic(public_path, public_pem, mode=0o644)
+    return private_path, public_path
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)

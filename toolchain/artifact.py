@@ -1,0 +1,54 @@
+"""What flows through the passes: the model under build, its candidates, and their numbers.
+
+A pass reads an `Artifact` and returns one (usually the same object, enriched). Candidates are the
+deployable files (FP32 ONNX, INT8 QDQ, FP16, ...); each carries its own metrics and, after the gate,
+its verdict, so the report and the bundle can show every decision with its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}  # higher = less precise
+
+
+@dataclass
+class Candidate:
+    name: str
+    precision: str
+    path: Path
+    format: str = "onnx"
+    runtime: str = "onnxruntime"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    accepted: bool | None = None
+    verdict: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "precision": self.precision, "format": self.format, "runtime": self.runtime,
+                "bytes": self.bytes, **self.metrics, "accepted": self.accepted, "verdict": self.verdict}
+
+
+@dataclass
+class Artifact:
+    module: Any = None  # the trained torch.nn.Module (typed loosely so this file needs no torch import)
+    candidates: list[Candidate] = field(default_factory=list)
+    shipped: Candidate | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # training history, export checks, ...
+    outputs: dict[str, Path] = field(default_factory=dict)  # staged files to publish: role -> path
+
+    @property
+    def reference(self) -> Candidate:
+        """The FP32 ONNX export, the yardstick every other candidate is measured against."""
+        for candidate in self.candidates:
+            if candidate.precision == "fp32":
+                return candidate
+        raise LookupError("no FP32 reference candidate; the export pass must run first")
+
+    def candidate(self, name: str) -> Candidate:
+        return next(c for c in self.candidates if c.name == name)

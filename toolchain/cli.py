@@ -1,0 +1,165 @@
+"""`toolchain`: the host command line. Each command is thin; the work lives in the modules it calls.
+
+Errors a user can fix (`ToolchainError`, and the agent's `AgentError` for bundles and keys) print one
+line and exit 2; `--debug` (anywhere on the command line) shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from runtime_agent.errors import AgentError
+from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
+from toolchain.commands.targets import app as targets_app
+from toolchain.errors import ToolchainError
+
+app = typer.Typer(help="Build, compress, sign and benchmark models for edge devices.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+keys_app = typer.Typer(help="Manage the ed25519 key that signs bundles.", no_args_is_help=True)
+app.add_typer(targets_app, name="targets")
+app.add_typer(keys_app, name="keys")
+err = Console(stderr=True)
+DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
+
+TargetOption = Annotated[str, typer.Option("--target", "-t", help="profile id, alias (e.g. jetson) or path to a profile .toml")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False) -> None:
+    """Edge compile-and-deploy toolchain."""
+
+
+@app.command()
+def build(
+    target: TargetOption,
+    config: Annotated[Optional[Path], typer.Option(help="toolchain.toml of your project (default: the embedded digits example)")] = None,
+    out: Annotated[Path, typer.Option(help="where the bundle and the report go")] = Path("dist"),
+    budget: Annotated[str, typer.Option(help="quick | standard | thorough")] = "quick",
+    seed: Annotated[int, typer.Option(help="seed for every random number generator")] = 0,
+    key: Annotated[Optional[Path], typer.Option(help="ed25519 private key (default: created on first use in the key folder)")] = None,
+) -> None:
+    """Train, compress, verify, benchmark and sign a model for a device profile."""
+    from toolchain.config import load_config
+    from toolchain.targets import resolve_target
+    from toolchain.workflow import BUDGETS, build as run_build
+
+    if budget not in BUDGETS:
+        raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    profile = resolve_target(target)
+    build_config = load_config(config)
+    err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
+              f"({profile.name}), budget {budget}, seed {seed}")
+    artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err)
+    shipped = artifact.shipped
+    err.print(f"[bold green]shipped {shipped.name}[/]: accuracy {shipped.metrics['accuracy']:.4f} "
+              f"(FP32 {artifact.reference.metrics['accuracy']:.4f}), host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "
+              f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}")
+    for note in ctx.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    print(f"report: {artifact.outputs['report_html']}")
+    print(artifact.outputs["bundle"])
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="folder for signing.key (private, 0600) and signing.pub")] = default_key_dir(),
+    force: Annotated[bool, typer.Option(help="replace an existing key")] = False,
+) -> None:
+    """Create a signing key pair."""
+    from runtime_agent.signing import write_keypair
+
+    private, public = write_keypair(out, overwrite=force)
+    print(f"private key: {private}\npublic key: {public}")
+
+
+@app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="a .bundle file")],
+    pubkey: Annotated[Path, typer.Option(help="trusted public key")] = DEFAULT_PUBKEY,
+) -> None:
+    """Check a bundle's signature, format and every file's hash."""
+    from runtime_agent.bundle import read_bundle
+    from runtime_agent.signing import load_public_key
+
+    verified = read_bundle(bundle, load_public_key(pubkey))
+    manifest = verified.manifest
+    print(f"OK {bundle}: {manifest['name']} v{manifest['version']} for {manifest['target']}, "
+          f"{len(manifest['artifacts'])} files verified, signed by key {manifest['key_id']}")
+
+
+def _model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path, str]:
+    """An ONNX file to measure: the path itself, or the verified model extracted from a bundle."""
+    from toolchain.onnx_io import check_onnx_file
+
+    if model_or_bundle.suffix == ".bundle":
+        from runtime_agent.bundle import read_bundle
+        from runtime_agent.signing import load_public_key
+
+        verified = read_bundle(model_or_bundle, load_public_key(pubkey))
+        path = scratch / verified.model_artifact["path"]
+        path.write_bytes(verified.model_bytes)
+        return path, verified.model_artifact.get("precision") or "?"
+    check_onnx_file(model_or_bundle)
+    return model_or_bundle, "?"
+
+
+@app.command()
+def bench(
+    model_or_bundle: Annotated[Path, typer.Argument(help="an .onnx model or a .bundle")],
+    target: TargetOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    seconds: Annotated[float, typer.Option(help="measuring time")] = 5.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 1,
+    pubkey: Annotated[Path, typer.Option(help="trusted public key, for bundles")] = DEFAULT_PUBKEY,
+) -> None:
+    """Measured host latency, predicted latency on the profile, memory, size, roofline fraction, budgets."""
+    from toolchain.bench import BenchSettings, bench_models
+    from toolchain.onnx_io import sample_input_shape
+    from toolchain.targets import resolve_target
+
+    profile = resolve_target(target)
+    with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as scratch:
+        path, precision = _model_file(model_or_bundle, pubkey, Path(scratch))
+        with err.status(f"measuring {model_or_bundle.name} for {seconds:.0f} s"):
+            row = bench_models({"model": path}, profile, sample_input_shape(path),
+                               BenchSettings(seconds=seconds, min_runs=100, threads=threads))["model"]
+    result = {"model": str(model_or_bundle), "target": profile.id, "precision": precision, **row}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{model_or_bundle.name} on {profile.id} ({profile.name})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("bytes", "parameters", "flops", "latency_ms_p50_host", "latency_ms_p90_host", "latency_ms_p99_host",
+                "latency_ms_predicted_host", "roofline_fraction_host", "latency_ms_predicted", "peak_memory_mb_predicted",
+                "process_peak_rss_mb", "model_rss_mb"):
+        if key in row:
+            table.add_row(key, f"{row[key]:,.4f}" if isinstance(row[key], float) else f"{row[key]:,}")
+    for key, verdict in row["budget"].items():
+        mark = "[green]met[/]" if verdict["met"] else "[red]MISSED[/]"
+        table.add_row(f"budget {key}", f"{verdict['value']:.4g} / {verdict['budget']:.4g} {mark}")
+    Console().print(table)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(prog_name="toolchain")
+    except (ToolchainError, AgentError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The build config (`toolchain.toml`): parsed, validated, and resolved against its own folder.
+
+Validation is strict (unknown keys are errors) because a misspelt key that is silently ignored is a
+model silently built with the wrong settings. Every message names the section, the key and what was
+expected. Paths are resolved relative to the config file so a project can live anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolchain.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "examples" / "digits" / "toolchain.toml"
+DATA_SCHEMES = ("sklearn", "npz", "csv", "images", "python")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectSection(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*$", max_length=64)
+    version: int = Field(default=1, ge=1)
+
+
+class ModelSection(_Section):
+    entry: str = Field(pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")
+    input_shape: list[int] = Field(min_length=1, max_length=4)
+    labels: list[str] | None = Field(default=None, min_length=2)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive(cls, shape: list[int]) -> list[int]:
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"every dimension must be > 0, got {shape}")
+        return shape
+
+
+class DataSection(_Section):
+    source: str
+    validation: float = Field(default=0.2, gt=0, lt=1)
+    test: float = Field(default=0.2, gt=0, lt=1)
+    label_column: str | int | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _scheme(cls, source: str) -> str:
+        scheme, sep, rest = source.partition(":")
+        if not sep or scheme not in DATA_SCHEMES or not rest:
+            raise ValueError(f"expected one of {', '.join(s + ':...' for s in DATA_SCHEMES)}, got {source!r}")
+        return source
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> "DataSection":
+        if self.validation + self.test >= 0.9:
+            raise ValueError(f"validation + test = {self.validation + self.test:.2f} leaves too little training data (keep it < 0.9)")
+        return self
+
+
+class TrainSection(_Section):
+    epochs: int | None = Field(default=None, ge=1, le=10_000)  # None: the budget decides
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0, lt=10)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    patience: int | None = Field(default=None, ge=1)
+
+
+class CompressSection(_Section):
+    distill: bool = False
+    prune_ratio: float | Literal["auto"] = 0.0
+    quantize: list[Literal["int8", "fp16"]] = Field(default_factory=lambda: ["int8", "fp16"])
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    min_speedup: float = Field(default=1.05, ge=1.0)
+    calibration_samples: int = Field(default=256, ge=8)
+
+    @model_validator(mode="after")
+    def _available(self) -> "CompressSection":
+        if self.distill:
+            raise ValueError("distill = true is not available in this version yet; set distill = false")
+        if self.prune_ratio != 0.0:
+            raise ValueError("pruning is not available in this version yet; set prune_ratio = 0")
+        return self
+
+
+class BuildConfig(_Section):
+    project: ProjectSection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    compress: CompressSection = Field(default_factory=CompressSection)
+
+    # Not part of the TOML: where the file was, for resolving paths, and its hash for provenance.
+    path: Path = Field(default=Path("."), exclude=True)
+    sha256: str = Field(default="", exclude=True)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, relative: str) -> Path:
+        candidate = Path(relative).expanduser()
+        return candidate if candidate.is_absolute() else (self.base_dir / candidate).resolve()
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-after")]
+    if not parts:
+        return "config"
+    section, *rest = parts
+    return f"[{section}]" + (f" {'.'.join(rest)}" if rest else "")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = _location(error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = error["loc"][0] if len(error["loc"]) > 1 else None
+        known = list((BuildConfig.model_fields[section].annotation.model_fields if section else BuildConfig.model_fields))
+        known = [k for k in known if k not in ("path", "sha256")]
+        return f"{where}: unknown key (known keys here: {', '.join(known)})"
+    if error["type"] == "missing":
+        return f"{where}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    return f"{where}: {message}" + (f" (got {given!r})" if given is not None and not isinstance(given, dict) else "")
+
+
+def parse_config(text: str, path: Path) -> BuildConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
+    try:
+        config = BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"config {path}: {problems}") from None
+    return config.model_copy(update={"path": path.resolve(), "sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def load_config(path: Path | None) -> BuildConfig:
+    """Load a config file, or the embedded default example when `path` is None."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config {path} does not exist; pass --config with the path to your toolchain.toml") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} cannot be read as a TOML file ({exc})") from None
+    return parse_config(text, path)

@@ -1,0 +1,36 @@
+"""Load user-supplied ONNX files defensively: a bad file is a one-line error, not a protobuf traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from toolchain.errors import ToolchainError
+
+
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ToolchainError(f"model {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolchainError(f"model {path} is not a valid ONNX model ({first_line}); re-export it") from None
+    if len(model.graph.input) == 0 or not model.graph.node:
+        raise ToolchainError(f"model {path} has no inputs or no operators; re-export it")
+    return model
+
+
+def sample_input_shape(path: Path) -> tuple[int, ...]:
+    """Shape of one sample of the first input (the leading batch axis dropped)."""
+    model = check_onnx_file(path)
+    initializers = {i.name for i in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    dims = graph_input.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if not dims or any(d is None or d <= 0 for d in shape):
+        raise ToolchainError(f"model {path}: input {graph_input.name!r} needs fixed sizes after the batch axis, "
+                             f"got {[d.dim_param or d.dim_value for d in dims]}")
+    return tuple(shape)

@@ -1,0 +1,39 @@
+"""Accuracy of every candidate, measured in the device's runtime (onnxruntime) on the held-out test split.
+
+Accuracy measured in torch would hide quantization and exporter effects; this is the number the
+gate compares and the bundle promises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from toolchain.artifact import Artifact
+from toolchain.workflow import BuildContext
+
+
+def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+class EvaluatePass:
+    name: ClassVar[str] = "evaluate"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        x, y = ctx.dataset.x_test, ctx.dataset.y_test
+        for candidate in artifact.candidates:
+            predicted = onnx_logits(candidate.path, x).argmax(axis=1)
+            candidate.metrics["accuracy"] = round(float((predicted == y).mean()), 6)
+            candidate.metrics["test_samples"] = int(len(y))
+        reference = artifact.reference.metrics["accuracy"]
+        for candidate in artifact.candidates:
+            candidate.metrics["accuracy_drop"] = round(reference - candidate.metrics["accuracy"], 6)
+            ctx.console.print(f"  {candidate.name:<16} accuracy {candidate.metrics['accuracy']:.4f} "
+                              f"(drop {100 * candidate.metrics['accuracy_drop']:+.2f} pp) on {len(y)} test samples")
+        return artifact

@@ -1,0 +1,47 @@
+"""Choose what ships: the least precise candidate that keeps accuracy and is really faster.
+
+Walk from FP32 towards lower precision. A candidate is accepted when its accuracy drop vs FP32 is
+within `max_accuracy_drop` AND it beats the currently accepted, more precise candidate by at least
+`min_speedup` both measured on this host (p50) and predicted on the target. Otherwise it is
+rejected and the more precise one stays. FP32 is always the fallback. Every verdict keeps its numbers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from toolchain.artifact import PRECISION_ORDER, Artifact, Candidate
+from toolchain.workflow import BuildContext
+
+
+def judge(candidate: Candidate, incumbent: Candidate, max_drop: float, min_speedup: float) -> tuple[bool, str]:
+    drop = candidate.metrics["accuracy_drop"]
+    if drop > max_drop:
+        return False, f"accuracy drop {100 * drop:.2f} pp > allowed {100 * max_drop:.2f} pp"
+    host = incumbent.metrics["latency_ms_p50_host"] / candidate.metrics["latency_ms_p50_host"]
+    target = incumbent.metrics["latency_ms_predicted"] / candidate.metrics["latency_ms_predicted"]
+    speed = f"{host:.2f}x on host, {target:.2f}x predicted on target vs {incumbent.name}"
+    if host < min_speedup or target < min_speedup:
+        return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x on both)"
+    return True, f"accuracy drop {100 * drop:.2f} pp within {100 * max_drop:.2f} pp; {speed}"
+
+
+class GatePass:
+    name: ClassVar[str] = "gate"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        compress = ctx.config.compress
+        incumbent = artifact.reference
+        incumbent.accepted, incumbent.verdict = True, "reference (always acceptable fallback)"
+        for candidate in sorted(artifact.candidates, key=lambda c: PRECISION_ORDER[c.precision]):
+            if candidate is artifact.reference:
+                continue
+            candidate.accepted, candidate.verdict = judge(candidate, incumbent, compress.max_accuracy_drop, compress.min_speedup)
+            if candidate.accepted:
+                incumbent.verdict += f"; superseded by {candidate.name}"
+                incumbent = candidate
+        artifact.shipped = incumbent
+        for candidate in artifact.candidates:
+            mark = "[green]ship[/]" if candidate is incumbent else ("[yellow]pass[/]" if candidate.accepted else "[red]reject[/]")
+            ctx.console.print(f"  {candidate.name:<16} {mark}  {candidate.verdict}")
+        return artifact

@@ -1,0 +1,45 @@
+"""Write `report.json` (every number and decision) and the self-contained `report.html` beside the bundle."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from toolchain.artifact import Artifact
+from toolchain.report_html import render
+from toolchain.workflow import BuildContext
+
+
+def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
+    shipped = artifact.shipped
+    return {
+        "project": ctx.config.project.name,
+        "version": artifact.metrics["bundle"]["version"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "budget": ctx.budget, "seed": ctx.seed,
+        "config": str(ctx.config.path),
+        "target": ctx.profile.to_dict(),
+        "train": artifact.metrics["train"],
+        "export": artifact.metrics["export"],
+        "benchmark": artifact.metrics["benchmark"],
+        "bundle": artifact.metrics["bundle"],
+        "reference": artifact.reference.to_dict(),
+        "shipped": shipped.to_dict(),
+        "candidates": [c.to_dict() for c in artifact.candidates],
+        "stages": list(ctx.stages),
+        "notes": list(ctx.notes),
+    }
+
+
+class ReportPass:
+    name: ClassVar[str] = "report"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        report = build_report(artifact, ctx)
+        report["stages"].append({"name": self.name, "seconds": 0.0})
+        json_path, html_path = ctx.work_path("report.json"), ctx.work_path("report.html")
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        html_path.write_text(render(report))
+        artifact.outputs.update({"report_json": json_path, "report_html": html_path})
+        return artifact

@@ -1,0 +1,103 @@
+"""Render the build report as one self-contained HTML file (inline CSS and SVG, no scripts, no network).
+
+A report is opened from a laptop, a CI artifact store or an air-gapped lab, so nothing in it may
+reach out: the charts are SVG drawn here, and every value is escaped.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
+table{border-collapse:collapse;width:100%;margin:.5rem 0}th,td{border:1px solid #d0d7de;padding:.35rem .55rem;text-align:right}
+th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}.muted{color:#57606a}
+.ship{background:#dafbe1}.reject{color:#9a2b2b}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
+.charts{display:flex;flex-wrap:wrap;gap:1rem}.chart{border:1px solid #d0d7de;border-radius:6px;padding:.5rem}
+code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
+"""
+
+BAR_COLORS = {"fp32": "#57606a", "fp16": "#8250df", "int8": "#0969da"}
+
+
+def bar_chart(title: str, unit: str, rows: list[tuple[str, str, float]], chart_id: str) -> str:
+    """Horizontal bars: (label, precision, value)."""
+    width, bar_h, gap, label_w = 420, 22, 10, 130
+    height = 30 + len(rows) * (bar_h + gap)
+    top = max((v for _, _, v in rows), default=1.0) or 1.0
+    parts = [f'<svg id="{chart_id}" class="chart" role="img" aria-label="{escape(title)}" width="{width}" height="{height}" '
+             f'xmlns="http://www.w3.org/2000/svg"><text x="4" y="16" font-weight="600">{escape(title)}</text>']
+    for i, (label, precision, value) in enumerate(rows):
+        y = 28 + i * (bar_h + gap)
+        length = (width - label_w - 90) * value / top
+        parts.append(f'<text x="4" y="{y + 15}" font-size="12">{escape(label)}</text>'
+                     f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" fill="{BAR_COLORS.get(precision, "#999")}">'
+                     f'<title>{escape(label)}: {value:.6g} {escape(unit)}</title></rect>'
+                     f'<text x="{label_w + length + 4:.1f}" y="{y + 15}" font-size="12">{value:.4g} {escape(unit)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+def table(headers: list[str], rows: list[list[Any]], row_classes: list[str] | None = None, table_id: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(f'<tr class="{cls}">' + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
+                   for row, cls in zip(rows, row_classes or [""] * len(rows)))
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def render(report: dict[str, Any]) -> str:
+    candidates = report["candidates"]
+    shipped = report["shipped"]["name"]
+    candidate_rows = [[c["name"], c["precision"], c["accuracy"], 100 * c["accuracy_drop"], c["latency_ms_p50_host"],
+                       c["latency_ms_p90_host"], c["latency_ms_predicted"], c["bytes"] / 1024, c["verdict"]] for c in candidates]
+    classes = ["ship" if c["name"] == shipped else ("" if c["accepted"] else "reject") for c in candidates]
+    charts = "".join([
+        bar_chart("Accuracy (test split, onnxruntime)", "", [(c["name"], c["precision"], c["accuracy"]) for c in candidates], "chart-accuracy"),
+        bar_chart("Latency p50 on this host", "ms", [(c["name"], c["precision"], c["latency_ms_p50_host"]) for c in candidates], "chart-latency"),
+        bar_chart(f"Predicted latency on {report['target']['id']}", "ms", [(c["name"], c["precision"], c["latency_ms_predicted"]) for c in candidates], "chart-predicted"),
+        bar_chart("Size", "KiB", [(c["name"], c["precision"], c["bytes"] / 1024) for c in candidates], "chart-size"),
+    ])
+    budget = report["shipped"]["budget"]
+    budget_rows = [[key, v["value"], v["budget"], _verdict(v["met"])] for key, v in budget.items()]
+    train = report["train"]
+    stage_rows = [[s["name"], s["seconds"]] for s in report["stages"]]
+    notes = "".join(f"<li>{escape(n)}</li>" for n in report.get("notes", []))
+    target = report["target"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(report['project'])} v{report['version']} for {escape(target['id'])}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>
+<body>
+<h1>{escape(report['project'])} v{report['version']} &rarr; {escape(target['name'])}</h1>
+<p class="muted">Built {escape(report['created'])} &middot; budget <code>{escape(report['budget'])}</code> &middot; seed {report['seed']}
+ &middot; bundle <code id="bundle-file">{escape(report['bundle']['file'])}</code></p>
+<h2>Decision</h2>
+<p id="decision">Shipped <strong>{escape(shipped)}</strong> ({escape(report['shipped']['precision'])}):
+accuracy {report['shipped']['accuracy']:.4f} vs FP32 {report['reference']['accuracy']:.4f},
+host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape(target['id'])} {report['shipped']['latency_ms_predicted']:.4f} ms,
+{report['shipped']['bytes']:,} bytes.</p>
+{table(["candidate", "precision", "accuracy", "drop (pp)", "host p50 ms", "host p90 ms", "predicted ms", "KiB", "gate verdict"], candidate_rows, classes, "candidates")}
+<div class="charts">{charts}</div>
+<h2>Budgets of {escape(target['id'])} (shipped model)</h2>
+{table(["budget", "value", "limit", "verdict"], budget_rows, table_id="budgets")}
+<h2>Training</h2>
+<p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, patience {train['patience']}),
+validation accuracy {train['val_accuracy']:.4f}, {train['parameters']:,} parameters.</p>
+<h2>Stages</h2>
+{table(["stage", "seconds"], stage_rows, table_id="stages")}
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+<p class="muted">Host latencies are measured on this machine with onnxruntime ({report['benchmark']['threads']} thread, candidates interleaved);
+predicted latencies come from the per-operator roofline model of the target profile.</p>
+</body></html>
+"""

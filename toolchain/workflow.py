@@ -1,0 +1,130 @@
+"""A build is a list of passes run in order over one `Artifact`; the profile decides the list.
+
+Every pass has the same shape (`name`, `run(artifact, ctx) -> artifact`), so adding a technique is one
+new file under `toolchain/passes/` plus one line in `plan_passes`. Passes write only into the
+context's private work folder; the finished bundle and report are moved into the output folder in one
+step at the end, so a failed build leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+from rich.console import Console
+
+from toolchain.artifact import Artifact
+from toolchain.config import BuildConfig
+from toolchain.data import Dataset
+from toolchain.targets import Profile
+
+Budget = Literal["quick", "standard", "thorough"]
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    max_epochs: int
+    patience: int
+    bench_seconds: float  # total measuring time shared by all candidates, interleaved
+    bench_min_runs: int
+
+
+BUDGETS: dict[str, BudgetSettings] = {
+    "quick": BudgetSettings(max_epochs=40, patience=6, bench_seconds=6.0, bench_min_runs=300),
+    "standard": BudgetSettings(max_epochs=120, patience=12, bench_seconds=20.0, bench_min_runs=1000),
+    "thorough": BudgetSettings(max_epochs=400, patience=25, bench_seconds=60.0, bench_min_runs=3000),
+}
+
+
+@dataclass
+class BuildContext:
+    config: BuildConfig
+    profile: Profile
+    dataset: Dataset
+    out_dir: Path
+    work_dir: Path
+    seed: int = 0
+    budget: Budget = "quick"
+    key_path: Path | None = None
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    stages: list[dict[str, Any]] = field(default_factory=list)  # name, seconds: for the report
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a key was created)
+
+    @property
+    def settings(self) -> BudgetSettings:
+        return BUDGETS[self.budget]
+
+    def work_path(self, name: str) -> Path:
+        return self.work_dir / name
+
+
+class Pass(Protocol):
+    name: ClassVar[str]
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact: ...
+
+
+def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
+    """The pipeline for this profile: quantizers only for precisions the board accelerates."""
+    from toolchain.passes.benchmark import BenchmarkPass
+    from toolchain.passes.bundle import BundlePass
+    from toolchain.passes.evaluate import EvaluatePass
+    from toolchain.passes.export_onnx import ExportOnnxPass
+    from toolchain.passes.gate import GatePass
+    from toolchain.passes.quantize_fp16 import QuantizeFp16Pass
+    from toolchain.passes.quantize_int8 import QuantizeInt8Pass
+    from toolchain.passes.report import ReportPass
+    from toolchain.passes.train import TrainPass
+
+    quantizers = {"int8": QuantizeInt8Pass, "fp16": QuantizeFp16Pass}
+    wanted = [p for p in profile.precisions if p in config.compress.quantize]
+    return [TrainPass(), ExportOnnxPass(), *(quantizers[p]() for p in wanted),
+            EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
+
+
+def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None = None) -> Artifact:
+    artifact = artifact or Artifact()
+    for index, step in enumerate(passes, start=1):
+        started = time.perf_counter()
+        ctx.console.rule(f"[bold]{index}/{len(passes)} {step.name}", align="left")
+        artifact = step.run(artifact, ctx)
+        seconds = time.perf_counter() - started
+        ctx.stages.append({"name": step.name, "seconds": round(seconds, 3)})
+        ctx.console.print(f"[green]✓[/] {step.name} [dim]({seconds:.1f} s)[/]")
+    return artifact
+
+
+def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Move staged files into `out_dir`, each by an atomic rename (same file system via a temp name)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    published = {}
+    for role, staged in outputs.items():
+        final = out_dir / staged.name
+        tmp = out_dir / f".{staged.name}.tmp-{os.getpid()}"
+        shutil.copyfile(staged, tmp)
+        os.replace(tmp, final)
+        published[role] = final
+    return published
+
+
+def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
+          key_path: Path | None = None, console: Console | None = None) -> tuple[Artifact, BuildContext]:
+    """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
+    from toolchain.data import load_dataset
+    from toolchain.seeding import seed_everything
+
+    seed_everything(seed)
+    console = console or Console(stderr=True)
+    with console.status("loading data"):
+        dataset = load_dataset(config, seed)
+    with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
+        ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
+                           work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console)
+        artifact = run_passes(plan_passes(config, profile), ctx)
+        artifact.outputs = publish(artifact.outputs, Path(out_dir))
+    return artifact, ctx
