@@ -3,7 +3,7 @@
 Layout: `manifest.json`, `manifest.sig` (ed25519 over the manifest's exact bytes), then the files the
 manifest lists with their sha256. Verification covers every byte of the archive: tar headers by their
 checksum, member contents by the signed hashes, the manifest by the signature, and the padding and
-end-of-archive blocks must be zero, so a flipped byte anywhere is refused with the reason.
+end-of-archive blocks must be zero and each header byte-identical to its canonical form, so a flipped byte anywhere is refused with the reason.
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def _read_members(data: bytes, path: Path) -> dict[str, bytes]:
             raise BundleError(f"bundle {path} contains an unexpected entry {info.name!r}; refusing it")
         if info.offset != position or info.offset_data != info.offset + BLOCK:
             raise BundleError(f"bundle {path} has unexpected bytes before {info.name!r}; it was modified")
+        if data[info.offset:info.offset_data] != info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"):
+            raise BundleError(f"bundle {path}: the tar header of {info.name!r} was modified")  # even unparsed bytes count
         end = info.offset_data + info.size
         if end > len(data):
             raise BundleError(f"bundle {path} is truncated inside {info.name!r}")
@@ -151,8 +153,10 @@ def _read_members(data: bytes, path: Path) -> dict[str, bytes]:
         position = -(-end // BLOCK) * BLOCK
         if any(data[end:position]):
             raise BundleError(f"bundle {path} has non-zero padding after {info.name!r}; it was modified")
-    if position + 2 * BLOCK > len(data):
-        raise BundleError(f"bundle {path} is truncated (end-of-archive marker missing)")
+    expected = -(-(position + 2 * BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    if len(data) != expected:
+        change = "truncated" if len(data) < expected else "longer than its contents"
+        raise BundleError(f"bundle {path} is {change} ({len(data)} bytes, the archive needs exactly {expected})")
     if any(data[position:]):
         raise BundleError(f"bundle {path} has unexpected data at byte {position}; it was modified or is corrupt")
     return members

@@ -70,7 +70,6 @@ _REDUCE_INPUT_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPo
                                "ReduceSumSquare", "ArgMax", "ArgMin"})
 _SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, getattr(TensorProto, "FLOAT4E2M1", -1): 4}
 _HALF_TYPES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
-_FLOAT_TYPES = _HALF_TYPES | {TensorProto.FLOAT, TensorProto.DOUBLE}
 MIB = 2**20
 
 
@@ -360,6 +359,8 @@ def _classify(g: _Graph, t: dict[str, _Tensor]) -> dict[int, str]:
                 free[idx] = "fused: QDQ pair folded into the neighbouring int8 kernel"
         elif op == "QuantizeLinear":
             src = g.source(node.input[0])
+            while src is not None and free.get(src, "").startswith("fused into"):  # e.g. a Relu
+                src = g.source(g.nodes[src].input[0])
             if src is not None and (src in hosts or g.nodes[src].op_type == "DequantizeLinear"):
                 free[idx] = "fused: output re-quantized inside the int8 kernel"
         elif op in FUSABLE_AFTER_CONV and node.input[0] not in g.outputs:

@@ -207,7 +207,7 @@ def _aliases() -> dict[str, str]:
 def resolve_target(spec: str) -> Profile:
     """A profile id, an alias, or a path to a profile TOML file of the user's."""
     candidate = Path(spec).expanduser()
-    if spec.endswith(".toml") or candidate.is_file():
+    if spec.endswith(".toml") or "/" in spec:  # a path; a bare word is an id or alias even if a file has that name
         if not candidate.is_file():
             raise TargetError(f"profile file {spec} does not exist")
         return load_profile_file(candidate)

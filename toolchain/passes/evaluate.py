@@ -29,11 +29,11 @@ class EvaluatePass:
         x, y = ctx.dataset.x_test, ctx.dataset.y_test
         for candidate in artifact.candidates:
             predicted = onnx_logits(candidate.path, x).argmax(axis=1)
-            candidate.metrics["accuracy"] = round(float((predicted == y).mean()), 6)
+            candidate.metrics["accuracy"] = float((predicted == y).mean())
             candidate.metrics["test_samples"] = int(len(y))
         reference = artifact.reference.metrics["accuracy"]
         for candidate in artifact.candidates:
-            candidate.metrics["accuracy_drop"] = round(reference - candidate.metrics["accuracy"], 6)
+            candidate.metrics["accuracy_drop"] = reference - candidate.metrics["accuracy"]
             ctx.console.print(f"  {candidate.name:<16} accuracy {candidate.metrics['accuracy']:.4f} "
                               f"(drop {100 * candidate.metrics['accuracy_drop']:+.2f} pp) on {len(y)} test samples")
         return artifact

@@ -8,6 +8,7 @@ calibration set is a seeded, class-balanced-by-chance subset of the training spl
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -32,6 +33,21 @@ def calibration_samples(x_train: np.ndarray, count: int, seed: int) -> np.ndarra
     return x_train[rng.permutation(len(x_train))[:count]]
 
 
+@dataclass(frozen=True)
+class ActivationScheme:
+    type: QuantType
+    symmetric: bool
+    label: str
+
+
+def activation_scheme(providers: tuple[str, ...]) -> ActivationScheme:
+    """TensorRT only takes symmetric signed INT8; CPU kernels prefer asymmetric uint8 activations
+    (U8S8, the VNNI / dot-product fast path, and a ReLU folds into the quantization range)."""
+    if "TensorrtExecutionProvider" in providers:
+        return ActivationScheme(QuantType.QInt8, True, "symmetric int8 (TensorRT)")
+    return ActivationScheme(QuantType.QUInt8, False, "asymmetric uint8")
+
+
 class QuantizeInt8Pass:
     name: ClassVar[str] = "quantize-int8"
 
@@ -40,14 +56,16 @@ class QuantizeInt8Pass:
         prepared = ctx.work_path("model-fp32-prepared.onnx")
         output = ctx.work_path("model-int8.onnx")
         samples = calibration_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
+        activations = activation_scheme(ctx.profile.providers)
         logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
         with ctx.console.status(f"  calibrating on {len(samples)} training samples"):
             quant_pre_process(str(reference.path), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(output), ArrayCalibrationReader("input", samples),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=activations.type,
+                            extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True})
         candidate = Candidate(name="onnx-int8-qdq", precision="int8", path=output,
-                              metrics={"calibration_samples": len(samples), "method": "static QDQ per-channel S8S8 minmax"})
+                              metrics={"calibration_samples": len(samples), "method": f"static QDQ per-channel, {activations.label} activations, minmax"})
         artifact.candidates.append(candidate)
         ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / reference.bytes:.2f}x FP32)")
         return artifact

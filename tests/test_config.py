@@ -1,0 +1,88 @@
+"""Every bad key of the build config gives a message naming the section, the key and what is expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from toolchain.config import DEFAULT_CONFIG, load_config, parse_config
+from toolchain.errors import ConfigError
+
+GOOD = """
+[project]
+name = "demo"
+[model]
+entry = "model.py:build_model"
+input_shape = [1, 8, 8]
+[data]
+source = "npz:data.npz"
+"""
+
+
+def with_overrides(**sections: str) -> str:
+    """GOOD with some sections replaced by the given TOML bodies."""
+    blocks = {"project": 'name = "demo"', "model": 'entry = "model.py:build_model"\ninput_shape = [1, 8, 8]',
+              "data": 'source = "npz:data.npz"'}
+    blocks.update(sections)
+    return "\n".join(f"[{name}]\n{body}" for name, body in blocks.items())
+
+
+@pytest.mark.parametrize("text, expected", [
+    (with_overrides(compress="max_accuracy_drop = 3"), "[compress] max_accuracy_drop: Input should be less than or equal to 1 (got 3)"),
+    (with_overrides(compress="prune_ratoi = 0.5"), "[compress] prune_ratoi: unknown key (known keys here: distill, prune_ratio, quantize"),
+    (with_overrides(compress='quantize = ["int4"]'), "[compress] quantize.0: Input should be 'int8' or 'fp16' (got 'int4')"),
+    (with_overrides(compress="distill = true"), "[compress]: distill = true is not available in this version yet"),
+    (with_overrides(data='source = "s3://bucket"'), "[data] source: expected one of sklearn:..., npz:..., csv:..., images:..., python:..."),
+    (with_overrides(data='source = "npz:x.npz"\ntest = 0.5\nvalidation = 0.45'), "[data]: validation + test = 0.95 leaves too little training data"),
+    (with_overrides(model='entry = "model.py"\ninput_shape = [1, 8, 8]'), "[model] entry: String should match pattern"),
+    (with_overrides(model='entry = "m.py:f"\ninput_shape = [1, 0, 8]'), "[model] input_shape: every dimension must be > 0"),
+    (with_overrides(model='entry = "m.py:f"'), "[model] input_shape: required key is missing"),
+    (with_overrides(project='name = "demo"\nversion = 0'), "[project] version: Input should be greater than or equal to 1 (got 0)"),
+    (with_overrides(project='name = "bad name!"'), "[project] name: String should match pattern"),
+    (with_overrides(train="lr = -1"), "[train] lr: Input should be greater than 0 (got -1)"),
+    (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, compress)"),
+    ("[project\nname=1", "not valid TOML"),
+])
+def test_each_bad_key_names_itself(text: str, expected: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, tmp_path / "toolchain.toml")
+    message = str(error.value)
+    assert message.startswith(f"config {tmp_path / 'toolchain.toml'}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = parse_config(GOOD, tmp_path / "proj" / "toolchain.toml")
+    assert config.resolve("data.npz") == tmp_path / "proj" / "data.npz"
+    assert config.resolve("/abs/x.npz") == Path("/abs/x.npz")
+
+
+def test_defaults_match_the_design() -> None:
+    config = parse_config(GOOD, Path("/p/toolchain.toml"))
+    assert config.compress.max_accuracy_drop == 0.01
+    assert config.compress.quantize == ["int8", "fp16"]
+    assert config.data.validation == 0.2 and config.data.test == 0.2
+
+
+def test_the_embedded_default_is_used_without_config() -> None:
+    config = load_config(None)
+    assert config.path == DEFAULT_CONFIG and config.project.name == "digits"
+    assert config.data.source == "sklearn:digits" and len(config.model.labels) == 10
+
+
+def test_missing_config_file_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; pass --config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "toolchain.toml").write_text(with_overrides(compress="max_accuracy_drop = -0.5"))
+    out = tmp_path / "dist"
+    result = run_cli("toolchain", "build", "--target", "jetson", "--config", str(tmp_path / "toolchain.toml"), "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: config {tmp_path / 'toolchain.toml'}: [compress] max_accuracy_drop: Input should be greater than or equal to 0 (got -0.5)"]
+    assert not out.exists()
