@@ -77,7 +77,7 @@ def test_report_json_holds_every_decision(default_build: Build) -> None:
     assert names == ["onnx-fp32", "onnx-int8-qdq", "onnx-fp16"]
     assert report["shipped"]["name"] in names
     assert [s["name"] for s in report["stages"]] == ["train", "export-onnx", "quantize-int8", "quantize-fp16",
-                                                     "evaluate", "benchmark", "gate", "bundle", "report"]
+                                                     "evaluate", "benchmark", "gate", "bundle"]
     for candidate in report["candidates"]:
         assert candidate["latency_ms_p50_host"] <= candidate["latency_ms_p90_host"] <= candidate["latency_ms_p99_host"]
         assert candidate["latency_ms_predicted"] > 0 and set(candidate["budget"]) == {"latency_ms", "model_mb", "ram_mb"}

@@ -14,7 +14,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2r
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
 table{border-collapse:collapse;width:100%;margin:.5rem 0}th,td{border:1px solid #d0d7de;padding:.35rem .55rem;text-align:right}
 th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}.muted{color:#57606a}
-.ship{background:#dafbe1}.reject{color:#9a2b2b}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
+td:last-child{text-align:left}.ship{background:#dafbe1}.reject{color:#9a2b2b}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
 .charts{display:flex;flex-wrap:wrap;gap:1rem}.chart{border:1px solid #d0d7de;border-radius:6px;padding:.5rem}
 code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
 """

@@ -1,0 +1,61 @@
+"""Bad input at the command line: one clear line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["bench"], ["verify"], ["keys", "generate"], ["targets", "list"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run_cli("toolchain", *command, "--help")
+    assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_unknown_target_lists_the_known_ones_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    result = run_cli("toolchain", "build", "--target", "jetsno", "--out", str(out))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown target 'jetsno'; known targets: ")
+    for known in ("jetson-orin-nano (jetson", "jetson-agx-orin", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "host"):
+        assert known in line
+    assert not out.exists()
+
+
+def test_bad_budget_is_refused(tmp_path: Path) -> None:
+    result = run_cli("toolchain", "build", "--target", "jetson", "--budget", "huge", "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "--budget must be one of quick, standard, thorough, got 'huge'" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a protobuf at all \x00\xff" * 10, b"\x08\x07\x12\x03abc"])
+def test_corrupt_onnx_model_is_one_clear_line(tmp_path: Path, content: bytes) -> None:
+    model = tmp_path / "broken.onnx"
+    model.write_bytes(content)
+    result = run_cli("toolchain", "bench", str(model), "--target", "host")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: model {model} ") and "re-export it" in line
+
+
+def test_missing_bundle_and_missing_key(tmp_path: Path) -> None:
+    missing = run_cli("toolchain", "verify", str(tmp_path / "none.bundle"), "--pubkey", str(tmp_path / "k.pub"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_user_profile_file_is_accepted_as_target(tmp_path: Path) -> None:
+    from toolchain.targets import builtin_profile_paths
+
+    text = builtin_profile_paths()["raspberry-pi-5"].read_text().replace('id = "raspberry-pi-5"', 'id = "my-board"')
+    (tmp_path / "my-board.toml").write_text(text)
+    result = run_cli("toolchain", "targets", "show", str(tmp_path / "my-board.toml"), "--json")
+    assert result.returncode == 0 and '"id": "my-board"' in result.stdout
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("toolchain", "--debug", "verify", str(tmp_path / "none.bundle"), "--pubkey", str(tmp_path / "k.pub"))
+    assert result.returncode == 2 and "Traceback" in result.stderr and result.stderr.strip().endswith("does not exist; pass --pubkey with the key that signed the bundle")

@@ -1,0 +1,52 @@
+"""The gate ships the least precise candidate that keeps accuracy and is really faster, else falls back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from toolchain.artifact import Artifact, Candidate
+from toolchain.passes.gate import GatePass
+
+
+def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float) -> Candidate:
+    return Candidate(name=name, precision=precision, path=Path(f"/nonexistent/{name}.onnx"),
+                     metrics={"accuracy_drop": drop, "latency_ms_p50_host": host_ms, "latency_ms_predicted": predicted_ms})
+
+
+def gate(*candidates: Candidate, max_drop: float = 0.01, min_speedup: float = 1.05) -> Artifact:
+    ctx = SimpleNamespace(config=SimpleNamespace(compress=SimpleNamespace(max_accuracy_drop=max_drop, min_speedup=min_speedup)),
+                          console=SimpleNamespace(print=lambda *a, **k: None))
+    return GatePass().run(Artifact(candidates=list(candidates)), ctx)
+
+
+def test_int8_ships_when_accurate_and_faster() -> None:
+    result = gate(candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("fp16", "fp16", 0, 0.8, 0.5),
+                  candidate("int8", "int8", 0.004, 0.5, 0.25))
+    assert result.shipped.name == "int8"
+    assert "2.00x predicted on target vs fp16" in result.candidate("int8").verdict
+    assert result.candidate("fp16").accepted and "superseded by int8" in result.candidate("fp16").verdict
+
+
+def test_accuracy_drop_over_the_limit_falls_back_to_fp16() -> None:
+    result = gate(candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("fp16", "fp16", 0, 0.8, 0.5),
+                  candidate("int8", "int8", 0.02, 0.4, 0.2))
+    assert result.shipped.name == "fp16"
+    assert not result.candidate("int8").accepted
+    assert result.candidate("int8").verdict == "accuracy drop 2.00 pp > allowed 1.00 pp"
+
+
+def test_not_really_faster_is_rejected_on_either_measure() -> None:
+    on_host = gate(candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("int8", "int8", 0, 0.97, 0.3))
+    on_target = gate(candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("int8", "int8", 0, 0.3, 0.99))
+    assert on_host.shipped.name == on_target.shipped.name == "fp32"
+    assert "not faster enough (1.03x on host" in on_host.candidate("int8").verdict
+    assert "1.01x predicted on target" in on_target.candidate("int8").verdict
+
+
+def test_int8_is_compared_with_fp32_when_fp16_was_rejected() -> None:
+    result = gate(candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("fp16", "fp16", 0, 1.2, 1.1),
+                  candidate("int8", "int8", 0, 0.6, 0.5))
+    assert result.shipped.name == "int8"
+    assert "vs fp32" in result.candidate("int8").verdict
+    assert result.candidate("fp32").verdict.startswith("reference")

@@ -1,0 +1,56 @@
+"""The HTML report, opened in headless Chromium with no network: tables, charts and the decision render."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Build
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is not installed; run `bash scripts/setup.sh --dev`")
+    return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_report_is_self_contained(default_build: Build) -> None:
+    html = (default_build.out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "<script" not in html and "@import" not in html
+
+
+def test_report_renders_candidates_charts_and_decision(default_build: Build, tmp_path: Path) -> None:
+    report = json.loads((default_build.out / "report.json").read_text())
+    dom = chromium("--dump-dom", (default_build.out / "report.html").as_uri(), profile=tmp_path / "profile").stdout
+    rows = re.findall(r'<tr class="(ship|reject|)">\s*<td>([^<]+)</td>', dom)
+    assert [name for _, name in rows[:3]] == [c["name"] for c in report["candidates"]]
+    assert [cls for cls, name in rows[:3] if cls == "ship"] == ["ship"]
+    assert dict((name, cls) for cls, name in rows[:3])[report["shipped"]["name"]] == "ship"
+    for chart in ("chart-accuracy", "chart-latency", "chart-predicted", "chart-size"):
+        assert f'id="{chart}"' in dom
+        svg = dom.split(f'id="{chart}"')[1].split("</svg>")[0]
+        assert svg.count("<rect") == len(report["candidates"])
+    assert f"Shipped <strong>{report['shipped']['name']}</strong>" in dom
+    assert 'id="budgets"' in dom and "latency_ms" in dom
+
+
+def test_report_screenshot_is_not_blank(default_build: Build, tmp_path: Path) -> None:
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", "--window-size=1200,1400", (default_build.out / "report.html").as_uri(),
+             profile=tmp_path / "profile")
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert image.size == (1200, 1400) and colours is not None and len(colours) > 50
