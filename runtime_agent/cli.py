@@ -40,6 +40,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from runtime_agent.agent import Agent
+    from runtime_agent.config import load_agent_config
+
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_agent_config(args.device_dir)
+    agent = Agent(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def announce(port: int) -> None:
+        manifest = agent.model.bundle.manifest
+        print(f"serving {manifest['name']} v{manifest['version']} on http://{config.serve_host}:{port} as "
+              f"{config.device_id} (fleet {config.fleet}); reporting to {config.broker_host}:{config.broker_port}", flush=True)
+
+    agent.run(stop, on_ready=announce)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="Serve signed model bundles on an edge device.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -52,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="trusted public key (default: %(default)s)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.set_defaults(handler=cmd_predict)
+    run = commands.add_parser("run", help="serve the installed bundle and report telemetry over MQTT")
+    run.add_argument("--device-dir", type=Path, required=True, help="folder with agent.toml")
+    run.set_defaults(handler=cmd_run)
     return parser
 
 

@@ -28,6 +28,7 @@ class Prediction:
     labels: list[str]
     classes: np.ndarray
     scores: np.ndarray  # softmax probabilities, one row per sample
+    logits: np.ndarray  # the model's raw outputs
 
 
 @dataclass
@@ -73,12 +74,16 @@ class LoadedModel:
         return x
 
     def logits(self, x: Any) -> np.ndarray:
-        batch = self.validate(x)
-        return self.session.run(None, {self.input_name: batch})[0]
+        return self.session.run(None, {self.input_name: self.validate(x)})[0]
 
     def predict(self, x: Any) -> Prediction:
-        logits = self.logits(x).astype(np.float64)
+        return self.predict_batch(self.validate(x))
+
+    def predict_batch(self, batch: np.ndarray) -> Prediction:
+        """Predict on a batch that `validate` already returned."""
+        raw = self.session.run(None, {self.input_name: batch})[0]
+        logits = raw.astype(np.float64)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         scores = shifted / shifted.sum(axis=1, keepdims=True)
         classes = scores.argmax(axis=1)
-        return Prediction(labels=[self.labels[i] for i in classes], classes=classes, scores=scores)
+        return Prediction(labels=[self.labels[i] for i in classes], classes=classes, scores=scores, logits=raw)

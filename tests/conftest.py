@@ -49,3 +49,94 @@ def default_build(tmp_path_factory: pytest.TempPathFactory, isolated_home: Path)
     bundle = Path(result.stdout.strip().splitlines()[-1])
     return Build(out=out, bundle=bundle, pubkey=isolated_home / "keys" / "signing.pub",
                  stdout=result.stdout, stderr=result.stderr)
+
+
+# --- MQTT: a real mosquitto per test, and a recording subscriber -------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from toolchain.broker import OPERATOR, ManagedBroker, free_port  # noqa: E402
+
+
+@pytest.fixture()
+def broker(tmp_path: Path):
+    """A real mosquitto on a free loopback port, anonymous access, persistence on; stopped after the test."""
+    managed = ManagedBroker(tmp_path / "broker", port=free_port(), authenticated=False).start()
+    yield managed
+    managed.stop()
+
+
+@pytest.fixture()
+def secure_broker(tmp_path: Path):
+    """Mosquitto with a password file and the generated ACL; users: the operator, dev-1 and dev-2."""
+    managed = ManagedBroker(tmp_path / "secure-broker", port=free_port(), authenticated=True)
+    managed.write_config()
+    for user in (OPERATOR, "dev-1", "dev-2"):
+        managed.add_user(user, f"{user}-secret")
+    managed.start()
+    yield managed
+    managed.stop()
+
+
+class Recorder:
+    """Subscribes to a topic filter with a persistent session and keeps every message, even across
+    broker restarts (the broker queues for the session while the recorder reconnects)."""
+
+    def __init__(self, managed: ManagedBroker, topic: str = "edge/v1/#", client_id: str = "recorder",
+                 username: str | None = None, password: str | None = None) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(topic, qos=1), None)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
+        self.client.on_message = self._on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        self.client.connect(managed.host, managed.port, clean_start=False, properties=properties)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "recorder could not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((message.topic, bytes(message.payload)))
+
+    def payloads(self, suffix: str) -> list[dict]:
+        with self._lock:
+            return [json.loads(p) for t, p in self.messages if t.endswith(suffix) and p]
+
+    def wait_for(self, predicate, timeout: float = 30.0, what: str = "messages"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate(self)
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; got {len(self.messages)} messages")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def provision_device(device_dir: Path, build: Build, broker_url: str, device_id: str = "dev-1", fleet: str = "lab",
+                     window_s: float = 0.5, extra: str = "") -> Path:
+    """A device folder as `toolchain flash` will write it: agent.toml, the bundle, the trusted key."""
+    device_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(build.bundle, device_dir / "current.bundle")
+    shutil.copyfile(build.pubkey, device_dir / "trusted.pub")
+    (device_dir / "agent.toml").write_text(
+        f'device_id = "{device_id}"\nfleet = "{fleet}"\nbroker = "{broker_url}"\n{extra}\n'
+        f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\n[telemetry]\nwindow_s = {window_s}\n')
+    return device_dir

@@ -31,7 +31,7 @@ class ProjectSection(_Section):
 
 
 class ModelSection(_Section):
-    entry: str = Field(pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")
+    entry: str = Field(pattern=r"^([^:]+\.py:[A-Za-z_][A-Za-z0-9_]*|zoo:[a-z0-9_]+)$")  # file.py:function or zoo:NAME
     input_shape: list[int] = Field(min_length=1, max_length=4)
     labels: list[str] | None = Field(default=None, min_length=2)
     kwargs: dict[str, Any] = Field(default_factory=dict)

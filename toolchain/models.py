@@ -26,10 +26,21 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _factory(entry: str, config: BuildConfig, key: str):
+    scheme, _, name = entry.partition(":")
+    if scheme != "zoo":
+        return load_python_function(entry, config.base_dir, key)
+    from toolchain.zoo import MODELS
+
+    if name not in MODELS:
+        raise ConfigError(f"{key}: unknown built-in model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
 def build_user_model(config: BuildConfig, num_classes: int, **overrides: object) -> nn.Module:
     """Call the entry function and check it returns a module mapping one input to `num_classes` logits."""
     key = f"config {config.path}: [model] entry"
-    factory = load_python_function(config.model.entry, config.base_dir, key)
+    factory = _factory(config.model.entry, config, key)
     kwargs = {**config.model.kwargs, **overrides}
     try:
         module = factory(list(config.model.input_shape), num_classes, **kwargs)

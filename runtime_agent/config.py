@@ -1,0 +1,136 @@
+"""`DIR/agent.toml`: what one device is, where it reports, and how it serves.
+
+Validated with the standard library only (the device has no pydantic). Every error names the key and
+what was expected; paths are relative to the device folder so a provisioned folder can be moved.
+
+```toml
+device_id = "cam-17"                # [A-Za-z0-9_-], also the MQTT client id and username by default
+fleet = "factory-a"
+broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
+[mqtt]       username = "cam-17"; password_file = "mqtt.password"; ca_file = "ca.pem"; keepalive_s = 30
+[serve]      host = "127.0.0.1"; port = 8080
+[telemetry]  window_s = 10
+[model]      bundle = "current.bundle"; pubkey = "trusted.pub"
+[queue]      path = "outbox.sqlite"; max_messages = 10000
+```
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from runtime_agent.errors import AgentError
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
+             "serve": {"host", "port"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey"},
+             "queue": {"path", "max_messages"}}
+_TOP = {"device_id", "fleet", "broker", *_SECTIONS}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_dir: Path
+    device_id: str
+    fleet: str
+    broker_host: str
+    broker_port: int
+    tls: bool
+    username: str | None
+    password: str | None
+    ca_file: Path | None
+    keepalive_s: int
+    serve_host: str
+    serve_port: int
+    window_s: float
+    bundle_path: Path
+    pubkey_path: Path
+    queue_path: Path
+    queue_max_messages: int
+
+    @property
+    def topic_prefix(self) -> str:
+        return f"edge/v1/{self.fleet}/{self.device_id}/"
+
+    def topic(self, name: str) -> str:
+        return self.topic_prefix + name
+
+
+class _Reader:
+    """Typed access to one TOML table, with errors that name the file and key."""
+
+    def __init__(self, table: dict[str, Any], where: str) -> None:
+        self.table, self.where = table, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None, expected: str = "") -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise AgentError(f"{self.where}: required key '{key}' is missing")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or (check and not check(value)):
+            name = expected or (kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind))
+            raise AgentError(f"{self.where}: '{key}' must be {name}, got {value!r}")
+        return value
+
+
+def _table(raw: dict[str, Any], name: str, path: Path) -> _Reader:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise AgentError(f"{path}: [{name}] must be a table")
+    if unknown := sorted(set(table) - _SECTIONS[name]):
+        raise AgentError(f"{path}: [{name}] unknown key(s) {unknown} (known: {', '.join(sorted(_SECTIONS[name]))})")
+    return _Reader(table, f"{path} [{name}]")
+
+
+def parse_broker(url: str, where: str) -> tuple[str, int, bool]:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise AgentError(f"{where}: 'broker' must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+def load_agent_config(device_dir: Path) -> AgentConfig:
+    device_dir = Path(device_dir).resolve()
+    path = device_dir / "agent.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise AgentError(f"{path} does not exist; provision the device with `toolchain flash` or write agent.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentError(f"{path}: not valid TOML ({exc})") from None
+    if unknown := sorted(set(raw) - _TOP):
+        raise AgentError(f"{path}: unknown key(s) {unknown} (known: {', '.join(sorted(_TOP))})")
+    top = _Reader(raw, str(path))
+    ident = top.get("device_id", str, check=_ID.match, expected="1-64 letters, digits, '-' or '_'")
+    fleet = top.get("fleet", str, "default", check=_ID.match, expected="1-64 letters, digits, '-' or '_'")
+    host, port, tls = parse_broker(top.get("broker", str), str(path))
+    mqtt, serve, telemetry = _table(raw, "mqtt", path), _table(raw, "serve", path), _table(raw, "telemetry", path)
+    model, queue = _table(raw, "model", path), _table(raw, "queue", path)
+    password = mqtt.get("password", str, None)
+    if (password_file := mqtt.get("password_file", str, None)) is not None:
+        try:
+            password = (device_dir / password_file).read_text().strip()
+        except OSError as exc:
+            raise AgentError(f"{path} [mqtt] password_file: cannot read {device_dir / password_file} ({exc.strerror})") from None
+    ca_file = mqtt.get("ca_file", str, None)
+    return AgentConfig(
+        device_dir=device_dir, device_id=ident, fleet=fleet, broker_host=host, broker_port=port, tls=tls,
+        username=mqtt.get("username", str, ident if password else None), password=password,
+        ca_file=device_dir / ca_file if ca_file else None,
+        keepalive_s=mqtt.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, expected="an integer 5..3600"),
+        serve_host=serve.get("host", str, "127.0.0.1"),
+        serve_port=serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
+        window_s=float(telemetry.get("window_s", (int, float), 10, check=lambda v: 0.05 <= v <= 86400,
+                                     expected="seconds between 0.05 and 86400")),
+        bundle_path=device_dir / model.get("bundle", str, "current.bundle"),
+        pubkey_path=device_dir / model.get("pubkey", str, "trusted.pub"),
+        queue_path=device_dir / queue.get("path", str, "outbox.sqlite"),
+        queue_max_messages=queue.get("max_messages", int, 10_000, check=lambda v: v >= 10, expected="an integer >= 10"),
+    )

@@ -1,0 +1,153 @@
+"""The agent's MQTT connection: drains the durable outbox in `seq` order and receives commands.
+
+Delivery is at-least-once and in order: a message leaves the outbox only when the broker has
+acknowledged it (PUBACK, QoS 1); after any disconnect everything unacknowledged is sent again from
+the outbox, oldest first, so a receiver that drops `seq` values it has already seen gets every message
+exactly once and in order. paho reconnects by itself with exponential backoff (1 s .. 30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from runtime_agent.config import AgentConfig
+from runtime_agent.outbox import Outbox
+
+log = logging.getLogger(__name__)
+STATUS_OFFLINE = {"schema": "status/1", "state": "offline"}
+
+
+class MqttLink:
+    def __init__(self, config: AgentConfig, outbox: Outbox, birth: Callable[[], dict[str, Any]],
+                 on_command: Callable[[bytes], None], max_inflight: int = 20) -> None:
+        self.config, self.outbox, self.birth, self.on_command = config, outbox, birth, on_command
+        self.max_inflight = max_inflight
+        self.connected = threading.Event()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho message id -> outbox seq
+        # Acks that arrived before publish() returned their mid, with arrival time: only fresh ones count
+        # (a late ack of a message re-sent by paho after a reconnect must not match a reused mid).
+        self._early: dict[int, tuple[float, Any]] = {}
+        self.rejected_by_broker = 0
+        self.client = self._make_client()
+        self._pump = threading.Thread(target=self._pump_loop, name="mqtt-pump", daemon=True)
+
+    def _make_client(self) -> mqtt.Client:
+        config = self.config
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.device_id, protocol=mqtt.MQTTv5)
+        if config.username:
+            client.username_pw_set(config.username, config.password)
+        if config.tls:
+            client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
+        client.will_set(config.topic("status"), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> "MqttLink":
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0
+        self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=self.config.keepalive_s,
+                                  clean_start=True, properties=properties)
+        self.client.loop_start()
+        self._pump.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush what the broker will take within the timeout, say offline, disconnect."""
+        deadline = time.monotonic() + timeout_s
+        while self.connected.is_set() and len(self.outbox) and time.monotonic() < deadline:
+            self.wake()
+            time.sleep(0.02)
+        self._stopping.set()
+        self.wake()
+        if self.connected.is_set():
+            self.client.publish(self.config.topic("status"), json.dumps(STATUS_OFFLINE), qos=1, retain=True).wait_for_publish(1.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._pump.join(timeout=2)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        client.publish(self.config.topic("status"), json.dumps(self.birth()), qos=1, retain=True)
+        client.subscribe(self.config.topic("cmd"), qos=1)
+        with self._lock:
+            self._inflight.clear()
+            self._early.clear()
+        self.connected.set()
+        self.wake()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        with self._lock:
+            self._inflight.clear()  # unacknowledged messages stay in the outbox and are sent again
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._lock:
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                self._early[mid] = (time.monotonic(), reason_code)
+                return
+        self._acknowledged(seq, reason_code)
+
+    def _acknowledged(self, seq: int, reason_code: Any) -> None:
+        if reason_code.is_failure:  # e.g. "Not authorized": retrying would never succeed
+            self.rejected_by_broker += 1
+            log.warning("broker refused message seq %s: %s", seq, reason_code)
+        self.outbox.ack(seq)
+        self.wake()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.config.topic("cmd"):
+            self.on_command(message.payload)
+
+    def _pump_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if self.connected.is_set():
+                self._publish_pending()
+
+    def _publish_pending(self) -> None:
+        with self._lock:
+            busy = set(self._inflight.values())
+            room = self.max_inflight - len(busy)
+        if room <= 0:
+            return
+        for message in self.outbox.pending(len(busy) + room):
+            if message.seq in busy:
+                continue
+            if not self.connected.is_set():
+                return
+            # Never hold our lock across publish(): paho calls on_publish under its own lock.
+            info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+            with self._lock:
+                arrived, early = self._early.pop(info.mid, (0.0, None))
+                if early is None or time.monotonic() - arrived > 2.0:
+                    early = None
+                    self._inflight[info.mid] = message.seq
+            if early is not None:
+                self._acknowledged(message.seq, early)
