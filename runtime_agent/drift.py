@@ -125,6 +125,15 @@ class _Standardiser:
     def ready(self) -> bool:
         return self.mean is not None
 
+    def standardise(self, x: float) -> float | None:
+        """`(x - mean) / std`, or None while burning in (the sample is learnt instead) or for non-finite x."""
+        if not math.isfinite(x):
+            return None
+        if self.mean is None:
+            self.learn(x)
+            return None
+        return (x - self.mean) * self._inv_std
+
     def learn(self, x: float) -> None:
         """One burn-in sample (Welford); freezes mean and population std after ``burn_in`` of them."""
         self._count += 1
@@ -204,14 +213,12 @@ class PageHinkley:
         """Feed one sample; returns ``drift_detected``."""
         self.drift_detected = False
         x = float(x)
-        if not math.isfinite(x):
-            return False
-        self.n += 1
+        if math.isfinite(x):
+            self.n += 1
         ref = self._ref
-        if ref.mean is None:
-            ref.learn(x)
+        z = ref.standardise(x)
+        if z is None:
             return False
-        z = (x - ref.mean) * ref._inv_std
         up = self.sum_up + z - self.delta
         down = self.sum_down - z - self.delta
         self.sum_up = up = up if up > 0.0 else 0.0
@@ -282,15 +289,14 @@ class DriftingScore:
         """Feed one sample; returns ``drift_detected``."""
         self.drift_detected = False
         x = float(x)
-        if not math.isfinite(x):
-            return False
-        self.n += 1
+        if math.isfinite(x):
+            self.n += 1
         ref = self._ref
-        if ref.mean is None:
-            ref.learn(x)
+        z = ref.standardise(x)
+        if z is None:
             return False
         keep = 1.0 - self.alpha
-        self._m = keep * self._m + self.alpha * (x - ref.mean) * ref._inv_std
+        self._m = keep * self._m + self.alpha * z
         self._decay *= keep * keep
         self.z = self._m / math.sqrt(self._v_inf * (1.0 - self._decay))
         self.score = score = abs(self.z)

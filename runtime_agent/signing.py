@@ -34,28 +34,26 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
+def _load_key(path: Path, what: str, load, key_type: type, missing_hint: str):
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
+        key = load(Path(path).read_bytes())
     except FileNotFoundError:
-        raise BundleError(f"public key {path} does not exist; pass --pubkey with the key that signed the bundle") from None
+        raise BundleError(f"{what} {path} does not exist; {missing_hint}") from None
     except (ValueError, TypeError) as exc:
-        raise BundleError(f"public key {path} is not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise BundleError(f"public key {path} is not an Ed25519 key")
+        raise BundleError(f"{what} {path} is not a readable PEM key ({exc})") from None
+    if not isinstance(key, key_type):
+        raise BundleError(f"{what} {path} is not an Ed25519 key")
     return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    return _load_key(path, "public key", serialization.load_pem_public_key, Ed25519PublicKey,
+                     "pass --pubkey with the key that signed the bundle")
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise BundleError(f"signing key {path} does not exist; create one with `toolchain keys generate --out DIR`") from None
-    except (ValueError, TypeError) as exc:
-        raise BundleError(f"signing key {path} is not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BundleError(f"signing key {path} is not an Ed25519 key")
-    return key
+    return _load_key(path, "signing key", lambda data: serialization.load_pem_private_key(data, password=None),
+                     Ed25519PrivateKey, "create one with `toolchain keys generate --out DIR`")
 
 
 def verify_signature(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
