@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from runtime_agent import __version__
-from runtime_agent.bundle import read_bundle
+from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.config import AgentConfig
 from runtime_agent.drift import DriftMonitor, alarm
 from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
+from runtime_agent.probation import ModelStats, Probation
+from runtime_agent.push_receiver import PushReceiver, Transfer
 from runtime_agent.signing import load_public_key
 from runtime_agent.sketch import LatencySketch
+from runtime_agent.slots import Slots
+from runtime_agent.updates import check_update, self_test
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 64 * 1024
@@ -53,62 +59,87 @@ class Window:
         self.errors = 0
 
 
+class Active:
+    """A serving model with its drift monitor and the statistics probation compares."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shape)
+        self.stats = ModelStats(len(model.labels))
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.outbox = Outbox(config.queue_path, max_messages=config.queue_max_messages)
         self.window_s = config.window_s
+        self.slots = Slots(config.device_dir, config.bundle_path)
+        self.receiver = PushReceiver(config.device_dir / "staging", self._send_ack, self._install_async, self._reject)
         self._lock = threading.Lock()
+        self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
-        self._model: LoadedModel | None = None
-        self._monitor: DriftMonitor | None = None
+        self._active: Active | None = None
+        self._previous: Active | None = None
+        self._probation: Probation | None = None
+        self._refused_path = config.device_dir / "refused-versions.json"
+        self._link = None  # the MqttLink once running: acks go out directly, not through the outbox
 
     # -- model -------------------------------------------------------------------------------
     def load(self) -> LoadedModel:
-        """Verify and load the installed bundle; refuse to serve anything unverified."""
-        bundle = read_bundle(self.config.bundle_path, load_public_key(self.config.pubkey_path))
-        model = LoadedModel.from_bundle(bundle)
-        monitor = DriftMonitor(bundle.manifest["reference"], model.input_shape)
+        """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified."""
+        key = load_public_key(self.config.pubkey_path)
+        active = Active(LoadedModel.from_bundle(read_bundle(self.config.bundle_path, key)))
+        previous = None
+        if self.slots.previous.exists():
+            try:
+                previous = Active(LoadedModel.from_bundle(read_bundle(self.slots.previous, key)))
+            except AgentError as exc:
+                log.warning("previous bundle unusable, rollback disabled: %s", exc)
         with self._lock:
-            self._model, self._monitor = model, monitor
-        return model
+            self._active, self._previous = active, previous
+        return active.model
 
     @property
     def model(self) -> LoadedModel | None:
-        return self._model
+        return self._active.model if self._active else None
 
     def infer(self, batch: Any) -> Prediction:
         """One request: predict, and record latency, counts and drift statistics."""
-        model = self._model
-        if model is None:
+        active = self._active  # one snapshot: a swap during this request cannot fail it
+        if active is None:
             raise AgentError("no model is loaded")
         started = time.perf_counter()
         try:
-            samples = model.validate(batch)
+            samples = active.model.validate(batch)
         except InputError:
             with self._lock:
                 self._window.errors += 1
+                active.stats.errors += 1
             raise
-        prediction = model.predict_batch(samples)
-        self.record((time.perf_counter() - started) * 1000, samples, prediction.classes)
+        prediction = active.model.predict_batch(samples)
+        self.record((time.perf_counter() - started) * 1000, samples, prediction.classes, active)
         return prediction
 
-    def record(self, latency_ms: float, batch: np.ndarray, classes: np.ndarray) -> None:
-        """Account one served request in the current window (latency sketch, counts, drift)."""
+    def record(self, latency_ms: float, batch: np.ndarray, classes: np.ndarray, active: Active | None = None) -> None:
+        """Account one served request in the current window (latency sketch, counts, drift, probation)."""
         with self._lock:
+            active = active or self._active
             window = self._window
             window.sketch.add(latency_ms)
             window.requests += 1
             window.samples += len(classes)
-            if self._monitor is not None:
-                self._monitor.update(batch, classes)
+            active.monitor.update(batch, classes)
+            active.stats.record(latency_ms, classes)
+            probation = self._probation if self._probation and self._probation.stats is active.stats else None
+        if probation is not None and probation.due():
+            self.end_probation(probation)
 
     # -- telemetry and events ------------------------------------------------------------------
     def _version(self) -> int | None:
-        return self._model.bundle.version if self._model else None
+        return self.model.bundle.version if self.model else None
 
     def birth(self) -> dict[str, Any]:
-        manifest = self._model.bundle.manifest if self._model else {}
+        manifest = self.model.bundle.manifest if self.model else {}
         return {"schema": "status/1", "state": "online", "device_id": self.config.device_id,
                 "model_version": manifest.get("version"), "model_name": manifest.get("name"),
                 "agent_version": __version__, "profile": manifest.get("target"), "ts": time.time()}
@@ -122,7 +153,7 @@ class Agent:
         """Snapshot and reset the window's counters; queue its telemetry (and an alarm event if any)."""
         with self._lock:
             window, self._window = self._window, Window()
-            drift = self._monitor.window_report() if self._monitor else {}
+            drift = self._active.monitor.window_report() if self._active else {}
         sketch = window.sketch
         latency = {**sketch.to_dict(), **(sketch.summary() if sketch.count else {"p50": None, "p90": None, "p99": None})}
         payload = {"schema": "telemetry/1", "device_id": self.config.device_id, "window": [window.started, time.time()],
@@ -164,13 +195,95 @@ class Agent:
         return command
 
     def _apply(self, command: dict[str, Any]) -> None:
-        if command["type"] != "config":
-            raise AgentError(f"cmd {command['id']}: '{command['type']}' is not supported by agent {__version__} yet")
+        if command["type"] == "push_offer":
+            self.receiver.offer(command)
+            return
+        if command["type"] == "rollback":
+            if not self.roll_back(f"manual rollback (cmd {command['id']})"):
+                raise AgentError(f"cmd {command['id']}: no previous model to roll back to")
+            return
         window_s = command.get("telemetry", {}).get("window_s") if isinstance(command.get("telemetry"), dict) else None
         if not isinstance(window_s, (int, float)) or isinstance(window_s, bool) or not 0.05 <= window_s <= 86400:
             raise AgentError(f"cmd {command['id']}: config needs telemetry.window_s between 0.05 and 86400")
         self.window_s = float(window_s)
         self.emit_event("config", cmd_id=command["id"], telemetry={"window_s": self.window_s})
+
+    # -- updates -------------------------------------------------------------------------------
+    def _send_ack(self, transfer: str, payload: dict[str, Any]) -> None:
+        if self._link is not None:
+            self._link.publish_now(self.config.topic(f"push/{transfer}/ack"), payload)
+
+    def _install_async(self, transfer: Transfer, path: Path) -> None:
+        """Verification and session creation take a while: keep them off the MQTT network thread."""
+        threading.Thread(target=self.install, args=(transfer, path), name=f"install-{transfer.transfer}", daemon=True).start()
+
+    def _reject(self, transfer: Transfer, reason: str) -> None:
+        self.emit_event("rejected", transfer=transfer.transfer, reason=reason)
+        self.receiver.set_state(transfer, "rejected", reason)
+
+    def _refused(self) -> set[int]:
+        try:
+            return set(json.loads(self._refused_path.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def install(self, transfer: Transfer, path: Path) -> None:
+        """Verify, self-test, store in a slot, switch atomically; report every outcome."""
+        with self._update_lock:
+            try:
+                running = self.model.bundle.manifest
+                bundle = check_update(path, load_public_key(self.config.pubkey_path), running, self._refused())
+                model = LoadedModel.from_bundle(bundle)
+                self_test(model)
+                slot = self.slots.store(path, bundle.manifest["name"], bundle.version)
+                self.slots.activate(slot, f"{running['name']}-{running['version']}.bundle")
+                self._swap_in(Active(model), bundle)
+            except AgentError as exc:
+                self._reject(transfer, str(exc))
+                return
+            self.emit_event("installed", transfer=transfer.transfer, version=bundle.version,
+                            previous_version=running["version"])
+            self.receiver.set_state(transfer, "installed")
+
+    def _swap_in(self, new: Active, bundle: Bundle) -> None:
+        with self._lock:
+            old = self._active
+            self._previous, self._active = old, new
+            self._probation = Probation(self.config.probation, new.stats, old.stats if old else None,
+                                        bundle.manifest["reference"]["predictions"]["fractions"])
+        if self._link is not None:
+            self._link.announce()
+
+    def end_probation(self, probation: Probation) -> None:
+        with self._lock:
+            if self._probation is not probation:
+                return  # already judged by another thread
+            self._probation = None
+        reason = probation.regression()
+        if reason is None:
+            self.emit_event("probation_passed", version=self._version(), requests=probation.stats.requests)
+        else:
+            self.roll_back(f"probation failed: {reason}", refuse=True)
+
+    def roll_back(self, reason: str, refuse: bool = False) -> bool:
+        """Swap back to the previous model (pointer and memory); False when there is none."""
+        with self._update_lock:
+            with self._lock:
+                old, previous = self._active, self._previous
+                if previous is None:
+                    return False
+                self._active, self._previous, self._probation = previous, old, None
+            self.slots.roll_back()
+            if refuse:
+                refused = self._refused() | {old.model.bundle.version}
+                tmp = self._refused_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(sorted(refused)))
+                os.replace(tmp, self._refused_path)
+        self.emit_event("rollback", from_version=old.model.bundle.version, to_version=previous.model.bundle.version,
+                        reason=reason)
+        if self._link is not None:
+            self._link.announce()
+        return True
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event, on_ready: Callable[[int], None] | None = None) -> None:
@@ -180,13 +293,16 @@ class Agent:
 
         self.load()
         server = InferenceServer(self, self.config.serve_host, self.config.serve_port).start()
-        link = MqttLink(self.config, self.outbox, self.birth, self.handle_command).start()
+        link = self._link = MqttLink(self.config, self.outbox, self.birth, self.handle_command, self.receiver.chunk).start()
         if on_ready is not None:
             on_ready(server.port)
         try:
             next_close = time.monotonic() + self.window_s
             while not stop.wait(max(0.0, next_close - time.monotonic())):
                 self.close_window()
+                probation = self._probation
+                if probation is not None and probation.due():
+                    self.end_probation(probation)
                 link.wake()
                 next_close += self.window_s
                 if next_close < time.monotonic():  # fell behind (suspended): skip, don't burst
@@ -194,5 +310,6 @@ class Agent:
         finally:
             server.stop()
             link.stop()
+            self._link = None
             self.outbox.close()
 

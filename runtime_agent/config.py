@@ -12,6 +12,7 @@ broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
 [telemetry]  window_s = 10
 [model]      bundle = "current.bundle"; pubkey = "trusted.pub"
 [queue]      path = "outbox.sqlite"; max_messages = 10000
+[probation]  requests = 500; seconds = 60; max_latency_ratio = 2.0; max_error_rate_increase = 0.05; max_prediction_psi = 0.25
 ```
 """
 
@@ -25,11 +26,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from runtime_agent.errors import AgentError
+from runtime_agent.probation import ProbationLimits
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
              "serve": {"host", "port"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey"},
-             "queue": {"path", "max_messages"}}
+             "queue": {"path", "max_messages"},
+             "probation": {"requests", "seconds", "max_latency_ratio", "max_error_rate_increase", "max_prediction_psi"}}
 _TOP = {"device_id", "fleet", "broker", *_SECTIONS}
 
 
@@ -52,6 +55,7 @@ class AgentConfig:
     pubkey_path: Path
     queue_path: Path
     queue_max_messages: int
+    probation: ProbationLimits
 
     @property
     def topic_prefix(self) -> str:
@@ -112,7 +116,7 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
     fleet = top.get("fleet", str, "default", check=_ID.match, expected="1-64 letters, digits, '-' or '_'")
     host, port, tls = parse_broker(top.get("broker", str), str(path))
     mqtt, serve, telemetry = _table(raw, "mqtt", path), _table(raw, "serve", path), _table(raw, "telemetry", path)
-    model, queue = _table(raw, "model", path), _table(raw, "queue", path)
+    model, queue, probation = _table(raw, "model", path), _table(raw, "queue", path), _table(raw, "probation", path)
     password = mqtt.get("password", str, None)
     if (password_file := mqtt.get("password_file", str, None)) is not None:
         try:
@@ -133,4 +137,12 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         pubkey_path=device_dir / model.get("pubkey", str, "trusted.pub"),
         queue_path=device_dir / queue.get("path", str, "outbox.sqlite"),
         queue_max_messages=queue.get("max_messages", int, 10_000, check=lambda v: v >= 10, expected="an integer >= 10"),
+        probation=ProbationLimits(
+            requests=probation.get("requests", int, 500, check=lambda v: v >= 1, expected="an integer >= 1"),
+            seconds=float(probation.get("seconds", (int, float), 60, check=lambda v: v > 0, expected="seconds > 0")),
+            max_latency_ratio=float(probation.get("max_latency_ratio", (int, float), 2.0, check=lambda v: v >= 1, expected="a ratio >= 1")),
+            max_error_rate_increase=float(probation.get("max_error_rate_increase", (int, float), 0.05,
+                                                        check=lambda v: 0 <= v <= 1, expected="a fraction 0..1")),
+            max_prediction_psi=float(probation.get("max_prediction_psi", (int, float), 0.25, check=lambda v: v > 0, expected="a PSI > 0")),
+        ),
     )

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from paho.mqtt.packettypes import PacketTypes
 
 from runtime_agent.config import AgentConfig
@@ -29,8 +30,10 @@ STATUS_OFFLINE = {"schema": "status/1", "state": "offline"}
 
 class MqttLink:
     def __init__(self, config: AgentConfig, outbox: Outbox, birth: Callable[[], dict[str, Any]],
-                 on_command: Callable[[bytes], None], max_inflight: int = 20) -> None:
+                 on_command: Callable[[bytes], None], on_chunk: Callable[[str, int, bytes], None] | None = None,
+                 max_inflight: int = 20) -> None:
         self.config, self.outbox, self.birth, self.on_command = config, outbox, birth, on_command
+        self.on_chunk = on_chunk
         self.max_inflight = max_inflight
         self.connected = threading.Event()
         self._wake = threading.Event()
@@ -91,7 +94,8 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             return
         client.publish(self.config.topic("status"), json.dumps(self.birth()), qos=1, retain=True)
-        client.subscribe(self.config.topic("cmd"), qos=1)
+        own = SubscribeOptions(qos=1, noLocal=True)  # not our own acks back
+        client.subscribe([(self.config.topic("cmd"), own), (self.config.topic("push/+/+"), own)])
         with self._lock:
             self._inflight.clear()
             self._early.clear()
@@ -119,8 +123,23 @@ class MqttLink:
         self.wake()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic == self.config.topic("cmd"):
+        topic = message.topic
+        if topic == self.config.topic("cmd"):
             self.on_command(message.payload)
+        elif self.on_chunk is not None and topic.startswith(self.config.topic("push/")):
+            transfer, _, index = topic[len(self.config.topic("push/")):].partition("/")
+            if index.isdigit():
+                self.on_chunk(transfer, int(index), message.payload)
+
+    def publish_now(self, topic: str, payload: dict[str, Any]) -> None:
+        """Send without the outbox: for progress messages (push acks) that are stale once missed."""
+        if self.connected.is_set():
+            self.client.publish(topic, json.dumps(payload), qos=1)
+
+    def announce(self) -> None:
+        """Re-publish the retained status (the model version changed)."""
+        if self.connected.is_set():
+            self.client.publish(self.config.topic("status"), json.dumps(self.birth()), qos=1, retain=True)
 
     def _pump_loop(self) -> None:
         while not self._stopping.is_set():

@@ -5,6 +5,13 @@ and can copy `examples/mosquitto/` (the same ACL rules).
 The ACL is the security boundary of the fleet: a device may publish only under
 `edge/v1/{fleet}/{its id}/` and read only its own `cmd` and `push/` topics; the operator account
 (monitor, push) reads everything and writes only commands and pushes.
+
+With `tls=True` the listener speaks MQTT over TLS (`mqtts://`, TLS 1.2 or newer only): the broker folder
+gets a private CA (`ca.pem`, `ca.key`) and a server certificate for the listen address plus 127.0.0.1
+and localhost (`server.pem`, `server.key`), made by `toolchain.tls` on the first `write_config()` and
+reused afterwards (re-issued only when missing, expiring, or not covering the host). Clients trust
+`ca_file` (devices: copy it next to agent.toml as `[mqtt] ca_file`). There is no plain listener then:
+a client that does not speak TLS cannot connect at all.
 """
 
 from __future__ import annotations
@@ -57,11 +64,34 @@ class ManagedBroker:
     port: int = 1883
     host: str = "127.0.0.1"
     authenticated: bool = True
+    tls: bool = False
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate clients must trust to verify this broker (exists after `write_config()` with tls)."""
+        return self.directory / "ca.pem"
+
+    def _tls_hosts(self) -> list[str]:
+        """Names clients may dial: the listen address, or this machine's names when listening on all interfaces."""
+        if self.host in ("0.0.0.0", "::", ""):
+            return [socket.gethostname(), socket.getfqdn()]
+        return [self.host]
+
+    def _ensure_certificates(self) -> tuple[Path, Path, Path]:
+        from toolchain import tls
+
+        ca = (self.ca_file, self.directory / "ca.key")
+        if not tls.ca_usable(ca):
+            ca = tls.make_ca(self.directory)
+        server = (self.directory / "server.pem", self.directory / "server.key")
+        if not tls.server_cert_usable(server, ca[0], self._tls_hosts()):
+            server = tls.make_server_cert(self.directory, ca, self._tls_hosts())
+        return ca[0], server[0], server[1]
 
     @property
     def password_file(self) -> Path:
@@ -73,6 +103,9 @@ class ManagedBroker:
         lines = [f"listener {self.port} {self.host}", "log_dest stdout", "log_type error", "log_type warning",
                  "persistence true", f"persistence_location {self.directory / 'data'}/", "autosave_interval 1",
                  "max_queued_messages 100000", "max_inflight_messages 100"]
+        if self.tls:
+            cafile, certfile, keyfile = self._ensure_certificates()
+            lines += [f"cafile {cafile}", f"certfile {certfile}", f"keyfile {keyfile}", "tls_version tlsv1.2"]
         if os.geteuid() == 0:  # mosquitto started as root drops to user 'mosquitto', who cannot write our folder
             lines.append("user root")
         if self.authenticated:

@@ -1,0 +1,82 @@
+"""Probation: a freshly installed model must do no worse than the one it replaced, or it is rolled back.
+
+Signed and self-tested is not the same as good: a model can be 3x slower on this board, or answer one
+class for everything. For a window after an install (a number of requests or a time, whichever comes
+first) the new model's latency p90, error rate and predicted-class distribution are compared with
+what the previous model did on the same device; the first limit exceeded is the rollback reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime_agent.drift import psi
+from runtime_agent.sketch import LatencySketch
+
+
+@dataclass(frozen=True)
+class ProbationLimits:
+    requests: int = 500
+    seconds: float = 60.0
+    max_latency_ratio: float = 2.0  # new p90 / previous p90
+    max_error_rate_increase: float = 0.05
+    max_prediction_psi: float = 0.25
+    min_requests: int = 30  # below this a comparison would judge noise
+
+
+@dataclass
+class ModelStats:
+    """What one model did since it became active: latency sketch, requests, errors, predicted classes."""
+
+    n_classes: int
+    sketch: LatencySketch = field(default_factory=LatencySketch)
+    requests: int = 0
+    errors: int = 0
+    classes: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.classes = np.zeros(self.n_classes, dtype=np.int64)
+
+    def record(self, latency_ms: float, predicted: np.ndarray) -> None:
+        self.sketch.add(latency_ms)
+        self.requests += 1
+        self.classes += np.bincount(predicted, minlength=self.n_classes)[: self.n_classes]
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / max(1, self.requests + self.errors)
+
+
+class Probation:
+    def __init__(self, limits: ProbationLimits, stats: ModelStats, baseline: ModelStats | None,
+                 reference_fractions: list[float]) -> None:
+        self.limits, self.stats, self.baseline = limits, stats, baseline
+        self.reference_fractions = reference_fractions
+        self.started = time.monotonic()
+
+    def due(self) -> bool:
+        return self.stats.requests + self.stats.errors >= self.limits.requests or \
+            time.monotonic() - self.started >= self.limits.seconds
+
+    def regression(self) -> str | None:
+        """The reason to roll back, or None when the new model held up."""
+        new, old, limits = self.stats, self.baseline, self.limits
+        judged_old = old is not None and old.requests >= limits.min_requests
+        if new.requests >= limits.min_requests and judged_old:
+            ratio = new.sketch.quantile(0.9) / max(old.sketch.quantile(0.9), 1e-9)
+            if ratio > limits.max_latency_ratio:
+                return (f"latency p90 {new.sketch.quantile(0.9):.3f} ms is {ratio:.1f}x the previous model's "
+                        f"{old.sketch.quantile(0.9):.3f} ms (limit {limits.max_latency_ratio:.1f}x)")
+        if old is not None and new.error_rate > old.error_rate + limits.max_error_rate_increase:
+            return f"error rate {new.error_rate:.1%} vs {old.error_rate:.1%} before (limit +{limits.max_error_rate_increase:.0%})"
+        if new.requests >= limits.min_requests:
+            expected = old.classes / old.classes.sum() if judged_old and old.classes.sum() else np.asarray(self.reference_fractions)
+            shift = psi(expected, new.classes)
+            if shift > limits.max_prediction_psi:
+                top = int(new.classes.argmax())
+                return (f"predictions shifted: PSI {shift:.2f} > {limits.max_prediction_psi} vs the previous model "
+                        f"({new.classes[top] / new.classes.sum():.0%} of answers are class {top})")
+        return None

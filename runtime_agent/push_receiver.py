@@ -1,0 +1,178 @@
+"""The device end of a chunked, resumable bundle transfer (docs/push-protocol.md).
+
+Chunks land at their offset in a pre-sized staging file, in any order; the set of received indexes is
+persisted beside it after each write, so an agent killed mid-transfer resumes where it was and a
+duplicate chunk is harmless. When every chunk is there, the whole file's sha256 must match the offer
+before it is handed to the installer, which then verifies the signed bundle itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime_agent.errors import AgentError
+
+MAX_BUNDLE_BYTES = 4 << 30
+_TRANSFER = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass
+class Transfer:
+    transfer: str
+    size: int
+    sha256: str
+    chunk_bytes: int
+    chunks: int
+    offer: dict[str, Any]
+    received: set[int] = field(default_factory=set)
+    state: str = "receiving"
+    reason: str = ""
+    since_ack: int = 0
+
+    def ranges(self) -> list[list[int]]:
+        """Received indexes as inclusive [first, last] runs (compact on the wire)."""
+        runs: list[list[int]] = []
+        for index in sorted(self.received):
+            if runs and index == runs[-1][1] + 1:
+                runs[-1][1] = index
+            else:
+                runs.append([index, index])
+        return runs
+
+    def ack(self) -> dict[str, Any]:
+        payload = {"schema": "push-ack/1", "transfer": self.transfer, "received": self.ranges(), "chunks": self.chunks,
+                   "state": self.state, "version": self.offer.get("version")}
+        return payload | ({"reason": self.reason} if self.reason else {})
+
+
+def parse_offer(command: dict[str, Any]) -> Transfer:
+    """Validate a push_offer command; the message says which field is wrong."""
+    def integer(key: str, low: int, high: int) -> int:
+        value = command.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise AgentError(f"push_offer: '{key}' must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    transfer = command.get("transfer")
+    if not isinstance(transfer, str) or not _TRANSFER.match(transfer):
+        raise AgentError(f"push_offer: 'transfer' must be 16 lowercase hex digits, got {transfer!r}")
+    sha = command.get("sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise AgentError("push_offer: 'sha256' must be 64 lowercase hex digits")
+    size = integer("bytes", 1, MAX_BUNDLE_BYTES)
+    chunk_bytes = integer("chunk_bytes", 1024, 16 << 20)
+    chunks = integer("chunks", 1, MAX_BUNDLE_BYTES)
+    if chunks != -(-size // chunk_bytes):
+        raise AgentError(f"push_offer: {size} bytes in chunks of {chunk_bytes} make {-(-size // chunk_bytes)} chunks, not {chunks}")
+    return Transfer(transfer=transfer, size=size, sha256=sha, chunk_bytes=chunk_bytes, chunks=chunks, offer=dict(command))
+
+
+class PushReceiver:
+    """Stages transfers under `staging_dir`; calls `on_complete(transfer, path)` once per finished file
+    whose hash matches, `on_rejected(transfer, reason)` when it does not."""
+
+    def __init__(self, staging_dir: Path, send_ack: Callable[[str, dict[str, Any]], None],
+                 on_complete: Callable[[Transfer, Path], None], on_rejected: Callable[[Transfer, str], None],
+                 ack_every: int = 16) -> None:
+        self.dir = Path(staging_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.send_ack, self.on_complete, self.on_rejected, self.ack_every = send_ack, on_complete, on_rejected, ack_every
+        self._lock = threading.Lock()
+        self._transfers: dict[str, Transfer] = {}
+
+    def _paths(self, transfer: str) -> tuple[Path, Path]:
+        return self.dir / f"{transfer}.part", self.dir / f"{transfer}.json"
+
+    def _save(self, item: Transfer) -> None:
+        _, state = self._paths(item.transfer)
+        tmp = state.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"offer": item.offer, "received": item.ranges(), "state": item.state, "reason": item.reason}))
+        os.replace(tmp, state)
+
+    def _load(self, offered: Transfer) -> Transfer:
+        """Resume from disk when this transfer (same id, same file) was started before a restart."""
+        part, state = self._paths(offered.transfer)
+        try:
+            saved = json.loads(state.read_text())
+            previous = parse_offer(saved["offer"])
+        except (OSError, ValueError, KeyError, AgentError):
+            previous = None
+        same = previous is not None and (previous.sha256, previous.size, previous.chunk_bytes) == \
+            (offered.sha256, offered.size, offered.chunk_bytes)
+        # Resume a transfer in progress; remember one that was installed; start a rejected one afresh.
+        if same and (saved.get("state") == "installed" or (saved.get("state") != "rejected" and part.exists())):
+            offered.received = {i for first, last in saved["received"] for i in range(first, last + 1)}
+            offered.state, offered.reason = saved.get("state", "receiving"), saved.get("reason", "")
+            return offered
+        with open(part, "wb") as handle:
+            handle.truncate(offered.size)
+        self._save(offered)
+        return offered
+
+    def offer(self, command: dict[str, Any]) -> Transfer:
+        offered = parse_offer(command)
+        with self._lock:
+            item = self._transfers.get(offered.transfer)
+            if item is None or item.sha256 != offered.sha256:
+                item = self._transfers[offered.transfer] = self._load(offered)
+        self.send_ack(item.transfer, item.ack())
+        if item.state == "receiving" and len(item.received) == item.chunks:
+            self._finish(item)  # every chunk was on disk before a restart: verify now
+        return item
+
+    def chunk(self, transfer: str, index: int, data: bytes) -> None:
+        """Store one chunk; unknown transfers and out-of-range or mis-sized chunks are ignored (acks tell)."""
+        with self._lock:
+            item = self._transfers.get(transfer)
+            if item is None or item.state != "receiving" or not 0 <= index < item.chunks:
+                return
+            expected = min(item.chunk_bytes, item.size - index * item.chunk_bytes)
+            if len(data) != expected or index in item.received:
+                return
+            part, _ = self._paths(transfer)
+            fd = os.open(part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, index * item.chunk_bytes)
+            finally:
+                os.close(fd)
+            item.received.add(index)
+            item.since_ack += 1
+            self._save(item)
+            complete = len(item.received) == item.chunks
+            due = item.since_ack >= self.ack_every
+            if due:
+                item.since_ack = 0
+        if complete:
+            self._finish(item)
+        elif due:
+            self.send_ack(transfer, item.ack())
+
+    def _finish(self, item: Transfer) -> None:
+        part, _ = self._paths(item.transfer)
+        self.set_state(item, "verifying")
+        digest = hashlib.sha256()
+        with open(part, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != item.sha256:
+            self.on_rejected(item, "sha256 of the received file does not match the offer "
+                                   "(a chunk was tampered with or corrupted)")
+            return
+        self.on_complete(item, part)
+
+    def set_state(self, item: Transfer, state: str, reason: str = "") -> None:
+        """Record a state change, ack it, and drop the staging data once the transfer is final."""
+        with self._lock:
+            item.state, item.reason = state, reason
+            self._save(item)
+        self.send_ack(item.transfer, item.ack())
+        if state in ("installed", "rejected"):
+            part, _ = self._paths(item.transfer)
+            part.unlink(missing_ok=True)
