@@ -124,6 +124,8 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         except OSError as exc:
             raise AgentError(f"{path} [mqtt] password_file: cannot read {device_dir / password_file} ({exc.strerror})") from None
     ca_file = mqtt.get("ca_file", str, None)
+    if ca_file is not None and not (device_dir / ca_file).is_file():
+        raise AgentError(f"{path} [mqtt] ca_file: {device_dir / ca_file} does not exist (the broker's CA certificate, PEM)")
     return AgentConfig(
         device_dir=device_dir, device_id=ident, fleet=fleet, broker_host=host, broker_port=port, tls=tls,
         username=mqtt.get("username", str, ident if password else None), password=password,

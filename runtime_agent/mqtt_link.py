@@ -58,6 +58,8 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
+        client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s (TLS or network); retrying with backoff",
+                                                          config.broker_host, config.broker_port)
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
