@@ -16,6 +16,7 @@ a client that does not speak TLS cannot connect at all.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -118,6 +119,37 @@ class ManagedBroker:
         config.write_text("\n".join(lines) + "\n")
         return config
 
+    # Settings and the pid live in the broker folder, so `toolchain broker start` and a later
+    # `toolchain flash` or `toolchain broker stop` (other processes) act on the same broker.
+    @property
+    def _settings_file(self) -> Path:
+        return self.directory / "broker.json"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.directory / "mosquitto.pid"
+
+    @classmethod
+    def load(cls, directory: Path) -> "ManagedBroker":
+        try:
+            settings = json.loads((Path(directory) / "broker.json").read_text())
+        except FileNotFoundError:
+            raise ToolchainError(f"{directory} is not a broker folder; create one with `toolchain broker start --dir {directory}`") from None
+        return cls(Path(directory), **settings)
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        settings = {"port": self.port, "host": self.host, "authenticated": self.authenticated, "tls": self.tls}
+        self._settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self._pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
     def add_user(self, name: str, password: str) -> None:
         """Add or replace a user in the password file (hashed by mosquitto_passwd); reload if running."""
         if not self.password_file.exists():
@@ -126,13 +158,18 @@ class ManagedBroker:
         if tool is None:
             raise ToolchainError("mosquitto_passwd is not installed; run `bash scripts/setup.sh`")
         subprocess.run([tool, "-b", str(self.password_file), name, password], check=True, capture_output=True)
-        if self._process and self._process.poll() is None:
-            self._process.send_signal(signal.SIGHUP)
+        if (pid := self.running_pid()) is not None:
+            os.kill(pid, signal.SIGHUP)
 
-    def start(self, timeout_s: float = 10.0) -> "ManagedBroker":
+    def start(self, timeout_s: float = 10.0, detach: bool = False) -> "ManagedBroker":
+        """Run mosquitto; `detach` keeps it running after this process exits (for `toolchain broker start`)."""
+        if (pid := self.running_pid()) is not None:
+            raise ToolchainError(f"a broker is already running from {self.directory} (pid {pid}); stop it first")
         config = self.write_config()
         log = open(self.directory / "mosquitto.log", "ab")
-        self._process = subprocess.Popen([mosquitto_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen([mosquitto_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=detach)
+        self._pid_file.write_text(str(self._process.pid))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -145,12 +182,27 @@ class ManagedBroker:
         self.stop()
         raise ToolchainError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s:.0f} s")
 
-    def stop(self) -> None:
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+    def stop(self) -> bool:
+        """Stop the broker started from this folder (by this process or another); False if none ran."""
+        if self._process is not None:
+            stopped = self._process.poll() is None
+            if stopped:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+        elif (pid := self.running_pid()) is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while self.running_pid() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.running_pid() is not None:
+                os.kill(pid, signal.SIGKILL)
+            stopped = True
+        else:
+            stopped = False
         self._process = None
+        self._pid_file.unlink(missing_ok=True)
+        return stopped

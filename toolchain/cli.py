@@ -19,6 +19,7 @@ from rich.table import Table
 
 from runtime_agent.errors import AgentError
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
+from toolchain.commands.broker import app as broker_app
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import ToolchainError
 
@@ -27,6 +28,7 @@ app = typer.Typer(help="Build, compress, sign and benchmark models for edge devi
 keys_app = typer.Typer(help="Manage the ed25519 key that signs bundles.", no_args_is_help=True)
 app.add_typer(targets_app, name="targets")
 app.add_typer(keys_app, name="keys")
+app.add_typer(broker_app, name="broker")
 err = Console(stderr=True)
 DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
 
@@ -94,6 +96,27 @@ def verify(
     manifest = verified.manifest
     print(f"OK {bundle}: {manifest['name']} v{manifest['version']} for {manifest['target']}, "
           f"{len(manifest['artifacts'])} files verified, signed by key {manifest['key_id']}")
+
+
+@app.command()
+def flash(
+    device_dir: Annotated[Path, typer.Option(help="the device folder to provision")],
+    device_id: Annotated[str, typer.Option(help="device id: MQTT client id and username")],
+    bundle: Annotated[Path, typer.Option(help="the first bundle to install")],
+    broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT")],
+    fleet: Annotated[str, typer.Option(help="fleet name")] = "default",
+    pubkey: Annotated[Path, typer.Option(help="trusted public key")] = DEFAULT_PUBKEY,
+    broker_dir: Annotated[Optional[Path], typer.Option(help="a `toolchain broker` folder: add the device's credentials there")] = None,
+    port: Annotated[int, typer.Option(help="the agent's local REST port")] = 8080,
+    window: Annotated[float, typer.Option(help="telemetry window, seconds")] = 10.0,
+    force: Annotated[bool, typer.Option(help="re-flash an existing device (new credentials, new model)")] = False,
+) -> None:
+    """Provision a device: agent.toml, credentials, trusted key, first bundle, install script and systemd unit."""
+    from toolchain.flash import flash as provision
+
+    path = provision(device_dir, device_id, bundle, broker, fleet=fleet, pubkey=pubkey, broker_dir=broker_dir,
+                     serve_port=port, window_s=window, force=force)
+    print(f"provisioned {device_id} (fleet {fleet}) in {path}; start it with: edge-agent run --device-dir {path}")
 
 
 def _model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path, str]:
