@@ -31,8 +31,8 @@ def with_overrides(**sections: str) -> str:
 
 @pytest.mark.parametrize("text, expected", [
     (with_overrides(compress="max_accuracy_drop = 3"), "[compress] max_accuracy_drop: Input should be less than or equal to 1 (got 3)"),
-    (with_overrides(compress="prune_ratoi = 0.5"), "[compress] prune_ratoi: unknown key (known keys here: distill, prune_ratio, quantize"),
-    (with_overrides(compress='quantize = ["int4"]'), "[compress] quantize.0: Input should be 'int8' or 'fp16' (got 'int4')"),
+    (with_overrides(compress="prune_ratoi = 0.5"), "[compress] prune_ratoi: unknown key (known keys here: distill, student_width, temperature, alpha, prune_ratio"),
+    (with_overrides(compress='quantize = ["int4"]'), "[compress] quantize.0: Input should be 'int8', 'fp16' or 'dynamic' (got 'int4')"),
     (with_overrides(compress="distill = true"), "[compress]: distill = true is not available in this version yet"),
     (with_overrides(data='source = "s3://bucket"'), "[data] source: expected one of sklearn:..., npz:..., csv:..., images:..., python:..."),
     (with_overrides(data='source = "npz:x.npz"\ntest = 0.5\nvalidation = 0.45'), "[data]: validation + test = 0.95 leaves too little training data"),
@@ -42,8 +42,13 @@ def with_overrides(**sections: str) -> str:
     (with_overrides(project='name = "demo"\nversion = 0'), "[project] version: Input should be greater than or equal to 1 (got 0)"),
     (with_overrides(project='name = "bad name!"'), "[project] name: String should match pattern"),
     (with_overrides(train="lr = -1"), "[train] lr: Input should be greater than 0 (got -1)"),
-    (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, compress)"),
+    (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, search, compress)"),
     ("[project\nname=1", "not valid TOML"),
+    (GOOD + "\n[search]\nn_trials = 3\n", "[search]: no parameter to search: add e.g. lr = {low = 1e-4, high = 1e-1, log = true}"),
+    (GOOD + "\n[search]\nlr = {low = 1, high = 0.1}\n", "[search]: lr: low must be < high, got 1.0 and 0.1"),
+    (GOOD + "\n[search]\nsampler = \"grid\"\nlr = {low = 0.1, high = 1}\n", "[search]: sampler = \"grid\" needs every parameter as a list of choices"),
+    (GOOD + "\n[search]\nwidth = 3\n", "[search]: width: a parameter needs {low, high[, log]} or a non-empty list of choices, got 3"),
+    (GOOD + "\n[search]\nsampler = \"bayes\"\nwidth = [1, 2]\n", "[search] sampler: Input should be 'tpe', 'random', 'grid' or 'nsga2' (got 'bayes')"),
 ])
 def test_each_bad_key_names_itself(text: str, expected: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:

@@ -73,10 +73,76 @@ class TrainSection(_Section):
     patience: int | None = Field(default=None, ge=1)
 
 
+class ParamRange(_Section):
+    """A numeric search dimension; integers when both bounds are integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ParamRange":
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got {self.low} and {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log = true needs low > 0")
+        return self
+
+
+SEARCH_SETTINGS = ("n_trials", "sampler", "pruner", "objectives", "storage", "study_name", "cv_folds")
+
+
+class SearchSection(BaseModel):
+    """Hyper-parameter search. Keys other than the settings are parameters: a table {low, high, log}
+    or a list of choices. `lr`, `weight_decay`, `batch_size`, `epochs` tune training; any other name
+    is passed to the model's entry function as a keyword argument."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    n_trials: int | None = Field(default=None, ge=1, le=10_000)  # None: the budget decides
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    objectives: list[Literal["accuracy", "latency"]] = Field(default_factory=lambda: ["accuracy"], min_length=1, max_length=2)
+    storage: str | None = None  # an Optuna storage URL; default: an SQLite file in the output folder
+    study_name: str | None = None
+    cv_folds: int = Field(default=0, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _space(self) -> "SearchSection":
+        if self.cv_folds == 1:
+            raise ValueError("cv_folds must be 0 (a validation split) or at least 2")
+        if not self.space:
+            raise ValueError("no parameter to search: add e.g. lr = {low = 1e-4, high = 1e-1, log = true}")
+        if self.sampler == "grid" and any(not isinstance(v, list) for v in self.space.values()):
+            raise ValueError("sampler = \"grid\" needs every parameter as a list of choices")
+        return self
+
+    @property
+    def space(self) -> dict[str, ParamRange | list]:
+        dims: dict[str, ParamRange | list] = {}
+        for name, spec in (self.model_extra or {}).items():
+            if isinstance(spec, dict):
+                try:
+                    dims[name] = ParamRange.model_validate(spec)
+                except ValidationError as exc:
+                    raise ValueError(f"{name}: {_describe(exc.errors()[0]).split(': ', 1)[-1]}") from None
+            elif isinstance(spec, list) and spec and all(isinstance(v, (int, float, str, bool)) for v in spec):
+                dims[name] = spec
+            else:
+                raise ValueError(f"{name}: a parameter needs {{low, high[, log]}} or a non-empty list of choices, got {spec!r}")
+        return dims
+
+
 class CompressSection(_Section):
     distill: bool = False
-    prune_ratio: float | Literal["auto"] = 0.0
-    quantize: list[Literal["int8", "fp16"]] = Field(default_factory=lambda: ["int8", "fp16"])
+    student_width: float | Literal["auto"] = "auto"  # width multiplier of the distilled student
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the teacher's soft targets
+    prune_ratio: float | Literal["auto"] = Field(default=0.0)
+    finetune_epochs: int | None = Field(default=None, ge=1)
+    quantize: list[Literal["int8", "fp16", "dynamic"]] = Field(default_factory=lambda: ["int8", "fp16"])
+    qat: bool = True  # quantization-aware training when static INT8 misses the accuracy gate
+    mixed: bool = True  # keep the most sensitive layers in float when INT8 misses the gate
     max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
     min_speedup: float = Field(default=1.05, ge=1.0)
     calibration_samples: int = Field(default=256, ge=8)
@@ -87,6 +153,8 @@ class CompressSection(_Section):
             raise ValueError("distill = true is not available in this version yet; set distill = false")
         if self.prune_ratio != 0.0:
             raise ValueError("pruning is not available in this version yet; set prune_ratio = 0")
+        if isinstance(self.prune_ratio, float) and not 0 <= self.prune_ratio < 0.95:
+            raise ValueError(f"prune_ratio must be in [0, 0.95) or \"auto\", got {self.prune_ratio}")
         return self
 
 
@@ -95,6 +163,7 @@ class BuildConfig(_Section):
     model: ModelSection
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    search: SearchSection | None = None
     compress: CompressSection = Field(default_factory=CompressSection)
 
     # Not part of the TOML: where the file was, for resolving paths, and its hash for provenance.

@@ -58,3 +58,10 @@ def build_user_model(config: BuildConfig, num_classes: int, **overrides: object)
         raise ConfigError(f"{key}: the model outputs shape {list(out.shape)} for a batch of 2, expected [2, {num_classes}] "
                           f"(one logit per label)")
     return module
+
+
+def build_normalized_model(config: BuildConfig, dataset, **overrides: object) -> tuple[nn.Module, dict[str, float]]:
+    """The user's model behind a `Standardize` layer fitted on the training split; returns (model, constants)."""
+    mean, std = float(dataset.x_train.mean()), float(dataset.x_train.std()) or 1.0
+    body = build_user_model(config, len(dataset.labels), **overrides)
+    return nn.Sequential(Standardize(mean, std), body), {"mean": mean, "std": std}

@@ -54,6 +54,7 @@ class BuildContext:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     stages: list[dict[str, Any]] = field(default_factory=list)  # name, seconds: for the report
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a key was created)
+    hparams: dict[str, Any] = field(default_factory=dict)  # tuned by the search pass; read by training
 
     @property
     def settings(self) -> BudgetSettings:

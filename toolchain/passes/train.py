@@ -1,21 +1,26 @@
 """Train the user's model: seeded, on CUDA when present, early-stopped on validation loss.
 
-The best validation epoch is restored before returning, so a long patience never costs accuracy.
-The input normalisation is learned from the training split only and becomes the model's first layer.
+`fit` is the one training loop of the toolchain: the train pass, hyper-parameter trials and
+distillation (with a teacher's soft targets) all call it. The best validation epoch is restored
+before returning, so a long patience never costs accuracy.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from toolchain.artifact import Artifact
-from toolchain.models import Standardize, build_user_model
+from toolchain.models import build_normalized_model
 from toolchain.workflow import BuildContext
+
+TRAIN_PARAMS = ("lr", "weight_decay", "batch_size", "epochs")  # search parameters that tune training, not the model
 
 
 def pick_device() -> torch.device:
@@ -23,7 +28,8 @@ def pick_device() -> torch.device:
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator | None):
-    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    order = torch.randperm(len(x), generator=generator, device="cpu").to(x.device) if generator is not None \
+        else torch.arange(len(x), device=x.device)
     for start in range(0, len(x), size):
         index = order[start:start + size]
         yield x[index], y[index]
@@ -41,55 +47,105 @@ def evaluate_torch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     return loss_sum / len(x), correct / len(x)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton et al.: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy."""
+    soft = nn.functional.kl_div(nn.functional.log_softmax(student_logits / temperature, dim=1),
+                                nn.functional.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+    return alpha * temperature ** 2 * soft + (1 - alpha) * nn.functional.cross_entropy(student_logits, labels)
+
+
+@dataclass
+class FitResult:
+    module: nn.Module
+    best_epoch: int
+    val_loss: float
+    val_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(module: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+        lr: float, weight_decay: float, batch_size: int, max_epochs: int, patience: int, seed: int,
+        teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7,
+        on_epoch: Callable[[int, float, float], None] | None = None) -> FitResult:
+    """AdamW + cosine schedule, early stopping on validation loss. `on_epoch(epoch, val_loss, val_accuracy)`
+    may raise to stop (Optuna's TrialPruned does). With `teacher`, trains on its soft targets too."""
+    device = pick_device()
+    torch.manual_seed(seed)
+    module = module.to(device)
+    to_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    xt, yt, xv, yv = to_tensor(x_train), to_tensor(y_train), to_tensor(x_val), to_tensor(y_val)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+    generator = torch.Generator().manual_seed(seed)
+    best = (float("inf"), 0.0, 0, copy.deepcopy(module.state_dict()))
+    history = []
+    for epoch in range(1, max_epochs + 1):
+        module.train()
+        for xb, yb in _batches(xt, yt, batch_size, generator):
+            optimizer.zero_grad()
+            logits = module(xb)
+            if teacher is None:
+                loss = nn.functional.cross_entropy(logits, yb)
+            else:
+                with torch.no_grad():
+                    target = teacher(xb)
+                loss = distillation_loss(logits, target, yb, temperature, alpha)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        val_loss, val_acc = evaluate_torch(module, xv, yv)
+        history.append({"epoch": epoch, "val_loss": round(val_loss, 5), "val_accuracy": round(val_acc, 5)})
+        if val_loss < best[0]:
+            best = (val_loss, val_acc, epoch, copy.deepcopy(module.state_dict()))
+        if on_epoch is not None:
+            on_epoch(epoch, val_loss, val_acc)
+        if epoch - best[2] >= patience:
+            break
+    module.load_state_dict(best[3])
+    return FitResult(module=module.cpu().eval(), best_epoch=best[2], val_loss=best[0], val_accuracy=best[1], history=history)
+
+
+def training_settings(ctx: BuildContext) -> dict[str, Any]:
+    """Training settings: the config's, overridden by tuned hyper-parameters (ctx.hparams)."""
+    train = ctx.config.train
+    settings = {"lr": train.lr, "weight_decay": train.weight_decay, "batch_size": train.batch_size,
+                "epochs": train.epochs or ctx.settings.max_epochs}
+    settings.update({k: v for k, v in ctx.hparams.items() if k in TRAIN_PARAMS})
+    return settings
+
+
+def model_overrides(ctx: BuildContext) -> dict[str, Any]:
+    return {k: v for k, v in ctx.hparams.items() if k not in TRAIN_PARAMS}
+
+
 class TrainPass:
     name: ClassVar[str] = "train"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        data, train_cfg = ctx.dataset, ctx.config.train
-        device = pick_device()
-        torch.manual_seed(ctx.seed)
-        body = build_user_model(ctx.config, len(data.labels))
-        mean, std = float(data.x_train.mean()), float(data.x_train.std()) or 1.0
-        module = nn.Sequential(Standardize(mean, std), body).to(device)
-        to_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        x_train, y_train = to_tensor(data.x_train), to_tensor(data.y_train)
-        x_val, y_val = to_tensor(data.x_val), to_tensor(data.y_val)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        max_epochs = train_cfg.epochs or ctx.settings.max_epochs
-        patience = train_cfg.patience or ctx.settings.patience
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        generator = torch.Generator().manual_seed(ctx.seed)
-        best = (float("inf"), 0.0, 0, copy.deepcopy(module.state_dict()))
-        history = []
+        data = ctx.dataset
+        settings = training_settings(ctx)
+        patience = ctx.config.train.patience or ctx.settings.patience
+        module, normalize = build_normalized_model(ctx.config, data, **model_overrides(ctx))
         progress = Progress(TextColumn("  train"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=ctx.console, transient=True)
         with progress:
-            task = progress.add_task("train", total=max_epochs, status="")
-            for epoch in range(1, max_epochs + 1):
-                module.train()
-                for xb, yb in _batches(x_train, y_train, train_cfg.batch_size, generator):
-                    optimizer.zero_grad()
-                    nn.functional.cross_entropy(module(xb), yb).backward()
-                    optimizer.step()
-                scheduler.step()
-                val_loss, val_acc = evaluate_torch(module, x_val, y_val)
-                history.append({"epoch": epoch, "val_loss": round(val_loss, 5), "val_accuracy": round(val_acc, 5)})
-                if val_loss < best[0]:
-                    best = (val_loss, val_acc, epoch, copy.deepcopy(module.state_dict()))
-                progress.update(task, advance=1, status=f"val acc {val_acc:.3f}")
-                if epoch - best[2] >= patience:
-                    break
-        module.load_state_dict(best[3])
-        module = module.cpu().eval()
-        _, train_acc = evaluate_torch(module, torch.from_numpy(data.x_train), torch.from_numpy(data.y_train))
-        artifact.module = module
+            task = progress.add_task("train", total=settings["epochs"], status="")
+            result = fit(module, data.x_train, data.y_train, data.x_val, data.y_val, lr=settings["lr"],
+                         weight_decay=settings["weight_decay"], batch_size=int(settings["batch_size"]),
+                         max_epochs=int(settings["epochs"]), patience=patience, seed=ctx.seed,
+                         on_epoch=lambda epoch, loss, acc: progress.update(task, completed=epoch, status=f"val acc {acc:.3f}"))
+        _, train_acc = evaluate_torch(result.module, torch.from_numpy(data.x_train), torch.from_numpy(data.y_train))
+        artifact.module = result.module
         artifact.metrics["train"] = {
-            "device": device.type, "epochs_run": len(history), "best_epoch": best[2], "max_epochs": max_epochs,
-            "patience": patience, "val_accuracy": round(best[1], 5), "train_accuracy": round(train_acc, 5),
-            "parameters": int(sum(p.numel() for p in module.parameters())),
-            "normalize": {"mean": mean, "std": std}, "history": history,
+            "device": pick_device().type, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+            "max_epochs": int(settings["epochs"]), "patience": patience, "settings": settings,
+            "model_kwargs": model_overrides(ctx), "val_accuracy": round(result.val_accuracy, 5),
+            "train_accuracy": round(train_acc, 5), "parameters": int(sum(p.numel() for p in result.module.parameters())),
+            "normalize": normalize, "history": result.history,
         }
-        ctx.console.print(f"  best epoch {best[2]} of {len(history)} on {device.type}: "
-                          f"val accuracy {best[1]:.4f}, {artifact.metrics['train']['parameters']:,} parameters")
+        ctx.console.print(f"  best epoch {result.best_epoch} of {len(result.history)} on {pick_device().type}: "
+                          f"val accuracy {result.val_accuracy:.4f}, {artifact.metrics['train']['parameters']:,} parameters")
         return artifact
-
