@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}  # higher = less precise
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "mixed": 2, "int8": 3}  # higher = less precise: the gate's walk
 
 
 @dataclass

@@ -55,7 +55,9 @@ DEFAULT_CHUNK_KB = 64
 DEFAULT_WINDOW = 32
 DEFAULT_ACK_TIMEOUT_S = 5.0
 MAX_CHUNK_KB = 16 * 1024  # the device accepts chunk_bytes in [1 KiB, 16 MiB]
-MAX_INFLIGHT = 256  # MQTT-level cap on unacknowledged QoS 1 publishes (lowered to the broker's Receive Maximum)
+# MQTT-level cap on QoS 1 publishes awaiting the broker's PUBACK (paho queues the rest). Mosquitto's default
+# Receive Maximum is 20, and paho cannot change this once connected, so stay within it.
+MQTT_INFLIGHT = 20
 
 Progress = Callable[[str, int, int, str], None]  # (device, chunks acknowledged, chunks, state)
 
@@ -170,7 +172,7 @@ class PushClient:
         if self.tls:
             client.tls_set(ca_certs=str(ca_file) if ca_file else None)
         client.reconnect_delay_set(min_delay=1, max_delay=4)
-        client.max_inflight_messages_set(20)  # raised to the broker's Receive Maximum on connect
+        client.max_inflight_messages_set(MQTT_INFLIGHT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -217,14 +219,15 @@ class PushClient:
 
     # -- paho callbacks (network thread)
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._safely(self._connected, client, reason_code)
+
+    def _connected(self, client: mqtt.Client, reason_code: Any) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
             self._answered.set()
             if self.connections == 0:
                 client.disconnect()  # bad credentials do not get better by retrying
             return
-        receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
-        client.max_inflight_messages_set(min(MAX_INFLIGHT, receive_maximum or MAX_INFLIGHT))
         with self._lock:
             filters = list(self._filters)
             listeners = list(self._listeners)
@@ -723,7 +726,7 @@ class PushSender(_Listener):
                 if self._cancel.is_set() or (now >= deadline and self._final is None):
                     break
                 reoffer, indexes = self._plan(now, client.connected.is_set())
-                snapshot = (self._n_acked, self._device_state or "offered")
+                snapshot = (self._n_acked, self._state_label())
             if reoffer:
                 self._offer()
             if indexes:
@@ -735,6 +738,13 @@ class PushSender(_Listener):
                 with self._cv:
                     self._cv.wait(0.1)
         return self._result(started)
+
+    def _state_label(self) -> str:
+        if self._verdict is not None:
+            return "probation passed" if self._verdict[0] == "passed" else "rolled back"
+        if self._final is not None and self._final[0] == "installed" and self.wait_probation:
+            return "installed, on probation"
+        return self._device_state or "offered"
 
     def _done_waiting(self, now: float) -> bool:
         if not self.wait_probation or self._final[0] != "installed" or self._verdict is not None:

@@ -19,7 +19,7 @@ td:last-child{text-align:left}.ship{background:#dafbe1}.reject{color:#9a2b2b}.ok
 code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
 """
 
-BAR_COLORS = {"fp32": "#57606a", "fp16": "#8250df", "int8": "#0969da"}
+BAR_COLORS = {"fp32": "#57606a", "fp16": "#8250df", "mixed": "#1a7f37", "int8": "#0969da"}
 
 
 def bar_chart(title: str, unit: str, rows: list[tuple[str, str, float]], chart_id: str) -> str:

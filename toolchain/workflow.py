@@ -77,14 +77,20 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     from toolchain.passes.evaluate import EvaluatePass
     from toolchain.passes.export_onnx import ExportOnnxPass
     from toolchain.passes.gate import GatePass
+    from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
     from toolchain.passes.quantize_fp16 import QuantizeFp16Pass
     from toolchain.passes.quantize_int8 import QuantizeInt8Pass
+    from toolchain.passes.quantize_mixed import MixedPrecisionPass
     from toolchain.passes.report import ReportPass
     from toolchain.passes.train import TrainPass
 
-    quantizers = {"int8": QuantizeInt8Pass, "fp16": QuantizeFp16Pass}
-    wanted = [p for p in profile.precisions if p in config.compress.quantize]
-    return [TrainPass(), ExportOnnxPass(), *(quantizers[p]() for p in wanted),
+    # config name -> (pass, the precision the board must accelerate for it to be worth trying)
+    quantizers = {"int8": (QuantizeInt8Pass, "int8"), "dynamic": (QuantizeDynamicPass, "int8"), "fp16": (QuantizeFp16Pass, "fp16")}
+    chosen = [key for key in config.compress.quantize if quantizers[key][1] in profile.precisions]
+    quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
+    if "int8" in chosen and config.compress.mixed:
+        quantize.append(MixedPrecisionPass())
+    return [TrainPass(), ExportOnnxPass(), *quantize,
             EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
 
 

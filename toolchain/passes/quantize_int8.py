@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -48,24 +49,38 @@ def activation_scheme(providers: tuple[str, ...]) -> ActivationScheme:
     return ActivationScheme(QuantType.QUInt8, False, "asymmetric uint8")
 
 
+def quantize_int8(fp32: Path, output: Path, samples: np.ndarray, providers: tuple[str, ...],
+                  exclude: list[str] | None = None) -> ActivationScheme:
+    """Static QDQ INT8 of `fp32` (already pre-processed) into `output`; `exclude` nodes stay float."""
+    activations = activation_scheme(providers)
+    logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
+    quantize_static(str(fp32), str(output), ArrayCalibrationReader("input", samples),
+                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=activations.type, nodes_to_exclude=list(exclude or []),
+                    extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True})
+    return activations
+
+
+def prepared_reference(artifact: Artifact, ctx: BuildContext) -> Path:
+    """The FP32 model after onnxruntime's quantization pre-processing (shape inference, fusions), made once."""
+    prepared = ctx.work_path("model-fp32-prepared.onnx")
+    if not prepared.exists():
+        quant_pre_process(str(artifact.reference.path), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
 class QuantizeInt8Pass:
     name: ClassVar[str] = "quantize-int8"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
         reference = artifact.reference
-        prepared = ctx.work_path("model-fp32-prepared.onnx")
         output = ctx.work_path("model-int8.onnx")
         samples = calibration_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
-        activations = activation_scheme(ctx.profile.providers)
-        logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
         with ctx.console.status(f"  calibrating on {len(samples)} training samples"):
-            quant_pre_process(str(reference.path), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(output), ArrayCalibrationReader("input", samples),
-                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=activations.type,
-                            extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True})
+            activations = quantize_int8(prepared_reference(artifact, ctx), output, samples, ctx.profile.providers)
         candidate = Candidate(name="onnx-int8-qdq", precision="int8", path=output,
-                              metrics={"calibration_samples": len(samples), "method": f"static QDQ per-channel, {activations.label} activations, minmax"})
+                              metrics={"calibration_samples": len(samples),
+                                       "method": f"static QDQ per-channel, {activations.label} activations, minmax"})
         artifact.candidates.append(candidate)
         ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / reference.bytes:.2f}x FP32)")
         return artifact

@@ -1,0 +1,93 @@
+"""Quantization beyond static PTQ: dynamic INT8, and mixed precision when full INT8 misses the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from toolchain.config import load_config
+from toolchain.data import load_dataset
+from toolchain.passes.evaluate import onnx_logits
+from toolchain.passes.export_onnx import ExportOnnxPass
+from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
+from toolchain.passes.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.quantize_mixed import MixedPrecisionPass, validation_accuracy
+from toolchain.passes.train import TrainPass
+from toolchain.targets import resolve_target
+from toolchain.workflow import BuildContext, plan_passes, run_passes
+
+MODEL = """from torch import nn
+def build_model(input_shape, num_classes, hidden=32):
+    return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+"""
+
+
+def project(root: Path, noise_scale: float) -> Path:
+    """Six informative features and one loud, useless one: per-tensor INT8 of the input crushes the
+    informative ones, so the first layer is the sensitive one."""
+    rng = np.random.default_rng(0)
+    y = np.arange(900) % 3
+    x = np.concatenate([rng.normal(size=(900, 6)) * 0.5 + np.eye(3, 6)[y], rng.normal(size=(900, 1)) * noise_scale], axis=1)
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "d.npz", x=x, y=y)
+    (root / "model.py").write_text(MODEL)
+    (root / "toolchain.toml").write_text('[project]\nname = "mix"\n[model]\nentry = "model.py:build_model"\ninput_shape = [7]\n'
+                                         '[data]\nsource = "npz:d.npz"\n[train]\nepochs = 60\n'
+                                         '[compress]\nquantize = ["int8", "dynamic"]\nmax_accuracy_drop = 0.01\n')
+    return root / "toolchain.toml"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("mix")
+    config = load_config(project(root / "p", noise_scale=25))
+    ctx = BuildContext(config=config, profile=resolve_target("raspberry-pi-5"), dataset=load_dataset(config, 0),
+                       out_dir=root / "out", work_dir=root)
+    ctx.console.quiet = True
+    artifact = run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass(), QuantizeDynamicPass(), MixedPrecisionPass()], ctx)
+    return artifact, ctx
+
+
+def test_mixed_precision_keeps_the_sensitive_layer_in_float(built) -> None:
+    artifact, ctx = built
+    report = artifact.metrics["mixed"]
+    assert report["validation_int8_drop"] > ctx.config.compress.max_accuracy_drop  # PTQ alone misses the gate
+    ranked = list(report["sensitivity"])
+    assert ranked[0] == report["float_layers"][0] and report["sensitivity"][ranked[0]] > 0.01
+    mixed = artifact.candidate("onnx-mixed")
+    assert mixed.precision == "mixed" and 0 < len(mixed.metrics["float_layers"]) < len(ranked)
+    x, y = ctx.dataset.x_val, ctx.dataset.y_val
+    assert validation_accuracy(artifact.reference.path, x, y) - validation_accuracy(mixed.path, x, y) <= 0.01
+    graph = onnx.load(str(mixed.path)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest is still INT8
+
+
+def test_dynamic_int8_runs_and_matches_fp32_closely(built) -> None:
+    artifact, ctx = built
+    dynamic = artifact.candidate("onnx-int8-dynamic")
+    assert dynamic.precision == "int8" and dynamic.bytes < artifact.reference.bytes
+    ops = {n.op_type for n in onnx.load(str(dynamic.path)).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    logits = onnx_logits(dynamic.path, ctx.dataset.x_val)
+    assert logits.shape == (len(ctx.dataset.x_val), 3)
+
+
+def test_mixed_is_skipped_when_int8_is_already_good(tmp_path: Path) -> None:
+    config = load_config(project(tmp_path / "p", noise_scale=0.5))
+    ctx = BuildContext(config=config, profile=resolve_target("raspberry-pi-5"), dataset=load_dataset(config, 0),
+                       out_dir=tmp_path / "out", work_dir=tmp_path)
+    ctx.console.quiet = True
+    artifact = run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass(), MixedPrecisionPass()], ctx)
+    assert artifact.metrics["mixed"]["decision"].startswith("not needed")
+    assert [c.name for c in artifact.candidates] == ["onnx-fp32", "onnx-int8-qdq"]
+
+
+def test_the_profile_decides_which_quantizers_run(tmp_path: Path) -> None:
+    config = load_config(project(tmp_path / "p", noise_scale=1))
+    names = lambda target: [p.name for p in plan_passes(config, resolve_target(target))]  # noqa: E731
+    assert "quantize-dynamic" in names("raspberry-pi-4") and "quantize-mixed" in names("raspberry-pi-4")
+    assert not {"quantize-int8", "quantize-dynamic", "quantize-mixed"} & set(names("jetson-nano"))  # no INT8 on Maxwell
