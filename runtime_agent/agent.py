@@ -157,11 +157,14 @@ class Agent:
         sketch = window.sketch
         latency = {**sketch.to_dict(), **(sketch.summary() if sketch.count else {"p50": None, "p90": None, "p99": None})}
         payload = {"schema": "telemetry/1", "device_id": self.config.device_id, "window": [window.started, time.time()],
+                   "model_name": self.model.bundle.manifest["name"] if self.model else None,
                    "model_version": self._version(), "n": window.samples, "requests": window.requests,
                    "errors": window.errors, "latency": latency, "drift": drift, "rss_mb": round(rss_mb(), 2),
                    "queue": {"pending": len(self.outbox), "dropped_telemetry": self.outbox.dropped_telemetry}}
+        if drift:
+            drift["alarm"] = alarm(drift)  # the device's verdict, so every consumer applies the same rule
         self.outbox.put(self.config.topic("telemetry"), payload, kind="telemetry")
-        if drift and alarm(drift):
+        if drift and drift["alarm"]:
             self.emit_event("drift_alarm", psi_max=drift.get("psi_max"), prediction_psi=drift.get("prediction_psi"),
                             ph_alarm=drift.get("ph_alarm"), window=payload["window"])
         return payload

@@ -1,0 +1,213 @@
+"""`toolchain fleet monitor|status`: watch a fleet over MQTT into a SQLite file, and read that file.
+
+`monitor` keeps a persistent MQTT session (the broker queues for it while it is down) and writes every
+status, telemetry window and event into the database; it prints one line per device status change and
+per fleet drift alarm. `status` reads the database (another process may be writing it: WAL) and
+prints the device table, the merged latency per model version, and each fleet's drift alarm share.
+Errors the user can fix are `ToolchainError`s, printed by the main CLI as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolchain.errors import ToolchainError
+
+app = typer.Typer(help="Monitor a fleet of devices: status, latency and drift over MQTT.", no_args_is_help=True)
+DEFAULT_DB = Path("fleet.sqlite")
+
+DbOption = Annotated[Path, typer.Option("--db", help="the fleet database (SQLite) the monitor writes")]
+
+
+def _password(password_file: Optional[Path], username: Optional[str]) -> Optional[str]:
+    if password_file is None:
+        return None
+    if not username:
+        raise ToolchainError("--password-file needs --username (the fleet operator account of the broker)")
+    try:
+        return password_file.read_text().strip()
+    except OSError as exc:
+        raise ToolchainError(f"cannot read --password-file {password_file}: {exc.strerror}") from None
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _notice_line(kind: str, info: dict[str, Any]) -> str:
+    if kind == "status":
+        extra = ""
+        if info["state"] == "online":
+            extra = f" model v{info.get('model_version')}" + (f" ({info['profile']})" if info.get("profile") else "")
+        was = f" (was {info['previous']})" if info.get("previous") else ""
+        return f"{_stamp()} {info['fleet']}/{info['device']} {info['state']}{extra}{was}"
+    if kind == "fleet_drift_alarm":
+        return (f"{_stamp()} fleet {info['fleet']}: DRIFT ALARM: {info['in_alarm']} of {info['reporting']} devices "
+                f"({100 * info['share']:.0f}% >= {100 * info['threshold']:.0f}%): {', '.join(info['devices'])}")
+    if kind == "fleet_drift_cleared":
+        return (f"{_stamp()} fleet {info['fleet']}: drift alarm cleared: {info['in_alarm']} of {info['reporting']} "
+                f"devices ({100 * info['share']:.0f}% < {100 * info['threshold']:.0f}%)")
+    return f"{_stamp()} {kind}: {info}"
+
+
+@app.command()
+def monitor(
+    broker: Annotated[str, typer.Option(help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT")],
+    db: DbOption = DEFAULT_DB,
+    username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
+    password_file: Annotated[Optional[Path], typer.Option(help="file holding the broker password")] = None,
+    ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")] = None,
+    fleet: Annotated[str, typer.Option(help="fleet name, or + for every fleet")] = "+",
+    threshold: Annotated[float, typer.Option(help="fleet drift alarm: share of reporting devices in alarm")] = 0.3,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every connection and event")] = False,
+) -> None:
+    """Listen to the fleet until Ctrl-C; one line per status change and per fleet drift alarm."""
+    from toolchain.fleet.monitor import FleetMonitor
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    password = _password(password_file, username)
+
+    def notice(kind: str, info: dict[str, Any]) -> None:
+        print(_notice_line(kind, info), flush=True)
+
+    watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
+                           on_notice=notice)
+
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        watcher.start()
+        if watcher.wait_connected(10):
+            print(f"{_stamp()} monitoring {'every fleet' if fleet == '+' else 'fleet ' + fleet} on {broker} "
+                  f"into {db} (session {watcher.client_id})", flush=True)
+        else:
+            print(f"{_stamp()} broker {broker} not reachable yet; retrying in the background", flush=True)
+        watcher.run_forever()  # already started: blocks until Ctrl-C or SIGTERM
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+    print(f"{_stamp()} stopped; processed {watcher.stats['processed']} messages "
+          f"({watcher.stats['duplicates']} duplicates, {watcher.stats['malformed']} malformed)", flush=True)
+
+
+def _ago(ts: Optional[float], now: float) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(0.0, now - ts)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def collect_status(db: Path, fleet: Optional[str] = None, since_s: float = 3600.0, events: int = 10) -> dict[str, Any]:
+    """Everything `fleet status` shows, as JSON-ready data."""
+    from toolchain.fleet.store import FleetStore
+
+    with FleetStore(db, create=False) as store:
+        now = time.time()
+        since = now - since_s if since_s > 0 else None
+        fleets = [fleet] if fleet else store.fleets()
+        latency = store.latency_by_fleet(since=since)
+        return {
+            "db": str(db), "generated": now, "since": since,
+            "devices": store.devices(fleet),
+            "models": store.latency_by_model(fleet, since=since),
+            "fleets": [{**store.fleet_drift(name), "latency": latency.get(name)}
+                       for name in fleets],
+            "events": store.recent_events(events, fleet=fleet),
+            "rejected": store.rejected_count(),
+        }
+
+
+@app.command()
+def status(
+    db: DbOption = DEFAULT_DB,
+    fleet: Annotated[Optional[str], typer.Option(help="only this fleet")] = None,
+    since: Annotated[float, typer.Option(help="merge latency over the last SECONDS (0: everything stored)")] = 3600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Devices (state, model, last window), merged latency per model version, and fleet drift."""
+    if since < 0:
+        raise ToolchainError(f"--since must be >= 0 seconds, got {since}")
+    data = collect_status(db, fleet, since)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console, now = Console(), data["generated"]
+    devices = Table(title="Devices", box=box.SIMPLE_HEAD, header_style="bold",
+                    caption=f"p50/p90/p99: ms, each device's last window; seen: ago; from {escape(str(db))}")
+    devices.add_column("fleet/device", min_width=12, overflow="fold")
+    for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "alarm"):
+        devices.add_column(column, justify="left" if column in ("state", "alarm") else "right")
+    colour = {"online": "green", "offline": "red"}
+    for row in data["devices"]:
+        latest = row["latest"] or {}
+        state = row["state"]
+        devices.add_row(f"{escape(row['fleet'])}/{escape(row['device'])}", f"[{colour.get(state, 'yellow')}]{state}[/]",
+                        "-" if row["model_version"] is None else f"v{row['model_version']}", _ago(row["last_seen"], now),
+                        _ms(latest.get("p50")), _ms(latest.get("p90")), _ms(latest.get("p99")),
+                        "-" if latest.get("psi_max") is None else f"{latest['psi_max']:.2f}",
+                        "[red]ALARM[/]" if latest.get("alarm") else "")
+    console.print(devices)
+    window = f"last {since:g} s" if since > 0 else "all stored windows"
+    models = Table(title=f"Latency per model version, ms (merged sketches, {window})", box=box.SIMPLE_HEAD,
+                   header_style="bold")
+    for column in ("fleet", "model", "windows", "requests", "p50", "p90", "p99"):
+        models.add_column(column, justify="left" if column == "fleet" else "right")
+    for row in data["models"]:
+        models.add_row(escape(row["fleet"]), "-" if row["model_version"] is None else f"v{row['model_version']}",
+                       str(row["windows"]), str(row["count"]), _ms(row["p50"]), _ms(row["p90"]), _ms(row["p99"]))
+    console.print(models)
+    fleets = Table(title="Fleet drift (latest window of each reporting device)", box=box.SIMPLE_HEAD, header_style="bold")
+    fleets.add_column("fleet", min_width=6, overflow="fold")
+    for column in ("reporting", "in alarm", "share", "fleet alarm", "threshold"):
+        fleets.add_column(column, justify="left" if column == "fleet alarm" else "right")
+    fleets.add_column("top PSI (mean)", overflow="fold")
+    for row in data["fleets"]:
+        hot = ", ".join(f"{escape(name)} {v['mean']:.2f}" for name, v in list(row["psi"].items())[:3]) or "-"
+        fleets.add_row(escape(row["fleet"]), str(row["reporting"]), str(row["in_alarm"]), f"{100 * row['share']:.0f}%",
+                       "[red]ACTIVE[/]" if row["alarm_active"] else "clear",
+                       "-" if row["threshold"] is None else f"{100 * row['threshold']:.0f}%", hot)
+    console.print(fleets)
+    if data["events"]:
+        events = Table(title="Recent events", box=box.SIMPLE_HEAD, header_style="bold")
+        for column in ("when", "fleet/device", "type", "detail"):
+            events.add_column(column, overflow="fold")
+        for event in data["events"]:
+            body = event["payload"]
+            detail = body.get("reason") or ", ".join(
+                f"{key}={body[key]}" for key in ("share", "devices", "psi_max", "ph_alarm", "version", "from_version",
+                                                 "to_version") if body.get(key) is not None)
+            events.add_row(_ago(event["received_at"], now), f"{escape(event['fleet'])}/{escape(event['device'])}",
+                           escape(event["type"]), escape(str(detail))[:200])
+        console.print(events)
+    if data["rejected"]:
+        console.print(f"[yellow]{data['rejected']} malformed message(s) rejected by the monitor[/]")
+
+
+if __name__ == "__main__":  # `python -m toolchain.commands.fleet` before it is mounted in the main CLI
+    app()

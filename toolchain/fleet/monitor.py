@@ -1,0 +1,516 @@
+"""The fleet monitor: one persistent MQTT session that reads every device's reports into the fleet store.
+
+Subscribes (QoS 1) to ``edge/v1/{fleet}/+/status``, ``.../telemetry`` and ``.../events`` (``fleet="+"``: all
+fleets) as the broker's operator account, with a *persistent session* (``clean_start=False``, a session
+expiry of a day by default, a client id kept in the database): while the monitor is down or restarting,
+the broker queues what the devices send and delivers it when the monitor comes back.
+
+Every message is validated against the topic schema (DESIGN.md); a malformed one (not UTF-8 JSON, wrong
+types, unknown schema, a ``device_id`` that is not the topic's, a sketch that does not add up) is counted,
+logged, recorded in the store's ``rejected`` table and acknowledged: it never stops the monitor. A
+message is acknowledged (PUBACK, manual) only after it is committed to the database, so a monitor that
+dies mid-message gets it again; duplicates (the agents deliver at least once) are dropped by the store's
+``(fleet, device, seq)`` key.
+
+``status`` (the retained birth and the LWT) sets a device online or offline. After each change the
+monitor recomputes, per fleet, the share of reporting devices (a telemetry window, not offline) whose
+latest window is in drift alarm (the agent's own rule, see `toolchain.fleet.store`); when the share
+reaches ``alarm_threshold`` it raises a ``fleet_drift_alarm`` fleet event (stored with device ``*``,
+logged, passed to ``on_notice``), and a ``fleet_drift_cleared`` one when it drops below again. The
+alarm state is kept in the database, so a restarted monitor neither forgets nor repeats it.
+The share is kept incrementally (O(1) per message), so large fleets cost no more per message than small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from runtime_agent.config import parse_broker
+from runtime_agent.drift import MIN_PSI_SAMPLES
+from runtime_agent.errors import AgentError
+from runtime_agent.sketch import LatencySketch
+from toolchain.errors import ToolchainError
+from toolchain.fleet.store import OFFLINE, ONLINE, FleetStore, TelemetryRecord, window_alarm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALARM_THRESHOLD = 0.3
+DEFAULT_SESSION_EXPIRY_S = 86400
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_LISTED_DEVICES = 50  # devices named in a fleet alarm event (the counts are always exact)
+KINDS = ("status", "telemetry", "events")
+FLEET_ALARM, FLEET_CLEARED = "fleet_drift_alarm", "fleet_drift_cleared"
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TEXT_MAX = 256
+
+Notice = Callable[[str, dict[str, Any]], None]
+
+
+class Malformed(ValueError):
+    """A message that does not follow the topic schema; the text says why."""
+
+
+# -- validation --------------------------------------------------------------------------------
+def _reject_constant(name: str) -> float:
+    raise Malformed(f"{name} is not valid JSON")
+
+
+def _json_object(raw: bytes, kind: str) -> dict[str, Any]:
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise Malformed(f"{len(raw)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise Malformed("not UTF-8") from None
+    except RecursionError:
+        raise Malformed("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise Malformed(f"not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise Malformed(f"expected a JSON object, got {type(payload).__name__}")
+    schema = payload.get("schema")
+    if not isinstance(schema, str) or schema.split("/")[0] != kind:
+        raise Malformed(f"'schema' must be '{kind}/1', got {schema!r}")
+    if schema != f"{kind}/1":
+        raise Malformed(f"unsupported schema {schema!r} (this monitor reads {kind}/1)")
+    return payload
+
+
+def _int(payload: Mapping[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+    value = payload.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise Malformed(f"'{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str, *, optional: bool = False, minimum: float | None = None) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (minimum is not None and value < minimum):
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise Malformed(f"'{what}' must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def _text(payload: Mapping[str, Any], key: str) -> str | None:
+    value = payload.get(key)
+    if value is not None and (not isinstance(value, str) or len(value) > _TEXT_MAX):
+        raise Malformed(f"'{key}' must be a string of at most {_TEXT_MAX} characters, got {value!r:.80}")
+    return value
+
+
+def _check_device(payload: Mapping[str, Any], device: str) -> None:
+    if "device_id" in payload and payload["device_id"] != device:
+        raise Malformed(f"'device_id' {payload['device_id']!r:.80} is not the topic's device {device!r}")
+
+
+def parse_topic(topic: str) -> tuple[str, str, str]:
+    """``edge/v1/{fleet}/{device}/{kind}`` -> (fleet, device, kind); Malformed for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[:2] != ["edge", "v1"] or parts[4] not in KINDS:
+        raise Malformed(f"unexpected topic {topic!r:.120}")
+    fleet, device = parts[2], parts[3]
+    if not _ID.match(fleet) or not _ID.match(device):
+        raise Malformed(f"fleet and device in {topic!r:.120} must be 1-64 letters, digits, '-' or '_'")
+    return fleet, device, parts[4]
+
+
+def parse_status(raw: bytes, device: str) -> dict[str, Any]:
+    """A birth or an LWT -> ``{state, ...birth fields}``."""
+    payload = _json_object(raw, "status")
+    _check_device(payload, device)
+    state = payload.get("state")
+    if state not in (ONLINE, OFFLINE):
+        raise Malformed(f"'state' must be 'online' or 'offline', got {state!r:.80}")
+    if state == OFFLINE:
+        return {"state": OFFLINE}
+    return {"state": ONLINE, "model_version": _int(payload, "model_version", optional=True),
+            "model_name": _text(payload, "model_name"), "agent_version": _text(payload, "agent_version"),
+            "profile": _text(payload, "profile")}
+
+
+def _drift(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Malformed(f"'drift' must be an object, got {type(value).__name__}")
+    if not value:
+        return {}  # the agent had no model loaded
+    psi = value.get("psi", {})
+    if not isinstance(psi, dict):
+        raise Malformed(f"'drift.psi' must be an object {{feature: value}}, got {type(psi).__name__}")
+    for feature, number in psi.items():
+        if len(feature) > _TEXT_MAX:
+            raise Malformed(f"'drift.psi' feature name is over {_TEXT_MAX} characters")
+        _number(number, f"drift.psi.{feature}", minimum=0.0)
+    drift = dict(value)
+    drift["psi_max"] = _number(value.get("psi_max", max(psi.values(), default=0.0)), "drift.psi_max", minimum=0.0)
+    drift["prediction_psi"] = _number(value.get("prediction_psi", 0.0), "drift.prediction_psi", minimum=0.0)
+    if not isinstance(value.get("ph_alarm", False), bool):
+        raise Malformed(f"'drift.ph_alarm' must be true or false, got {value.get('ph_alarm')!r}")
+    if "n" in value:
+        _int(value, "n")
+    return drift
+
+
+def parse_telemetry(fleet: str, device: str, raw: bytes, min_samples: int = MIN_PSI_SAMPLES) -> TelemetryRecord:
+    """A telemetry window -> the record to store (the sketch re-serialised after validation)."""
+    payload = _json_object(raw, "telemetry")
+    _check_device(payload, device)
+    seq = _int(payload, "seq", minimum=1)
+    window = payload.get("window")
+    if not isinstance(window, list) or len(window) != 2:
+        raise Malformed(f"'window' must be [start, end], got {window!r:.80}")
+    start, end = _number(window[0], "window[0]"), _number(window[1], "window[1]")
+    if end < start:
+        raise Malformed(f"'window' ends before it starts ({start} > {end})")
+    latency = payload.get("latency")
+    if not isinstance(latency, dict):
+        raise Malformed(f"'latency' must be an object (the sketch), got {type(latency).__name__}")
+    try:
+        sketch = LatencySketch.from_dict(latency)
+    except (ValueError, TypeError) as exc:
+        raise Malformed(f"'latency': {exc}") from None
+    for key in ("sum", "min", "max"):
+        _number(latency.get(key), f"latency.{key}", optional=True)
+    summary = sketch.summary()
+    quantiles = {key: _number(latency.get(key, summary[key]), f"latency.{key}", optional=True, minimum=0.0)
+                 for key in ("p50", "p90", "p99")}
+    drift = _drift(payload.get("drift"))
+    n = _int(payload, "n")
+    return TelemetryRecord(
+        fleet=fleet, device=device, seq=seq, window_start=start, window_end=end,
+        model_version=_int(payload, "model_version", optional=True), n=n,
+        requests=_int(payload, "requests", optional=True), errors=_int(payload, "errors"),
+        rss_mb=_number(payload.get("rss_mb"), "rss_mb", optional=True, minimum=0.0), **quantiles,
+        sketch=sketch.to_dict(), drift=drift, alarm=window_alarm(drift, n, min_samples))
+
+
+def parse_event(raw: bytes, device: str) -> tuple[int, str, float | None, dict[str, Any]]:
+    """An event -> (seq, type, ts, payload)."""
+    payload = _json_object(raw, "events")
+    _check_device(payload, device)
+    seq = _int(payload, "seq", minimum=1)
+    kind = payload.get("type")
+    if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
+        raise Malformed(f"'type' must be a name of 1-64 letters, digits, '_', '-' or '.', got {kind!r:.80}")
+    return seq, kind, _number(payload.get("ts"), "ts", optional=True), payload
+
+
+# -- the fleet drift share, kept incrementally ---------------------------------------------------
+class _Tally:
+    """Per fleet: every device's latest window seq, its alarm, and whether it is offline; the counts."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, list[Any]] = {}  # device -> [latest seq | None, alarm, offline]
+        self.reporting = 0
+        self.alarmed = 0
+
+    @staticmethod
+    def _weight(entry: list[Any]) -> tuple[int, int]:
+        counted = entry[0] is not None and not entry[2]
+        return int(counted), int(counted and entry[1])
+
+    def update(self, device: str, *, seq: int | None = None, alarm: bool | None = None,
+               offline: bool | None = None) -> bool:
+        """Apply one change (a window only if newer than the latest); True if the counts may have moved."""
+        entry = self.devices.setdefault(device, [None, False, False])
+        before = self._weight(entry)
+        if seq is not None:
+            if entry[0] is not None and seq <= entry[0]:
+                return False  # an older window arriving late is not the latest
+            entry[0], entry[1] = seq, bool(alarm)
+        if offline is not None:
+            entry[2] = offline
+        after = self._weight(entry)
+        self.reporting += after[0] - before[0]
+        self.alarmed += after[1] - before[1]
+        return after != before or seq is not None
+
+    @property
+    def share(self) -> float:
+        return self.alarmed / self.reporting if self.reporting else 0.0
+
+    def in_alarm(self) -> list[str]:
+        return sorted(d for d, e in self.devices.items() if self._weight(e)[1])
+
+
+class FleetMonitor:
+    """Listen to a fleet (``fleet="+"``: every fleet) and keep the store current; see the module docstring.
+
+    ``start()`` runs it in paho's background thread (``stop()`` ends it), ``run_forever()`` blocks until
+    Ctrl-C or ``stop()``. ``on_notice(kind, info)`` is called (from the network thread) for ``status``
+    changes and for ``fleet_drift_alarm`` / ``fleet_drift_cleared``. ``stats`` counts messages:
+    ``processed``, ``telemetry``, ``events``, ``status``, ``duplicates``, ``malformed``, ``store_errors``.
+    """
+
+    def __init__(self, broker_url: str, db_path: Path | str, username: str | None = None, password: str | None = None,
+                 fleet: str = "+", *, ca_file: Path | str | None = None, client_id: str | None = None,
+                 alarm_threshold: float = DEFAULT_ALARM_THRESHOLD, min_samples: int = MIN_PSI_SAMPLES,
+                 session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
+                 retention_s: float | None = 30 * 86400, on_notice: Notice | None = None) -> None:
+        try:
+            self.host, self.port, self.tls = parse_broker(broker_url, "broker")
+        except (AgentError, ValueError):
+            raise ToolchainError(f"the broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {broker_url!r}") from None
+        if fleet != "+" and not _ID.match(fleet):
+            raise ToolchainError(f"--fleet must be '+' (all) or 1-64 letters, digits, '-' or '_', got {fleet!r}")
+        if not 0.0 < alarm_threshold <= 1.0:
+            raise ToolchainError(f"the fleet alarm threshold must be a share in (0, 1], got {alarm_threshold!r}")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise ToolchainError(f"CA file {ca_file} does not exist (the broker's CA certificate, PEM)")
+        self.broker_url, self.fleet = broker_url, fleet
+        self.alarm_threshold, self.min_samples = float(alarm_threshold), int(min_samples)
+        self.session_expiry_s, self.keepalive_s, self.retention_s = int(session_expiry_s), int(keepalive_s), retention_s
+        self.on_notice = on_notice
+        self.topics = [f"edge/v1/{fleet}/+/{kind}" for kind in KINDS]
+        self.store = FleetStore(db_path)
+        self.client_id = client_id or self.store.client_id
+        self.stats: Counter[str] = Counter()
+        self.subscribed = threading.Event()
+        self.refused: str | None = None
+        self._connect_result = threading.Event()
+        self._stop = threading.Event()
+        self._started = False
+        self._tallies: dict[str, _Tally] = {}
+        self._active: dict[str, bool] = {}
+        self._last_prune = 0.0
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
+                                  manual_ack=True)
+        if username:
+            self.client.username_pw_set(username, password)
+        if self.tls:
+            self.client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s; retrying", self.host, self.port)
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> "FleetMonitor":
+        """Load the fleet state from the store, connect (retrying with backoff) and listen in the background.
+
+        A second call while running does nothing."""
+        if self._started:
+            return self
+        if self._stop.is_set():
+            raise ToolchainError("this monitor was stopped; make a new FleetMonitor")
+        self._load_state()
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.session_expiry_s
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s, clean_start=False,
+                                  properties=properties)
+        self.client.loop_start()
+        self._started = True
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        """True once subscribed; False on timeout (still retrying); ToolchainError if the broker refused us."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.subscribed.is_set():
+                return True
+            if self.refused is not None:
+                raise ToolchainError(f"the broker at {self.host}:{self.port} refused the monitor: {self.refused}")
+            self._connect_result.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.subscribed.is_set()
+
+    def stop(self) -> None:
+        """Disconnect (the broker keeps the session and queues for it) and close the store. Idempotent."""
+        self._stop.set()
+        if self._started:
+            self._started = False
+            self.client.disconnect()
+            self.client.loop_stop()
+        self.store.close()
+
+    def run_forever(self) -> None:
+        """Run until Ctrl-C (KeyboardInterrupt) or `stop()` from another thread."""
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "FleetMonitor":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- MQTT callbacks ------------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self.refused = str(reason_code)
+            log.error("the broker refused the monitor's connection: %s", reason_code)
+            self._connect_result.set()
+            return
+        self.refused = None
+        log.info("connected to %s:%s as %s (session %s)", self.host, self.port, self.client_id,
+                 "resumed" if flags.session_present else "new")
+        # Subscribing again on a resumed session is harmless and re-sends the retained statuses (the
+        # current truth about every device); queued messages of the session arrive either way.
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.topics])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        failed = [str(code) for code in reason_codes if code.is_failure]
+        if failed:
+            self.refused = f"subscription refused ({', '.join(failed)}); the monitor needs read access to edge/v1/#"
+            log.error("%s", self.refused)
+        else:
+            self.subscribed.set()
+        self._connect_result.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.subscribed.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        topic, payload = message.topic, bytes(message.payload)
+        try:
+            self._handle(topic, payload, bool(message.retain))
+        except Malformed as exc:
+            self.stats["malformed"] += 1
+            log.warning("malformed message on %s: %s", topic, exc)
+            try:
+                self.store.record_rejected(topic, str(exc), payload)
+            except (sqlite3.Error, ToolchainError):
+                log.exception("cannot record the malformed message")
+        except (sqlite3.Error, ToolchainError) as exc:
+            # Not acknowledged: the broker re-sends it after the next reconnect (the session keeps it).
+            self.stats["store_errors"] += 1
+            log.error("cannot store the message on %s: %s", topic, exc)
+            return
+        except Exception:  # a bug must not take the monitor down; acknowledge so it cannot loop
+            self.stats["errors"] += 1
+            log.exception("failed to handle the message on %s", topic)
+        client.ack(message.mid, message.qos)
+        self.stats["processed"] += 1
+
+    # -- handling ------------------------------------------------------------------------------------
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        fleet, device, kind = parse_topic(topic)
+        if self.fleet != "+" and fleet != self.fleet:
+            return  # a subscription left in the persistent session by an earlier run with another --fleet
+        now = time.time()
+        if kind == "status":
+            if not payload:  # a cleared retained status (device decommissioned): nothing to record
+                return
+            self._status(fleet, device, parse_status(payload, device), None if retained else now)
+        elif kind == "telemetry":
+            record = parse_telemetry(fleet, device, payload, self.min_samples)
+            if not self.store.insert_telemetry(record, now):
+                self.stats["duplicates"] += 1
+                return
+            self.stats["telemetry"] += 1
+            if self._tally(fleet).update(device, seq=record.seq, alarm=record.alarm):
+                self._evaluate(fleet)
+            self._maybe_prune(now)
+        else:
+            seq, event_type, ts, body = parse_event(payload, device)
+            if not self.store.insert_event(fleet, device, seq, event_type, body, ts, now):
+                self.stats["duplicates"] += 1
+                return
+            self.stats["events"] += 1
+            if event_type in ("drift_alarm", "rollback", "rejected", "error"):
+                log.info("%s/%s event %s: %s", fleet, device, event_type,
+                         body.get("reason") or {k: body.get(k) for k in ("psi_max", "ph_alarm") if k in body})
+
+    def _status(self, fleet: str, device: str, status: dict[str, Any], seen_at: float | None) -> None:
+        state = status.pop("state")
+        previous, previous_version = self.store.update_status(fleet, device, state, seen_at=seen_at, **status)
+        self.stats["status"] += 1
+        if self._tally(fleet).update(device, offline=state == OFFLINE):
+            self._evaluate(fleet)
+        version_changed = state == ONLINE and previous is not None and previous_version != status.get("model_version")
+        if previous != state or version_changed:
+            info = {"fleet": fleet, "device": device, "state": state, "previous": previous, **status}
+            log.info("%s/%s is %s%s", fleet, device, state,
+                     f" (model v{status['model_version']})" if status.get("model_version") is not None else "")
+            self._notify("status", info)
+
+    def _tally(self, fleet: str) -> _Tally:
+        tally = self._tallies.get(fleet)
+        if tally is None:
+            tally = self._tallies[fleet] = _Tally()
+        return tally
+
+    def _evaluate(self, fleet: str) -> None:
+        tally = self._tally(fleet)
+        share, active = tally.share, self._active.get(fleet)
+        raise_it = not active and tally.reporting > 0 and share >= self.alarm_threshold
+        clear_it = bool(active) and share < self.alarm_threshold
+        if not (raise_it or clear_it):
+            if active is None:  # first sight of this fleet: record its (inactive) alarm state and threshold
+                self.store.set_fleet_alarm(fleet, False, share, tally.alarmed, tally.reporting, self.alarm_threshold)
+                self._active[fleet] = False
+            return
+        kind = FLEET_ALARM if raise_it else FLEET_CLEARED
+        info = {"share": round(share, 6), "in_alarm": tally.alarmed, "reporting": tally.reporting,
+                "threshold": self.alarm_threshold, "devices": tally.in_alarm()[:MAX_LISTED_DEVICES]}
+        self.store.add_fleet_event(fleet, kind, info)
+        self.store.set_fleet_alarm(fleet, raise_it, share, tally.alarmed, tally.reporting, self.alarm_threshold)
+        self._active[fleet] = raise_it
+        (log.warning if raise_it else log.info)(
+            "fleet %s: %s: %d of %d reporting devices in drift alarm (%.0f%%, threshold %.0f%%)", fleet,
+            "DRIFT ALARM" if raise_it else "drift alarm cleared", tally.alarmed, tally.reporting, 100 * share,
+            100 * self.alarm_threshold)
+        self._notify(kind, {"fleet": fleet, **info})
+
+    def _notify(self, kind: str, info: dict[str, Any]) -> None:
+        if self.on_notice is not None:
+            try:
+                self.on_notice(kind, info)
+            except Exception:
+                log.exception("on_notice failed")
+
+    def _load_state(self) -> None:
+        """Rebuild the per-fleet tallies and alarm states from the store (a restarted monitor goes on)."""
+        for row in self.store.devices(None if self.fleet == "+" else self.fleet):
+            latest = row["latest"]
+            self._tally(row["fleet"]).update(row["device"], seq=latest["seq"] if latest else None,
+                                             alarm=bool(latest and latest["alarm"]), offline=row["state"] == OFFLINE)
+        for fleet, state in self.store.fleet_alarms().items():
+            if self.fleet in ("+", fleet):
+                self._active[fleet] = state["active"]
+        for fleet in list(self._tallies):
+            self._evaluate(fleet)  # the threshold may differ from the last run's
+
+    def _maybe_prune(self, now: float) -> None:
+        if self.retention_s is None or now - self._last_prune < 3600:
+            return
+        self._last_prune = now
+        deleted = self.store.prune(now - self.retention_s)
+        if deleted:
+            log.info("pruned %d telemetry windows older than %.0f days", deleted, self.retention_s / 86400)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def fleet_share(self, fleet: str) -> tuple[int, int]:
+        """(devices in alarm, reporting devices) as the monitor counts them now."""
+        tally = self._tally(fleet)
+        return tally.alarmed, tally.reporting
