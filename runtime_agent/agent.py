@@ -48,6 +48,11 @@ def rss_mb() -> float:
     return 0.0
 
 
+def _command_ids(command: dict[str, Any]) -> dict[str, Any]:
+    """The fields that let a sender match an error to its command."""
+    return {key: command[key] for key in ("id", "transfer") if isinstance(command.get(key), str)}
+
+
 class Window:
     """Counters of one telemetry window; replaced, never reset in place, so a report is a snapshot."""
 
@@ -74,13 +79,14 @@ class Agent:
         self.outbox = Outbox(config.queue_path, max_messages=config.queue_max_messages)
         self.window_s = config.window_s
         self.slots = Slots(config.device_dir, config.bundle_path)
-        self.receiver = PushReceiver(config.device_dir / "staging", self._send_ack, self._install_async, self._reject)
+        self.receiver = PushReceiver(config.device_dir / "staging", self._send_ack, self._install_async)
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
+        self._probation_state: dict[str, Any] | None = None  # in the retained status: {version, state}
         self._refused_path = config.device_dir / "refused-versions.json"
         self._link = None  # the MqttLink once running: acks go out directly, not through the outbox
 
@@ -142,7 +148,8 @@ class Agent:
         manifest = self.model.bundle.manifest if self.model else {}
         return {"schema": "status/1", "state": "online", "device_id": self.config.device_id,
                 "model_version": manifest.get("version"), "model_name": manifest.get("name"),
-                "agent_version": __version__, "profile": manifest.get("target"), "ts": time.time()}
+                "agent_version": __version__, "profile": manifest.get("target"), "ts": time.time(),
+                "probation": self._probation_state}
 
     def emit_event(self, kind: str, **fields: Any) -> int:
         payload = {"schema": "events/1", "type": kind, "device_id": self.config.device_id,
@@ -172,14 +179,15 @@ class Agent:
     # -- commands ------------------------------------------------------------------------------
     def handle_command(self, raw: bytes) -> None:
         """Validate a `cmd` message; anything malformed becomes an `error` event with the reason."""
+        command: dict[str, Any] = {}
         try:
             command = self._parse_command(raw)
             self._apply(command)
         except AgentError as exc:
-            self.emit_event("error", reason=f"rejected cmd: {exc}")
+            self.emit_event("error", reason=f"rejected cmd: {exc}", **_command_ids(command))
         except Exception as exc:  # a command must never take the agent down
             log.exception("command failed")
-            self.emit_event("error", reason=f"cmd failed: {type(exc).__name__}: {exc}")
+            self.emit_event("error", reason=f"cmd failed: {type(exc).__name__}: {exc}", **_command_ids(command))
 
     @staticmethod
     def _parse_command(raw: bytes) -> dict[str, Any]:
@@ -234,6 +242,7 @@ class Agent:
         """Verify, self-test, store in a slot, switch atomically; report every outcome."""
         with self._update_lock:
             try:
+                self.receiver.check_hash(transfer, path)
                 running = self.model.bundle.manifest
                 bundle = check_update(path, load_public_key(self.config.pubkey_path), running, self._refused())
                 model = LoadedModel.from_bundle(bundle)
@@ -254,6 +263,7 @@ class Agent:
             self._previous, self._active = old, new
             self._probation = Probation(self.config.probation, new.stats, old.stats if old else None,
                                         bundle.manifest["reference"]["predictions"]["fractions"])
+            self._probation_state = {"version": bundle.version, "state": "running"}
         if self._link is not None:
             self._link.announce()
 
@@ -264,7 +274,10 @@ class Agent:
             self._probation = None
         reason = probation.regression()
         if reason is None:
+            self._probation_state = {"version": self._version(), "state": "passed"}
             self.emit_event("probation_passed", version=self._version(), requests=probation.stats.requests)
+            if self._link is not None:
+                self._link.announce()
         else:
             self.roll_back(f"probation failed: {reason}", refuse=True)
 
@@ -276,6 +289,7 @@ class Agent:
                 if previous is None:
                     return False
                 self._active, self._previous, self._probation = previous, old, None
+                self._probation_state = {"version": old.model.bundle.version, "state": "rolled_back"}
             self.slots.roll_back()
             if refuse:
                 refused = self._refused() | {old.model.bundle.version}

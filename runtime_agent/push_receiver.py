@@ -3,7 +3,7 @@
 Chunks land at their offset in a pre-sized staging file, in any order; the set of received indexes is
 persisted beside it after each write, so an agent killed mid-transfer resumes where it was and a
 duplicate chunk is harmless. When every chunk is there, the whole file's sha256 must match the offer
-before it is handed to the installer, which then verifies the signed bundle itself.
+(checked by the installer, off the network thread) before the signed bundle itself is verified.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class Transfer:
         return runs
 
     def ack(self) -> dict[str, Any]:
-        payload = {"schema": "push-ack/1", "transfer": self.transfer, "received": self.ranges(), "chunks": self.chunks,
-                   "state": self.state, "version": self.offer.get("version")}
+        payload = {"schema": "push-ack/1", "transfer": self.transfer, "offer": self.offer.get("id"), "received": self.ranges(),
+                   "chunks": self.chunks, "state": self.state, "version": self.offer.get("version")}
         return payload | ({"reason": self.reason} if self.reason else {})
 
 
@@ -75,15 +75,13 @@ def parse_offer(command: dict[str, Any]) -> Transfer:
 
 
 class PushReceiver:
-    """Stages transfers under `staging_dir`; calls `on_complete(transfer, path)` once per finished file
-    whose hash matches, `on_rejected(transfer, reason)` when it does not."""
+    """Stages transfers under `staging_dir`; calls `on_complete(transfer, path)` once all chunks are there."""
 
     def __init__(self, staging_dir: Path, send_ack: Callable[[str, dict[str, Any]], None],
-                 on_complete: Callable[[Transfer, Path], None], on_rejected: Callable[[Transfer, str], None],
-                 ack_every: int = 16) -> None:
+                 on_complete: Callable[[Transfer, Path], None], ack_every: int = 16) -> None:
         self.dir = Path(staging_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.send_ack, self.on_complete, self.on_rejected, self.ack_every = send_ack, on_complete, on_rejected, ack_every
+        self.send_ack, self.on_complete, self.ack_every = send_ack, on_complete, ack_every
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
 
@@ -120,8 +118,9 @@ class PushReceiver:
         offered = parse_offer(command)
         with self._lock:
             item = self._transfers.get(offered.transfer)
-            if item is None or item.sha256 != offered.sha256:
-                item = self._transfers[offered.transfer] = self._load(offered)
+            if item is None or item.sha256 != offered.sha256 or item.state == "rejected":
+                item = self._transfers[offered.transfer] = self._load(offered)  # a rejected one starts afresh
+            item.offer = offered.offer  # acks name the offer they answer
         self.send_ack(item.transfer, item.ack())
         if item.state == "receiving" and len(item.received) == item.chunks:
             self._finish(item)  # every chunk was on disk before a restart: verify now
@@ -155,17 +154,17 @@ class PushReceiver:
             self.send_ack(transfer, item.ack())
 
     def _finish(self, item: Transfer) -> None:
-        part, _ = self._paths(item.transfer)
         self.set_state(item, "verifying")
+        self.on_complete(item, self._paths(item.transfer)[0])
+
+    def check_hash(self, item: Transfer, path: Path) -> None:
+        """Whole-file sha256 against the offer (called by the installer, off the network thread)."""
         digest = hashlib.sha256()
-        with open(part, "rb") as handle:
+        with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != item.sha256:
-            self.on_rejected(item, "sha256 of the received file does not match the offer "
-                                   "(a chunk was tampered with or corrupted)")
-            return
-        self.on_complete(item, part)
+            raise AgentError("sha256 of the received file does not match the offer (a chunk was tampered with or corrupted)")
 
     def set_state(self, item: Transfer, state: str, reason: str = "") -> None:
         """Record a state change, ack it, and drop the staging data once the transfer is final."""

@@ -98,6 +98,9 @@ def encode_outputs(prediction: Prediction, logits_shape: tuple[int, ...], reques
 class _Handler(BaseHTTPRequestHandler):
     server: "InferenceServer"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, a keep-alive client's delayed ACK stalls
+    # the second one for ~40 ms. KServe/Triton clients keep connections alive.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logs
         return

@@ -41,6 +41,7 @@ class Artifact:
     shipped: Candidate | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # training history, export checks, ...
     outputs: dict[str, Path] = field(default_factory=dict)  # staged files to publish: role -> path
+    teacher: Any = None  # the trained model a distilled student learned from (pruning fine-tunes from it too)
 
     @property
     def reference(self) -> Candidate:

@@ -21,6 +21,7 @@ from runtime_agent.errors import AgentError
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
 from toolchain.commands.broker import app as broker_app
 from toolchain.commands.fleet import app as fleet_app
+from toolchain.commands.push import push
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import ToolchainError
 
@@ -31,6 +32,7 @@ app.add_typer(targets_app, name="targets")
 app.add_typer(keys_app, name="keys")
 app.add_typer(broker_app, name="broker")
 app.add_typer(fleet_app, name="fleet")
+app.command()(push)
 err = Console(stderr=True)
 DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
 

@@ -148,10 +148,8 @@ class CompressSection(_Section):
 
     @model_validator(mode="after")
     def _available(self) -> "CompressSection":
-        if self.distill:
-            raise ValueError("distill = true is not available in this version yet; set distill = false")
-        if self.prune_ratio != 0.0:
-            raise ValueError("pruning is not available in this version yet; set prune_ratio = 0")
+        if isinstance(self.student_width, float) and not 0 < self.student_width < 1:
+            raise ValueError(f"student_width must be in (0, 1) or \"auto\", got {self.student_width}")
         if isinstance(self.prune_ratio, float) and not 0 <= self.prune_ratio < 0.95:
             raise ValueError(f"prune_ratio must be in [0, 0.95) or \"auto\", got {self.prune_ratio}")
         return self

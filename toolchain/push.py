@@ -71,8 +71,8 @@ def _parse_broker(url: str) -> tuple[str, int, bool]:
 
     try:
         return parse_broker(url, "--broker")
-    except AgentError as exc:
-        raise ToolchainError(str(exc)) from None
+    except AgentError:
+        raise ToolchainError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}") from None
 
 
 # --- the bundle to push -------------------------------------------------------------------------
@@ -166,6 +166,7 @@ class PushClient:
         self._listeners: list[_Listener] = []
         self._filters: dict[str, int] = {}  # topic filter -> number of listeners using it
         self._subacks: dict[int, list[Any]] = {}
+        self._online = False  # under _lock: whether on_connect already took its snapshot of the filters
         client = self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         if username:
             client.username_pw_set(username, password)
@@ -229,8 +230,9 @@ class PushClient:
                 client.disconnect()  # bad credentials do not get better by retrying
             return
         with self._lock:
-            filters = list(self._filters)
+            filters = list(self._filters)  # a listener added after this snapshot subscribes by itself
             listeners = list(self._listeners)
+            self._online = True
             self.connections += 1
             reconnect = self.connections > 1
         if filters:
@@ -245,6 +247,7 @@ class PushClient:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         with self._lock:
+            self._online = False
             listeners = list(self._listeners)
         for listener in listeners:
             self._safely(listener.on_disconnect)
@@ -276,7 +279,8 @@ class PushClient:
             for f in listener.filters:
                 self._filters[f] = self._filters.get(f, 0) + 1
             self._listeners.append(listener)
-        if not new or not self.connected.is_set():
+            online = self._online
+        if not new or not online:
             return  # the next (re)connect subscribes to everything
         result, mid = self.client.subscribe([(f, SubscribeOptions(qos=1)) for f in new])
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
@@ -417,10 +421,14 @@ class PushResult:
     offers: int = 0
     transport_retries: int = 0
     held_before: int = 0  # chunks the device already held when it first answered (a resumed transfer)
-    transfer_seconds: float | None = None  # first offer -> every chunk on the device
-    install_seconds: float | None = None  # every chunk on the device -> installed (verify, self-test, swap)
+    # As the sender sees them (monotonic clock, receipt times): the device hashes the whole file before
+    # its last ack leaves, so that hash counts as transfer and install_seconds is verify + self-test + swap.
+    transfer_seconds: float | None = None  # first offer -> an ack shows every chunk on the device
+    install_seconds: float | None = None  # that ack -> installed
     probation_seconds: float | None = None  # installed -> verdict
-    timeline: dict[str, float] = field(default_factory=dict)  # wall-clock (time.time()) of each milestone
+    # Wall clock (time.time()) of each milestone: offer, sent (last chunk handed to MQTT), received,
+    # installed and verdict (the device's own `ts` when the news came as an event).
+    timeline: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -448,7 +456,12 @@ class PushResult:
 
 
 class PushSender(_Listener):
-    """Push one verified bundle to one device (see the module docstring for the protocol rules)."""
+    """Push one verified bundle to one device (see the module docstring for the protocol rules).
+
+    `run()` may be called again (e.g. after a timeout): state is rebuilt from the device's answer.
+    Keep `window` >= the device's `ack_every` (16): the device acks only every that many chunks, so a
+    smaller window waits for the ack timeout each time. Several senders may share one `PushClient`
+    and run in parallel threads (that is what `rollout()` does)."""
 
     def __init__(self, bundle: Path | PushBundle, device: str, fleet: str = "default", *,
                  client: PushClient | None = None, broker: str | None = None, username: str | None = None,
@@ -461,6 +474,8 @@ class PushSender(_Listener):
             raise ToolchainError(f"--window must be at least 1, got {window}")
         if ack_timeout_s <= 0:
             raise ToolchainError(f"the ack timeout must be positive, got {ack_timeout_s}")
+        if window < 16:  # the device acks every 16 chunks (protocol default): smaller windows wait for re-offers
+            log.warning("window %d is below the device's ack cadence (16 chunks): expect stalls of %.1f s", window, ack_timeout_s)
         if not isinstance(bundle, PushBundle):
             if pubkey is None:
                 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
@@ -679,7 +694,7 @@ class PushSender(_Listener):
                  "version": self.bundle.version, "target": self.bundle.target}
         with self._cv:
             self._last_offer = time.monotonic()
-        self._mark("offer")
+            self._mark("offer")
         self._client.publish(f"{self.prefix}cmd", json.dumps(offer))
 
     def _send(self, indexes: list[int]) -> None:
@@ -694,6 +709,8 @@ class PushSender(_Listener):
                     self._resent += 1
                 self._sent[i] = 1
             self._unconfirmed.extend(infos)
+            if self._scan >= self.chunks:
+                self._mark("sent")  # every chunk the device lacked is now with the MQTT client
             if len(self._unconfirmed) > 4 * self.window:
                 self._unconfirmed = [info for info in self._unconfirmed if not info.is_published()]
 
@@ -737,6 +754,11 @@ class PushSender(_Listener):
             if not indexes and not reoffer:
                 with self._cv:
                     self._cv.wait(0.1)
+        if self.progress:
+            with self._cv:
+                snapshot = (self._n_acked, self._state_label())
+            if snapshot != reported:
+                self.progress(self.device, snapshot[0], self.chunks, snapshot[1])
         return self._result(started)
 
     def _state_label(self) -> str:

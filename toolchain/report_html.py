@@ -57,6 +57,89 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def pareto_chart(search: dict[str, Any], chart_id: str = "chart-pareto") -> str:
+    """Scatter of the search's trials: predicted latency (x) vs accuracy (y); the Pareto front joined, the chosen ringed."""
+    points = [t for t in search["trials"] if t["state"] == "COMPLETE" and t.get("latency_ms") is not None
+              and t.get("accuracy") is not None]
+    if not points:
+        return ""
+    front = {t["number"] for t in search.get("pareto", [])}
+    chosen = search["chosen"]["number"]
+    width, height, left, right, top, bottom = 480, 320, 62, 16, 28, 44
+    xs, ys = [t["latency_ms"] for t in points], [t["accuracy"] for t in points]
+    budget = search.get("latency_budget_ms")
+    x0, x1 = min(xs), max(xs)
+    if budget is not None and x0 <= budget <= 1.5 * x1:
+        x1 = max(x1, budget)
+    pad_x, pad_y = (x1 - x0) * 0.08 or abs(x0) * 0.05 or 1e-6, (max(ys) - min(ys)) * 0.08 or 0.01
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, min(ys) - pad_y, max(ys) + pad_y
+    sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    sy = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    parts = [f'<svg id="{chart_id}" class="chart" role="img" aria-label="Search trials: accuracy vs predicted latency" '
+             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+             f'<text x="4" y="16" font-weight="600">Search: accuracy vs predicted latency on {escape(str(search.get("latency_target") or ""))}</text>'
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#57606a"/>'
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#57606a"/>']
+    for value in (x0 + pad_x, x1 - pad_x):
+        parts.append(f'<text x="{sx(value):.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">{value:.4g}</text>')
+    for value in (y0 + pad_y, y1 - pad_y):
+        parts.append(f'<text x="{left - 4}" y="{sy(value) + 4:.1f}" font-size="11" text-anchor="end">{value:.4g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 8}" font-size="12" text-anchor="middle">predicted latency (ms, FP32)</text>'
+                 f'<text x="14" y="{(top + height - bottom) / 2:.0f}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">accuracy</text>')
+    if budget is not None and x0 <= budget <= x1:
+        parts.append(f'<line class="budget" x1="{sx(budget):.1f}" y1="{top}" x2="{sx(budget):.1f}" y2="{height - bottom}" '
+                     f'stroke="#cf222e" stroke-dasharray="4 3"><title>latency budget {budget:g} ms</title></line>')
+    line = sorted((t for t in points if t["number"] in front), key=lambda t: t["latency_ms"])
+    if len(line) > 1:
+        coords = " ".join(f"{sx(t['latency_ms']):.1f},{sy(t['accuracy']):.1f}" for t in line)
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="#0969da" stroke-width="1.5"/>')
+    for t in sorted(points, key=lambda t: (t["number"] in front, t["number"] == chosen)):
+        kind = "chosen" if t["number"] == chosen else ("pareto" if t["number"] in front else "trial")
+        fill = {"chosen": "#cf222e", "pareto": "#0969da", "trial": "#afb8c1"}[kind]
+        radius = 7 if kind == "chosen" else 4.5
+        label = f"trial {t['number']} ({kind}): accuracy {t['accuracy']:.4f}, {t['latency_ms']:.4g} ms, {t['params']}"
+        parts.append(f'<circle class="{kind}" cx="{sx(t["latency_ms"]):.1f}" cy="{sy(t["accuracy"]):.1f}" r="{radius}" '
+                     f'fill="{fill}" fill-opacity="0.85" stroke="#1b1f24" stroke-width="{1.5 if kind == "chosen" else 0.5}">'
+                     f'<title>{escape(label)}</title></circle>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def search_section(search: dict[str, Any] | None) -> str:
+    """The hyper-parameter search: settings, every trial, the Pareto front and the chosen point with its reason."""
+    if not search:
+        return ""
+    params = list(search.get("space", {}))
+    cv = search.get("cv_folds", 0) >= 2
+    latency = "latency" in search.get("objectives", [])
+    headers = ["trial", "state", *params, "mean accuracy" if cv else "val accuracy", *(["sd"] if cv else []),
+               *(["predicted ms"] if latency else []), "epochs", "seconds"]
+    chosen = search["chosen"]["number"]
+    rows, classes = [], []
+    for t in search["trials"]:
+        accuracy = t.get("cv_mean") if cv and t.get("cv_mean") is not None else t.get("accuracy")
+        rows.append([t["number"], t["state"].lower() + (" (chosen)" if t["number"] == chosen else ""),
+                     *(t["params"].get(p, "") for p in params), "" if accuracy is None else accuracy,
+                     *([t.get("cv_sd") if t.get("cv_sd") is not None else ""] if cv else []),
+                     *([t.get("latency_ms") if t.get("latency_ms") is not None else ""] if latency else []),
+                     t.get("epochs_run") or "", t.get("seconds") if t.get("seconds") is not None else ""])
+        classes.append("ship" if t["number"] == chosen else ("reject" if t["state"] in ("PRUNED", "FAIL") else ""))
+    resumed = search.get("resumed", {})
+    notes = "".join(f"<li>{escape(n)}</li>" for n in search.get("notes", []))
+    return (f'<h2 id="search">Hyper-parameter search</h2>'
+            f'<p>{escape(search["sampler"])} sampler, {escape(search["pruner"])} pruner, {search["n_trials"]} trials '
+            f'({resumed.get("trials_done_before", 0)} resumed from the study, {resumed.get("trials_run_now", 0)} run by this build), '
+            f'{search["trial_epochs"]} epochs at most per trial on the {escape(search.get("validation", "validation split"))}; '
+            f'objectives: {escape(", ".join(f"{o} ({d})" for o, d in zip(search["objectives"], search["directions"])))}. '
+            f'Study <code>{escape(search["study_name"])}</code> in <code>{escape(search["storage"])}</code> '
+            f'(re-run the same build to resume it).</p>'
+            f'<p id="search-choice">Chosen <strong>{escape(str(search["chosen"]["params"]))}</strong>: {escape(search["chosen"]["reason"])}</p>'
+            + (f"<ul>{notes}</ul>" if notes else "")
+            + table(headers, rows, classes, "search-trials")
+            + (f'<div class="charts">{pareto_chart(search)}</div>' if latency else ""))
+
+
 def render(report: dict[str, Any]) -> str:
     candidates = report["candidates"]
     shipped = report["shipped"]["name"]
@@ -94,6 +177,7 @@ host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape
 <h2>Training</h2>
 <p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, patience {train['patience']}),
 validation accuracy {train['val_accuracy']:.4f}, {train['parameters']:,} parameters.</p>
+{search_section(report.get("search"))}
 <h2>Stages</h2>
 {table(["stage", "seconds"], stage_rows, table_id="stages")}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

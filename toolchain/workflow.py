@@ -82,6 +82,9 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     from toolchain.passes.quantize_int8 import QuantizeInt8Pass
     from toolchain.passes.quantize_mixed import MixedPrecisionPass
     from toolchain.passes.report import ReportPass
+    from toolchain.passes.search import SearchPass
+    from toolchain.passes.distill import DistillPass
+    from toolchain.passes.prune import PrunePass
     from toolchain.passes.train import TrainPass
 
     # config name -> (pass, the precision the board must accelerate for it to be worth trying)
@@ -90,7 +93,10 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
     if "int8" in chosen and config.compress.mixed:
         quantize.append(MixedPrecisionPass())
-    return [TrainPass(), ExportOnnxPass(), *quantize,
+    compress: list[Pass] = [DistillPass()] if config.compress.distill else []
+    if config.compress.prune_ratio == "auto" or config.compress.prune_ratio > 0:
+        compress.append(PrunePass())
+    return [*([SearchPass()] if config.search else []), TrainPass(), *compress, ExportOnnxPass(), *quantize,
             EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
 
 

@@ -21,6 +21,7 @@ from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
 from toolchain.errors import ToolchainError
 
 DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
+DEVICE_ACK_EVERY = 16  # docs/push-protocol.md: devices ack every `ack_every` chunks (default 16)
 
 
 def _password(password_file: Optional[Path], username: Optional[str]) -> Optional[str]:
@@ -62,9 +63,14 @@ def push(
     err = Console(stderr=True)
     if not device and not fleet:
         raise ToolchainError("say where to push: --device ID (repeatable) or --fleet NAME")
-    for value, name, low in ((chunk_kb, "--chunk-kb", 1), (window, "--window", 1), (timeout, "--timeout", 0.001)):
+    for value, name, low in ((chunk_kb, "--chunk-kb", 1), (timeout, "--timeout", 0.001)):
         if value < low:
             raise ToolchainError(f"{name} must be at least {low}, got {value}")
+    if chunk_kb > 16 * 1024:
+        raise ToolchainError(f"--chunk-kb must be at most {16 * 1024} (devices accept chunks up to 16 MiB), got {chunk_kb}")
+    if window < DEVICE_ACK_EVERY:
+        raise ToolchainError(f"--window must be at least {DEVICE_ACK_EVERY}: devices acknowledge every {DEVICE_ACK_EVERY} "
+                             f"chunks, a smaller window stalls until the ack timeout; got {window}")
     if wave is not None and wave < 1:
         raise ToolchainError(f"--wave must be at least 1, got {wave}")
     if canary is not None and canary < 0:
@@ -124,7 +130,8 @@ def push(
         return
     detail = "; ".join(f"{r.device} {r.summary}" for r in failed)
     skipped = f"; {len(result.skipped)} not offered ({', '.join(result.skipped)})" if result.skipped else ""
-    typer.echo(f"push failed: {len(failed)} of {len(result.results)} device(s) did not succeed ({detail}){skipped}", err=True)
+    targeted = len(result.results) + len(result.skipped)
+    typer.echo(f"push failed: {len(failed)} of {targeted} device(s) did not succeed ({detail}){skipped}", err=True)
     raise typer.Exit(1)
 
 

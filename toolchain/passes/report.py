@@ -29,6 +29,7 @@ def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
         "candidates": [c.to_dict() for c in artifact.candidates],
         "stages": list(ctx.stages),  # every stage before the report itself
         "notes": list(ctx.notes),
+        "search": artifact.metrics.get("search"),  # the hyper-parameter search, when [search] is set
     }
 
 
