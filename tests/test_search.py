@@ -17,6 +17,7 @@ import optuna
 import pytest
 from rich.console import Console
 
+from runtime_agent.signing import write_keypair
 from tests.conftest import REPO, run_cli
 from tests.test_user_project import MODEL
 from toolchain.artifact import Artifact
@@ -253,7 +254,9 @@ def test_build_with_a_search_section_reports_the_search(tmp_path: Path) -> None:
                                                 'objectives = ["accuracy", "latency"]\nhidden = [8, 24]\n'
                                                 'lr = {low = 3e-3, high = 3e-2, log = true}\n')
     out = tmp_path / "out"
-    result = run_cli("toolchain", "build", "--target", "rpi4", "--config", str(config), "--out", str(out), check=True)
+    private, _ = write_keypair(tmp_path / "keys")  # its own key: the session's default key is the default build's to create
+    result = run_cli("toolchain", "build", "--target", "rpi4", "--config", str(config), "--out", str(out),
+                     "--key", str(private), check=True)
     assert Path(result.stdout.strip().splitlines()[-1]) == out / "blobs-1-raspberry-pi-4.bundle"
     assert (out / "blobs-search.sqlite").is_file()
     report = json.loads((out / "report.json").read_text())

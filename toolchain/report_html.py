@@ -140,6 +140,31 @@ def search_section(search: dict[str, Any] | None) -> str:
             + (f'<div class="charts">{pareto_chart(search)}</div>' if latency else ""))
 
 
+COMPARED = ("parameters", "macs", "latency_ms_predicted", "val_accuracy")
+
+
+def compression_section(report: dict[str, Any]) -> str:
+    """Distillation, pruning and mixed precision: each decision in one sentence, with before/after numbers."""
+    parts = []
+    steps = (("distill", "Distillation", "teacher", "student"), ("prune", "Structured pruning", "before", "after"))
+    for key, title, old, new in steps:
+        step = report.get(key)
+        if not step:
+            continue
+        parts.append(f'<h3>{title}: {escape(step["decision"])}</h3><p>{escape(step["summary"])}</p>')
+        if isinstance(step.get(old), dict) and isinstance(step.get(new), dict):
+            rows = [[metric, step[old].get(metric, ""), step[new].get(metric, "")] for metric in COMPARED]
+            parts.append(table(["", old, new], rows, table_id=f"{key}-numbers"))
+    mixed = report.get("mixed")
+    if mixed:
+        parts.append(f'<h3>Mixed precision</h3><p>{escape(mixed["decision"])}</p>')
+        if mixed.get("sensitivity"):
+            kept = set(mixed.get("float_layers", []))
+            rows = [[layer, 100 * drop, "float" if layer in kept else "int8"] for layer, drop in mixed["sensitivity"].items()]
+            parts.append(table(["layer", "validation drop when only it is INT8 (pp)", "kept as"], rows, table_id="sensitivity"))
+    return f"<h2>Compression</h2>{''.join(parts)}" if parts else ""
+
+
 def render(report: dict[str, Any]) -> str:
     candidates = report["candidates"]
     shipped = report["shipped"]["name"]
@@ -178,6 +203,7 @@ host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape
 <p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, patience {train['patience']}),
 validation accuracy {train['val_accuracy']:.4f}, {train['parameters']:,} parameters.</p>
 {search_section(report.get("search"))}
+{compression_section(report)}
 <h2>Stages</h2>
 {table(["stage", "seconds"], stage_rows, table_id="stages")}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

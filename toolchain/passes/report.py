@@ -29,7 +29,8 @@ def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
         "candidates": [c.to_dict() for c in artifact.candidates],
         "stages": list(ctx.stages),  # every stage before the report itself
         "notes": list(ctx.notes),
-        "search": artifact.metrics.get("search"),  # the hyper-parameter search, when [search] is set
+        # what the optional passes did, with their numbers (None when the pass did not run)
+        **{name: artifact.metrics.get(name) for name in ("search", "distill", "prune", "mixed")},
     }
 
 
