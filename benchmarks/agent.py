@@ -5,7 +5,9 @@
    width 0.5 (`zoo:mobilenet_v2`) on seeded, class-dependent synthetic 3xSxS images (`python:data.py:load`),
    FP32 (`quantize = []`), 6 epochs (~4 s; the model then really classifies, so the predicted-class
    statistics are realistic). In full mode (or with --digits) the small embedded digits CNN is built too
-   (same target) for a second, non-target overhead figure. Config files live in a temporary folder.
+   (same target) for a second, non-target overhead figure. Config files live in a temporary folder. The
+   builds run with OMP_NUM_THREADS=1 (see BUILD_ENV); `--quick` reuses the previous run's bundles when the
+   toolchain's and agent's sources, the config and the pins are unchanged (`--rebuild` to force).
 2. Starts a real mosquitto (`ManagedBroker(authenticated=False)` on a free port), provisions a device
    folder (window_s = 1) and runs `Agent.run` in a background thread (REST server, MQTT link, outbox,
    a telemetry window closed and published every second), then measures `Agent.infer(x)` (batch 1,

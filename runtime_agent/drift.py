@@ -144,7 +144,22 @@ class _Standardiser:
             self._freeze(self._m, math.sqrt(self._s / self._count))
 
 
-class PageHinkley:
+class _StandardisedDetector:
+    """What both detectors do first with a sample: count it and standardise it (or learn from it)."""
+
+    n: int
+    drift_detected: bool
+    _ref: _Standardiser
+
+    def _start_update(self, x: float) -> float | None:
+        self.drift_detected = False
+        x = float(x)
+        if math.isfinite(x):
+            self.n += 1
+        return self._ref.standardise(x)
+
+
+class PageHinkley(_StandardisedDetector):
     """Two-sided Page-Hinkley / CUSUM test for a shift of the mean, on the standardised stream.
 
     Every sample is standardised, ``z = (x - mean) / std``, and two cumulative sums are kept::
@@ -211,14 +226,10 @@ class PageHinkley:
 
     def update(self, x: float) -> bool:
         """Feed one sample; returns ``drift_detected``."""
-        self.drift_detected = False
-        x = float(x)
-        if math.isfinite(x):
-            self.n += 1
-        ref = self._ref
-        z = ref.standardise(x)
+        z = self._start_update(x)
         if z is None:
             return False
+        ref = self._ref
         up = self.sum_up + z - self.delta
         down = self.sum_down - z - self.delta
         self.sum_up = up = up if up > 0.0 else 0.0
@@ -243,7 +254,7 @@ class PageHinkley:
         return sum(1 for x in values if update(x))
 
 
-class DriftingScore:
+class DriftingScore(_StandardisedDetector):
     """A z-like "drifting score": how many standard errors the recent mean is away from the reference.
 
     Definition. With ``z_t = (x_t - mean) / std`` (reference, or burn-in estimate as in ``PageHinkley``),
@@ -287,14 +298,10 @@ class DriftingScore:
 
     def update(self, x: float) -> bool:
         """Feed one sample; returns ``drift_detected``."""
-        self.drift_detected = False
-        x = float(x)
-        if math.isfinite(x):
-            self.n += 1
-        ref = self._ref
-        z = ref.standardise(x)
+        z = self._start_update(x)
         if z is None:
             return False
+        ref = self._ref
         keep = 1.0 - self.alpha
         self._m = keep * self._m + self.alpha * z
         self._decay *= keep * keep

@@ -7,6 +7,7 @@ file can never be run by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,12 +24,20 @@ def _providers(preferred: Sequence[str]) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-@dataclass
 class Prediction:
-    labels: list[str]
-    classes: np.ndarray
-    scores: np.ndarray  # softmax probabilities, one row per sample
-    logits: np.ndarray  # the model's raw outputs
+    """One request's answer. Softmax scores are computed only when asked for (serving rarely needs them)."""
+
+    def __init__(self, logits: np.ndarray, label_names: list[str]) -> None:
+        self.logits = logits  # the model's raw outputs
+        self.classes = logits.argmax(axis=1)
+        self.labels = [label_names[i] for i in self.classes]
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        """Softmax probabilities, one row per sample."""
+        logits = self.logits.astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -81,9 +90,4 @@ class LoadedModel:
 
     def predict_batch(self, batch: np.ndarray) -> Prediction:
         """Predict on a batch that `validate` already returned."""
-        raw = self.session.run(None, {self.input_name: batch})[0]
-        logits = raw.astype(np.float64)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        scores = shifted / shifted.sum(axis=1, keepdims=True)
-        classes = scores.argmax(axis=1)
-        return Prediction(labels=[self.labels[i] for i in classes], classes=classes, scores=scores, logits=raw)
+        return Prediction(self.session.run(None, {self.input_name: batch})[0], self.labels)

@@ -25,11 +25,17 @@ def feature_names(input_shape: tuple[int, ...]) -> list[str]:
 def summary_features(batch: np.ndarray) -> np.ndarray:
     """(n, *input_shape) -> (n, k) monitored features, matching `feature_names`."""
     n = batch.shape[0]
-    flat = batch.reshape(n, -1).astype(np.float64)
-    if flat.shape[1] <= MAX_RAW_FEATURES:
-        return flat
-    channels = batch.reshape(n, batch.shape[1] if batch.ndim > 2 else 1, -1).astype(np.float64)
-    return np.stack([channels.mean(axis=2), channels.std(axis=2)], axis=2).reshape(n, -1)
+    if int(np.prod(batch.shape[1:])) <= MAX_RAW_FEATURES:
+        return batch.reshape(n, -1).astype(np.float64)
+    # Images: per-channel mean and spread from one pass of float32 sums (no float64 copy of the pixels;
+    # this runs on every served request).
+    channels = batch.reshape(n, batch.shape[1] if batch.ndim > 2 else 1, -1)
+    pixels = channels.shape[2]
+    total = channels.sum(axis=2, dtype=np.float64)
+    squares = np.einsum("ncp,ncp->nc", channels, channels).astype(np.float64)
+    mean = total / pixels
+    spread = np.sqrt(np.maximum(squares / pixels - mean * mean, 0.0))
+    return np.stack([mean, spread], axis=2).reshape(n, -1)
 
 
 def bin_edges(values: np.ndarray, n_bins: int = N_BINS) -> list[float]:

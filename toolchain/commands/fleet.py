@@ -23,23 +23,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolchain.commands.options import read_password
 from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Monitor a fleet of devices: status, latency and drift over MQTT.", no_args_is_help=True)
 DEFAULT_DB = Path("fleet.sqlite")
 
 DbOption = Annotated[Path, typer.Option("--db", help="the fleet database (SQLite) the monitor writes")]
-
-
-def _password(password_file: Optional[Path], username: Optional[str]) -> Optional[str]:
-    if password_file is None:
-        return None
-    if not username:
-        raise ToolchainError("--password-file needs --username (the fleet operator account of the broker)")
-    try:
-        return password_file.read_text().strip()
-    except OSError as exc:
-        raise ToolchainError(f"cannot read --password-file {password_file}: {exc.strerror}") from None
 
 
 def _stamp() -> str:
@@ -78,7 +68,7 @@ def monitor(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    password = _password(password_file, username)
+    password = read_password(password_file, username)
 
     def notice(kind: str, info: dict[str, Any]) -> None:
         print(_notice_line(kind, info), flush=True)

@@ -18,21 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
+from toolchain.commands.options import read_password
 from toolchain.errors import ToolchainError
 
 DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
 DEVICE_ACK_EVERY = 16  # docs/push-protocol.md: devices ack every `ack_every` chunks (default 16)
-
-
-def _password(password_file: Optional[Path], username: Optional[str]) -> Optional[str]:
-    if password_file is None:
-        return None
-    if not username:
-        raise ToolchainError("--password-file needs --username (the fleet operator account of the broker)")
-    try:
-        return password_file.read_text().strip()
-    except OSError as exc:
-        raise ToolchainError(f"cannot read --password-file {password_file}: {exc.strerror}") from None
 
 
 def push(
@@ -75,7 +65,7 @@ def push(
         raise ToolchainError(f"--wave must be at least 1, got {wave}")
     if canary is not None and canary < 0:
         raise ToolchainError(f"--canary must be 0 or more, got {canary}")
-    password = _password(password_file, username)
+    password = read_password(password_file, username)
     verified = load_push_bundle(bundle, pubkey)  # refuse before touching the network
 
     with PushClient(broker, username, password, ca_file) as client:

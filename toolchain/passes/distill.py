@@ -32,6 +32,7 @@ from toolchain.artifact import Artifact
 from toolchain.costmodel import analyze, predict
 from toolchain.models import _factory, build_normalized_model
 from toolchain.targets import Profile
+from toolchain.passes.train import validation_accuracy
 from toolchain.workflow import BuildContext
 
 AUTO_MULTIPLIERS = (0.75, 0.5, 0.35, 0.25)
@@ -121,13 +122,6 @@ def scale_widths(kwargs: dict[str, Any], names: list[str], multiplier: float) ->
     return scaled
 
 
-def _val_accuracy(module: nn.Module, ctx: BuildContext) -> float:
-    from toolchain.passes.train import evaluate_torch
-
-    _, accuracy = evaluate_torch(module.cpu(), torch.from_numpy(ctx.dataset.x_val), torch.from_numpy(ctx.dataset.y_val))
-    return accuracy
-
-
 def _build_student(ctx: BuildContext, overrides: dict[str, Any]) -> nn.Module:
     torch.manual_seed(ctx.seed)  # the same initial weights for the same seed and width
     module, _ = build_normalized_model(ctx.config, ctx.dataset, **overrides)
@@ -154,7 +148,7 @@ class DistillPass:
         budget = profile.budget.latency_ms
         limit = LATENCY_MARGIN * budget
         teacher_cost = module_cost(teacher, shape, profile, ctx.work_path("distill-teacher.onnx"))
-        teacher_cost["val_accuracy"] = round(_val_accuracy(teacher, ctx), 5)
+        teacher_cost["val_accuracy"] = round(validation_accuracy(teacher, ctx.dataset), 5)
 
         tried: list[dict[str, Any]] = []
         costs: dict[float, dict[str, Any]] = {}

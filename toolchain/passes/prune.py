@@ -36,6 +36,7 @@ from torch import nn
 
 from toolchain.artifact import Artifact
 from toolchain.passes.distill import module_cost
+from toolchain.passes.train import validation_accuracy
 from toolchain.workflow import BuildContext
 
 MAX_AUTO_RATIO = 0.7
@@ -76,13 +77,6 @@ def prune_module(module: nn.Module, ratio: float, example: torch.Tensor) -> nn.M
     return pruned
 
 
-def _val_accuracy(module: nn.Module, ctx: BuildContext) -> float:
-    from toolchain.passes.train import evaluate_torch
-
-    _, accuracy = evaluate_torch(module.cpu(), torch.from_numpy(ctx.dataset.x_val), torch.from_numpy(ctx.dataset.y_val))
-    return accuracy
-
-
 class PrunePass:
     name: ClassVar[str] = "prune"
 
@@ -103,7 +97,7 @@ class PrunePass:
             before = {k: distilled["student"][k] for k in ("parameters", "macs", "flops", "latency_ms_predicted", "val_accuracy")}
         else:
             before = module_cost(module, shape, profile, ctx.work_path("prune-before.onnx"))
-            before["val_accuracy"] = round(_val_accuracy(module, ctx), 5)
+            before["val_accuracy"] = round(validation_accuracy(module, ctx.dataset), 5)
         search: list[dict[str, Any]] = []
         candidates: dict[float, tuple[nn.Module, dict[str, Any]]] = {}
 
@@ -135,7 +129,7 @@ class PrunePass:
             return self._skip(artifact, ctx, f"a ratio of {ratio:g} removes no channel (nothing prunable besides the "
                               f"classifier {', '.join(ignored)}); the unpruned model is kept")
 
-        after["val_accuracy_before_finetune"] = round(_val_accuracy(pruned, ctx), 5)
+        after["val_accuracy_before_finetune"] = round(validation_accuracy(pruned, ctx.dataset), 5)
         settings = training_settings(ctx)
         epochs = compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
         patience = min(ctx.config.train.patience or ctx.settings.patience, epochs)
@@ -152,7 +146,7 @@ class PrunePass:
         after.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch, epochs_run=len(result.history))
 
         if teacher is not None:
-            reference = round(_val_accuracy(teacher, ctx), 5)
+            reference = round(validation_accuracy(teacher, ctx.dataset), 5)
             reference_name = "the distillation teacher"
         else:
             reference, reference_name = before["val_accuracy"], "the unpruned model"

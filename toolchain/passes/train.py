@@ -55,6 +55,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * temperature ** 2 * soft + (1 - alpha) * nn.functional.cross_entropy(student_logits, labels)
 
 
+def validation_accuracy(module: nn.Module, dataset) -> float:
+    """Accuracy of a torch module on the dataset's validation split (the compression steps' yardstick)."""
+    _, accuracy = evaluate_torch(module.cpu(), torch.from_numpy(dataset.x_val), torch.from_numpy(dataset.y_val))
+    return accuracy
+
+
 @dataclass
 class FitResult:
     module: nn.Module
