@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,18 +12,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from runtime_agent.outbox import Outbox
-from tests.conftest import BIN, Build, Recorder, provision_device
+from tests.agent_helpers import start_agent
+from tests.conftest import Build, Recorder, provision_device
 from toolchain.broker import OPERATOR, ManagedBroker
-
-
-def start_agent(device: Path, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
-                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while b"serving" not in log.read_bytes():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return process
 
 
 def seqs_of(recorder: Recorder) -> list[int]:

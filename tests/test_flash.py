@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Build, Recorder, run_cli
-from tests.test_agent_delivery import start_agent
+from tests.agent_helpers import start_agent
 from toolchain.broker import OPERATOR, ManagedBroker, free_port
 
 

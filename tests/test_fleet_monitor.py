@@ -24,7 +24,7 @@ from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
 from runtime_agent.sketch import LatencySketch
 from tests.conftest import BIN, Build, provision_device, run_cli
-from tests.test_agent_delivery import start_agent
+from tests.agent_helpers import start_agent
 from toolchain.broker import OPERATOR, ManagedBroker
 from toolchain.errors import ToolchainError
 from toolchain.fleet.monitor import FleetMonitor

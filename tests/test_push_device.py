@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from runtime_agent.signing import write_keypair
 from tests.bundle_variants import collapse, slower, variant
 from tests.conftest import Build, Recorder, provision_device
-from tests.test_agent_delivery import start_agent
-from tests.test_agent_service import http, infer_body, running_agent
+from tests.agent_helpers import start_agent
+from tests.agent_helpers import http, infer_body, running_agent
 from toolchain.broker import ManagedBroker
 from toolchain.config import load_config
 from toolchain.data import load_dataset

@@ -24,8 +24,8 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.signing import load_public_key, write_keypair
 from tests.bundle_variants import collapse, variant
 from tests.conftest import Build, Recorder, provision_device, run_cli
-from tests.test_agent_delivery import start_agent
-from tests.test_agent_service import http, infer_body
+from tests.agent_helpers import start_agent
+from tests.agent_helpers import http, infer_body
 from toolchain.broker import OPERATOR, ManagedBroker
 from toolchain.errors import ToolchainError
 from toolchain.push import PushSender, discover_devices, rollout

@@ -1,0 +1,61 @@
+"""Running agents in tests: in-process (`running_agent`) or as a real `edge-agent run` process
+(`start_agent`), and a small KServe v2 REST client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime_agent.agent import Agent
+from runtime_agent.config import load_agent_config
+from tests.conftest import BIN
+
+
+@contextlib.contextmanager
+def running_agent(device_dir: Path) -> Iterator[tuple[Agent, str]]:
+    agent = Agent(load_agent_config(device_dir))
+    stop, ports = threading.Event(), []
+    thread = threading.Thread(target=agent.run, args=(stop, ports.append), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not ports and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ports, "agent did not start"
+    try:
+        yield agent, f"http://127.0.0.1:{ports[0]}"
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+
+
+def http(method: str, url: str, body: Any = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def infer_body(x: np.ndarray, datatype: str = "FP32") -> dict:
+    return {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
+
+
+def start_agent(device: Path, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"serving" not in log.read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return process
