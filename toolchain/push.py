@@ -27,6 +27,7 @@ previous stage passed; `discover_devices()` lists a fleet's online devices from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -323,10 +324,17 @@ def _client_for(client: PushClient | None, broker: str | None, username: str | N
     return PushClient(broker, username, password, ca_file).start(), True
 
 
-def _client_from(broker: str | PushClient, **credentials: Any) -> tuple[PushClient, bool]:
+@contextlib.contextmanager
+def _borrowed_client(broker: str | PushClient, **credentials: Any) -> Iterator[PushClient]:
+    """The given client, or one made for the URL and closed afterwards."""
     if isinstance(broker, PushClient):
-        return broker, False
-    return _client_for(None, broker, **credentials)
+        yield broker
+        return
+    client, _ = _client_for(None, broker, **credentials)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 # --- retained status: discovery --------------------------------------------------------------------
@@ -369,12 +377,8 @@ def _collect_statuses(client: PushClient, topic_filter: str, timeout_s: float,
 def device_statuses(broker: str | PushClient, fleet: str, timeout_s: float = 2.0,
                     **credentials: Any) -> dict[str, dict[str, Any]]:
     """Every device of `fleet` with a retained status, and that status (`state`, `model_version`, ...)."""
-    client, owned = _client_from(broker, **credentials)
-    try:
+    with _borrowed_client(broker, **credentials) as client:
         found = _collect_statuses(client, f"{prefix(fleet, '+')}status", timeout_s)
-    finally:
-        if owned:
-            client.close()
     return {device: status for (_, device), status in sorted(found.items())}
 
 
@@ -387,12 +391,8 @@ def discover_devices(broker: str | PushClient, fleet: str, timeout_s: float = 2.
 
 def find_fleet(broker: str | PushClient, device: str, timeout_s: float = 2.0, **credentials: Any) -> str:
     """The fleet a device reports in, from its retained status; a clear error when none or several."""
-    client, owned = _client_from(broker, **credentials)
-    try:
+    with _borrowed_client(broker, **credentials) as client:
         found = _collect_statuses(client, f"{TOPIC_ROOT}/+/{device}/status", timeout_s)
-    finally:
-        if owned:
-            client.close()
     fleets = sorted(fleet for fleet, _ in found)
     if not fleets:
         raise ToolchainError(f"device {device!r} has no status on the broker (never connected?); pass --fleet NAME")
