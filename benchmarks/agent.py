@@ -52,6 +52,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,10 +64,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import print_table, target, write_results  # noqa: E402
 from benchmarks.drift_cost import measure_drift_cost  # noqa: E402
-from runtime_agent.agent import Agent  # noqa: E402
+from runtime_agent.agent import Active, Agent  # noqa: E402
 from runtime_agent.config import load_agent_config  # noqa: E402
-from runtime_agent.drift import DriftMonitor  # noqa: E402
-from runtime_agent.probation import ModelStats  # noqa: E402
 from runtime_agent.reference import summary_features  # noqa: E402
 from runtime_agent.sketch import LatencySketch  # noqa: E402
 from toolchain.broker import ManagedBroker, free_port  # noqa: E402
@@ -315,14 +314,14 @@ def load_data(root: Path) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
 
 # -- a running agent connected to a real broker ---------------------------------------------------
 
-def provision(device_dir: Path, bundle: Path, pubkey: Path, broker: ManagedBroker, device_id: str) -> Path:
+def provision(device_dir: Path, bundle: Path, pubkey: Path, broker: ManagedBroker, device_id: str, threads: int = 0) -> Path:
     """A device folder as `toolchain flash` lays it out (tests/conftest.py provision_device), window_s = 1."""
     device_dir.mkdir(parents=True)
     shutil.copyfile(bundle, device_dir / "current.bundle")
     shutil.copyfile(pubkey, device_dir / "trusted.pub")
     (device_dir / "agent.toml").write_text(
         f'device_id = "{device_id}"\nfleet = "{FLEET}"\nbroker = "{broker.url}"\n'
-        f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\n[telemetry]\nwindow_s = 1\n')
+        f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\nthreads = {threads}\n[telemetry]\nwindow_s = 1\n')
     return device_dir
 
 
@@ -510,7 +509,7 @@ def measure_overhead(name: str, agent: Agent, model_path: Path, inputs: list[np.
     for component, us in breakdown.items():
         rows.add(f"overhead: {name}", f"breakdown: {component}", us, "us",
                  "median per call, timed alone right after an untimed session.run")
-    attributed = sum(us for component, us in breakdown.items() if not component.startswith("  of which"))
+    attributed = sum(us for component, us in breakdown.items() if not component.startswith("  "))
     rows.add(f"overhead: {name}", "breakdown: unattributed", p50["agent.infer"] - p50["agent's session.run"] - attributed, "us",
              f"(agent p50 - own session.run p50) - sum of the parts above ({attributed:.1f} us): call overhead, "
              f"GIL hand-offs to the agent's threads, noise")
@@ -537,23 +536,27 @@ def overhead_breakdown(agent: Agent, inputs: list[np.ndarray], calls: int = 400)
         model.predict_batch(batch)
         extra.append((clock() - middle) - (middle - started))
     classes = model.predict_batch(batch).classes
-    monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shape)
-    sketch, stats, lock = LatencySketch(), ModelStats(len(model.labels)), threading.Lock()
+    active = Active(model)  # private copies: the live agent's window and statistics are not touched
+    sketch, served = LatencySketch(), deque()
+    every = Agent.ACCOUNT_EVERY
+    run_of = ([0.5] * every, [batch] * every, [classes] * every)
 
-    def locked() -> None:
-        with lock:
-            pass
+    def account() -> None:  # what Agent.account does for one run of requests
+        sketch.add_many(run_of[0])
+        active.account(*run_of)
 
+    runs = max(20, calls // 8)
     parts = {
         "validate (dtype, shape, isfinite)": per_call_us(lambda: model.validate(x), calls, before=run),
-        "predict_batch - session.run (float64 softmax, argmax, labels, Prediction)": float(np.median(extra)) / 1e3,
-        f"DriftMonitor.update ({monitor.n_features} summary features)":
-            per_call_us(lambda: monitor.update(batch, classes), calls, before=run),
-        "LatencySketch.add (window)": per_call_us(lambda: sketch.add(0.5), calls, before=run),
-        "ModelStats.record (probation: its own sketch + class counts)": per_call_us(lambda: stats.record(0.5, classes), calls, before=run),
-        "threading.Lock acquire/release": per_call_us(locked, calls, before=run),
+        "predict_batch - session.run (argmax, Prediction)": float(np.median(extra)) / 1e3,
+        "record: queue the request (deque append)": per_call_us(lambda: served.append((active, 0.5, batch, classes)), calls, before=run),
     }
-    parts["  of which DriftMonitor: reference.summary_features"] = per_call_us(lambda: summary_features(batch), calls, before=run)
+    parts[f"  amortised: accounting per request (sketches, drift on {active.monitor.n_features} summary features, "
+          f"probation; run every {every} requests)"] = per_call_us(account, runs, before=run) / every
+    parts["  of which DriftMonitor.update, per request"] = per_call_us(
+        lambda: active.monitor.update(np.concatenate(run_of[1]), np.concatenate(run_of[2])), runs, before=run) / every
+    parts["  of which reference.summary_features, per request"] = per_call_us(
+        lambda: summary_features(np.concatenate(run_of[1])), runs, before=run) / every
     return parts
 
 
@@ -757,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="training epochs of the benchmark's model (default 6: ~4 s)")
     parser.add_argument("--digits", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the small digits model's overhead (not a target; default: full mode only)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the agent's [serve] threads (onnxruntime intra-op threads) for the overhead measurement; "
+                             "default 1: with a multi-thread pool, its spin-waiting workers on this shared 2-core machine "
+                             "swing both variants by more than the agent's cost, in either direction, run to run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     parser.add_argument("--rebuild", action="store_true",
                         help="--quick: build the bundles even when an identical earlier build is cached")
@@ -797,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results: dict[str, Any] = {}
         for name, build in builds.items():
-            device_dir = provision(scratch / "devices" / name, build["bundle"], pubkey, broker, f"bench-{name}")
+            device_dir = provision(scratch / "devices" / name, build["bundle"], pubkey, broker, f"bench-{name}", args.threads)
             with running_agent(device_dir, listener) as agent:
                 seconds = overhead_s if name == "mobilenetv2" else digits_s
                 log(f"{name}: interleaved agent.infer vs session.run for {seconds:.0f} s")
@@ -810,14 +817,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.add("drift", "DriftMonitor.update per feature per sample", drift_us, "us",
                  f"measure_drift_cost(n_features=64, samples={drift_samples}, batch_size=1): best of 3 passes, as "
                  f"benchmarks/drift_cost.py; per request of 64 features: {drift_us * 64:.1f} us")
-        image = next((us, name) for name, us in results["mobilenetv2"]["breakdown_us"].items() if name.startswith("DriftMonitor"))
+        image = next((us, name) for name, us in results["mobilenetv2"]["breakdown_us"].items() if "DriftMonitor.update" in name)
         n_image = len(models["mobilenetv2"][1]["reference"]["features"])
         rows.add("drift", "DriftMonitor.update per feature per sample, the image model", image[0] / n_image, "us",
                  f"not the target: {image[0]:.1f} us per request / {n_image} summary features (channel mean and std of "
                  f"3x{args.image_size}x{args.image_size}: the cost grows with the pixels, not the feature count)")
 
         log(f"memory: agent child vs bare onnxruntime child, {requests} requests each")
-        rss_dir = provision(scratch / "devices" / "rss", builds["mobilenetv2"]["bundle"], pubkey, broker, "bench-rss")
+        rss_dir = provision(scratch / "devices" / "rss", builds["mobilenetv2"]["bundle"], pubkey, broker, "bench-rss", args.threads)
         memory = measure_memory(scratch, rss_dir, models["mobilenetv2"][0], models["mobilenetv2"][1], inputs["mobilenetv2"],
                                 requests, results["mobilenetv2"]["intra_op_num_threads"], listener, rows)
 
@@ -856,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bursts of 20 calls (order rotated per round) over the same 256 inputs; Agent.run running in a background "
                 "thread against a local mosquitto (ManagedBroker(authenticated=False)), window_s = 1, telemetry received by a "
                 "subscriber checked; the bare session is a separate InferenceSession on the bundle's model file (sha256 "
-                "checked) with the agent session's own SessionOptions (get_session_options()) and providers",
+                "checked) with the agent session's own SessionOptions (get_session_options(): the agent's [serve] threads, "
+                "--threads, default 1) and providers",
             "drift_update_us_per_feature_per_sample": "benchmarks/drift_cost.measure_drift_cost, 64 features, batch 1",
             "agent_rss_beyond_runtime_mb":
                 "VmHWM of a `python -I` child running Agent.run (REST + MQTT + outbox) that served N KServe v2 REST requests, "

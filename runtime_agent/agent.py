@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -67,26 +68,16 @@ class Window:
 class Active:
     """A serving model with its drift monitor and the statistics probation compares."""
 
-    DRIFT_BATCH = 64  # drift statistics are fed in batches: one vectorised update instead of 64 small ones
-
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shape)
         self.stats = ModelStats(len(model.labels))
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending_samples = 0
 
-    def observe(self, batch: np.ndarray, classes: np.ndarray) -> None:
-        self._pending.append((batch, classes))
-        self._pending_samples += len(classes)
-        if self._pending_samples >= self.DRIFT_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        """Feed what is pending to the drift monitor (in arrival order: Page-Hinkley is sequential)."""
-        if self._pending:
-            self.monitor.update(np.concatenate([b for b, _ in self._pending]), np.concatenate([c for _, c in self._pending]))
-            self._pending, self._pending_samples = [], 0
+    def account(self, latencies_ms: list[float], batches: list[np.ndarray], classes: list[np.ndarray]) -> None:
+        """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation."""
+        predicted = np.concatenate(classes)
+        self.monitor.update(np.concatenate(batches), predicted)
+        self.stats.record_many(latencies_ms, predicted)
 
 
 class Agent:
@@ -99,6 +90,7 @@ class Agent:
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
+        self._served: deque[tuple[Active, float, np.ndarray, np.ndarray]] = deque()  # not yet accounted
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
@@ -107,14 +99,17 @@ class Agent:
         self._link = None  # the MqttLink once running: acks go out directly, not through the outbox
 
     # -- model -------------------------------------------------------------------------------
+    def _load_model(self, bundle: Bundle) -> LoadedModel:
+        return LoadedModel.from_bundle(bundle, threads=self.config.serve_threads)
+
     def load(self) -> LoadedModel:
         """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified."""
         key = load_public_key(self.config.pubkey_path)
-        active = Active(LoadedModel.from_bundle(read_bundle(self.config.bundle_path, key)))
+        active = Active(self._load_model(read_bundle(self.config.bundle_path, key)))
         previous = None
         if self.slots.previous.exists():
             try:
-                previous = Active(LoadedModel.from_bundle(read_bundle(self.slots.previous, key)))
+                previous = Active(self._load_model(read_bundle(self.slots.previous, key)))
             except AgentError as exc:
                 log.warning("previous bundle unusable, rollback disabled: %s", exc)
         with self._lock:
@@ -142,17 +137,35 @@ class Agent:
         self.record((time.perf_counter() - started) * 1000, samples, prediction.classes, active)
         return prediction
 
+    ACCOUNT_EVERY = 64  # requests: accounting runs in vectorised batches, off the typical request's path
+
     def record(self, latency_ms: float, batch: np.ndarray, classes: np.ndarray, active: Active | None = None) -> None:
-        """Account one served request in the current window (latency sketch, counts, drift, probation)."""
+        """Account one served request. Only queued here (a deque append is atomic); every
+        `ACCOUNT_EVERY` requests, and before a window closes, `account` does the work for all of them."""
+        self._served.append((active or self._active, latency_ms, batch, classes))
+        if len(self._served) >= self.ACCOUNT_EVERY:
+            self.account()
+
+    def account(self) -> None:
+        """Add the queued requests to the window (latency sketch, counts) and to their model's drift and
+        probation statistics; end the probation when it is due."""
         with self._lock:
-            active = active or self._active
+            runs: dict[int, tuple[Active, list[float], list[np.ndarray], list[np.ndarray]]] = {}
+            latencies: list[float] = []
             window = self._window
-            window.sketch.add(latency_ms)
-            window.requests += 1
-            window.samples += len(classes)
-            active.observe(batch, classes)
-            active.stats.record(latency_ms, classes)
-            probation = self._probation if self._probation and self._probation.stats is active.stats else None
+            for _ in range(len(self._served)):  # only what is queued now; later appends wait for the next call
+                active, latency_ms, batch, classes = self._served.popleft()
+                latencies.append(latency_ms)
+                window.samples += len(classes)
+                run = runs.setdefault(id(active), (active, [], [], []))
+                run[1].append(latency_ms)
+                run[2].append(batch)
+                run[3].append(classes)
+            window.sketch.add_many(latencies)
+            window.requests += len(latencies)
+            for active, run_latencies, batches, classes in runs.values():
+                active.account(run_latencies, batches, classes)
+            probation = self._probation
         if probation is not None and probation.due():
             self.end_probation(probation)
 
@@ -174,10 +187,9 @@ class Agent:
 
     def close_window(self) -> dict[str, Any]:
         """Snapshot and reset the window's counters; queue its telemetry (and an alarm event if any)."""
+        self.account()
         with self._lock:
             window, self._window = self._window, Window()
-            if self._active is not None:
-                self._active.flush()
             drift = self._active.monitor.window_report() if self._active else {}
         sketch = window.sketch
         latency = {**sketch.to_dict(), **(sketch.summary() if sketch.count else {"p50": None, "p90": None, "p99": None})}
@@ -263,7 +275,7 @@ class Agent:
                 self.receiver.check_hash(transfer, path)
                 running = self.model.bundle.manifest
                 bundle = check_update(path, load_public_key(self.config.pubkey_path), running, self._refused())
-                model = LoadedModel.from_bundle(bundle)
+                model = self._load_model(bundle)
                 self_test(model)
                 slot = self.slots.store(path, bundle.manifest["name"], bundle.version)
                 self.slots.activate(slot, f"{running['name']}-{running['version']}.bundle")

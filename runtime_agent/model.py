@@ -30,7 +30,12 @@ class Prediction:
     def __init__(self, logits: np.ndarray, label_names: list[str]) -> None:
         self.logits = logits  # the model's raw outputs
         self.classes = logits.argmax(axis=1)
-        self.labels = [label_names[i] for i in self.classes]
+        self._label_names = label_names
+
+    @cached_property
+    def labels(self) -> list[str]:
+        """The class names of the predictions."""
+        return [self._label_names[i] for i in self.classes]
 
     @cached_property
     def scores(self) -> np.ndarray:

@@ -40,9 +40,10 @@ class ModelStats:
     def __post_init__(self) -> None:
         self.classes = np.zeros(self.n_classes, dtype=np.int64)
 
-    def record(self, latency_ms: float, predicted: np.ndarray) -> None:
-        self.sketch.add(latency_ms)
-        self.requests += 1
+    def record_many(self, latencies_ms: list[float], predicted: np.ndarray) -> None:
+        """Count a run of requests: one latency per request, the predicted classes of all their samples."""
+        self.sketch.add_many(latencies_ms)
+        self.requests += len(latencies_ms)
         self.classes += np.bincount(predicted, minlength=self.n_classes)[: self.n_classes]
 
     @property
