@@ -17,6 +17,13 @@ a seq is either committed together with its message or not used at all. The moni
 it (delivery is at-least-once). Delivery order is seq order. A seq can be missing downstream only
 when its message was dropped by the bound below (counted) or coalesced away (status).
 
+Stream id. A seq is unique only within one outbox file, and a file can be replaced under the same device
+id (``toolchain flash --force`` writes a fresh device folder): its seq restarts at 1, and a receiver that
+keyed on (device, seq) alone would drop the new file's first messages as duplicates of the old one's. So
+each file draws a random 64-bit ``stream`` id when it is created (an older file gets one the first time
+this code opens it), kept in ``meta`` for its whole life, and written into every payload next to seq
+(``payload["stream"]``, 16 hex digits). Receivers de-duplicate on (device, stream, seq).
+
 Kinds and the bound (``max_messages``):
 - ``"telemetry"``: when the queue holds more than ``max_messages``, the *oldest telemetry* messages are
   dropped and counted in ``dropped_telemetry`` (persisted). Telemetry is a time series of summaries;
@@ -37,6 +44,7 @@ holds it. Several processes may also open the same file (SQLite's own locking; w
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -60,7 +68,7 @@ class Message:
 
     seq: int
     topic: str
-    payload: bytes  # UTF-8 JSON, includes "seq"
+    payload: bytes  # UTF-8 JSON, includes "seq" and "stream"
     qos: int
     retain: bool
     kind: str
@@ -102,12 +110,16 @@ class Outbox:
             conn.execute("CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
                          "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL)")
             conn.execute("CREATE INDEX IF NOT EXISTS messages_kind ON messages (kind, seq)")
+            # The stream id is stored as an integer (meta.value has INTEGER affinity: a text id made only of
+            # digits would silently turn into a number) and shown as 16 hex digits.
             conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                             [("schema_version", SCHEMA_VERSION), ("last_seq", 0), ("dropped_telemetry", 0)])
+                             [("schema_version", SCHEMA_VERSION), ("last_seq", 0), ("dropped_telemetry", 0),
+                              ("stream", secrets.randbits(63))])
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise OutboxError(f"{self.path} has outbox schema {version}; this agent understands up to "
                                   f"{SCHEMA_VERSION} (upgrade the agent)")
+            self.stream = f"{self._meta(conn, 'stream'):016x}"
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -124,7 +136,8 @@ class Outbox:
 
     # -- producers -----------------------------------------------------------------------------
     def put(self, topic: str, payload: dict[str, Any], kind: str, qos: int = 1, retain: bool = False) -> int:
-        """Queue one message durably and return its seq (also written into ``payload["seq"]``).
+        """Queue one message durably and return its seq (also written into ``payload["seq"]``, and the
+        file's ``stream`` id into ``payload["stream"]``).
 
         On return the message is committed to disk. On any error nothing is written and ``payload`` is
         left as it was.
@@ -137,13 +150,13 @@ class Outbox:
             raise TypeError(f"payload must be a dict (it becomes a JSON object), got {type(payload).__name__}")
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-        had_seq, old_seq = "seq" in payload, payload.get("seq")
+        before = {key: payload[key] for key in ("seq", "stream") if key in payload}
         with self._lock:
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._meta(conn, "last_seq") + 1
-                payload["seq"] = seq
+                payload["seq"], payload["stream"] = seq, self.stream
                 data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
                 if kind == "status":  # only the newest unsent status per topic matters
@@ -160,10 +173,9 @@ class Outbox:
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
-                if had_seq:
-                    payload["seq"] = old_seq
-                else:
-                    payload.pop("seq", None)
+                payload.pop("seq", None)
+                payload.pop("stream", None)
+                payload.update(before)
                 raise
         return seq
 

@@ -4,7 +4,6 @@ real agent's (taken from `Agent.close_window()` on the built bundle)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import subprocess
@@ -16,16 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from runtime_agent.agent import Agent
-from runtime_agent.config import load_agent_config
 from runtime_agent.sketch import LatencySketch
 from tests.conftest import BIN, Build, provision_device, run_cli
 from tests.agent_helpers import start_agent
-from toolchain.broker import OPERATOR, ManagedBroker
+from tests.fleet_helpers import Injector, agent_payloads, started_monitor, telemetry, wait_until
+from toolchain.broker import OPERATOR, ManagedBroker, free_port
 from toolchain.errors import ToolchainError
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.store import FLEET_DEVICE
@@ -33,69 +29,9 @@ from toolchain.fleet.store import FLEET_DEVICE
 FAST_LWT = "[mqtt]\nkeepalive_s = 5\n"  # a silent link (no FIN, e.g. power cut) is declared dead after 7.5 s
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Injector:
-    """A plain MQTT client that publishes what a device (or a broken device) would."""
-
-    def __init__(self, managed: ManagedBroker, client_id: str = "injector", username: str | None = None,
-                 password: str | None = None) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if username:
-            self.client.username_pw_set(username, password)
-        self.client.connect(managed.host, managed.port)
-        self.client.loop_start()
-        self.sent = 0
-
-    def publish(self, topic: str, payload: dict | bytes, retain: bool = False) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        info = self.client.publish(topic, data, qos=1, retain=retain)
-        info.wait_for_publish(10)
-        assert info.is_published()
-        self.sent += 1
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 @pytest.fixture(scope="module")
 def real_payloads(default_build: Build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """A telemetry window and a birth exactly as the agent makes them (in-process, real onnxruntime)."""
-    device = provision_device(tmp_path_factory.mktemp("template"), default_build, "mqtt://127.0.0.1:1", "tmpl")
-    agent = Agent(load_agent_config(device))
-    agent.load()
-    agent.infer(np.random.default_rng(0).uniform(0, 16, (8, 1, 8, 8)).astype(np.float32))
-    telemetry = agent.close_window()
-    birth = agent.birth()
-    agent.outbox.close()
-    assert telemetry["latency"]["count"] == 1 and set(telemetry["drift"]["psi"]) == {f"x{i}" for i in range(64)}
-    return {"telemetry": telemetry, "birth": birth}
-
-
-def telemetry(template: dict, device: str, seq: int, psi: float = 0.02, n: int = 500, **drift: Any) -> dict:
-    """The real payload with this device, seq and drift statistics (PSI `psi` on feature x5, 0.01 elsewhere)."""
-    payload = copy.deepcopy(template)
-    values = {name: 0.01 for name in payload["drift"]["psi"]}
-    values["x5"] = psi
-    payload.update(device_id=device, seq=seq, n=n)
-    payload["drift"].update({"psi": values, "psi_max": max(values.values()), "prediction_psi": 0.01, "ph_alarm": False,
-                             "n": n, **drift})
-    return payload
-
-
-def started_monitor(managed: ManagedBroker, db: Path, **kwargs: Any) -> FleetMonitor:
-    monitor = FleetMonitor(managed.url, db, **kwargs).start()
-    assert monitor.wait_connected(10), "the monitor could not subscribe"
-    return monitor
+    return agent_payloads(default_build, tmp_path_factory.mktemp("template"))
 
 
 def fleet_status(db: Path) -> dict:
@@ -231,6 +167,58 @@ def test_duplicates_malformed_and_a_persistent_session(real_payloads: dict, brok
         events = monitor.store.recent_events(fleet="side")
         assert [(e["device"], e["seq"], e["type"]) for e in events] == [("sim-1", 11, "error")]
         assert monitor.store.device("side", "sim-1")["last_seq"] == 11
+    finally:
+        injector.close()
+        monitor.stop()
+
+
+def test_a_reflashed_device_is_a_new_stream_not_a_duplicate(default_build: Build, real_payloads: dict,
+                                                             broker: ManagedBroker, tmp_path: Path) -> None:
+    """`toolchain flash --force` gives the device a fresh outbox whose seq restarts at 1; the monitor keys on
+    (device, stream, seq), so it stores the new windows, while a real duplicate of a stream is still dropped."""
+    monitor = started_monitor(broker, tmp_path / "fleet.sqlite")
+    device = tmp_path / "cam-1"
+    injector = Injector(broker)
+
+    def flash(*extra: str) -> None:
+        run_cli("toolchain", "flash", "--device-dir", str(device), "--device-id", "cam-1", "--bundle",
+                str(default_build.bundle), "--broker", broker.url, "--fleet", "lab", "--pubkey", str(default_build.pubkey),
+                "--port", str(free_port()), "--window", "0.3", *extra, check=True)
+
+    def windows() -> list[tuple[str, int]]:
+        return [(w["stream"], w["seq"]) for w in monitor.store.telemetry("lab", "cam-1")]
+
+    def run_agent(log: Path, until: Callable[[], Any]) -> None:
+        agent = start_agent(device, log)
+        try:
+            wait_until(until, what="windows from the agent")
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=20)
+        # The agent drains its outbox before its goodbye: once the monitor has the goodbye, it has everything.
+        wait_until(lambda: monitor.store.device("lab", "cam-1")["state"] == "offline", what="the agent's goodbye")
+
+    try:
+        flash()
+        run_agent(tmp_path / "first.log", lambda: len(windows()) >= 3)
+        first = windows()
+        old_stream = first[0][0]
+        assert len(old_stream) == 16 and {stream for stream, _ in first} == {old_stream} and first[0][1] == 1
+        flash("--force")  # a new device folder: a new outbox
+        run_agent(tmp_path / "second.log", lambda: sum(stream != old_stream for stream, _ in windows()) >= 3)
+        new = [seq for stream, seq in windows() if stream != old_stream]
+        assert new[:3] == [1, 2, 3]  # seq restarted, and none of it was taken for a duplicate
+        assert [(stream, seq) for stream, seq in windows() if stream == old_stream] == first  # the old stream is kept
+        row = monitor.store.device("lab", "cam-1")
+        assert row["stream"] not in ("", old_stream) and row["latest"]["stream"] == row["stream"]
+        assert row["latest"]["seq"] == new[-1] and row["last_seq"] >= new[-1]
+        # A real duplicate (same stream, same seq) is still dropped; the old stream's too.
+        duplicates = monitor.stats["duplicates"]
+        before = monitor.store.telemetry("lab", "cam-1")
+        for stream, seq in ((row["stream"], 2), (old_stream, 1)):
+            injector.publish("edge/v1/lab/cam-1/telemetry", telemetry(real_payloads["telemetry"], "cam-1", seq, stream=stream))
+        wait_until(lambda: monitor.stats["duplicates"] == duplicates + 2, what="both duplicates handled")
+        assert monitor.store.telemetry("lab", "cam-1") == before  # not replaced by the duplicates' content either
     finally:
         injector.close()
         monitor.stop()

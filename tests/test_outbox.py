@@ -34,7 +34,7 @@ def test_seq_rises_is_in_the_payload_and_survives_reopening(db: Path) -> None:
     assert payload["seq"] == 1  # the caller sees the seq it got
     assert box.put(EVENTS, {"type": "installed"}, kind="event") == 2
     [first, second] = box.pending(10)
-    assert json.loads(first.payload) == {"schema": "telemetry/1", "n": 3, "seq": 1}
+    assert json.loads(first.payload) == {"schema": "telemetry/1", "n": 3, "seq": 1, "stream": box.stream}
     assert first == Message(1, TELEMETRY, first.payload, 1, False, "telemetry")
     assert second.kind == "event" and json.loads(second.payload)["seq"] == 2
     box.ack(1)
@@ -45,6 +45,38 @@ def test_seq_rises_is_in_the_payload_and_survives_reopening(db: Path) -> None:
     with Outbox(db) as again:
         assert len(again) == 0 and again.last_seq == 2
         assert again.put(TELEMETRY, {}, kind="telemetry") == 3  # never reuses a seq, even when all were acked
+
+
+def test_a_new_file_is_a_new_stream_and_a_file_keeps_its_stream(db: Path, tmp_path: Path) -> None:
+    # A re-flashed device gets a fresh outbox whose seq restarts at 1: only the stream tells its messages
+    # apart from the old file's (the monitor de-duplicates on device, stream and seq).
+    with Outbox(db) as box:
+        stream = box.stream
+        assert len(stream) == 16 and int(stream, 16) >= 0
+        assert box.put(TELEMETRY, {}, kind="telemetry") == 1
+    with Outbox(db) as box:
+        assert box.stream == stream  # reopening (an agent restart) keeps it
+        payload: dict = {}
+        box.put(EVENTS, payload, kind="event")
+        assert payload == {"seq": 2, "stream": stream}
+    db.unlink()
+    with Outbox(db) as fresh:
+        assert fresh.put(TELEMETRY, {}, kind="telemetry") == 1
+        assert fresh.stream != stream
+        assert json.loads(fresh.pending(1)[0].payload)["stream"] == fresh.stream
+
+
+def test_a_file_from_before_streams_gets_one_once(db: Path) -> None:
+    with Outbox(db) as box:
+        box.put(TELEMETRY, {}, kind="telemetry")
+    with sqlite3.connect(db) as conn:  # what an older agent left: no stream in meta
+        conn.execute("DELETE FROM meta WHERE key = 'stream'")
+    conn.close()
+    with Outbox(db) as box:
+        stream = box.stream
+        assert box.put(TELEMETRY, {}, kind="telemetry") == 2  # the seq goes on
+    with Outbox(db) as box:
+        assert box.stream == stream
 
 
 def test_pending_is_oldest_first_across_kinds_and_ack_removes(db: Path) -> None:
@@ -120,7 +152,11 @@ def test_bad_input_writes_nothing(db: Path) -> None:
         payload = {"value": object()}
         with pytest.raises(TypeError, match="not JSON serializable"):
             box.put(TELEMETRY, payload, kind="telemetry")
-        assert "seq" not in payload  # left as it was
+        assert "seq" not in payload and "stream" not in payload  # left as it was
+        resent = {"value": object(), "seq": 7, "stream": "old"}
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            box.put(TELEMETRY, resent, kind="telemetry")
+        assert resent["seq"] == 7 and resent["stream"] == "old"
         with pytest.raises(ValueError, match="kind must be one of telemetry, event, status; got 'log'"):
             box.put(TELEMETRY, {}, kind="log")
         with pytest.raises(ValueError, match="qos must be 0, 1 or 2"):

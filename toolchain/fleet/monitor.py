@@ -10,7 +10,8 @@ types, unknown schema, a ``device_id`` that is not the topic's, a sketch that do
 logged, recorded in the store's ``rejected`` table and acknowledged: it never stops the monitor. A
 message is acknowledged (PUBACK, manual) only after it is committed to the database, so a monitor that
 dies mid-message gets it again; duplicates (the agents deliver at least once) are dropped by the store's
-``(fleet, device, seq)`` key.
+``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
+starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
 
 ``status`` (the retained birth and the LWT) sets a device online or offline. After each change the
 monitor recomputes, per fleet, the share of reporting devices (a telemetry window, not offline) whose
@@ -118,6 +119,14 @@ def _text(payload: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _stream(payload: Mapping[str, Any]) -> str:
+    """The outbox stream id next to ``seq``; ``''`` when absent (an agent older than the field)."""
+    stream = payload.get("stream", "")
+    if not isinstance(stream, str) or (stream and not _ID.match(stream)):
+        raise Malformed(f"'stream' must be 1-64 letters, digits, '-' or '_', got {stream!r:.80}")
+    return stream
+
+
 def _check_device(payload: Mapping[str, Any], device: str) -> None:
     if "device_id" in payload and payload["device_id"] != device:
         raise Malformed(f"'device_id' {payload['device_id']!r:.80} is not the topic's device {device!r}")
@@ -202,14 +211,15 @@ def parse_telemetry(fleet: str, device: str, raw: bytes, min_samples: int = MIN_
         model_version=_int(payload, "model_version", optional=True), n=n,
         requests=_int(payload, "requests", optional=True), errors=_int(payload, "errors"),
         rss_mb=_number(payload.get("rss_mb"), "rss_mb", optional=True, minimum=0.0), **quantiles,
-        sketch=sketch.to_dict(), drift=drift, alarm=window_alarm(drift, n, min_samples))
+        sketch=sketch.to_dict(), drift=drift, alarm=window_alarm(drift, n, min_samples), stream=_stream(payload))
 
 
 def parse_event(raw: bytes, device: str) -> tuple[int, str, float | None, dict[str, Any]]:
-    """An event -> (seq, type, ts, payload)."""
+    """An event -> (seq, type, ts, payload); its stream is ``payload["stream"]`` (validated here)."""
     payload = _json_object(raw, "events")
     _check_device(payload, device)
     seq = _int(payload, "seq", minimum=1)
+    _stream(payload)
     kind = payload.get("type")
     if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
         raise Malformed(f"'type' must be a name of 1-64 letters, digits, '_', '-' or '.', got {kind!r:.80}")
@@ -218,10 +228,13 @@ def parse_event(raw: bytes, device: str) -> tuple[int, str, float | None, dict[s
 
 # -- the fleet drift share, kept incrementally ---------------------------------------------------
 class _Tally:
-    """Per fleet: every device's latest window seq, its alarm, and whether it is offline; the counts."""
+    """Per fleet: every device's latest window position, its alarm, and whether it is offline; the counts.
+
+    A window's position is (stream epoch, seq): a re-flashed device's new stream (higher epoch) restarts
+    seq at 1 and is still newer than everything of its old one."""
 
     def __init__(self) -> None:
-        self.devices: dict[str, list[Any]] = {}  # device -> [latest seq | None, alarm, offline]
+        self.devices: dict[str, list[Any]] = {}  # device -> [latest (epoch, seq) | None, alarm, offline]
         self.reporting = 0
         self.alarmed = 0
 
@@ -230,21 +243,21 @@ class _Tally:
         counted = entry[0] is not None and not entry[2]
         return int(counted), int(counted and entry[1])
 
-    def update(self, device: str, *, seq: int | None = None, alarm: bool | None = None,
+    def update(self, device: str, *, position: tuple[int, int] | None = None, alarm: bool | None = None,
                offline: bool | None = None) -> bool:
         """Apply one change (a window only if newer than the latest); True if the counts may have moved."""
         entry = self.devices.setdefault(device, [None, False, False])
         before = self._weight(entry)
-        if seq is not None:
-            if entry[0] is not None and seq <= entry[0]:
+        if position is not None:
+            if entry[0] is not None and position <= entry[0]:
                 return False  # an older window arriving late is not the latest
-            entry[0], entry[1] = seq, bool(alarm)
+            entry[0], entry[1] = position, bool(alarm)
         if offline is not None:
             entry[2] = offline
         after = self._weight(entry)
         self.reporting += after[0] - before[0]
         self.alarmed += after[1] - before[1]
-        return after != before or seq is not None
+        return after != before or position is not None
 
     @property
     def share(self) -> float:
@@ -259,7 +272,9 @@ class FleetMonitor:
 
     ``start()`` runs it in paho's background thread (``stop()`` ends it), ``run_forever()`` blocks until
     Ctrl-C or ``stop()``. ``on_notice(kind, info)`` is called (from the network thread) for ``status``
-    changes and for ``fleet_drift_alarm`` / ``fleet_drift_cleared``. ``stats`` counts messages:
+    changes and for ``fleet_drift_alarm`` / ``fleet_drift_cleared``; ``on_stored(kind)`` after every message
+    committed to the store (``status``, ``telemetry``, ``events``; not duplicates), so a reader such as the
+    dashboard refreshes only when there is something new. ``stats`` counts messages:
     ``processed``, ``telemetry``, ``events``, ``status``, ``duplicates``, ``malformed``, ``store_errors``.
     """
 
@@ -267,7 +282,8 @@ class FleetMonitor:
                  fleet: str = "+", *, ca_file: Path | str | None = None, client_id: str | None = None,
                  alarm_threshold: float = DEFAULT_ALARM_THRESHOLD, min_samples: int = MIN_PSI_SAMPLES,
                  session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
-                 retention_s: float | None = 30 * 86400, on_notice: Notice | None = None) -> None:
+                 retention_s: float | None = 30 * 86400, on_notice: Notice | None = None,
+                 on_stored: Callable[[str], None] | None = None) -> None:
         try:
             self.host, self.port, self.tls = parse_broker(broker_url, "broker")
         except (AgentError, ValueError):
@@ -281,7 +297,7 @@ class FleetMonitor:
         self.broker_url, self.fleet = broker_url, fleet
         self.alarm_threshold, self.min_samples = float(alarm_threshold), int(min_samples)
         self.session_expiry_s, self.keepalive_s, self.retention_s = int(session_expiry_s), int(keepalive_s), retention_s
-        self.on_notice = on_notice
+        self.on_notice, self.on_stored = on_notice, on_stored
         self.topics = [f"edge/v1/{fleet}/+/{kind}" for kind in KINDS]
         self.store = FleetStore(db_path)
         self.client_id = client_id or self.store.client_id
@@ -393,7 +409,7 @@ class FleetMonitor:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         topic, payload = message.topic, bytes(message.payload)
         try:
-            self._handle(topic, payload, bool(message.retain))
+            stored = self._handle(topic, payload, bool(message.retain))
         except Malformed as exc:
             self.stats["malformed"] += 1
             log.warning("malformed message on %s: %s", topic, exc)
@@ -409,37 +425,43 @@ class FleetMonitor:
         except Exception:  # a bug must not take the monitor down; acknowledge so it cannot loop
             self.stats["errors"] += 1
             log.exception("failed to handle the message on %s", topic)
+        else:
+            if stored is not None and self.on_stored is not None:
+                self._callback(self.on_stored, stored)
         client.ack(message.mid, message.qos)
         self.stats["processed"] += 1
 
     # -- handling ------------------------------------------------------------------------------------
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> str | None:
+        """Validate and store one message; returns its kind if something was stored, None if not."""
         fleet, device, kind = parse_topic(topic)
         if self.fleet != "+" and fleet != self.fleet:
-            return  # a subscription left in the persistent session by an earlier run with another --fleet
+            return None  # a subscription left in the persistent session by an earlier run with another --fleet
         now = time.time()
         if kind == "status":
             if not payload:  # a cleared retained status (device decommissioned): nothing to record
-                return
+                return None
             self._status(fleet, device, parse_status(payload, device), None if retained else now)
         elif kind == "telemetry":
             record = parse_telemetry(fleet, device, payload, self.min_samples)
-            if not self.store.insert_telemetry(record, now):
+            epoch = self.store.insert_telemetry(record, now)
+            if epoch is None:
                 self.stats["duplicates"] += 1
-                return
+                return None
             self.stats["telemetry"] += 1
-            if self._tally(fleet).update(device, seq=record.seq, alarm=record.alarm):
+            if self._tally(fleet).update(device, position=(epoch, record.seq), alarm=record.alarm):
                 self._evaluate(fleet)
             self._maybe_prune(now)
         else:
             seq, event_type, ts, body = parse_event(payload, device)
-            if not self.store.insert_event(fleet, device, seq, event_type, body, ts, now):
+            if not self.store.insert_event(fleet, device, seq, event_type, body, ts, now, _stream(body)):
                 self.stats["duplicates"] += 1
-                return
+                return None
             self.stats["events"] += 1
             if event_type in ("drift_alarm", "rollback", "rejected", "error"):
                 log.info("%s/%s event %s: %s", fleet, device, event_type,
                          body.get("reason") or {k: body.get(k) for k in ("psi_max", "ph_alarm") if k in body})
+        return kind
 
     def _status(self, fleet: str, device: str, status: dict[str, Any], seen_at: float | None) -> None:
         state = status.pop("state")
@@ -484,16 +506,21 @@ class FleetMonitor:
 
     def _notify(self, kind: str, info: dict[str, Any]) -> None:
         if self.on_notice is not None:
-            try:
-                self.on_notice(kind, info)
-            except Exception:
-                log.exception("on_notice failed")
+            self._callback(self.on_notice, kind, info)
+
+    @staticmethod
+    def _callback(function: Callable[..., None], *args: Any) -> None:
+        """A caller's hook must not take the monitor down."""
+        try:
+            function(*args)
+        except Exception:
+            log.exception("%s failed", getattr(function, "__name__", "a monitor callback"))
 
     def _load_state(self) -> None:
         """Rebuild the per-fleet tallies and alarm states from the store (a restarted monitor goes on)."""
         for row in self.store.devices(None if self.fleet == "+" else self.fleet):
             latest = row["latest"]
-            self._tally(row["fleet"]).update(row["device"], seq=latest["seq"] if latest else None,
+            self._tally(row["fleet"]).update(row["device"], position=(latest["epoch"], latest["seq"]) if latest else None,
                                              alarm=bool(latest and latest["alarm"]), offline=row["state"] == OFFLINE)
         for fleet, state in self.store.fleet_alarms().items():
             if self.fleet in ("+", fleet):

@@ -4,10 +4,16 @@ Tables
 ------
 ``devices``    one row per (fleet, device): ``state`` (online | offline | unknown: never seen a status),
                the model and agent the birth announced, ``last_seen`` (the monitor's clock when the
-               device's last fresh message arrived) and ``last_seq`` (highest seq received).
-``telemetry``  one row per telemetry window, ``PRIMARY KEY (fleet, device, seq)``: inserting a seq that
-               is already there is a no-op. That is the de-duplication: the agent delivers at least
-               once (it re-sends everything unacknowledged after a reconnect), so duplicates are normal.
+               device's last fresh message arrived), ``stream``/``epoch`` (its newest outbox stream) and
+               ``last_seq`` (highest seq received on that stream).
+``streams``    one row per (fleet, device, stream): the ``epoch`` (1, 2, ... per device, in order of first
+               sight) that orders a device's streams. A stream is one outbox file of the agent: its seq
+               restarts at 1 when a device is re-flashed (``toolchain flash --force``), so seq alone
+               cannot say which of two windows is newer, or which is a duplicate.
+``telemetry``  one row per telemetry window, ``PRIMARY KEY (fleet, device, stream, seq)``: inserting a
+               seq that is already there is a no-op. That is the de-duplication: the agent delivers at
+               least once (it re-sends everything unacknowledged after a reconnect), so duplicates are
+               normal. Messages of agents older than the stream id have the stream ``''``.
                The latency sketch and the drift report are kept as JSON; ``p50/p90/p99``, ``psi_max`` and
                ``alarm`` are columns for quick tables.
 ``events``     one row per event, same key. Fleet-level events raised by the monitor itself use the
@@ -20,8 +26,8 @@ Tables
 Times: ``window_start``/``window_end`` are the device's clock (when the window was measured);
 ``received_at``/``last_seen`` are the monitor's. Time ranges in the queries select on ``window_end``.
 
-Which window is a device's *latest*: the one with the highest seq (seqs rise per device and survive
-restarts; device clocks can be wrong). A window is *in alarm* by the agent's own rule
+Which window is a device's *latest*: the highest seq of its newest stream (highest epoch); seqs rise
+per stream and survive agent restarts, device clocks can be wrong. A window is *in alarm* by the agent's own rule
 (`runtime_agent.drift.alarm`): Page-Hinkley fired, or ``psi_max`` / ``prediction_psi`` >= 0.25 on a window of
 at least ``MIN_PSI_SAMPLES`` samples (a PSI of a few dozen samples is noise; see runtime_agent/drift.py).
 
@@ -46,7 +52,7 @@ from runtime_agent.drift import MIN_PSI_SAMPLES, alarm
 from runtime_agent.sketch import LatencySketch
 from toolchain.errors import ToolchainError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: outbox streams (the de-duplication key gained the stream)
 FLEET_DEVICE = "*"
 """Device column of fleet-level events (a device id is [A-Za-z0-9_-], so it can never collide)."""
 ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
@@ -57,20 +63,25 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     fleet TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'unknown',
     model_version INTEGER, model_name TEXT, agent_version TEXT, profile TEXT,
-    last_seen REAL, last_seq INTEGER, state_changed_at REAL,
+    last_seen REAL, last_seq INTEGER, state_changed_at REAL, stream TEXT, epoch INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (fleet, device));
+CREATE TABLE IF NOT EXISTS streams (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL, first_seen REAL NOT NULL,
+    PRIMARY KEY (fleet, device, stream));
 CREATE TABLE IF NOT EXISTS telemetry (
-    fleet TEXT NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL, received_at REAL NOT NULL,
+    fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL DEFAULT '', epoch INTEGER NOT NULL DEFAULT 1,
+    seq INTEGER NOT NULL, received_at REAL NOT NULL,
     window_start REAL NOT NULL, window_end REAL NOT NULL, model_version INTEGER,
     n INTEGER NOT NULL, requests INTEGER, errors INTEGER NOT NULL, rss_mb REAL,
     p50 REAL, p90 REAL, p99 REAL, psi_max REAL, alarm INTEGER NOT NULL,
     sketch TEXT NOT NULL, drift TEXT NOT NULL,
-    PRIMARY KEY (fleet, device, seq));
+    PRIMARY KEY (fleet, device, stream, seq));
 CREATE INDEX IF NOT EXISTS telemetry_window_end ON telemetry (fleet, window_end);
+CREATE INDEX IF NOT EXISTS telemetry_order ON telemetry (fleet, device, epoch, seq);
 CREATE TABLE IF NOT EXISTS events (
-    fleet TEXT NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL, received_at REAL NOT NULL,
-    ts REAL, type TEXT NOT NULL, payload TEXT NOT NULL,
-    PRIMARY KEY (fleet, device, seq));
+    fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL,
+    received_at REAL NOT NULL, ts REAL, type TEXT NOT NULL, payload TEXT NOT NULL,
+    PRIMARY KEY (fleet, device, stream, seq));
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 CREATE TABLE IF NOT EXISTS fleet_alarms (
     fleet TEXT PRIMARY KEY, active INTEGER NOT NULL, share REAL NOT NULL, in_alarm INTEGER NOT NULL,
@@ -79,6 +90,44 @@ CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, head TEXT NOT NULL);
 """
+
+# Schema 1 -> 2: the telemetry and events keys gain the stream, so both tables are rebuilt; every stored
+# message becomes stream '' (what a pre-stream agent sends), epoch 1.
+_MIGRATE_FROM_1 = """
+DROP INDEX IF EXISTS telemetry_window_end;
+DROP INDEX IF EXISTS events_received;
+ALTER TABLE telemetry RENAME TO telemetry_v1;
+ALTER TABLE events RENAME TO events_v1;
+ALTER TABLE devices ADD COLUMN stream TEXT;
+ALTER TABLE devices ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+""" + _SCHEMA + """
+INSERT INTO telemetry (fleet, device, seq, received_at, window_start, window_end, model_version, n, requests, errors,
+    rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift)
+    SELECT fleet, device, seq, received_at, window_start, window_end, model_version, n, requests, errors,
+    rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift FROM telemetry_v1;
+INSERT INTO events (fleet, device, seq, received_at, ts, type, payload)
+    SELECT fleet, device, seq, received_at, ts, type, payload FROM events_v1;
+INSERT INTO streams (fleet, device, stream, epoch, first_seen)
+    SELECT fleet, device, '', 1, MIN(received_at) FROM (SELECT fleet, device, received_at FROM telemetry_v1
+    UNION ALL SELECT fleet, device, received_at FROM events_v1 WHERE device != '*') GROUP BY fleet, device;
+UPDATE devices SET stream = '', epoch = 1 WHERE last_seq IS NOT NULL;
+DROP TABLE telemetry_v1;
+DROP TABLE events_v1;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+"""
+_MIGRATIONS = {1: _MIGRATE_FROM_1}
+
+
+def _fleet_version_order(item: tuple[tuple[str, int | None], Any]) -> tuple[str, bool, int]:
+    """Sort key of ``{(fleet, model_version): ...}`` items: by fleet, then version (unknown last)."""
+    (fleet, version), _ = item
+    return fleet, version is None, version or 0
+
+
+def _latest_rowid(outer: str) -> str:
+    """SQL for the rowid of the latest window (newest stream, then highest seq) of ``outer``'s device."""
+    return (f"(SELECT m.rowid FROM telemetry m WHERE m.fleet = {outer}.fleet AND m.device = {outer}.device "
+            "ORDER BY m.epoch DESC, m.seq DESC LIMIT 1)")
 
 
 def window_alarm(drift: Mapping[str, Any], n: int, min_samples: int = MIN_PSI_SAMPLES) -> bool:
@@ -111,6 +160,7 @@ class TelemetryRecord:
     sketch: dict[str, Any]
     drift: dict[str, Any]
     alarm: bool
+    stream: str = ""  # the agent's outbox stream ('' from agents older than the stream id)
 
     @property
     def psi_max(self) -> float | None:
@@ -169,9 +219,8 @@ class FleetStore:
                 raise ToolchainError(f"{self.path} is not a fleet database (written by `toolchain fleet monitor`)")
             if create:
                 self._init_schema()
-            elif not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() \
-                    or not conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
-                raise ToolchainError(f"{self.path} is not a fleet database (written by `toolchain fleet monitor`)")
+            else:
+                self._check_readable()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ToolchainError(f"{self.path} is not a usable fleet database: {exc}") from None
@@ -180,18 +229,49 @@ class FleetStore:
             raise
 
     # -- plumbing --------------------------------------------------------------------------------
+    def _schema_version(self) -> int | None:
+        """The file's schema version; None for a new (empty) file."""
+        conn = self._db()
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise ToolchainError(f"{self.path} has fleet schema {version}; this toolchain understands up to "
+                                 f"{SCHEMA_VERSION} (upgrade the toolchain)")
+
+    def _check_readable(self) -> None:
+        """Readers neither create nor upgrade: a file the monitor has not upgraded yet is an error."""
+        version = self._schema_version()
+        if version is None:
+            raise ToolchainError(f"{self.path} is not a fleet database (written by `toolchain fleet monitor`)")
+        self._refuse_newer(version)
+        if version < SCHEMA_VERSION:
+            raise ToolchainError(f"{self.path} has fleet schema {version} from an older toolchain; run "
+                                 f"`toolchain fleet monitor --db {self.path}` once to upgrade it")
+
     def _init_schema(self) -> None:
         with self._lock:
-            conn = self._conn
+            conn = self._db()
+            version = self._schema_version()
+            if version is not None:
+                self._refuse_newer(version)
+            while version is not None and version < SCHEMA_VERSION:
+                # One transaction per step (executescript runs the BEGIN/COMMIT inside the script).
+                try:
+                    conn.executescript(f"BEGIN IMMEDIATE;\n{_MIGRATIONS[version]}\nCOMMIT;")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                version = self._schema_version()
             conn.executescript(_SCHEMA)
             with self._tx() as db:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('client_id', ?)",
                            (f"fleet-monitor-{secrets.token_hex(6)}",))
-                version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise ToolchainError(f"{self.path} has fleet schema {version}; this toolchain understands up to "
-                                     f"{SCHEMA_VERSION} (upgrade the toolchain)")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -235,11 +315,31 @@ class FleetStore:
 
     # -- writes ----------------------------------------------------------------------------------
     @staticmethod
-    def _touch(db: sqlite3.Connection, fleet: str, device: str, seq: int | None, seen_at: float) -> None:
-        db.execute("INSERT INTO devices (fleet, device, last_seen, last_seq) VALUES (?, ?, ?, ?) "
+    def _touch(db: sqlite3.Connection, fleet: str, device: str, seen_at: float, stream: str | None = None,
+               epoch: int = 0, seq: int | None = None) -> None:
+        """Note a sign of life; with a message's (stream, epoch, seq), advance the device's newest stream and
+        its last seq (a message of an older stream, epoch below the device's, leaves them alone)."""
+        db.execute("INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES (?, ?, ?, ?, ?, ?) "
                    "ON CONFLICT (fleet, device) DO UPDATE SET last_seen = MAX(COALESCE(devices.last_seen, 0), excluded.last_seen), "
-                   "last_seq = MAX(COALESCE(devices.last_seq, 0), COALESCE(excluded.last_seq, 0))",
-                   (fleet, device, seen_at, seq))
+                   "last_seq = CASE WHEN excluded.epoch > devices.epoch THEN excluded.last_seq "
+                   "WHEN excluded.epoch = devices.epoch AND excluded.epoch > 0 "
+                   "THEN MAX(COALESCE(devices.last_seq, 0), excluded.last_seq) ELSE devices.last_seq END, "
+                   "stream = CASE WHEN excluded.epoch > devices.epoch THEN excluded.stream ELSE devices.stream END, "
+                   "epoch = MAX(devices.epoch, excluded.epoch)",
+                   (fleet, device, seen_at, seq, stream, epoch))
+
+    @staticmethod
+    def _epoch(db: sqlite3.Connection, fleet: str, device: str, stream: str, seen_at: float) -> int:
+        """The stream's epoch for this device; a stream seen for the first time gets the next one."""
+        row = db.execute("SELECT epoch FROM streams WHERE fleet = ? AND device = ? AND stream = ?",
+                         (fleet, device, stream)).fetchone()
+        if row is not None:
+            return int(row[0])
+        epoch = db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM streams WHERE fleet = ? AND device = ?",
+                           (fleet, device)).fetchone()[0]
+        db.execute("INSERT INTO streams (fleet, device, stream, epoch, first_seen) VALUES (?, ?, ?, ?, ?)",
+                   (fleet, device, stream, epoch, seen_at))
+        return int(epoch)
 
     def update_status(self, fleet: str, device: str, state: str, *, seen_at: float | None = None,
                       **fields: Any) -> tuple[str | None, int | None]:
@@ -265,35 +365,40 @@ class FleetStore:
                 db.execute(f"UPDATE devices SET {assignments} WHERE fleet = ? AND device = ?",
                            (*fields.values(), fleet, device))
             if seen_at is not None:
-                self._touch(db, fleet, device, None, seen_at)
+                self._touch(db, fleet, device, seen_at)
         return (previous, row[1] if row else None)
 
-    def insert_telemetry(self, record: TelemetryRecord, received_at: float | None = None) -> bool:
-        """Store one window; False (and nothing changed) if this (fleet, device, seq) is already stored."""
+    def insert_telemetry(self, record: TelemetryRecord, received_at: float | None = None) -> int | None:
+        """Store one window and return its stream's epoch (>= 1: windows order by (epoch, seq)); None (and
+        nothing changed) if this (fleet, device, stream, seq) is already stored."""
         received_at = time.time() if received_at is None else received_at
         with self._tx() as db:
+            epoch = self._epoch(db, record.fleet, record.device, record.stream, received_at)
             inserted = db.execute(
-                "INSERT OR IGNORE INTO telemetry (fleet, device, seq, received_at, window_start, window_end, model_version, "
-                "n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.fleet, record.device, record.seq, received_at, record.window_start, record.window_end,
-                 record.model_version, record.n, record.requests, record.errors, record.rss_mb, record.p50, record.p90,
-                 record.p99, record.psi_max, int(record.alarm), json.dumps(record.sketch, separators=(",", ":")),
-                 json.dumps(record.drift, separators=(",", ":")))).rowcount == 1
+                "INSERT OR IGNORE INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
+                "model_version, n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.fleet, record.device, record.stream, epoch, record.seq, received_at, record.window_start,
+                 record.window_end, record.model_version, record.n, record.requests, record.errors, record.rss_mb,
+                 record.p50, record.p90, record.p99, record.psi_max, int(record.alarm),
+                 json.dumps(record.sketch, separators=(",", ":")), json.dumps(record.drift, separators=(",", ":")))).rowcount == 1
             if inserted:
-                self._touch(db, record.fleet, record.device, record.seq, received_at)
-        return inserted
+                self._touch(db, record.fleet, record.device, received_at, record.stream, epoch, record.seq)
+        return epoch if inserted else None
 
     def insert_event(self, fleet: str, device: str, seq: int, kind: str, payload: Mapping[str, Any],
-                     ts: float | None = None, received_at: float | None = None) -> bool:
-        """Store one device event; False if this (fleet, device, seq) is already stored."""
+                     ts: float | None = None, received_at: float | None = None, stream: str = "") -> bool:
+        """Store one device event; False if this (fleet, device, stream, seq) is already stored."""
         received_at = time.time() if received_at is None else received_at
         with self._tx() as db:
             inserted = db.execute(
-                "INSERT OR IGNORE INTO events (fleet, device, seq, received_at, ts, type, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (fleet, device, seq, received_at, ts, kind, json.dumps(dict(payload), separators=(",", ":")))).rowcount == 1
+                "INSERT OR IGNORE INTO events (fleet, device, stream, seq, received_at, ts, type, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (fleet, device, stream, seq, received_at, ts, kind,
+                 json.dumps(dict(payload), separators=(",", ":")))).rowcount == 1
             if inserted and device != FLEET_DEVICE:
-                self._touch(db, fleet, device, seq, received_at)
+                epoch = self._epoch(db, fleet, device, stream, received_at)
+                self._touch(db, fleet, device, received_at, stream, epoch, seq)
         return inserted
 
     def add_fleet_event(self, fleet: str, kind: str, payload: Mapping[str, Any]) -> int:
@@ -328,8 +433,7 @@ class FleetStore:
         window; returns the number of windows deleted."""
         with self._tx() as db:
             return db.execute(
-                "DELETE FROM telemetry WHERE received_at < ? AND seq < "
-                "(SELECT MAX(t.seq) FROM telemetry t WHERE t.fleet = telemetry.fleet AND t.device = telemetry.device)",
+                f"DELETE FROM telemetry WHERE received_at < ? AND rowid != {_latest_rowid('telemetry')}",
                 (before,)).rowcount
 
     # -- queries ---------------------------------------------------------------------------------
@@ -345,11 +449,11 @@ class FleetStore:
         where, params = ("WHERE d.fleet = ?", (fleet,)) if fleet else ("", ())
         rows = self._rows(
             "SELECT d.fleet, d.device, d.state, d.model_version, d.model_name, d.agent_version, d.profile, d.last_seen, "
-            "d.last_seq, d.state_changed_at, t.seq AS w_seq, t.window_start AS w_start, t.window_end AS w_end, "
+            "d.last_seq, d.stream, d.state_changed_at, t.seq AS w_seq, t.stream AS w_stream, t.epoch AS w_epoch, t.window_start AS w_start, t.window_end AS w_end, "
             "t.model_version AS w_model_version, t.n AS w_n, t.requests AS w_requests, t.errors AS w_errors, "
             "t.rss_mb AS w_rss_mb, t.p50 AS w_p50, t.p90 AS w_p90, t.p99 AS w_p99, t.psi_max AS w_psi_max, t.alarm AS w_alarm "
-            "FROM devices d LEFT JOIN telemetry t ON t.fleet = d.fleet AND t.device = d.device AND t.seq = "
-            "(SELECT MAX(seq) FROM telemetry m WHERE m.fleet = d.fleet AND m.device = d.device) "
+            "FROM devices d LEFT JOIN telemetry t ON t.fleet = d.fleet AND t.device = d.device AND t.rowid = "
+            f"{_latest_rowid('d')} "
             f"{where} ORDER BY d.fleet, d.device", params)
         result = []
         for row in rows:
@@ -363,14 +467,14 @@ class FleetStore:
         return result
 
     def telemetry(self, fleet: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
-        """Stored windows (sketch and drift decoded), oldest seq first."""
+        """Stored windows (sketch and drift decoded), per device oldest first (by stream epoch, then seq)."""
         clauses, params = [], []
         for column, value in (("fleet", fleet), ("device", device)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._rows(f"SELECT * FROM telemetry {where} ORDER BY fleet, device, seq", params)
+        rows = self._rows(f"SELECT * FROM telemetry {where} ORDER BY fleet, device, epoch, seq", params)
         for row in rows:
             row["sketch"], row["drift"], row["alarm"] = json.loads(row["sketch"]), json.loads(row["drift"]), bool(row["alarm"])
         return rows
@@ -404,7 +508,7 @@ class FleetStore:
         for row in self._sketch_rows(fleet, None, None, since, until, "fleet, model_version, sketch"):
             groups.setdefault((row["fleet"], row["model_version"]), []).append(json.loads(row["sketch"]))
         return [{"fleet": f, "model_version": v, **merge_sketches(s).summary()}
-                for (f, v), s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0))]
+                for (f, v), s in sorted(groups.items(), key=_fleet_version_order)]
 
     def latency_by_fleet(self, since: float | None = None, until: float | None = None) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[dict[str, Any]]] = {}
@@ -412,8 +516,28 @@ class FleetStore:
             groups.setdefault(row["fleet"], []).append(json.loads(row["sketch"]))
         return {fleet: merge_sketches(sketches).summary() for fleet, sketches in sorted(groups.items())}
 
+    def latency_series(self, since: float, until: float, buckets: int = 60,
+                       fleet: str | None = None) -> list[dict[str, Any]]:
+        """Latency over time per (fleet, model_version): ``[since, until]`` cut into ``buckets`` equal slices
+        of window_end; per slice with data, the exact merge of its windows' sketches (``t``: the slice's
+        end). For a chart: the merged percentiles of a slice, not an average of device percentiles."""
+        if not until > since or buckets < 1:
+            raise ValueError(f"need until > since and buckets >= 1, got [{since}, {until}] and {buckets}")
+        width = (until - since) / buckets
+        groups: dict[tuple[str, int | None], dict[int, list[dict[str, Any]]]] = {}
+        for row in self._sketch_rows(fleet, None, None, since, until, "fleet, model_version, window_end, sketch"):
+            index = min(buckets - 1, int((row["window_end"] - since) / width))
+            slices = groups.setdefault((row["fleet"], row["model_version"]), {})
+            slices.setdefault(index, []).append(json.loads(row["sketch"]))
+        series = []
+        for (name, version), slices in sorted(groups.items(), key=_fleet_version_order):
+            points = [{"t": since + (index + 1) * width, **merge_sketches(sketches).summary()}
+                      for index, sketches in sorted(slices.items())]
+            series.append({"fleet": name, "model_version": version, "points": points})
+        return series
+
     def latest_windows(self, fleet: str | None = None, include_offline: bool = False) -> list[dict[str, Any]]:
-        """Each device's latest window (highest seq) with the device's state; offline devices left out
+        """Each device's latest window (newest stream, highest seq) with the device's state; offline devices left out
         unless asked (their last window is stale)."""
         where = ["1"]
         params: list[Any] = []
@@ -423,9 +547,9 @@ class FleetStore:
         if not include_offline:
             where.append("d.state != 'offline'")
         rows = self._rows(
-            "SELECT t.fleet, t.device, t.seq, t.n, t.alarm, t.psi_max, t.drift, d.state FROM telemetry t "
+            "SELECT t.fleet, t.device, t.stream, t.epoch, t.seq, t.n, t.alarm, t.psi_max, t.drift, d.state FROM telemetry t "
             "JOIN devices d ON d.fleet = t.fleet AND d.device = t.device "
-            "WHERE t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.fleet = t.fleet AND m.device = t.device) "
+            f"WHERE t.rowid = {_latest_rowid('t')} "
             f"AND {' AND '.join(where)} ORDER BY t.fleet, t.device", params)
         for row in rows:
             row["drift"], row["alarm"] = json.loads(row["drift"]), bool(row["alarm"])
@@ -464,13 +588,18 @@ class FleetStore:
                 for row in self._rows("SELECT * FROM fleet_alarms ORDER BY fleet")}
 
     def recent_events(self, limit: int = 20, fleet: str | None = None, device: str | None = None,
-                      kind: str | None = None) -> list[dict[str, Any]]:
-        """Newest first (by arrival); ``payload`` decoded."""
+                      kind: str | None = None, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Newest first (by arrival); ``payload`` decoded. ``kinds``: any of these types (e.g. the rollout
+        events a dashboard lists)."""
         clauses, params = [], []
         for clause, value in (("fleet = ?", fleet), ("device = ?", device), ("type = ?", kind)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
+        if kinds is not None:
+            kinds = list(kinds)
+            clauses.append(f"type IN ({', '.join('?' * len(kinds))})" if kinds else "0")
+            params.extend(kinds)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._rows(f"SELECT * FROM events {where} ORDER BY received_at DESC, seq DESC LIMIT ?", [*params, int(limit)])
         for row in rows:

@@ -1,0 +1,89 @@
+"""Helpers of the fleet tests: publishing as a device (real agent payloads, a plain MQTT client), the
+monitor started in-process, and waiting for a condition."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from runtime_agent.agent import Agent
+from runtime_agent.config import load_agent_config
+from tests.conftest import Build, provision_device
+from toolchain.broker import ManagedBroker
+from toolchain.fleet.monitor import FleetMonitor
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Injector:
+    """A plain MQTT client that publishes what a device (or a broken device) would."""
+
+    def __init__(self, managed: ManagedBroker, client_id: str = "injector", username: str | None = None,
+                 password: str | None = None) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.connect(managed.host, managed.port)
+        self.client.loop_start()
+        self.sent = 0
+
+    def publish(self, topic: str, payload: dict | bytes, retain: bool = False) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        info = self.client.publish(topic, data, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        self.sent += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def agent_payloads(build: Build, folder: Path) -> dict[str, dict]:
+    """A telemetry window and a birth exactly as the agent makes them (in-process, real onnxruntime); for a
+    module-scoped fixture of the tests that publish as devices."""
+    device = provision_device(folder, build, "mqtt://127.0.0.1:1", "tmpl")
+    agent = Agent(load_agent_config(device))
+    agent.load()
+    agent.infer(np.random.default_rng(0).uniform(0, 16, (8, 1, 8, 8)).astype(np.float32))
+    telemetry = agent.close_window()
+    birth = agent.birth()
+    agent.outbox.close()
+    assert telemetry["latency"]["count"] == 1 and set(telemetry["drift"]["psi"]) == {f"x{i}" for i in range(64)}
+    return {"telemetry": telemetry, "birth": birth}
+
+
+def telemetry(template: dict, device: str, seq: int, psi: float = 0.02, n: int = 500, stream: str | None = None,
+              **drift: Any) -> dict:
+    """The real payload with this device, seq and drift statistics (PSI `psi` on feature x5, 0.01 elsewhere);
+    ``stream`` None: no stream field, as from an agent older than outbox streams."""
+    payload = copy.deepcopy(template)
+    values = {name: 0.01 for name in payload["drift"]["psi"]}
+    values["x5"] = psi
+    payload.update(device_id=device, seq=seq, n=n, stream=stream)
+    if stream is None:
+        del payload["stream"]
+    payload["drift"].update({"psi": values, "psi_max": max(values.values()), "prediction_psi": 0.01, "ph_alarm": False,
+                             "n": n, **drift})
+    return payload
+
+
+def started_monitor(managed: ManagedBroker, db: Path, **kwargs: Any) -> FleetMonitor:
+    monitor = FleetMonitor(managed.url, db, **kwargs).start()
+    assert monitor.wait_connected(10), "the monitor could not subscribe"
+    return monitor
