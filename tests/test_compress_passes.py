@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -29,6 +30,8 @@ from toolchain.data import load_dataset
 from toolchain.passes.distill import DistillPass, count_macs_params, module_cost, width_kwargs, scale_widths
 from toolchain.passes.export_onnx import ExportOnnxPass, export_module
 from toolchain.passes.prune import PrunePass, prune_module
+from toolchain.passes.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.quantize_qat import QuantizeQatPass
 from toolchain.passes.train import TrainPass
 from toolchain.targets import load_profile_file, resolve_target
 from toolchain.workflow import BuildContext, plan_passes, run_passes
@@ -285,3 +288,34 @@ def test_auto_ratio_caps_at_0_7_with_a_note_when_no_ratio_meets_the_budget(teach
     assert report["ratio"] == 0.7 and [row["ratio"] for row in report["search"]] == [0.7]
     assert not report["search"][0]["meets_budget"]
     assert [n for n in ctx.notes if n.startswith("pruning: even a ratio of 0.7 misses the 0.001 ms latency budget of tight-pi")]
+
+
+class OutlierChannel:
+    """Make one channel 1000x louder before the second conv and 1000x quieter inside it: the float
+    function is unchanged, but that channel stretches the per-tensor activation range so far that
+    static INT8 rounds every other channel to zero (a known way PTQ fails)."""
+
+    name = "outlier-channel"
+
+    def run(self, artifact, ctx):
+        body = artifact.module[1]
+        norm, conv = body[1], body[3]
+        with torch.no_grad():
+            norm.weight[0] *= 1000
+            norm.bias[0] *= 1000
+            conv.weight[:, 0] /= 1000
+        return artifact
+
+
+def test_qat_recovers_a_cnn_that_static_int8_breaks(teacher, tmp_path: Path) -> None:
+    _, dataset, trained = teacher
+    artifact, ctx = branch(teacher, tmp_path, "", [OutlierChannel(), ExportOnnxPass(), QuantizeInt8Pass(), QuantizeQatPass()])
+    report = artifact.metrics["qat"]
+    assert report["validation_int8_drop"] > 0.5, report["decision"]  # static INT8 collapses
+    assert report["validation_qat_drop"] <= ctx.config.compress.max_accuracy_drop, report["decision"]
+    assert report["ranges"][1]["quantile"] < 1.0  # the second conv's input range was clipped
+    x, y = dataset.x_test, dataset.y_test
+    accuracy = lambda path: float((onnx_logits(path, x).argmax(1) == y).mean())  # noqa: E731
+    assert accuracy(artifact.reference.path) - accuracy(artifact.candidate("onnx-int8-qat").path) <= 0.02
+    # BatchNorm was folded before training, as the export folds it: no BatchNormalization in the QAT graph.
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(artifact.candidate("onnx-int8-qat").path)).graph.node)

@@ -141,7 +141,9 @@ class CompressSection(_Section):
     prune_ratio: float | Literal["auto"] = Field(default=0.0)
     finetune_epochs: int | None = Field(default=None, ge=1)
     quantize: list[Literal["int8", "fp16", "dynamic"]] = Field(default_factory=lambda: ["int8", "fp16"])
-    mixed: bool = True  # keep the most sensitive layers in float when INT8 misses the gate
+    qat: bool = True  # quantization-aware training when static INT8 misses the gate on validation
+    qat_epochs: int | None = Field(default=None, ge=1)  # default: as finetune_epochs
+    mixed: bool = True  # keep the most sensitive layers in float when INT8 (static and QAT) misses the gate
     max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
     min_speedup: float = Field(default=1.05, ge=1.0)
     calibration_samples: int = Field(default=256, ge=8)

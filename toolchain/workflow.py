@@ -81,6 +81,7 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     from toolchain.passes.quantize_fp16 import QuantizeFp16Pass
     from toolchain.passes.quantize_int8 import QuantizeInt8Pass
     from toolchain.passes.quantize_mixed import MixedPrecisionPass
+    from toolchain.passes.quantize_qat import QuantizeQatPass
     from toolchain.passes.report import ReportPass
     from toolchain.passes.search import SearchPass
     from toolchain.passes.distill import DistillPass
@@ -91,6 +92,8 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     quantizers = {"int8": (QuantizeInt8Pass, "int8"), "dynamic": (QuantizeDynamicPass, "int8"), "fp16": (QuantizeFp16Pass, "fp16")}
     chosen = [key for key in config.compress.quantize if quantizers[key][1] in profile.precisions]
     quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
+    if "int8" in chosen and config.compress.qat:
+        quantize.append(QuantizeQatPass())
     if "int8" in chosen and config.compress.mixed:
         quantize.append(MixedPrecisionPass())
     compress: list[Pass] = [DistillPass()] if config.compress.distill else []

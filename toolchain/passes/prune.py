@@ -36,7 +36,7 @@ from torch import nn
 
 from toolchain.artifact import Artifact
 from toolchain.passes.distill import module_cost
-from toolchain.passes.train import validation_accuracy
+from toolchain.passes.train import finetune, validation_accuracy
 from toolchain.workflow import BuildContext
 
 MAX_AUTO_RATIO = 0.7
@@ -81,8 +81,6 @@ class PrunePass:
     name: ClassVar[str] = "prune"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        from toolchain.passes.train import fit, training_settings
-
         compress = ctx.config.compress
         module: nn.Module = artifact.module.cpu().eval()
         shape = ctx.dataset.input_shape
@@ -130,18 +128,9 @@ class PrunePass:
                               f"classifier {', '.join(ignored)}); the unpruned model is kept")
 
         after["val_accuracy_before_finetune"] = round(validation_accuracy(pruned, ctx.dataset), 5)
-        settings = training_settings(ctx)
-        epochs = compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
-        patience = min(ctx.config.train.patience or ctx.settings.patience, epochs)
-        lr = settings["lr"] * FINETUNE_LR_SCALE
-        teacher = artifact.teacher
         with ctx.console.status(f"  fine-tuning the {ratio:g}-pruned model"):
-            result = fit(pruned, ctx.dataset.x_train, ctx.dataset.y_train, ctx.dataset.x_val, ctx.dataset.y_val,
-                         lr=lr, weight_decay=settings["weight_decay"], batch_size=int(settings["batch_size"]),
-                         max_epochs=int(epochs), patience=patience, seed=ctx.seed, teacher=teacher,
-                         temperature=compress.temperature, alpha=compress.alpha)
-        if teacher is not None:
-            teacher.cpu().eval()
+            result, finetuned = finetune(pruned, ctx, lr_scale=FINETUNE_LR_SCALE, teacher=artifact.teacher)
+        teacher = artifact.teacher
         pruned = result.module
         after.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch, epochs_run=len(result.history))
 
@@ -178,7 +167,7 @@ class PrunePass:
             "reference_val_accuracy": reference,
             "accuracy_drop": round(drop, 5),
             "max_accuracy_drop": compress.max_accuracy_drop,
-            "finetune": {"max_epochs": int(epochs), "patience": patience, "lr": lr, "distilled_from_teacher": teacher is not None},
+            "finetune": finetuned,
             "history": result.history,
         }
         ctx.console.print(f"  ratio {ratio:g} ({reason.split(':')[0]}): params {before['parameters']:,} -> {after['parameters']:,}, "

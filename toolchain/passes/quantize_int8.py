@@ -50,14 +50,17 @@ def activation_scheme(providers: tuple[str, ...]) -> ActivationScheme:
 
 
 def quantize_int8(fp32: Path, output: Path, samples: np.ndarray, providers: tuple[str, ...],
-                  exclude: list[str] | None = None) -> ActivationScheme:
-    """Static QDQ INT8 of `fp32` (already pre-processed) into `output`; `exclude` nodes stay float."""
+                  exclude: list[str] | None = None, ranges: dict[str, tuple[float, float]] | None = None) -> ActivationScheme:
+    """Static QDQ INT8 of `fp32` (already pre-processed) into `output`; `exclude` nodes stay float;
+    `ranges` fixes the float range of named tensors instead of calibrating it (learned by QAT)."""
     activations = activation_scheme(providers)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
+    overrides = {name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in (ranges or {}).items()}
     quantize_static(str(fp32), str(output), ArrayCalibrationReader("input", samples),
                     quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=activations.type, nodes_to_exclude=list(exclude or []),
-                    extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True,
+                                   "TensorQuantOverrides": overrides})
     return activations
 
 

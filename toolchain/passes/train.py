@@ -123,6 +123,26 @@ def training_settings(ctx: BuildContext) -> dict[str, Any]:
     return settings
 
 
+def finetune(module: nn.Module, ctx: BuildContext, *, lr_scale: float, epochs: int | None = None,
+             teacher: nn.Module | None = None) -> tuple[FitResult, dict[str, Any]]:
+    """Continue training an already trained (pruned, fake-quantized, ...) module: `fit` at `lr_scale` times
+    the training learning rate for `epochs` (default: the config's `finetune_epochs`, else a quarter of
+    the budget's epochs, at least 5), distilling from `teacher` when given. Returns the result and the
+    settings used, for the report."""
+    settings = training_settings(ctx)
+    compress = ctx.config.compress
+    epochs = epochs or compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
+    patience = min(ctx.config.train.patience or ctx.settings.patience, epochs)
+    lr = settings["lr"] * lr_scale
+    result = fit(module, ctx.dataset.x_train, ctx.dataset.y_train, ctx.dataset.x_val, ctx.dataset.y_val,
+                 lr=lr, weight_decay=settings["weight_decay"], batch_size=int(settings["batch_size"]),
+                 max_epochs=int(epochs), patience=patience, seed=ctx.seed, teacher=teacher,
+                 temperature=compress.temperature, alpha=compress.alpha)
+    if teacher is not None:
+        teacher.cpu().eval()
+    return result, {"max_epochs": int(epochs), "patience": patience, "lr": lr, "distilled_from_teacher": teacher is not None}
+
+
 def model_overrides(ctx: BuildContext) -> dict[str, Any]:
     return {k: v for k, v in ctx.hparams.items() if k not in TRAIN_PARAMS}
 
