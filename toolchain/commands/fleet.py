@@ -1,8 +1,9 @@
-"""`toolchain fleet monitor|status`: watch a fleet over MQTT into a SQLite file, and read that file.
+"""`toolchain fleet monitor|dashboard|status`: watch a fleet over MQTT into a SQLite file, and read that file.
 
 `monitor` keeps a persistent MQTT session (the broker queues for it while it is down) and writes every
 status, telemetry window and event into the database; it prints one line per device status change and
-per fleet drift alarm. `status` reads the database (another process may be writing it: WAL) and
+per fleet drift alarm. `dashboard` is the monitor serving a live web page too (`toolchain.fleet.dashboard`).
+`status` reads the database (another process may be writing it: WAL) and
 prints the device table, the merged latency per model version, and each fleet's drift alarm share.
 Errors the user can fix are `ToolchainError`s, printed by the main CLI as one line.
 """
@@ -28,6 +29,7 @@ from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Monitor a fleet of devices: status, latency and drift over MQTT.", no_args_is_help=True)
 DEFAULT_DB = Path("fleet.sqlite")
+DASHBOARD_PORT = 8765
 
 DbOption = Annotated[Path, typer.Option("--db", help="the fleet database (SQLite) the monitor writes")]
 
@@ -52,8 +54,8 @@ def _notice_line(kind: str, info: dict[str, Any]) -> str:
     return f"{_stamp()} {kind}: {info}"
 
 
-@app.command()
 def monitor(
+    ctx: typer.Context,
     broker: Annotated[str, typer.Option(help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT")],
     db: DbOption = DEFAULT_DB,
     username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
@@ -62,25 +64,44 @@ def monitor(
     fleet: Annotated[str, typer.Option(help="fleet name, or + for every fleet")] = "+",
     threshold: Annotated[float, typer.Option(help="fleet drift alarm: share of reporting devices in alarm")] = 0.3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every connection and event")] = False,
+    host: Annotated[str, typer.Option(help="dashboard: address to serve the web page on")] = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option(
+        "--port", "--dashboard-port",
+        help=f"dashboard: port of the web page (0: any free one). `fleet dashboard`: {DASHBOARD_PORT} unless given; "
+             "`fleet monitor`: serves the dashboard only when given")] = None,
 ) -> None:
     """Listen to the fleet until Ctrl-C; one line per status change and per fleet drift alarm."""
+    from toolchain.fleet.dashboard import FleetDashboard
     from toolchain.fleet.monitor import FleetMonitor
 
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     password = read_password(password_file, username)
+    if ctx.info_name == "dashboard" and port is None:
+        port = DASHBOARD_PORT
+    # The dashboard binds its port first: a port in use fails before the database is created.
+    page = None if port is None else FleetDashboard(db, host, port, stats=lambda: dict(watcher.stats))
 
     def notice(kind: str, info: dict[str, Any]) -> None:
         print(_notice_line(kind, info), flush=True)
 
-    watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
-                           on_notice=notice)
+    try:
+        watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
+                               on_notice=notice, on_stored=page.notify if page else None)
+        if page is not None:
+            page.start()
+    except BaseException:
+        if page is not None:
+            page.stop()
+        raise
 
     def terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
     try:
+        if page is not None:
+            print(f"{_stamp()} dashboard at {page.url}", flush=True)
         watcher.start()
         if watcher.wait_connected(10):
             print(f"{_stamp()} monitoring {'every fleet' if fleet == '+' else 'fleet ' + fleet} on {broker} "
@@ -92,8 +113,18 @@ def monitor(
         pass
     finally:
         watcher.stop()
+        if page is not None:
+            page.stop()
     print(f"{_stamp()} stopped; processed {watcher.stats['processed']} messages "
           f"({watcher.stats['duplicates']} duplicates, {watcher.stats['malformed']} malformed)", flush=True)
+
+
+# One implementation, two commands: the dashboard is the monitor with its web page on (same options).
+app.command("monitor")(monitor)
+app.command("dashboard", help=(
+    f"The monitor plus a live web page on http://HOST:PORT/ (default 127.0.0.1:{DASHBOARD_PORT}): devices, model "
+    "versions, latency over time, a drift heat map, fleet alarms, events and rollouts, updated over server-sent "
+    "events whenever the monitor stores something new. Works offline: nothing is loaded from elsewhere."))(monitor)
 
 
 def _ago(ts: Optional[float], now: float) -> str:

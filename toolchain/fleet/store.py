@@ -201,10 +201,15 @@ class FleetStore:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise ToolchainError(f"no fleet database at {self.path}; start `toolchain fleet monitor --db {self.path}` first")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise ToolchainError(f"{self.path} is a folder, not a fleet database file")
         self._lock = threading.RLock()
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise ToolchainError(f"cannot open the fleet database {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -517,24 +522,32 @@ class FleetStore:
         return {fleet: merge_sketches(sketches).summary() for fleet, sketches in sorted(groups.items())}
 
     def latency_series(self, since: float, until: float, buckets: int = 60,
-                       fleet: str | None = None) -> list[dict[str, Any]]:
-        """Latency over time per (fleet, model_version): ``[since, until]`` cut into ``buckets`` equal slices
-        of window_end; per slice with data, the exact merge of its windows' sketches (``t``: the slice's
-        end). For a chart: the merged percentiles of a slice, not an average of device percentiles."""
+                       fleet: str | None = None) -> dict[str, Any]:
+        """Latency over time per (fleet, model_version), for a chart: the windows with window_end from
+        ``since`` on, their span up to ``until`` (from the first of them, so a young fleet is not squeezed
+        into one corner; past ``until`` if a device clock runs ahead, rather than losing its windows) cut
+        into ``buckets`` equal slices; per slice with data, the exact merge of its windows' sketches (``t``:
+        the slice's end), not an average of device percentiles.
+
+        Returns ``{"start", "end", "series": [{fleet, model_version, points: [{t, windows, count, p50, p90,
+        p99}]}]}``."""
         if not until > since or buckets < 1:
             raise ValueError(f"need until > since and buckets >= 1, got [{since}, {until}] and {buckets}")
-        width = (until - since) / buckets
+        rows = self._sketch_rows(fleet, None, None, since, None, "fleet, model_version, window_end, sketch")
+        until = max([until, *(row["window_end"] for row in rows)])
+        start = min(min((row["window_end"] for row in rows), default=since), until - 1.0)  # at least 1 s wide
+        width = (until - start) / buckets
         groups: dict[tuple[str, int | None], dict[int, list[dict[str, Any]]]] = {}
-        for row in self._sketch_rows(fleet, None, None, since, until, "fleet, model_version, window_end, sketch"):
-            index = min(buckets - 1, int((row["window_end"] - since) / width))
+        for row in rows:
+            index = min(buckets - 1, int((row["window_end"] - start) / width))
             slices = groups.setdefault((row["fleet"], row["model_version"]), {})
             slices.setdefault(index, []).append(json.loads(row["sketch"]))
         series = []
         for (name, version), slices in sorted(groups.items(), key=_fleet_version_order):
-            points = [{"t": since + (index + 1) * width, **merge_sketches(sketches).summary()}
+            points = [{"t": start + (index + 1) * width, **merge_sketches(sketches).summary()}
                       for index, sketches in sorted(slices.items())]
             series.append({"fleet": name, "model_version": version, "points": points})
-        return series
+        return {"start": start, "end": until, "series": series}
 
     def latest_windows(self, fleet: str | None = None, include_offline: bool = False) -> list[dict[str, Any]]:
         """Each device's latest window (newest stream, highest seq) with the device's state; offline devices left out
