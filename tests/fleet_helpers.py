@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
-from tests.conftest import Build, provision_device
+from tests.conftest import BIN, Build, provision_device
 from toolchain.broker import ManagedBroker
 from toolchain.fleet.monitor import FleetMonitor
 
@@ -87,3 +89,14 @@ def started_monitor(managed: ManagedBroker, db: Path, **kwargs: Any) -> FleetMon
     monitor = FleetMonitor(managed.url, db, **kwargs).start()
     assert monitor.wait_connected(10), "the monitor could not subscribe"
     return monitor
+
+
+def start_fleet_command(*args: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`toolchain fleet ARGS` as a long-running process; its stdout lines are collected as they come by the
+    returned thread (it ends once the process has exited and every line is in)."""
+    process = subprocess.Popen([str(BIN / "toolchain"), "fleet", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    return process, lines, reader

@@ -9,8 +9,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Any, Iterator
 import pytest
 
 from tests.browser import Browser, chromium
-from tests.conftest import BIN, Build, run_cli
-from tests.fleet_helpers import Injector, agent_payloads, started_monitor, telemetry, wait_until
+from tests.conftest import Build, run_cli
+from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
 from toolchain.broker import ManagedBroker
 from toolchain.fleet.dashboard import FleetDashboard
 from toolchain.fleet.monitor import FleetMonitor
@@ -191,12 +189,7 @@ def test_event_stream_and_snapshot_endpoints(real_payloads: dict, broker: Manage
 @pytest.mark.parametrize("command", [["dashboard", "--port", "0"], ["monitor", "--dashboard-port", "0"]])
 def test_dashboard_command_serves_until_sigterm(command: list[str], real_payloads: dict, broker: ManagedBroker,
                                                 tmp_path: Path) -> None:
-    db = tmp_path / "fleet.sqlite"
-    process = subprocess.Popen([str(BIN / "toolchain"), "fleet", *command, "--broker", broker.url, "--db", str(db)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
+    process, lines, _ = start_fleet_command(*command, "--broker", broker.url, "--db", str(tmp_path / "fleet.sqlite"))
     injector = Injector(broker)
     try:
         url = wait_until(lambda: next((m.group(1) for m in map(re.compile(r"dashboard at (http://\S+)").search, lines)

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import time
-import threading
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 
 from runtime_agent.sketch import LatencySketch
-from tests.conftest import BIN, Build, provision_device, run_cli
+from tests.conftest import Build, provision_device, run_cli
 from tests.agent_helpers import start_agent
-from tests.fleet_helpers import Injector, agent_payloads, started_monitor, telemetry, wait_until
+from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
 from toolchain.broker import OPERATOR, ManagedBroker, free_port
 from toolchain.errors import ToolchainError
 from toolchain.fleet.monitor import FleetMonitor
@@ -320,11 +319,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
 def test_monitor_command_prints_a_line_per_change_and_stops_on_sigterm(real_payloads: dict, broker: ManagedBroker,
                                                                         tmp_path: Path) -> None:
     db = tmp_path / "fleet.sqlite"
-    process = subprocess.Popen([str(BIN / "toolchain"), "fleet", "monitor", "--broker", broker.url, "--db", str(db)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
+    process, lines, reader = start_fleet_command("monitor", "--broker", broker.url, "--db", str(db))
     injector = Injector(broker)
     try:
         wait_until(lambda: any(" monitoring every fleet on " in line for line in lines), what="the monitor to start")
