@@ -377,6 +377,14 @@ class DriftMonitor:
             if expected.size != n_edges + 1:
                 raise ValueError(f"reference feature {f['name']!r}: {n_edges} edges need {n_edges + 1} fractions, "
                                  f"got {expected.size}")
+            if not expected.sum() > 0:
+                raise ValueError(f"reference feature {f['name']!r}: expected fractions sum to {expected.sum()}")
+        # `psi`'s floored expected fractions of every feature, padded to one table: the padding (a = e = 1)
+        # adds exactly 0, so one vectorised pass gives every feature's PSI (`_feature_psi`).
+        self._expected_table = np.ones((k, self._n_bins))
+        for j, expected in enumerate(self._expected):
+            self._expected_table[j, :expected.size] = np.maximum(expected / expected.sum(), PSI_EPSILON)
+        self._valid_bins = np.arange(self._n_bins)[None, :] <= self._n_edges[:, None]
         self._offsets = np.arange(k, dtype=np.int64) * self._n_bins
         self._expected_predictions = np.asarray(reference.get("predictions", {}).get("fractions", []), dtype=np.float64)
         self.n_classes = int(self._expected_predictions.size)
@@ -447,6 +455,18 @@ class DriftMonitor:
         return {name: table[j, :n_edges + 1].copy()
                 for j, (name, n_edges) in enumerate(zip(self.feature_names, self._n_edges))}
 
+    def _feature_psi(self, table: np.ndarray) -> list[float]:
+        """`psi` of every feature's window histogram (rows of `table`) in one vectorised pass.
+
+        Why: a report needs one PSI per feature (64 for an 8x8 input); called one by one they cost ~0.4 ms
+        per window, which a fleet simulator running a thousand agents in one process pays a thousand times
+        a second. Same formula and floors as `psi`; only the order of the additions may differ (last bit)."""
+        totals = table.sum(axis=1, keepdims=True)
+        actual = np.where(self._valid_bins, np.maximum(table / np.maximum(totals, 1), PSI_EPSILON), 1.0)
+        expected = self._expected_table
+        values = ((actual - expected) * np.log(actual / expected)).sum(axis=1)
+        return np.where(totals[:, 0] > 0, values, 0.0).tolist()
+
     def window_report(self) -> dict[str, Any]:
         """This window's drift numbers; resets the window's counts (not the detectors' state).
 
@@ -454,9 +474,7 @@ class DriftMonitor:
         during the window), "drifting_score" (its value now), "drifting_alarm" (a DriftingScore
         detection during the window), "n" (samples in the window)}``. Empty window: every PSI is 0.0.
         """
-        table = self._counts.reshape(self.n_features, self._n_bins)
-        values = {name: psi(expected, table[j, :expected.size])
-                  for j, (name, expected) in enumerate(zip(self.feature_names, self._expected))}
+        values = dict(zip(self.feature_names, self._feature_psi(self._counts.reshape(self.n_features, self._n_bins))))
         prediction_psi = psi(self._expected_predictions, self._prediction_counts) if self.n_classes else 0.0
         report = {"psi": values, "psi_max": max(values.values(), default=0.0), "prediction_psi": prediction_psi,
                   "ph_alarm": self._ph_alarm, "drifting_score": float(self.drifting_score.score),

@@ -285,3 +285,21 @@ def test_page_hinkley_beats_rivers_page_hinkley_and_adwin_on_the_same_streams() 
     assert ours["median"] < adwin["median"] and ours["per_10k"] <= 1.0
     # ADWIN raises (almost) no false alarms at its defaults; at the same false-alarm count ours is still faster
     assert strict["false_alarms"] <= adwin["false_alarms"] and strict["median"] < adwin["median"]
+
+
+def test_window_psi_of_every_feature_equals_psi_of_its_histogram() -> None:
+    """The report computes all features' PSI in one vectorised pass; each must be `psi` of that feature's counts."""
+    rng = np.random.default_rng(8)
+    train = np.concatenate([rng.integers(0, 4, (2000, 2)).astype(float), np.zeros((2000, 1)),  # ties, constant
+                            rng.standard_normal((2000, 3))], axis=1)
+    reference = build_reference(train, rng.integers(0, 3, 2000), 3)
+    monitor = DriftMonitor(reference, (6,))
+    for shift in (0.0, 0.7, 3.0):
+        monitor.update(train[:400] + shift)
+        counts = monitor.counts()
+        report = monitor.window_report()
+        for spec in reference["features"]:
+            expected = psi(spec["fractions"], counts[spec["name"]])
+            assert report["psi"][spec["name"]] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert report["psi_max"] == max(report["psi"].values()) and (shift < 3 or report["psi_max"] > PSI_SIGNIFICANT)
+    assert set(monitor.window_report()["psi"].values()) == {0.0}  # an empty window

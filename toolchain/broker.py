@@ -22,9 +22,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from toolchain.errors import ToolchainError
 
@@ -152,12 +154,38 @@ class ManagedBroker:
 
     def add_user(self, name: str, password: str) -> None:
         """Add or replace a user in the password file (hashed by mosquitto_passwd); reload if running."""
+        self.add_users({name: password})
+
+    def add_users(self, users: Mapping[str, str]) -> None:
+        """Add or replace many users at once; reload if running.
+
+        Why one call: a simulated fleet adds a thousand devices, and `mosquitto_passwd -b` per user would be
+        a thousand processes and reloads. The new entries are hashed together by `mosquitto_passwd -U` (in
+        a private temporary file) and merged into the password file, which is replaced atomically.
+        """
+        if not users:
+            return
+        if bad := [name for name in users if not name or ":" in name or any(c.isspace() for c in name)]:
+            raise ToolchainError(f"broker user names cannot be empty or contain ':' or spaces: {bad[:3]}")
+        if bad := [name for name, password in users.items() if not password or "\n" in password]:
+            raise ToolchainError(f"passwords of broker users must be one non-empty line: {bad[:3]}")
         if not self.password_file.exists():
             self.write_config()
         tool = shutil.which("mosquitto_passwd")
         if tool is None:
             raise ToolchainError("mosquitto_passwd is not installed; run `bash scripts/setup.sh`")
-        subprocess.run([tool, "-b", str(self.password_file), name, password], check=True, capture_output=True)
+        fd, name = tempfile.mkstemp(prefix=".passwords-", dir=self.directory)  # 0600, never readable by others
+        staged = Path(name)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.writelines(f"{user}:{password}\n" for user, password in users.items())
+            subprocess.run([tool, "-U", str(staged)], check=True, capture_output=True)
+            kept = [line for line in self.password_file.read_text().splitlines()
+                    if line.strip() and line.split(":", 1)[0] not in users]
+            staged.write_text("".join(f"{line}\n" for line in [*kept, *staged.read_text().splitlines()]))
+            os.replace(staged, self.password_file)
+        finally:
+            staged.unlink(missing_ok=True)
         if (pid := self.running_pid()) is not None:
             os.kill(pid, signal.SIGHUP)
 

@@ -69,6 +69,15 @@ def pinned_agent_requirements() -> list[str]:
     return [f"{name}=={pins[name]}" if name in pins else name for name in AGENT_PACKAGES]
 
 
+def agent_toml(device_id: str, fleet: str, broker_url: str, mqtt_lines: list[str], serve_port: int, window_s: float,
+               writer: str = "toolchain flash") -> str:
+    """The text of a device's agent.toml (shared with the fleet simulator, whose devices are real device folders)."""
+    return "\n".join([
+        f"# Written by `{writer}`.", f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'broker = "{broker_url}"',
+        "", "[mqtt]", *mqtt_lines, "", "[serve]", 'host = "127.0.0.1"', f"port = {serve_port}",
+        "", "[telemetry]", f"window_s = {window_s}", ""])
+
+
 def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet: str = "default",
           pubkey: Path | None = None, broker_dir: Path | None = None, serve_port: int = 8080,
           window_s: float = 10.0, force: bool = False) -> Path:
@@ -88,10 +97,7 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
         if broker_url.startswith("mqtts://") and managed is not None and managed.tls:
             shutil.copyfile(managed.ca_file, staging / "ca.pem")
             mqtt_lines.append('ca_file = "ca.pem"')
-        _write(staging / "agent.toml", "\n".join([
-            "# Written by `toolchain flash`.", f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'broker = "{broker_url}"',
-            "", "[mqtt]", *mqtt_lines, "", "[serve]", 'host = "127.0.0.1"', f"port = {serve_port}",
-            "", "[telemetry]", f"window_s = {window_s}", ""]), 0o644)
+        _write(staging / "agent.toml", agent_toml(device_id, fleet, broker_url, mqtt_lines, serve_port, window_s), 0o644)
         shutil.copyfile(pubkey, staging / "trusted.pub")
         manifest = verified.manifest
         slots = Slots(staging, staging / "current.bundle")
