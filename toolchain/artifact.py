@@ -42,6 +42,7 @@ class Artifact:
     metrics: dict[str, Any] = field(default_factory=dict)  # training history, export checks, ...
     outputs: dict[str, Path] = field(default_factory=dict)  # staged files to publish: role -> path
     teacher: Any = None  # the trained model a distilled student learned from (pruning fine-tunes from it too)
+    trained_state: dict[str, Any] | None = None  # the trained module's weights before compression: the build's checkpoint
 
     @property
     def reference(self) -> Candidate:

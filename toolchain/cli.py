@@ -52,6 +52,8 @@ def build(
     budget: Annotated[str, typer.Option(help="quick | standard | thorough")] = "quick",
     seed: Annotated[int, typer.Option(help="seed for every random number generator")] = 0,
     key: Annotated[Optional[Path], typer.Option(help="ed25519 private key (default: created on first use in the key folder)")] = None,
+    warm_start: Annotated[Optional[Path], typer.Option(help="fine-tune the model of an earlier build (its NAME-VERSION-TARGET.pt) "
+                                                           "instead of training from scratch")] = None,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile."""
     from toolchain.config import load_config
@@ -64,7 +66,8 @@ def build(
     build_config = load_config(config)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
-    artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err)
+    artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err,
+                              warm_start=warm_start)
     shipped = artifact.shipped
     err.print(f"[bold green]shipped {shipped.name}[/]: accuracy {shipped.metrics['accuracy']:.4f} "
               f"(FP32 {artifact.reference.metrics['accuracy']:.4f}), host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "

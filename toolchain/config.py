@@ -44,19 +44,20 @@ class ModelSection(_Section):
         return shape
 
 
+def _data_source(source: str) -> str:
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in DATA_SCHEMES or not rest:
+        raise ValueError(f"expected one of {', '.join(s + ':...' for s in DATA_SCHEMES)}, got {source!r}")
+    return source
+
+
 class DataSection(_Section):
     source: str
     validation: float = Field(default=0.2, gt=0, lt=1)
     test: float = Field(default=0.2, gt=0, lt=1)
     label_column: str | int | None = None
 
-    @field_validator("source")
-    @classmethod
-    def _scheme(cls, source: str) -> str:
-        scheme, sep, rest = source.partition(":")
-        if not sep or scheme not in DATA_SCHEMES or not rest:
-            raise ValueError(f"expected one of {', '.join(s + ':...' for s in DATA_SCHEMES)}, got {source!r}")
-        return source
+    _scheme = field_validator("source")(classmethod(lambda cls, source: _data_source(source)))
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> "DataSection":
@@ -157,6 +158,23 @@ class CompressSection(_Section):
         return self
 
 
+class RetrainSection(_Section):
+    """The closed loop (`toolchain fleet autopilot`): when a share of the fleet's devices stays in drift
+    alarm for a while, warm-start from the running model, fine-tune on fresh labelled data, rebuild with
+    the same gates and roll out (canaries first)."""
+
+    data: str  # fresh labelled samples, any [data] source form ("npz:fresh.npz", "python:file.py:load", ...)
+    trigger_share: float = Field(default=0.3, gt=0, le=1)  # share of reporting devices in drift alarm
+    trigger_seconds: float = Field(default=30.0, ge=0)  # ... for at least this long
+    epochs: int | None = Field(default=None, ge=1)  # fine-tune epochs (default: as [compress] finetune_epochs)
+    lr_scale: float = Field(default=0.3, gt=0, le=1)  # of [train] lr: the weights are already trained
+    canary: int = Field(default=1, ge=0)
+    waves: int | None = Field(default=None, ge=1)
+    cooldown_s: float = Field(default=120.0, ge=0)  # after a rollout, before the next trigger can fire
+
+    _scheme = field_validator("data")(classmethod(lambda cls, source: _data_source(source)))
+
+
 class BuildConfig(_Section):
     project: ProjectSection
     model: ModelSection
@@ -164,6 +182,7 @@ class BuildConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     search: SearchSection | None = None
     compress: CompressSection = Field(default_factory=CompressSection)
+    retrain: RetrainSection | None = None
 
     # Not part of the TOML: where the file was, for resolving paths, and its hash for provenance.
     path: Path = Field(default=Path("."), exclude=True)

@@ -55,6 +55,7 @@ class BuildContext:
     stages: list[dict[str, Any]] = field(default_factory=list)  # name, seconds: for the report
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a key was created)
     hparams: dict[str, Any] = field(default_factory=dict)  # tuned by the search pass; read by training
+    warm_start: Path | None = None  # a checkpoint of an earlier build: training fine-tunes it instead of starting afresh
 
     @property
     def settings(self) -> BudgetSettings:
@@ -129,7 +130,8 @@ def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
 
 
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
-          key_path: Path | None = None, console: Console | None = None) -> tuple[Artifact, BuildContext]:
+          key_path: Path | None = None, console: Console | None = None,
+          warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
     """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
     from toolchain.data import load_dataset
     from toolchain.seeding import seed_everything
@@ -140,7 +142,8 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
         dataset = load_dataset(config, seed)
     with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
-                           work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console)
+                           work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
+                           warm_start=warm_start)
         artifact = run_passes(plan_passes(config, profile), ctx)
         artifact.outputs = publish(artifact.outputs, Path(out_dir))
     return artifact, ctx

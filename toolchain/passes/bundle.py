@@ -19,6 +19,7 @@ from runtime_agent.bundle import bundle_filename, write_bundle
 from runtime_agent.reference import build_reference
 from runtime_agent.signing import PRIVATE_KEY_NAME, default_key_dir, load_private_key, write_keypair
 from toolchain.artifact import Artifact
+from toolchain.checkpoint import save_checkpoint
 from toolchain.errors import ToolchainError
 from toolchain.passes.evaluate import onnx_logits
 from toolchain.provenance import provenance
@@ -91,6 +92,9 @@ class BundlePass:
         path = ctx.work_path(bundle_filename(project.name, version, ctx.profile.id))
         write_bundle(path, manifest, files, load_private_key(signing_key_path(ctx)))
         artifact.outputs["bundle"] = path
+        if artifact.trained_state is not None:  # what a later build warm-starts from
+            artifact.outputs["checkpoint"] = save_checkpoint(path.with_suffix(".pt"), artifact.trained_state,
+                                                             artifact.metrics["train"]["model_kwargs"], project.name)
         artifact.metrics["bundle"] = {"file": path.name, "version": version, "bytes": path.stat().st_size}
         ctx.console.print(f"  {path.name}: version {version}, {path.stat().st_size:,} bytes, signed")
         return artifact

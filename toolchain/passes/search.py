@@ -511,6 +511,10 @@ class SearchPass:
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
         if ctx.config.search is None:
             return artifact
+        if ctx.warm_start is not None:
+            ctx.console.print("  skipped: a warm start keeps the architecture and settings of the model it continues")
+            artifact.metrics["search"] = {"skipped": f"warm start from {ctx.warm_start}"}
+            return artifact
         started = time.perf_counter()
         space = _check_space(ctx.config.search)
         preflight(ctx, space)  # a model the space cannot build fails here, before the output folder is touched

@@ -17,10 +17,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from toolchain.artifact import Artifact
+from toolchain.checkpoint import load_checkpoint, warm_start
 from toolchain.models import build_normalized_model
 from toolchain.workflow import BuildContext
 
 TRAIN_PARAMS = ("lr", "weight_decay", "batch_size", "epochs")  # search parameters that tune training, not the model
+WARM_LR_SCALE = 0.3  # fine-tuning a warm start (without a [retrain] section saying otherwise)
 
 
 def pick_device() -> torch.device:
@@ -154,7 +156,17 @@ class TrainPass:
         data = ctx.dataset
         settings = training_settings(ctx)
         patience = ctx.config.train.patience or ctx.settings.patience
+        warm = None
+        if ctx.warm_start is not None:  # fine-tune an earlier build's model: its architecture, weights and normalisation
+            warm = load_checkpoint(ctx.warm_start)
+            ctx.hparams = {**warm["model_kwargs"], **{k: v for k, v in ctx.hparams.items() if k in TRAIN_PARAMS}}
+            retrain = ctx.config.retrain
+            settings["lr"] *= retrain.lr_scale if retrain else WARM_LR_SCALE
+            settings["epochs"] = (retrain and retrain.epochs) or ctx.config.compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
         module, normalize = build_normalized_model(ctx.config, data, **model_overrides(ctx))
+        if warm is not None:
+            warm_start(module, warm, ctx.warm_start)
+            normalize = {"mean": float(module[0].mean), "std": float(module[0].std)}
         progress = Progress(TextColumn("  train"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=ctx.console, transient=True)
         with progress:
@@ -165,7 +177,9 @@ class TrainPass:
                          on_epoch=lambda epoch, loss, acc: progress.update(task, completed=epoch, status=f"val acc {acc:.3f}"))
         _, train_acc = evaluate_torch(result.module, torch.from_numpy(data.x_train), torch.from_numpy(data.y_train))
         artifact.module = result.module
+        artifact.trained_state = {k: v.detach().clone() for k, v in result.module.state_dict().items()}
         artifact.metrics["train"] = {
+            "warm_start": str(ctx.warm_start) if ctx.warm_start else None,
             "device": pick_device().type, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
             "max_epochs": int(settings["epochs"]), "patience": patience, "settings": settings,
             "model_kwargs": model_overrides(ctx), "val_accuracy": round(result.val_accuracy, 5),
