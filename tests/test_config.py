@@ -45,6 +45,8 @@ def with_overrides(**sections: str) -> str:
     (with_overrides(project='name = "bad name!"'), "[project] name: String should match pattern"),
     (with_overrides(train="lr = -1"), "[train] lr: Input should be greater than 0 (got -1)"),
     (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, search, compress, retrain)"),
+    (GOOD + '\n[retrain]\ndata = "fresh.npz"\n', "[retrain] data: expected one of sklearn:..., npz:..."),
+    (GOOD + '\n[retrain]\ndata = "npz:f.npz"\ntrigger_share = 1.5\n', "[retrain] trigger_share: Input should be less than or equal to 1"),
     ("[project\nname=1", "not valid TOML"),
     (GOOD + "\n[search]\nn_trials = 3\n", "[search]: no parameter to search: add e.g. lr = {low = 1e-4, high = 1e-1, log = true}"),
     (GOOD + "\n[search]\nlr = {low = 1, high = 0.1}\n", "[search]: lr: low must be < high, got 1.0 and 0.1"),
