@@ -98,3 +98,22 @@ def test_a_schema_1_database_is_upgraded_by_the_writer_and_refused_by_readers(tm
     with FleetStore(db, create=False) as reader:
         assert reader.recent_events(fleet="lab")[0]["stream"] == ""
         assert reader._rows("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == str(SCHEMA_VERSION)
+
+
+def test_a_batch_commits_together_and_a_failed_write_undoes_only_itself(tmp_path: Path) -> None:
+    """The monitor stores what arrived together in one transaction; each write in it is a savepoint."""
+    path = tmp_path / "fleet.sqlite"
+    broken = TelemetryRecord(**{**window(1, "cccc", device="dev-bad").__dict__, "sketch": {"min": object()}})
+    with FleetStore(path) as store:
+        with store.batch():
+            assert store.insert_telemetry(window(1, "aaaa")) == 1
+            with pytest.raises(TypeError):  # fails after its stream row was written: that row is undone
+                store.insert_telemetry(broken)
+            assert store.insert_event("lab", "dev-2", 1, "installed", {"version": 2}, stream="bbbb")
+            with FleetStore(path, create=False) as reader:  # another connection sees nothing before the commit
+                assert reader.telemetry("lab") == [] and reader.devices("lab") == []
+        with FleetStore(path, create=False) as reader:
+            assert [(w["device"], w["seq"]) for w in reader.telemetry("lab")] == [("dev-1", 1)]
+            assert [d["device"] for d in reader.devices("lab")] == ["dev-1", "dev-2"]
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT device FROM streams ORDER BY device").fetchall() == [("dev-1",), ("dev-2",)]

@@ -280,15 +280,27 @@ class FleetStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write: its own transaction, or inside `batch` a savepoint (a failed write undoes only itself)."""
         with self._lock:
             conn = self._db()
-            conn.execute("BEGIN IMMEDIATE")
+            nested = conn.in_transaction
+            conn.execute("SAVEPOINT write" if nested else "BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK TO write" if nested else "ROLLBACK")
+                if nested:
+                    conn.execute("RELEASE write")
                 raise
-            conn.execute("COMMIT")
+            conn.execute("RELEASE write" if nested else "COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes, one commit. Why: the monitor stores what arrived together in one transaction; a
+        commit per message costs about twice the insert itself and writes the shared pages (device rows,
+        index pages) into the WAL again for every message. Other threads' reads wait until the commit."""
+        with self._tx():
+            yield
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
