@@ -15,9 +15,10 @@ Measured:
   events; none may still be queued) that is not in the monitor's database (target 0);
 - end-to-end latency of telemetry windows closed during the simulated period (not the final partial
   windows every device closes at the same moment when the simulation stops): from the device's clock when
-  it closed the window and queued the message (`window[1]` of the payload: the send timestamp) to the
-  monitor's clock when it handled and committed it (`received_at`, stamped as the message is handled; the
-  row is committed before the broker gets the ack): p50, p99 (target <= 50 ms), max. One machine, one clock;
+  it closed the window and queued the message (`window[1]` of the payload: the send timestamp) to when the
+  row is visible to another reader of the monitor's database (`Watcher`: committed, found by a poll every
+  5 ms, so late by up to 5 ms): p50, p99 (target <= 50 ms), max; `handled_p99_ms` is the same to the
+  monitor's `received_at` (stamped as it handles the message, before its batch commits). One clock;
 - monitor process CPU ((user + sys) / wall over the simulated period) and memory (peak RSS, VmHWM);
   mosquitto's CPU and the simulator's (its worker processes) for context: all share the machine's cores,
   and `other_cpu_pct` is what everything else on the machine used meanwhile (100 = one core): on a shared
@@ -101,6 +102,39 @@ def stored(db: Path) -> tuple[dict[tuple[str, int], tuple[float, float]], set[tu
     return telemetry, events
 
 
+class Watcher:
+    """Notes when each telemetry row becomes visible to another connection of the monitor's database (what
+    `fleet status` or the dashboard would see: the commit included), polling every `POLL_S`; so a row's
+    "stored" time is late by up to `POLL_S`, never early."""
+
+    POLL_S = 0.005
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.visible: dict[tuple[str, int], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        last = 0
+        try:
+            while not self._stop.wait(self.POLL_S):
+                rows = conn.execute("SELECT rowid, device, seq FROM telemetry WHERE rowid > ? AND fleet = ?",
+                                    (last, FLEET)).fetchall()
+                now = time.time()
+                for rowid, device, seq in rows:
+                    self.visible[(device, seq)] = now
+                    last = max(last, rowid)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def wait_stored(db: Path, expected: int, timeout_s: float = 30.0) -> float:
     """Seconds until the monitor holds `expected` rows (or the timeout): how far behind it finished."""
     started = time.monotonic()
@@ -140,6 +174,7 @@ def run(args: argparse.Namespace, bundle: Path, keys: Path, work: Path) -> dict[
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        watcher = Watcher(work / "fleet.sqlite")
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu0, broker_cpu0, busy0, wall0 = meter.cpu_s(), mosquitto.cpu_s(), busy_cpu_s(), time.time()
         result = simulate(settings)
@@ -149,6 +184,7 @@ def run(args: argparse.Namespace, bundle: Path, keys: Path, work: Path) -> dict[
         sim_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
         expected = sum(d["last_seq"] - d["first_seq"] + 1 for d in result.devices)
         lag_s = wait_stored(work / "fleet.sqlite", expected)
+        watcher.stop()
         sampling.set()
         sampler.join()
         hwm = meter.memory_mb("VmHWM")
@@ -165,13 +201,16 @@ def run(args: argparse.Namespace, bundle: Path, keys: Path, work: Path) -> dict[
     # The last, partial window of every device is closed when the simulation stops, all at once: a burst
     # of `devices` messages that steady operation never sends. It is delivered and counted above, but
     # left out of the latency of the 1-message-per-second regime.
-    latency = np.array([(received - end) * 1000 for end, received in telemetry.values() if end <= result.t1])
+    steady = {key: (end, received) for key, (end, received) in telemetry.items() if end <= result.t1}
+    latency = np.array([(watcher.visible[key] - end) * 1000 for key, (end, _) in steady.items()])
+    handled = np.array([(received - end) * 1000 for end, received in steady.values()])
     wall = wall1 - wall0
     return {"devices": args.devices, "seconds": args.seconds, "rate_req_s": args.rate,
             "processes": settings.process_count, "msgs_per_s": round(expected / max(result.t1 - result.t0, 1e-9), 1),
             "sent": expected, "stored": len(keys_stored), "lost": lost, "still_queued": result.messages["pending"],
             "e2e_p50_ms": round(float(np.percentile(latency, 50)), 2), "e2e_p99_ms": round(float(np.percentile(latency, 99)), 2),
-            "e2e_max_ms": round(float(latency.max()), 2), "monitor_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
+            "e2e_max_ms": round(float(latency.max()), 2), "handled_p99_ms": round(float(np.percentile(handled, 99)), 2),
+            "monitor_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
             "monitor_rss_mb": round(max(peak_rss[0], 0.0), 1), "monitor_hwm_mb": round(hwm, 1),
             "mosquitto_cpu_pct": round(100 * (broker_cpu1 - broker_cpu0) / wall, 1),
             "simulator_cpu_pct": round(100 * sim_cpu / wall, 1),
