@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from runtime_agent.drift import MIN_PSI_SAMPLES
 from tests.conftest import Build, run_cli
 from tests.fleet_helpers import started_monitor
 from toolchain.broker import OPERATOR, ManagedBroker, free_port
+from toolchain.config import load_config
+from toolchain.data import load_dataset
 from toolchain.errors import ToolchainError
 from toolchain.fleet.simulate import SimulationResult, SimulationSettings, simulate
 from toolchain.fleet.store import FLEET_DEVICE
@@ -43,7 +46,8 @@ def test_a_drifted_fleet_is_stored_in_full_and_alarms_only_after_the_drift(defau
     monitor = started_monitor(broker, tmp_path / "fleet.sqlite", alarm_threshold=0.6,
                               on_notice=lambda kind, info: notices.append((time.time(), kind, info)))
     try:
-        result = simulate(settings(default_build, broker, drift=(f"{DRIFTED}=3@{ONSET_S:g}",)))
+        fresh = tmp_path / "fresh.npz"
+        result = simulate(settings(default_build, broker, drift=(f"{DRIFTED}=3@{ONSET_S:g}",), fresh_data=fresh))
         store = monitor.store
         names = [f"sim-{i}" for i in range(1, 6)]
         assert [d["device"] for d in result.devices] == names
@@ -80,6 +84,16 @@ def test_a_drifted_fleet_is_stored_in_full_and_alarms_only_after_the_drift(defau
         assert before["n"] == after["n"] == 5 * 600 * 3
         assert before["accuracy"] > 0.95 and after["accuracy"] < before["accuracy"] - 0.01
         assert sum(row["n"] for row in result.timeline) == 5 * 3600 and len(result.timeline) == 12
+        # Fresh labelled samples for retraining: the build's own splits with the drift active at the end.
+        data = load_dataset(load_config(None), seed=0)
+        with np.load(fresh) as samples:
+            shift = samples["x_test"].reshape(len(data.x_test), -1) - data.x_test.reshape(len(data.x_test), -1)
+            column = int(DRIFTED[1:])
+            assert np.allclose(shift[:, column], 3 * data.x_test.reshape(len(data.x_test), -1)[:, column].std(), rtol=1e-5)
+            assert not np.delete(shift, column, axis=1).any() and (samples["y_test"] == data.y_test).all()
+            assert len(samples["x"]) == len(data.x_train) + len(data.x_val)
+            assert np.allclose(samples["x"].reshape(len(samples["x"]), -1)[:, column] - shift[0, column],
+                               np.concatenate([data.x_train, data.x_val]).reshape(len(samples["x"]), -1)[:, column])
     finally:
         monitor.stop()
 
@@ -149,6 +163,7 @@ def test_bad_drift_specs_are_one_clear_line_and_write_nothing(default_build: Bui
     (["--devices", "0"], "--devices must be between 1 and 100000, got 0"),
     (["--devices", "3", "--rate", "0"], "--rate must be requests per second per device in (0, 10000], got 0.0"),
     (["--devices", "3", "--processes", "4"], "--processes must be between 1 and --devices (3), got 4"),
+    (["--devices", "3", "--fresh-data", "fresh.csv"], "--fresh-data must be a .npz file in an existing folder, got fresh.csv"),
 ])
 def test_bad_options_are_one_clear_line(default_build: Build, tmp_path: Path, options: list[str], message: str) -> None:
     result = run_cli("toolchain", "fleet", "simulate", *options, "--broker", "mqtt://127.0.0.1:1",

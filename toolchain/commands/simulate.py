@@ -62,6 +62,9 @@ def simulate(
     prefix: Annotated[str, typer.Option(help="device ids are PREFIX-0001 ...")] = "sim",
     accuracy_every: Annotated[int, typer.Option(help="send an `accuracy` event every N windows (0: never)")] = 1,
     work_dir: Annotated[Optional[Path], typer.Option(help="keep the device folders (outboxes) here (default: temporary)")] = None,
+    fresh_data: Annotated[Optional[Path], typer.Option(
+        help="keep this .npz current with fresh labelled samples of what the devices see now (an npz: data "
+             "source for retraining: x, y and x_test, y_test)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     out: Annotated[Optional[Path], typer.Option(help="also write the result (JSON) to this file")] = None,
 ) -> None:
@@ -74,7 +77,7 @@ def simulate(
     settings = SimulationSettings(devices=devices, broker=broker, bundle=bundle, pubkey=pubkey, config=config, fleet=fleet,
                                   prefix=prefix, drift=tuple(drift or ()), duration_s=duration, rate=rate, window_s=window_s,
                                   processes=processes, seed=seed, broker_dir=broker_dir, ca_file=ca_file, work_dir=work_dir,
-                                  accuracy_every=accuracy_every)
+                                  accuracy_every=accuracy_every, fresh_data=fresh_data)
     def terminate(*_: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the simulation like Ctrl-C: last windows delivered, devices offline
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -87,8 +87,11 @@ def _describe(workers: _Workers, devices: int) -> str:
     return f"{online}/{devices} online, {windows} windows ({queued} queued), {requests} requests{accuracy}"
 
 
-def run_workers(specs: list[WorkerSpec], duration_s: float, console: Console | None = None) -> tuple[float, float, list[dict]]:
-    """Run the workers to the end (or Ctrl-C); returns (start, end, results in worker order)."""
+def run_workers(specs: list[WorkerSpec], duration_s: float, console: Console | None = None,
+                on_time: Callable[[float], None] | None = None) -> tuple[float, float, list[dict]]:
+    """Run the workers to the end (or Ctrl-C); returns (start, end, results in worker order).
+
+    `on_time(elapsed_s)` is called at the start and then about every 0.2 s while the simulation runs."""
     console = console or Console(stderr=True, quiet=True)
     devices = sum(len(spec.devices) for spec in specs)
     workers = _Workers(specs)
@@ -100,11 +103,15 @@ def run_workers(specs: list[WorkerSpec], duration_s: float, console: Console | N
             while len(workers.ready) < len(specs):
                 workers.receive(0.2)
             t0 = workers.begin()
+            if on_time is not None:
+                on_time(0.0)
             progress.update(task, total=duration_s or None, completed=0)
             try:
                 while len(workers.results) < len(specs):
                     workers.receive(0.2)
                     elapsed = max(0.0, time.time() - t0)
+                    if on_time is not None and (not duration_s or elapsed < duration_s):
+                        on_time(elapsed)
                     progress.update(task, completed=min(elapsed, duration_s) if duration_s else elapsed,
                                     description=f"simulating: {_describe(workers, devices)}")
             except KeyboardInterrupt:

@@ -153,6 +153,7 @@ class SimulationSettings:
     ca_file: Path | None = None
     work_dir: Path | None = None
     accuracy_every: int = 1
+    fresh_data: Path | None = None  # keep this npz current with fresh labelled samples (see FreshData)
 
     def validate(self) -> list[DriftSpec]:
         if not 1 <= self.devices <= MAX_DEVICES:
@@ -176,6 +177,8 @@ class SimulationSettings:
         if self.broker_dir is not None and not (self.broker_dir / "broker.json").is_file():
             raise ToolchainError(f"--broker-dir {self.broker_dir} is not a broker folder (made by "
                                  "`toolchain broker start --dir`)")
+        if self.fresh_data is not None and (self.fresh_data.suffix != ".npz" or not self.fresh_data.parent.is_dir()):
+            raise ToolchainError(f"--fresh-data must be a .npz file in an existing folder, got {self.fresh_data}")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ToolchainError(f"--ca-file {self.ca_file} does not exist (the broker's CA certificate, PEM)")
         return [DriftSpec.parse(text) for text in self.drift]
@@ -197,7 +200,8 @@ class Plan:
     bundle: Path
     manifest: dict[str, Any]
     specs: list[DriftSpec]
-    stream: Stream
+    stream: Stream  # the held-out test split: what the devices serve
+    training: tuple[np.ndarray, np.ndarray]  # the build's training and validation inputs and labels
 
     @property
     def notes(self) -> list[str]:
@@ -216,8 +220,8 @@ def newest_bundle(folder: Path = Path("dist")) -> Path:
     return bundles[-1]
 
 
-def held_out_split(manifest: dict[str, Any], bundle: Path, config_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The test split of the data the bundle was built from (its provenance: config, seed, data hash)."""
+def build_data(manifest: dict[str, Any], bundle: Path, config_path: Path | None) -> Any:
+    """The data the bundle was built from, split as the build split it (its provenance: config, seed, data hash)."""
     from toolchain.config import load_config
     from toolchain.data import load_dataset
 
@@ -233,7 +237,7 @@ def held_out_split(manifest: dict[str, Any], bundle: Path, config_path: Path | N
     if list(data.x_test.shape[1:]) != list(manifest["input"]["shape"]):
         raise ToolchainError(f"{path} gives inputs of shape {list(data.x_test.shape[1:])}, the bundle's model expects "
                              f"{manifest['input']['shape']}")
-    return data.x_test, data.y_test
+    return data
 
 
 def plan(settings: SimulationSettings) -> Plan:
@@ -241,9 +245,35 @@ def plan(settings: SimulationSettings) -> Plan:
     specs = settings.validate()
     bundle = (settings.bundle or newest_bundle()).resolve()
     manifest = read_bundle(bundle, load_public_key(settings.pubkey)).manifest
-    x, y = held_out_split(manifest, bundle, settings.config)
-    onsets, deltas = drift_schedule(specs, x, settings.duration_s)
-    return Plan(settings, bundle, manifest, specs, Stream(x=x, y=y, onsets=onsets, deltas=deltas))
+    data = build_data(manifest, bundle, settings.config)
+    onsets, deltas = drift_schedule(specs, data.x_test, settings.duration_s)
+    return Plan(settings, bundle, manifest, specs, Stream(x=data.x_test, y=data.y_test, onsets=onsets, deltas=deltas),
+                (np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])))
+
+
+class FreshData:
+    """Keeps an npz file current with fresh labelled samples of what the devices see now, for retraining.
+
+    Why: the closed loop retrains on fresh labelled data; in the field it comes from labelling what devices
+    served, here the simulator knows both the labels and the drift. The file (an `npz:` data source) holds
+    ``x, y``: the build's training and validation inputs with the drift active now, and ``x_test, y_test``:
+    the served test split with it, so a build on it trains on data the devices never serve and is judged on
+    exactly what they do. Written at the start and again at every drift onset (temporary file + rename).
+    """
+
+    def __init__(self, plan: Plan, path: Path) -> None:
+        self.plan, self.path = plan, path
+        self.written = 0  # phases written so far
+
+    def update(self, elapsed_s: float) -> None:
+        onsets = self.plan.stream.onsets
+        while self.written < len(onsets) and elapsed_s >= onsets[self.written]:
+            delta = self.plan.stream.deltas[self.written]
+            (x, y), stream = self.plan.training, self.plan.stream
+            staged = self.path.with_name(f".{self.path.name}.tmp.npz")
+            np.savez(staged, x=x + delta, y=y, x_test=stream.x + delta, y_test=stream.y)
+            os.replace(staged, self.path)
+            self.written += 1
 
 
 def provision(plan: Plan, work: Path) -> list[Path]:
@@ -363,7 +393,9 @@ def simulate(settings: SimulationSettings, console: Any = None) -> SimulationRes
     work = settings.work_dir or Path(tempfile.mkdtemp(prefix="fleet-sim-", dir=scratch_dir()))
     try:
         folders = provision(checked, work)
-        t0, t1, results = run_workers(worker_specs(checked, folders, settings.pubkey), settings.duration_s, console)
+        fresh = FreshData(checked, settings.fresh_data) if settings.fresh_data else None
+        t0, t1, results = run_workers(worker_specs(checked, folders, settings.pubkey), settings.duration_s, console,
+                                      on_time=fresh.update if fresh else None)
         return assemble(checked, t0, t1, results)
     finally:
         if settings.work_dir is None:
