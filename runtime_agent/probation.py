@@ -3,7 +3,9 @@
 Signed and self-tested is not the same as good: a model can be 3x slower on this board, or answer one
 class for everything. For a window after an install (a number of requests or a time, whichever comes
 first) the new model's latency p90, error rate and predicted-class distribution are compared with
-what the previous model did on the same device; the first limit exceeded is the rollback reason.
+what the previous model did on the same device (the predicted classes may instead match the new
+bundle's own reference: a model retrained after drift is meant to answer differently); the first limit
+exceeded is the rollback reason.
 """
 
 from __future__ import annotations
@@ -74,10 +76,16 @@ class Probation:
         if old is not None and new.error_rate > old.error_rate + limits.max_error_rate_increase:
             return f"error rate {new.error_rate:.1%} vs {old.error_rate:.1%} before (limit +{limits.max_error_rate_increase:.0%})"
         if new.requests >= limits.min_requests:
-            expected = old.classes / old.classes.sum() if judged_old and old.classes.sum() else np.asarray(self.reference_fractions)
-            shift = psi(expected, new.classes)
-            if shift > limits.max_prediction_psi:
+            # Either yardstick will do: the previous model on this device's traffic (a device may see few
+            # classes), or the new bundle's own reference (a model retrained after drift is *meant* to answer
+            # differently from the one that drifted). A model that collapsed matches neither.
+            yardsticks = {"the bundle's reference": np.asarray(self.reference_fractions)}
+            if judged_old and old.classes.sum():
+                yardsticks["the previous model"] = old.classes / old.classes.sum()
+            shifts = {name: psi(expected, new.classes) for name, expected in yardsticks.items()}
+            if min(shifts.values()) > limits.max_prediction_psi:
                 top = int(new.classes.argmax())
-                return (f"predictions shifted: PSI {shift:.2f} > {limits.max_prediction_psi} vs the previous model "
-                        f"({new.classes[top] / new.classes.sum():.0%} of answers are class {top})")
+                against = ", ".join(f"{shift:.2f} vs {name}" for name, shift in shifts.items())
+                return (f"predictions shifted: PSI {against} (limit {limits.max_prediction_psi}; "
+                        f"{new.classes[top] / new.classes.sum():.0%} of answers are class {top})")
         return None

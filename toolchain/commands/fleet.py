@@ -24,12 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolchain.commands.autopilot import autopilot
 from toolchain.commands.options import read_password
 from toolchain.commands.simulate import simulate
 from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Monitor a fleet of devices: status, latency and drift over MQTT.", no_args_is_help=True)
 app.command()(simulate)
+app.command()(autopilot)
 DEFAULT_DB = Path("fleet.sqlite")
 DASHBOARD_PORT = 8765
 
