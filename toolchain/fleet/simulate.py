@@ -42,7 +42,7 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.config import parse_broker
 from runtime_agent.drift import MIN_PSI_SAMPLES
 from runtime_agent.errors import AgentError
-from runtime_agent.reference import feature_names, summary_features
+from runtime_agent.reference import MAX_RAW_FEATURES, feature_names, summary_features
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir, load_public_key
 from toolchain.errors import ToolchainError
 from toolchain.fleet.simworker import Stream, WorkerSpec
@@ -99,7 +99,7 @@ def drift_schedule(specs: list[DriftSpec], pool: np.ndarray, duration_s: float) 
     shape = pool.shape[1:]
     names = feature_names(shape)
     features = summary_features(pool)
-    raw = features.shape[1] == int(np.prod(shape))  # small inputs: every feature is one input value
+    raw = int(np.prod(shape)) <= MAX_RAW_FEATURES  # small inputs: every feature is one input value
     deltas = []
     for spec in specs:
         if duration_s > 0 and spec.at_s >= duration_s:
@@ -121,8 +121,9 @@ def drift_schedule(specs: list[DriftSpec], pool: np.ndarray, duration_s: float) 
                                  "shift in standard deviations changes nothing; pick a feature that varies")
         if raw:
             delta.reshape(-1)[column] = spec.shift * std
-        elif spec.feature.endswith("_mean"):
-            delta[int(spec.feature[1:].split("_")[0])] = spec.shift * std
+        elif spec.feature.endswith("_mean"):  # every value of the channel (of the whole input if it has none)
+            channel = delta if len(shape) == 1 else delta[int(spec.feature[1:].split("_")[0])]
+            channel += spec.shift * std
         else:
             raise ToolchainError(f"--drift {spec.text!r}: only channel means (c0_mean, ...) can be shifted in this "
                                  "input, not spreads")
