@@ -11,8 +11,8 @@ logged, recorded in the store's ``rejected`` table and acknowledged: it never st
 message is acknowledged (PUBACK, manual) only after it is committed to the database, so a monitor that
 dies mid-message gets it again. The network thread only queues what arrives; a writer thread stores
 whatever has queued up in one transaction (`FleetStore.batch`, a savepoint per message), then acknowledges
-it: one message when the fleet is quiet, more under load, never waiting to fill a batch (a thousand devices
-at one message per second cost a third of the CPU of a commit per message). Duplicates (the agents
+it: one message when the fleet is quiet, more under load, never waiting to fill a batch (storing a telemetry
+window costs ~70 us inside a batch of 50 against ~210 us with a commit of its own). Duplicates (the agents
 deliver at least once) are dropped by the store's
 ``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
 starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
