@@ -40,3 +40,14 @@ def test_report_screenshot_is_not_blank(default_build: Build, tmp_path: Path) ->
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert image.size == (1200, 1400) and colours is not None and len(colours) > 50
+
+
+def test_report_predicts_the_shipped_model_on_every_profile(default_build: Build) -> None:
+    from toolchain.targets import builtin_profile_paths
+
+    report = json.loads((default_build.out / "report.json").read_text())
+    assert sorted(row["target"] for row in report["targets"]) == sorted(builtin_profile_paths())
+    html = (default_build.out / "report.html").read_text()
+    svg = html.split('id="chart-targets"')[1].split("</svg>")[0]
+    assert svg.count("<rect") == len(report["targets"])
+    assert 'id="targets-table"' in html

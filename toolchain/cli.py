@@ -15,12 +15,15 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runtime_agent.errors import AgentError
-from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
+from runtime_agent.signing import default_key_dir
 from toolchain.commands.broker import app as broker_app
+from toolchain.commands.calibrate import calibrate
 from toolchain.commands.fleet import app as fleet_app
+from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
 from toolchain.commands.push import push
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import ToolchainError
@@ -33,10 +36,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(broker_app, name="broker")
 app.add_typer(fleet_app, name="fleet")
 app.command()(push)
+app.command()(calibrate)
 err = Console(stderr=True)
-DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
-
-TargetOption = Annotated[str, typer.Option("--target", "-t", help="profile id, alias (e.g. jetson) or path to a profile .toml")]
 
 
 @app.callback()
@@ -126,22 +127,6 @@ def flash(
     print(f"provisioned {device_id} (fleet {fleet}) in {path}; start it with: edge-agent run --device-dir {path}")
 
 
-def _model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path, str]:
-    """An ONNX file to measure: the path itself, or the verified model extracted from a bundle."""
-    from toolchain.onnx_io import check_onnx_file
-
-    if model_or_bundle.suffix == ".bundle":
-        from runtime_agent.bundle import read_bundle
-        from runtime_agent.signing import load_public_key
-
-        verified = read_bundle(model_or_bundle, load_public_key(pubkey))
-        path = scratch / verified.model_artifact["path"]
-        path.write_bytes(verified.model_bytes)
-        return path, verified.model_artifact.get("precision") or "?"
-    check_onnx_file(model_or_bundle)
-    return model_or_bundle, "?"
-
-
 @app.command()
 def bench(
     model_or_bundle: Annotated[Path, typer.Argument(help="an .onnx model or a .bundle")],
@@ -153,12 +138,12 @@ def bench(
 ) -> None:
     """Measured host latency, predicted latency on the profile, memory, size, roofline fraction, budgets."""
     from toolchain.bench import BenchSettings, bench_models
-    from toolchain.onnx_io import sample_input_shape
+    from toolchain.onnx_io import model_file, sample_input_shape
     from toolchain.targets import resolve_target
 
     profile = resolve_target(target)
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as scratch:
-        path, precision = _model_file(model_or_bundle, pubkey, Path(scratch))
+        path, precision = model_file(model_or_bundle, pubkey, Path(scratch))
         with err.status(f"measuring {model_or_bundle.name} for {seconds:.0f} s"):
             row = bench_models({"model": path}, profile, sample_input_shape(path),
                                BenchSettings(seconds=seconds, min_runs=100, threads=threads))["model"]
@@ -166,18 +151,44 @@ def bench(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"{model_or_bundle.name} on {profile.id} ({profile.name})")
+    Console().print(_bench_table(result, f"{model_or_bundle.name} on {profile.id} ({profile.name})"))
+
+
+BUDGET_LABELS = {"latency_ms": "latency (ms)", "model_mb": "flash: model file (MB)", "ram_mb": "RAM (MB)"}
+
+
+def _bench_table(row: dict, title: str) -> Table:
+    """Measured next to predicted, each prediction labelled calibrated or roofline, then the budgets."""
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("bytes", "parameters", "flops", "latency_ms_p50_host", "latency_ms_p90_host", "latency_ms_p99_host",
-                "latency_ms_predicted_host", "roofline_fraction_host", "latency_ms_predicted", "peak_memory_mb_predicted",
-                "process_peak_rss_mb", "model_rss_mb"):
+    table.add_column("note")
+
+    def add(label: str, key: str, note: str = "") -> None:
         if key in row:
-            table.add_row(key, f"{row[key]:,.4f}" if isinstance(row[key], float) else f"{row[key]:,}")
+            value = row[key]
+            table.add_row(label, f"{value:,.4f}" if isinstance(value, float) else f"{value:,}", note)
+
+    add("size (bytes)", "bytes")
+    add("parameters", "parameters")
+    add("FLOPs", "flops")
+    add("host p50 ms (measured)", "latency_ms_p50_host")
+    add("host p90 ms (measured)", "latency_ms_p90_host")
+    add("host p99 ms (measured)", "latency_ms_p99_host")
+    host_error = f"{100 * row['prediction_error_host']:+.1f}% vs measured p50"
+    if row["target"] != "host":
+        add("host ms (predicted)", "latency_ms_predicted_host", f"{row['prediction_host']}, {host_error}")
+    add("host roofline fraction", "roofline_fraction_host", "uncalibrated roofline time / measured p50")
+    add(f"{row['target']} ms (predicted)", "latency_ms_predicted",
+        escape(row["prediction_basis"]) + (f"; {host_error}" if row["target"] == "host" else ""))
+    add(f"{row['target']} ms (roofline)", "latency_ms_predicted_roofline", "uncalibrated, every kernel at peak")
+    add(f"{row['target']} peak memory MB (predicted)", "peak_memory_mb_predicted", row["memory_basis"])
+    add("host peak RSS MB (measured)", "process_peak_rss_mb", "fresh process")
+    add("host model RSS MB (measured)", "model_rss_mb", "what the model adds")
     for key, verdict in row["budget"].items():
         mark = "[green]met[/]" if verdict["met"] else "[red]MISSED[/]"
-        table.add_row(f"budget {key}", f"{verdict['value']:.4g} / {verdict['budget']:.4g} {mark}")
-    Console().print(table)
+        table.add_row(f"budget {BUDGET_LABELS.get(key, key)}", f"{verdict['value']:.4g} / {verdict['budget']:.4g}", mark)
+    return table
 
 
 def main() -> None:

@@ -54,6 +54,10 @@ MOVE_OPS = frozenset({"Transpose", "Concat", "Split", "Slice", "Gather", "Gather
 QUANT_COMPUTE_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 # Float ops onnxruntime fuses with surrounding DequantizeLinear/QuantizeLinear into an int8 kernel.
 QDQ_HOST_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+# Ops that onnxruntime runs in int8 when every data input comes from DequantizeLinear and every
+# consumer is a QuantizeLinear (QLinearAdd, QLinearGlobalAveragePool, int8 MaxPool, ...).
+QDQ_WRAPPED_OPS = frozenset({"Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Sigmoid",
+                             "LeakyRelu", "Concat", "Softmax"})
 # Activations / BN that onnxruntime fuses into a preceding Conv or Gemm.
 FUSABLE_AFTER_CONV = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh",
                                 "BatchNormalization"})
@@ -84,6 +88,11 @@ class OpCost:
     bytes: int
     free: bool
     note: str = ""  # why it is free, or what was not known about it
+    kind: str = ""  # a variant with its own kernel and efficiency: "depthwise" for per-channel Conv
+    # (K, N) of Conv/Gemm/MatMul seen as a matrix product: K = reduction length per output (input
+    # channels per group * kernel area), N = output channels. Narrow products fill fewer SIMD
+    # lanes and pay more packing per FLOP, so the calibrated predictor charges extra per 1/K, 1/N
+    channels: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,8 +338,61 @@ class _Graph:
 
 
 def _is_qdq_host(g: _Graph, node: onnx.NodeProto) -> bool:
-    return (node.op_type in QDQ_HOST_OPS and len(node.input) >= 2
-            and all(g.op(name) == "DequantizeLinear" for name in node.input[:2]))
+    if node.op_type in QDQ_HOST_OPS:
+        return len(node.input) >= 2 and all(g.op(name) == "DequantizeLinear" for name in node.input[:2])
+    if node.op_type not in QDQ_WRAPPED_OPS or not node.output:
+        return False
+    data = [name for name in node.input if name and g.producer.get(name) is not None and g.op(name) != "Constant"]
+    sinks = list(g.sinks(node.output[0]))
+    return (bool(data) and all(g.op(name) == "DequantizeLinear" for name in data)
+            and all(s is not None and g.nodes[s].op_type == "QuantizeLinear" for s in sinks))
+
+
+def _channels(node: onnx.NodeProto, t: dict[str, _Tensor]) -> tuple[int, int] | None:
+    """(K, N) of a Conv (K = input channels per group * kernel area) or a Gemm/MatMul."""
+    def shape(name: str) -> tuple[int, ...] | None:
+        return t[name].shape if name in t else None
+
+    op = node.op_type
+    if op in ("Conv", "QLinearConv", "ConvInteger"):
+        weight = shape(node.input[3 if op == "QLinearConv" else 1])
+        return (math.prod(weight[1:]), weight[0]) if weight is not None and len(weight) > 2 else None
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+        a, out = shape(node.input[0]), shape(node.output[0])
+        if a is None or out is None or not a or not out:
+            return None
+        k = a[0] if op == "Gemm" and _attr(node, "transA", 0) and len(a) == 2 else a[-1]
+        return (k, out[-1])
+    return None
+
+
+CHANNEL_BLOCK = 16  # output channels per SIMD block of blocked (NCHWc) convolution kernels
+
+
+def _kind(node: onnx.NodeProto, t: dict[str, _Tensor]) -> str:
+    """Convolutions that runtimes send to different kernels, so the calibrated predictor gives each
+    its own efficiency: one filter per channel ("depthwise"), a first layer on a few input
+    channels such as RGB ("stem"), 1x1 ("pointwise") or the kernel size ("3x3", "5x5": border
+    handling and specialised kernels differ), and output channels below or not a multiple of the
+    SIMD block ("narrow", "ragged": onnxruntime's blocked NCHWc path needs whole blocks of 16 on
+    AVX-512, otherwise it falls back to a slower im2col GEMM). Measured on generated variants, these
+    splits took the held-out share within 10% from about 65% to about 90% (benchmarks/predictor.py)."""
+    if node.op_type not in ("Conv", "QLinearConv", "ConvInteger"):
+        return ""
+    weight = node.input[3 if node.op_type == "QLinearConv" else 1]
+    shape = t[weight].shape if weight in t else None
+    if shape is None or len(shape) < 3:
+        return ""
+    if _attr(node, "group", 1) > 1 and shape[1] == 1:
+        return "depthwise"
+    if shape[1] <= 4:
+        return "stem"
+    parts = ["pointwise"] if math.prod(shape[2:]) == 1 else ["x".join(str(d) for d in shape[2:])]
+    if shape[0] < CHANNEL_BLOCK:
+        parts.append("narrow")
+    elif shape[0] % CHANNEL_BLOCK:
+        parts.append("ragged")
+    return "-".join(parts)
 
 
 def _classify(g: _Graph, t: dict[str, _Tensor]) -> dict[int, str]:
@@ -466,7 +528,8 @@ def analyze(model: str | Path | onnx.ModelProto) -> GraphCost:
         if flops is None or nbytes is None:
             unknown.append(name)
             note = "shape unknown: cost counted as 0"
-        ops.append(OpCost(name, node.op_type, precision, flops or 0, nbytes or 0, False, note))
+        ops.append(OpCost(name, node.op_type, precision, flops or 0, nbytes or 0, False, note, _kind(node, t),
+                          _channels(node, t)))
     if unknown:
         assumptions.append(f"{len(unknown)} op(s) with unknown shapes cost 0: {', '.join(unknown[:5])}")
 

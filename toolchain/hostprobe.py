@@ -47,13 +47,18 @@ _ARM_FEATURES = {
 # ----------------------------------------------------------------------------- public API
 
 
-def cache_path() -> Path:
-    """Where the measurements live; `EDGE_TOOLCHAIN_CACHE` lets tests and CI isolate them."""
+def cache_dir() -> Path:
+    """The toolchain's cache folder; `EDGE_TOOLCHAIN_CACHE` lets tests and CI isolate it."""
     base = os.environ.get("EDGE_TOOLCHAIN_CACHE")
     if base:
-        return Path(base).expanduser() / CACHE_FILE_NAME
+        return Path(base).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "edge-toolchain" / CACHE_FILE_NAME
+    return Path(xdg).expanduser() / "edge-toolchain"
+
+
+def cache_path() -> Path:
+    """Where the measurements live."""
+    return cache_dir() / CACHE_FILE_NAME
 
 
 def fingerprint() -> dict[str, Any]:
@@ -91,7 +96,7 @@ def measured_host_values(*, refresh: bool = False) -> dict[str, Any]:
         "values": values,
     }
     try:
-        _write_atomic(path, record)
+        write_json_atomic(path, record)
     except OSError as exc:  # a read-only home must not make `--target host` unusable
         log.warning("could not cache host measurements in %s: %s", path, exc)
     return values
@@ -387,7 +392,7 @@ def _looks_valid(values: Any) -> bool:
         return False
 
 
-def _write_atomic(path: Path, record: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     """Temp file + rename, so a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

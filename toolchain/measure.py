@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -108,7 +108,7 @@ def make_feeds(session: ort.InferenceSession, input_shape: tuple[int, ...], dtyp
 
 def measure_latencies(
     models: dict[str, Path],
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]],
     dtype: Any = np.float32,
     warmup: int = 10,
     min_runs: int = 30,
@@ -117,12 +117,15 @@ def measure_latencies(
     seed: int = 0,
     runs_per_round: int = 5,
     max_runs: int | None = None,
+    on_round: Callable[[float], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Interleaved latency of several models on this host (batch 1), keyed like `models`.
 
     Runs round after round until `max_seconds` of measuring have passed and every model has at
     least `min_runs` samples (or, earlier, once every model has `max_runs`). Each run is timed
-    alone with `perf_counter_ns`.
+    alone with `perf_counter_ns`. `input_shape` is one shape for all, or a shape per model name
+    (models of different inputs, e.g. the predictor's calibration variants, interleave too).
+    `on_round` gets the elapsed share of `max_seconds` after every round (for a progress bar).
     """
     if not models:
         raise ValueError("no models to measure")
@@ -131,7 +134,8 @@ def measure_latencies(
     sessions: dict[str, tuple[ort.InferenceSession, dict[str, np.ndarray]]] = {}
     for name, path in models.items():
         session = _open(path, threads)
-        sessions[name] = (session, make_feeds(session, input_shape, dtype, seed))
+        shape = input_shape[name] if isinstance(input_shape, dict) else input_shape
+        sessions[name] = (session, make_feeds(session, shape, dtype, seed))
     for session, feeds in sessions.values():
         for _ in range(warmup):
             session.run(None, feeds)
@@ -149,6 +153,8 @@ def measure_latencies(
                 session.run(None, feeds)
                 samples[name].append((time.perf_counter_ns() - t0) / 1e6)
         round_index += 1
+        if on_round is not None:
+            on_round(min(1.0, 1.0 - (deadline - time.perf_counter_ns()) / max(max_seconds * 1e9, 1.0)))
         counts = [len(s) for s in samples.values()]
         if min(counts) >= min_runs and (time.perf_counter_ns() >= deadline
                                         or (max_runs is not None and min(counts) >= max_runs)):

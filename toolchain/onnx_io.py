@@ -34,3 +34,18 @@ def sample_input_shape(path: Path) -> tuple[int, ...]:
         raise ToolchainError(f"model {path}: input {graph_input.name!r} needs fixed sizes after the batch axis, "
                              f"got {[d.dim_param or d.dim_value for d in dims]}")
     return tuple(shape)
+
+
+def model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path, str]:
+    """An ONNX file to measure or predict: the path itself (checked), or the verified model
+    extracted from a `.bundle` into `scratch`; and its precision when the bundle says ('?' if not)."""
+    if model_or_bundle.suffix == ".bundle":
+        from runtime_agent.bundle import read_bundle
+        from runtime_agent.signing import load_public_key
+
+        verified = read_bundle(model_or_bundle, load_public_key(pubkey))
+        path = scratch / verified.model_artifact["path"]
+        path.write_bytes(verified.model_bytes)
+        return path, verified.model_artifact.get("precision") or "?"
+    check_onnx_file(model_or_bundle)
+    return model_or_bundle, "?"

@@ -165,6 +165,46 @@ def compression_section(report: dict[str, Any]) -> str:
     return f"<h2>Compression</h2>{''.join(parts)}" if parts else ""
 
 
+def targets_chart(rows: list[dict[str, Any]], chart_id: str = "chart-targets") -> str:
+    """Horizontal bars of the predicted latency on each profile: green when every budget is met,
+    red when one is not; the label says the latency budget and whether the number is calibrated."""
+    width, bar_h, gap, label_w, value_w = 560, 20, 8, 150, 170
+    height = 30 + len(rows) * (bar_h + gap)
+    top = max((r["latency_ms"] for r in rows), default=1.0) or 1.0
+    parts = [f'<svg id="{chart_id}" class="chart" role="img" aria-label="Predicted latency on every profile" '
+             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+             f'<text x="4" y="16" font-weight="600">Predicted latency of the shipped model on every profile</text>']
+    for i, row in enumerate(rows):
+        y = 28 + i * (bar_h + gap)
+        length = max(1.0, (width - label_w - value_w) * row["latency_ms"] / top)
+        fits = "fits" if row["fits"] else "misses"
+        budget = row["budget"]["latency_ms"]["budget"]
+        note = f'{row["latency_ms"]:.4g} ms{"*" if row["prediction"] == "calibrated" else ""} (budget {budget:g})'
+        parts.append(f'<text x="4" y="{y + 14}" font-size="12">{escape(row["target"])}</text>'
+                     f'<rect class="{fits}" x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" '
+                     f'fill="{"#1a7f37" if row["fits"] else "#cf222e"}"><title>{escape(row["target"])}: {escape(note)}, '
+                     f'{escape(row["prediction"])}; memory {row["memory_mb"]:.4g} MB; {fits} its budgets</title></rect>'
+                     f'<text x="{label_w + length + 4:.1f}" y="{y + 14}" font-size="12">{escape(note)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def targets_section(rows: list[dict[str, Any]] | None) -> str:
+    """Every shipped profile side by side: which boards the built model fits (predicted, not measured)."""
+    if not rows:
+        return ""
+    table_rows = [[r["target"], r["latency_ms"], r["prediction"], r["memory_mb"], r["model_mb"],
+                   *(_verdict(r["budget"][k]["met"]) for k in ("latency_ms", "ram_mb", "model_mb")),
+                   "yes" if r["fits"] else "no"] for r in rows]
+    classes = ["" if r["fits"] else "reject" for r in rows]
+    return ('<h2 id="targets">Every profile</h2><p>Predicted for the shipped model on each shipped profile '
+            '(* calibrated: fitted to measurements; otherwise the uncalibrated roofline). Memory is the serving '
+            'process when calibrated, else weights and activations.</p>'
+            + table(["profile", "latency ms", "prediction", "memory MB", "model MB", "latency budget", "RAM budget",
+                     "flash budget", "fits"], table_rows, classes, "targets-table")
+            + f'<div class="charts">{targets_chart(rows)}</div>')
+
+
 def render(report: dict[str, Any]) -> str:
     candidates = report["candidates"]
     shipped = report["shipped"]["name"]
@@ -202,6 +242,7 @@ host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape
 <h2>Training</h2>
 <p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, patience {train['patience']}),
 validation accuracy {train['val_accuracy']:.4f}, {train['parameters']:,} parameters.</p>
+{targets_section(report.get("targets"))}
 {search_section(report.get("search"))}
 {compression_section(report)}
 <h2>Stages</h2>

@@ -1,11 +1,17 @@
-"""Options shared by the commands that talk to the broker as the fleet operator."""
+"""Options shared by several commands: the target profile, the trusted key, the fleet operator's password."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
+import typer
+
+from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
 from toolchain.errors import ToolchainError
+
+TargetOption = Annotated[str, typer.Option("--target", "-t", help="profile id, alias (e.g. jetson) or path to a profile .toml")]
+DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
 
 
 def read_password(password_file: Optional[Path], username: Optional[str]) -> Optional[str]:

@@ -8,7 +8,9 @@ to print as one line.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolchain.commands.options import DEFAULT_PUBKEY
 from toolchain.targets import Profile, list_profiles, resolve_target
 
 app = typer.Typer(help="List and inspect device profiles.", no_args_is_help=True)
@@ -119,3 +122,47 @@ def show_command(
         table.add_row(section if section != previous else "", key, escape(value))
         previous = section
     console.print(table)
+
+
+def _versus(value: float, verdict: dict[str, Any], marker: str = "") -> str:
+    """`value <= budget` in green when met, `value > budget` in red when not."""
+    if verdict["met"]:
+        return f"[green]{value:.4g}{marker} ≤ {verdict['budget']:g}[/]"
+    return f"[red]{value:.4g}{marker} > {verdict['budget']:g}[/]"
+
+
+@app.command("compare")
+def compare_command(
+    model: Annotated[Path, typer.Argument(help="An .onnx model or a .bundle.")],
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated profiles (ids, aliases or "
+                                                                     "files); default: every shipped profile.")] = None,
+    as_json: JsonFlag = False,
+    pubkey: Annotated[Path, typer.Option(help="Trusted public key, for bundles.")] = DEFAULT_PUBKEY,
+) -> None:
+    """Predicted latency, memory and budget fit of one model on several boards, to pick hardware."""
+    from toolchain.compare import compare_targets, parse_targets
+    from toolchain.onnx_io import model_file
+
+    profiles = parse_targets(targets)  # an unknown target fails here, before any work
+    with tempfile.TemporaryDirectory(prefix="toolchain-compare-") as scratch:
+        path, _ = model_file(model, pubkey, Path(scratch))
+        rows = compare_targets(path, profiles)
+    if as_json:
+        _print_json({"model": str(model), "targets": rows})
+        return
+    table = Table(title=f"{escape(model.name)}: predicted on {len(rows)} profiles", header_style="bold",
+                  box=box.SIMPLE_HEAD, caption="* calibrated prediction, else the uncalibrated roofline; "
+                                               "flash: the model file against the model_mb budget")
+    for column in ("target", "latency ms", "RAM MB", "flash MB", "fits"):
+        table.add_column(column, justify="left" if column == "target" else "right", no_wrap=True)
+    for row in rows:
+        budget = row["budget"]
+        table.add_row(escape(row["target"]),
+                      _versus(row["latency_ms"], budget["latency_ms"], "*" if row["prediction"] == "calibrated" else ""),
+                      _versus(row["memory_mb"], budget["ram_mb"]), _versus(row["model_mb"], budget["model_mb"]),
+                      "[green]yes[/]" if row["fits"] else "[red]no[/]")
+    Console().print(table)
+    for row in rows:
+        if row["unsupported_precisions"]:
+            Console().print(f"[yellow]note:[/] {escape(row['target'])} does not list precision "
+                            f"{', '.join(row['unsupported_precisions'])} in its runtime")

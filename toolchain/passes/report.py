@@ -7,7 +7,9 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from toolchain.artifact import Artifact
+from toolchain.compare import compare_targets
 from toolchain.report_html import render
+from toolchain.targets import list_profiles
 from toolchain.workflow import BuildContext
 
 
@@ -29,6 +31,8 @@ def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
         "candidates": [c.to_dict() for c in artifact.candidates],
         "stages": list(ctx.stages),  # every stage before the report itself
         "notes": list(ctx.notes),
+        # the shipped model predicted on every shipped profile, to see which boards it fits
+        "targets": compare_targets(shipped.path, list_profiles()),
         # what the optional passes did, with their numbers (None when the pass did not run)
         **{name: artifact.metrics.get(name) for name in ("search", "distill", "prune", "mixed")},
     }

@@ -1,0 +1,85 @@
+"""`toolchain calibrate`: fit a profile's latency/memory predictor and store it as a calibration file.
+
+`--target host` measures generated model variants on this machine; a board's profile is re-fitted
+from what its devices reported (`--from-fleet DB --models DIR`). Mounted by the main CLI as a
+command; errors are `ToolchainError`s printed as one line. The file is written only once the fit
+succeeded, by an atomic rename; its path is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
+from toolchain.errors import ToolchainError
+
+
+def calibrate(
+    target: TargetOption,
+    quick: Annotated[bool, typer.Option(help="fewer variants and a shorter measurement (well under a minute)")] = False,
+    from_fleet: Annotated[Optional[Path], typer.Option(help="fleet database (`toolchain fleet monitor --db`): "
+                                                            "re-fit the profile from its devices' telemetry")] = None,
+    models: Annotated[Optional[Path], typer.Option(help="with --from-fleet: folder of the bundles the devices ran")] = None,
+    pubkey: Annotated[Path, typer.Option(help="trusted public key the bundles must verify with")] = DEFAULT_PUBKEY,
+    out: Annotated[Optional[Path], typer.Option(help="calibration file to write (default: the lookup path for the profile)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the variant sample and the fit/held-out split")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the calibration as JSON")] = False,
+) -> None:
+    """Fit the predictor of a profile from measurements and store it next to the profile lookup path."""
+    from toolchain.calibration import default_path, write_calibration
+    from toolchain.targets import resolve_target
+
+    if (from_fleet is None) != (models is None):
+        raise ToolchainError("--from-fleet DB and --models DIR go together (telemetry latencies and the bundles' graphs)")
+    profile = resolve_target(target)
+    err = Console(stderr=True)
+    if from_fleet is not None and models is not None:
+        from toolchain.calibrate_fleet import calibrate_from_fleet
+
+        with err.status(f"fitting {profile.id} to the telemetry in {from_fleet}"):
+            calibration = calibrate_from_fleet(profile, from_fleet, models, pubkey)
+    else:
+        from toolchain.calibrate import CalibrationSettings, calibrate_host, check_measurable
+
+        check_measurable(profile)
+        settings = CalibrationSettings.quick(seed) if quick else CalibrationSettings(seed=seed)
+        err.print(f"[bold]calibrating[/] {escape(profile.id)}: {settings.variants} generated variants, "
+                  f"{settings.seconds:.0f} s interleaved on {settings.threads} thread")
+        calibration = calibrate_host(profile, settings, console=err).calibration
+    path = write_calibration(calibration, out or default_path(profile.id))
+    if as_json:
+        typer.echo(json.dumps(calibration.to_dict(), indent=2))
+    else:
+        Console().print(_summary_table(calibration.to_dict()))
+    print(path)
+
+
+def _summary_table(data: dict[str, Any]) -> Table:
+    """Fit and held-out statistics, the parameters that matter most, for a person to judge the fit."""
+    table = Table(title=f"calibration of {data['profile']} ({data['source']})", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("models", justify="right")
+    table.add_column("median |error|", justify="right")
+    table.add_column("within 10%", justify="right")
+    table.add_column("max |error|", justify="right")
+    rows = [("latency, fitted", data["fit"])]
+    validation = data.get("validation") or {}
+    if validation.get("latency"):
+        rows.append((f"latency, held out ({validation.get('method', 'never fitted')})", validation["latency"]))
+    if data["fit"].get("prior_errors"):
+        rows.append(("latency, before the re-fit", data["fit"]["prior_errors"]))
+    if validation.get("memory", {}).get("errors"):
+        rows.append(("memory, held out (within 20%: {:.0%})".format(validation["memory"].get("within_20pct", 0)),
+                     validation["memory"]))
+    for label, stats in rows:
+        count = len(stats.get("errors", {})) or stats.get("samples", "")
+        table.add_row(label, str(count), f"{100 * stats['median_abs_error']:.1f}%", f"{100 * stats['within_10pct']:.0f}%",
+                      f"{100 * stats['max_abs_error']:.1f}%")
+    return table
