@@ -20,7 +20,8 @@ def test_build_prints_report_then_bundle_path_last(default_build: Build) -> None
     assert default_build.bundle == default_build.out / "digits-1-jetson-orin-nano.bundle"
     assert default_build.bundle.is_file()
     assert lines[-2] == f"report: {default_build.out / 'report.html'}"
-    assert sorted(p.name for p in default_build.out.iterdir()) == ["digits-1-jetson-orin-nano.bundle", "report.html", "report.json"]
+    assert sorted(p.name for p in default_build.out.iterdir()) == ["digits-1-jetson-orin-nano.bundle", "digits-1-jetson-orin-nano.pt",
+                                                                    "report.html", "report.json"]
     assert "created a new signing key" in default_build.stderr
 
 
@@ -77,7 +78,7 @@ def test_report_json_holds_every_decision(default_build: Build) -> None:
     assert names == ["onnx-fp32", "onnx-int8-qdq", "onnx-fp16"]
     assert report["shipped"]["name"] in names
     assert [s["name"] for s in report["stages"]] == ["train", "export-onnx", "quantize-int8", "quantize-fp16",
-                                                     "quantize-mixed", "evaluate", "benchmark", "gate", "bundle"]
+                                                     "quantize-qat", "quantize-mixed", "evaluate", "benchmark", "gate", "bundle"]
     for candidate in report["candidates"]:
         assert candidate["latency_ms_p50_host"] <= candidate["latency_ms_p90_host"] <= candidate["latency_ms_p99_host"]
         assert candidate["latency_ms_predicted"] > 0 and set(candidate["budget"]) == {"latency_ms", "model_mb", "ram_mb"}
