@@ -213,6 +213,25 @@ def test_mobilenet_width_mult_and_pruning_through_residuals(tmp_path: Path) -> N
     assert got.shape == (3, 10) and np.abs(got - expected).max() < 1e-4
 
 
+def test_wide_models_are_pruned_to_simd_friendly_widths() -> None:
+    """Layers of a wide model keep multiples of 16 channels (INT8 kernels work in blocks of 16); layers too
+    narrow to lose a whole block and the classifier stay as they were. Narrow models keep free widths."""
+    from toolchain.passes.prune import _widths, channel_multiple
+    from toolchain.zoo.mobilenet_v2 import mobilenet_v2
+
+    torch.manual_seed(0)
+    wide = mobilenet_v2([3, 32, 32], 10, width_mult=0.75).eval()
+    assert channel_multiple(wide) == 16
+    before, after = _widths(wide), _widths(prune_module(wide, 0.25, torch.randn(2, 3, 32, 32)))
+    assert len(before) == len(after) and sum(after) < 0.85 * sum(before)
+    for old, new in zip(before, after):
+        assert new % 16 == 0 or new == old, (old, new)
+        assert new == old or old >= 32
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3), torch.nn.Flatten(),
+                                 torch.nn.Linear(32 * 4 * 4, 10))
+    assert channel_multiple(narrow) == 1
+
+
 NO_WIDTH_MODEL = '''
 from torch import nn
 
