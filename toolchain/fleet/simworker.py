@@ -39,6 +39,7 @@ TICK_S = 0.1  # serving granularity: requests due are served in one batch per ti
 POLL_MAX_S = 0.05
 STATUS_SLICES = 5
 CLOSE_CHUNK = 50  # final windows closed between two rounds of network I/O
+COST_BATCH = 256  # samples timed once per model file for the per-request latency devices report
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Worker:
         self._next_misc = 0.0
         self._queued: dict[int, int] = {}
         self._queued_turn = 0
+        self._costs: dict[str, float] = {}  # per model file: ms per request (see _cost_ms)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -187,9 +189,11 @@ class Worker:
         if count <= 0:
             return
         times = np.arange(self.served, due) / rate
-        groups: dict[int, list[SimDevice]] = {}
-        for device in self.devices:  # a device that installed a pushed model serves with its own
-            groups.setdefault(id(device.agent.model), []).append(device)
+        groups: dict[str, list[SimDevice]] = {}
+        for device in self.devices:  # devices on the same model file share one batched inference, whether
+            # they started with it or installed it from a push: per-request latency stays comparable, so a
+            # device's probation does not judge the batching instead of the model
+            groups.setdefault(device.agent.model.bundle.model_artifact["sha256"], []).append(device)
         buckets = (times // self.spec.window_s).astype(np.int64)
         phases = stream.phase(times)
         size = int(buckets[-1]) + 1
@@ -199,9 +203,9 @@ class Worker:
         for devices in groups.values():
             indices = np.stack([device.next_samples(count) for device in devices])
             batch = stream.inputs(indices, times)
-            started = time.perf_counter()
-            classes = devices[0].agent.model.predict_batch(batch).classes
-            per_request_ms = (time.perf_counter() - started) * 1000 / len(classes)
+            model = devices[0].agent.model
+            classes = model.predict_batch(batch).classes
+            per_request_ms = self._cost_ms(model, batch)
             right = classes.reshape(len(devices), count) == stream.y[indices]
             for row, device in enumerate(devices):
                 rows = slice(row * count, (row + 1) * count)
@@ -211,6 +215,22 @@ class Worker:
             self.phase_n += np.bincount(phases, minlength=self.phase_n.size) * len(devices)
             self.phase_correct += np.bincount(phases, weights=right.sum(axis=0), minlength=self.phase_n.size).astype(np.int64)
         self.served = due
+
+    def _cost_ms(self, model: Any, batch: np.ndarray) -> float:
+        """The latency a device reports per request: the model's cost per sample, timed once per model file
+        on a fixed batch (median of 5). Timing each tick's batch instead would make a request's latency
+        depend on how many devices share the batch, and a device that has just installed a pushed model
+        (alone in its batch, for a moment) would fail its probation's latency check on that, not on the model."""
+        key = model.bundle.model_artifact["sha256"]
+        if key not in self._costs:
+            sample = np.resize(batch, (COST_BATCH, *batch.shape[1:]))
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                model.predict_batch(sample)
+                times.append((time.perf_counter() - started) * 1000 / COST_BATCH)
+            self._costs[key] = float(np.median(times))
+        return self._costs[key]
 
     def status(self) -> None:
         """Progress for the parent. Queue lengths are counted for a fifth of the devices per call (each is a
