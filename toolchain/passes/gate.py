@@ -4,6 +4,11 @@ Walk from FP32 towards lower precision. A candidate is accepted when its accurac
 within `max_accuracy_drop` AND it beats the currently accepted, more precise candidate by at least
 `min_speedup` both measured on this host (p50) and predicted on the target. Otherwise it is
 rejected and the more precise one stays. FP32 is always the fallback. Every verdict keeps its numbers.
+
+Candidates of one precision (plain INT8, its latency-aware variant, dynamic INT8, QAT) are walked in
+the order the passes made them. `min_speedup` is the price of giving up precision; between two of one
+precision nothing is given up, so a later one replaces the incumbent when it is within the accuracy
+gate and not slower on either measure (>= 1.00x): the faster of two INT8 files ships.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class GatePass:
         for candidate in sorted(artifact.candidates, key=lambda c: PRECISION_ORDER[c.precision]):
             if candidate is artifact.reference:
                 continue
-            candidate.accepted, candidate.verdict = judge(candidate, incumbent, compress.max_accuracy_drop, compress.min_speedup)
+            needed = 1.0 if candidate.precision == incumbent.precision else compress.min_speedup
+            candidate.accepted, candidate.verdict = judge(candidate, incumbent, compress.max_accuracy_drop, needed)
             if candidate.accepted:
                 incumbent.verdict += f"; superseded by {candidate.name}"
                 incumbent = candidate

@@ -1,0 +1,150 @@
+"""The latency-aware INT8 variant (`onnx-int8-fast`) on a small MobileNetV2, and how the gate judges
+two INT8 candidates. Whether the variant is added depends on this host's timing, so the tests check
+structure and consistency (the recorded timings support the decision), never a timing threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.test_gate import candidate, gate
+from toolchain.artifact import Artifact
+from toolchain.config import load_config
+from toolchain.data import load_dataset
+from toolchain.passes.export_onnx import ExportOnnxPass
+from toolchain.passes.gate import GatePass
+from toolchain.passes.quantize_int8 import (FAST_MIN_GAIN, QuantizeInt8Pass, calibration_samples, exclusion_sets,
+                                            float_conv_groups, prepared_reference, quantize_int8)
+from toolchain.passes.quantize_mixed import validation_accuracy
+from toolchain.passes.train import TrainPass
+from toolchain.targets import resolve_target
+from toolchain.workflow import BuildContext, run_passes
+
+DATA = """import numpy as np
+def load():
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 4
+    grid = np.linspace(-1, 1, 32, dtype=np.float32)
+    angle = y[:, None, None] * np.pi / 4
+    x = np.sin(6 * (np.cos(angle) * grid[None, :, None] + np.sin(angle) * grid[None, None, :]))
+    x = np.repeat(x[:, None], 3, axis=1) + rng.normal(scale=0.3, size=(400, 3, 32, 32))
+    return x.astype(np.float32), y
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artifact, BuildContext]:
+    """A width-0.35 MobileNetV2 on seeded 3x32x32 gratings, trained two epochs, then INT8-quantized."""
+    root = tmp_path_factory.mktemp("fast")
+    (root / "data.py").write_text(DATA)
+    (root / "toolchain.toml").write_text(
+        '[project]\nname = "mnv2"\n[model]\nentry = "zoo:mobilenet_v2"\ninput_shape = [3, 32, 32]\n'
+        'labels = ["a", "b", "c", "d"]\nkwargs = { width_mult = 0.35, last_channels = 128 }\n'
+        '[data]\nsource = "python:data.py:load"\n[train]\nepochs = 2\nbatch_size = 32\n'
+        '[compress]\nquantize = ["int8"]\ncalibration_samples = 64\n')
+    config = load_config(root / "toolchain.toml")
+    ctx = BuildContext(config=config, profile=resolve_target("raspberry-pi-5"), dataset=load_dataset(config, 0),
+                       out_dir=root / "out", work_dir=root / "work", seed=0)
+    ctx.work_dir.mkdir()
+    ctx.console.quiet = True
+    return run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass()], ctx), ctx
+
+
+def float_and_int8_convs(path: Path) -> tuple[set[str], set[str]]:
+    """Conv nodes by how they run: data and weight from DequantizeLinear (INT8 kernel) or plain float."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    int8 = {n.name for n in convs if n.input[0] in dequantized and n.input[1] in dequantized}
+    return {n.name for n in convs} - int8, int8
+
+
+def test_groups_are_the_stem_and_the_depthwise_convs(built) -> None:
+    artifact, ctx = built
+    prepared = prepared_reference(artifact, ctx)
+    groups = float_conv_groups(prepared)
+    graph = onnx.load(str(prepared)).graph
+    nodes = {n.name: n for n in graph.node}
+    dims = {w.name: list(w.dims) for w in graph.initializer}
+    assert len(groups["stem"]) == 1 and nodes[groups["stem"][0]].op_type == "Conv"
+    assert dims[nodes[groups["stem"][0]].input[1]][1:] == [3, 3, 3]  # RGB in, 3x3
+    assert len(groups["depthwise"]) == 17  # one per inverted-residual block of MobileNetV2
+    for name in groups["depthwise"]:
+        group = next(a.i for a in nodes[name].attribute if a.name == "group")
+        assert nodes[name].op_type == "Conv" and dims[nodes[name].input[1]][1] == 1 and group == dims[nodes[name].input[1]][0]
+    assert list(exclusion_sets(groups)) == ["float stem", "float depthwise", "float stem+depthwise"]
+
+
+def test_a_variant_keeps_exactly_the_claimed_convs_in_float_and_its_accuracy(built) -> None:
+    """Independent of timing: build the stem+depthwise variant and check its graph and validation accuracy."""
+    artifact, ctx = built
+    prepared = prepared_reference(artifact, ctx)
+    groups = float_conv_groups(prepared)
+    samples = calibration_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
+    variant = ctx.work_path("test-variant.onnx")
+    quantize_int8(prepared, variant, samples, ctx.profile.providers, exclude=exclusion_sets(groups)["float stem+depthwise"])
+    floats, int8 = float_and_int8_convs(variant)
+    assert floats == set(groups["stem"]) | set(groups["depthwise"]) and int8  # the 1x1 convs stay INT8
+    x, y = ctx.dataset.x_val, ctx.dataset.y_val
+    plain = artifact.candidate("onnx-int8-qdq")
+    assert abs(validation_accuracy(variant, x, y) - validation_accuracy(plain.path, x, y)) <= 0.01
+
+
+def test_the_recorded_timings_support_the_decision(built) -> None:
+    artifact, ctx = built
+    report = artifact.metrics["int8_fast"]
+    assert any(note.startswith("latency-aware INT8: ") for note in ctx.notes)
+    timings = report["int8_vs_fp32_p50_ms"]
+    if timings["onnx-int8-qdq"] >= timings["fp32"]:
+        assert report["decision"].startswith("skipped") and "p50_ms" not in report
+        assert "onnx-int8-fast" not in [c.name for c in artifact.candidates]
+        return
+    p50 = report["p50_ms"]
+    assert set(p50) == {"onnx-int8-qdq", *exclusion_sets(report["groups"])}
+    assert report["best"] == min((k for k in p50 if k != "onnx-int8-qdq"), key=p50.__getitem__)
+    assert report["gain"] == pytest.approx(1 - p50[report["best"]] / p50["onnx-int8-qdq"], abs=1e-4)
+    names = [c.name for c in artifact.candidates]
+    if report["gain"] < FAST_MIN_GAIN:
+        assert report["decision"].startswith("not added") and "onnx-int8-fast" not in names
+        return
+    assert report["decision"].startswith("added") and names == ["onnx-fp32", "onnx-int8-qdq", "onnx-int8-fast"]
+    fast = artifact.candidate("onnx-int8-fast")
+    assert fast.precision == "int8" and fast.metrics["float_convs"] == report["float_convs"]
+    floats, _ = float_and_int8_convs(fast.path)
+    assert floats == {name for names in report["float_convs"].values() for name in names}
+    x, y = ctx.dataset.x_val, ctx.dataset.y_val
+    plain = artifact.candidate("onnx-int8-qdq")
+    assert abs(validation_accuracy(fast.path, x, y) - validation_accuracy(plain.path, x, y)) <= 0.01
+
+
+def test_models_without_stem_or_depthwise_convs_are_skipped(tmp_path: Path) -> None:
+    """An MLP has nothing to keep in float: no timing, no variant, and the reason is recorded."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(200, 5)).astype(np.float32), y=np.arange(200) % 2)
+    (tmp_path / "model.py").write_text("from torch import nn\ndef build_model(input_shape, num_classes):\n"
+                                       "    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    (tmp_path / "toolchain.toml").write_text('[project]\nname = "mlp"\n[model]\nentry = "model.py:build_model"\ninput_shape = [5]\n'
+                                            '[data]\nsource = "npz:d.npz"\n[train]\nepochs = 2\n')
+    config = load_config(tmp_path / "toolchain.toml")
+    ctx = BuildContext(config=config, profile=resolve_target("raspberry-pi-5"), dataset=load_dataset(config, 0),
+                       out_dir=tmp_path / "out", work_dir=tmp_path)
+    ctx.console.quiet = True
+    artifact = run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass()], ctx)
+    assert artifact.metrics["int8_fast"] == {"groups": {}, "min_gain": FAST_MIN_GAIN,
+                                             "decision": "skipped: no stem or depthwise convolution to keep in float"}
+    assert [c.name for c in artifact.candidates] == ["onnx-fp32", "onnx-int8-qdq"]
+
+
+def test_the_faster_of_two_int8_candidates_ships() -> None:
+    """One precision, nothing traded: the fast variant needs only to be faster than the plain INT8 (not
+    `min_speedup`), while the plain INT8 still needs `min_speedup` over FP32."""
+    fp32, plain = candidate("fp32", "fp32", 0, 1.0, 1.0), candidate("int8", "int8", 0.002, 0.48, 0.4)
+    result = gate(fp32, plain, candidate("int8-fast", "int8", 0.001, 0.46, 0.39))
+    assert result.shipped.name == "int8-fast" and "superseded by int8-fast" in result.candidate("int8").verdict
+    slower = gate(fp32, plain, candidate("int8-fast", "int8", 0.001, 0.49, 0.39))
+    assert slower.shipped.name == "int8" and "need >= 1.00x on both" in slower.candidate("int8-fast").verdict
+    alone = gate(fp32, candidate("int8", "int8", 0.05, 0.48, 0.4), candidate("int8-fast", "int8", 0.004, 0.46, 0.39))
+    assert alone.shipped.name == "int8-fast" and "vs fp32" in alone.candidate("int8-fast").verdict
