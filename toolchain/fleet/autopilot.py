@@ -137,6 +137,7 @@ class Autopilot:
         result = self.deploy(cycle.bundle, devices, decision)
         cycle.rollout_state = result.state
         if result.state != "completed":
-            reason = result.decisions[-1]["reason"] if result.decisions else "no decision recorded"
+            stops = [d["reason"] for d in result.decisions if d["action"] == "stop"]
+            reason = stops[-1] if stops else (result.decisions[-1]["reason"] if result.decisions else "no decision recorded")
             raise ToolchainError(f"rollout of version {cycle.version} {result.state}: {reason}")
         self.event("rolled_out", version=cycle.version, devices=len(devices))

@@ -84,6 +84,18 @@ class Failure(Exception):
     """A problem the user can fix (the broker is unreachable or refuses the devices)."""
 
 
+def _median_ms(model: Any, sample: np.ndarray, other: Any = None, rounds: int = 5) -> Any:
+    """Median ms of `model.predict_batch(sample)`; with `other`, both timed alternately: (model's, other's)."""
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for slot, timed in enumerate((model, other) if other is not None else (model,)):
+            started = time.perf_counter()
+            timed.predict_batch(sample)
+            times[slot].append((time.perf_counter() - started) * 1000)
+    medians = [float(np.median(t)) for t in times if t]
+    return medians[0] if other is None else tuple(medians)
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, reports: Any) -> None:
         self.spec, self.reports = spec, reports
@@ -103,6 +115,7 @@ class Worker:
         self._queued: dict[int, int] = {}
         self._queued_turn = 0
         self._costs: dict[str, float] = {}  # per model file: ms per request (see _cost_ms)
+        self._reference: Any = None  # the first model timed: later ones are timed against it
 
     # -- plumbing -------------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -217,19 +230,22 @@ class Worker:
         self.served = due
 
     def _cost_ms(self, model: Any, batch: np.ndarray) -> float:
-        """The latency a device reports per request: the model's cost per sample, timed once per model file
-        on a fixed batch (median of 5). Timing each tick's batch instead would make a request's latency
-        depend on how many devices share the batch, and a device that has just installed a pushed model
-        (alone in its batch, for a moment) would fail its probation's latency check on that, not on the model."""
+        """The latency a device reports per request: its model's cost per sample on a fixed batch. Timing
+        each tick's batch instead would make a request's latency depend on how many devices share the
+        batch (a device that has just installed a pushed model is alone in its batch for a moment, and its
+        probation would judge that). The first model is timed alone (median of 5); a later one side by side
+        with the first, interleaved, and scaled from the first's cost, so the load of the machine at that
+        moment does not pass for a slower model."""
         key = model.bundle.model_artifact["sha256"]
         if key not in self._costs:
             sample = np.resize(batch, (COST_BATCH, *batch.shape[1:]))
-            times = []
-            for _ in range(5):
-                started = time.perf_counter()
-                model.predict_batch(sample)
-                times.append((time.perf_counter() - started) * 1000 / COST_BATCH)
-            self._costs[key] = float(np.median(times))
+            if not self._costs:
+                self._costs[key] = _median_ms(model, sample) / COST_BATCH
+                self._reference = model
+            else:
+                mine, reference = _median_ms(model, sample, self._reference)
+                first = self._reference.bundle.model_artifact["sha256"]
+                self._costs[key] = self._costs[first] * mine / reference
         return self._costs[key]
 
     def status(self) -> None:
