@@ -11,7 +11,8 @@ from tests.conftest import run_cli
 
 @pytest.mark.parametrize("command", [[], ["build"], ["bench"], ["verify"], ["keys", "generate"], ["targets", "list"], ["push"], ["flash"],
                                      ["broker", "start"], ["fleet", "status"], ["calibrate"],
-                                     ["targets", "compare"]])
+                                     ["targets", "compare"], ["fleet", "monitor"], ["fleet", "dashboard"], ["fleet", "simulate"],
+                                     ["fleet", "autopilot"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = run_cli("toolchain", *command, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
