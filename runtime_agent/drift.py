@@ -301,7 +301,6 @@ class DriftingScore(_StandardisedDetector):
         z = self._start_update(x)
         if z is None:
             return False
-        ref = self._ref
         keep = 1.0 - self.alpha
         self._m = keep * self._m + self.alpha * z
         self._decay *= keep * keep
