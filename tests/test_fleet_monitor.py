@@ -104,7 +104,9 @@ def test_live_fleet_online_latency_merge_and_lwt(default_build: Build, broker: M
         agents["dev-3"].wait()
         wait_until(lambda: states()["dev-3"] == "offline", timeout=30, what="dev-3 offline by LWT")
         assert states() == {"dev-1": "online", "dev-2": "online", "dev-3": "offline"}
-        assert ("status", "dev-3", "offline") in [(k, i.get("device"), i.get("state")) for k, i in notices]
+        # The notice follows the commit (the monitor calls back after storing): wait for it, don't race it.
+        wait_until(lambda: ("status", "dev-3", "offline") in [(k, i.get("device"), i.get("state")) for k, i in notices],
+                   timeout=10, what="the offline notice")
         status = fleet_status(db)
         assert {d["device"]: d["state"] for d in status["devices"]} == {"dev-1": "online", "dev-2": "online", "dev-3": "offline"}
         assert status["models"][0]["count"] == 60 and status["fleets"][0]["reporting"] == 2  # offline: stale, not counted
