@@ -60,7 +60,8 @@ from toolchain.passes.export_onnx import ExportOnnxPass  # noqa: E402
 from toolchain.passes.gate import GatePass  # noqa: E402
 from toolchain.passes.prune import PrunePass  # noqa: E402
 from toolchain.passes.quantize_dynamic import QuantizeDynamicPass  # noqa: E402
-from toolchain.passes.quantize_int8 import ArrayCalibrationReader, QuantizeInt8Pass, calibration_samples  # noqa: E402
+from toolchain.passes.quantize_int8 import (  # noqa: E402
+    ArrayCalibrationReader, QuantizeInt8Pass, calibration_indices, calibration_samples)
 from toolchain.passes.quantize_mixed import MixedPrecisionPass  # noqa: E402
 from toolchain.passes.quantize_qat import QuantizeQatPass  # noqa: E402
 from toolchain.passes.train import TrainPass, evaluate_torch  # noqa: E402
@@ -162,7 +163,7 @@ def resized(ctx: BuildContext, size: int) -> BuildContext:
 
     data = ctx.dataset
     count = ctx.config.compress.calibration_samples
-    pick = np.random.default_rng(ctx.seed).permutation(len(data.x_train))[:count]
+    pick = calibration_indices(len(data.x_train), count, ctx.seed)
     small = Dataset(x_train=scale(data.x_train[pick]), y_train=data.y_train[pick], x_val=scale(data.x_val[:64]),
                     y_val=data.y_val[:64], x_test=scale(data.x_test[:8]), y_test=data.y_test[:8], labels=data.labels,
                     sha256=data.sha256)

@@ -346,10 +346,7 @@ class Agent:
         try:
             next_close = time.monotonic() + self.window_s
             while not stop.wait(max(0.0, next_close - time.monotonic())):
-                self.close_window()
-                probation = self._probation
-                if probation is not None and probation.due():
-                    self.end_probation(probation)
+                self.close_window()  # also ends a probation that is due (see `account`)
                 link.wake()
                 next_close += self.window_s
                 if next_close < time.monotonic():  # fell behind (suspended): skip, don't burst

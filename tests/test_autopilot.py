@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 
 from tests.agent_helpers import running_agent
 from tests.conftest import REPO, Build, provision_device
+from tests.fleet_helpers import wait_until
 from toolchain.broker import ManagedBroker
 from toolchain.config import load_config
 from toolchain.fleet.autopilot import Autopilot, latest_checkpoint
@@ -38,13 +39,6 @@ def inverted_digits() -> tuple[np.ndarray, np.ndarray]:
     """The shift: the camera's polarity flipped (dark digits on a bright ground), labels unchanged."""
     digits = load_digits()
     return (16.0 - digits.data.astype(np.float32)).reshape(-1, 1, 8, 8), digits.target.astype(np.int64)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_drift_retrain_redeploy_closes_the_loop(default_build: Build, broker: ManagedBroker, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from toolchain.config import BuildConfig, RetrainSection
+from toolchain.config import BuildConfig
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FleetStore
 from toolchain.targets import Profile
@@ -69,10 +69,6 @@ class Autopilot:
         self.clock = clock
         self.cooldown_until = 0.0
         self.cycles: list[Cycle] = []
-
-    @property
-    def retrain(self) -> RetrainSection:
-        return self.policy
 
     def event(self, kind: str, **fields: Any) -> None:
         self.store.add_fleet_event(self.fleet, f"autopilot_{kind}", fields)

@@ -132,7 +132,7 @@ class DistillPass:
     name: ClassVar[str] = "distill"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        from toolchain.passes.train import fit, model_overrides, training_settings
+        from toolchain.passes.train import finetune, model_overrides, training_settings
 
         compress = ctx.config.compress
         teacher: nn.Module = artifact.module.cpu().eval()
@@ -191,15 +191,10 @@ class DistillPass:
             return self._skip(artifact, ctx, f"a {multiplier:g}x width leaves {', '.join(f'{n} = {kwargs[n]}' for n in names)} "
                               f"unchanged (already at the minimum of {MIN_CHANNELS}); the trained model is kept")
 
-        settings = training_settings(ctx)
-        patience = ctx.config.train.patience or ctx.settings.patience
         student = _build_student(ctx, {**base_overrides, **scaled})
         with ctx.console.status(f"  distilling a {multiplier:g}x student ({', '.join(f'{n}={scaled[n]}' for n in names)})"):
-            result = fit(student, ctx.dataset.x_train, ctx.dataset.y_train, ctx.dataset.x_val, ctx.dataset.y_val,
-                         lr=settings["lr"], weight_decay=settings["weight_decay"], batch_size=int(settings["batch_size"]),
-                         max_epochs=int(settings["epochs"]), patience=patience, seed=ctx.seed, teacher=teacher,
-                         temperature=compress.temperature, alpha=compress.alpha)
-        teacher.cpu().eval()
+            # a fresh student gets the teacher's full training budget and learning rate
+            result, trained = finetune(student, ctx, lr_scale=1.0, epochs=int(training_settings(ctx)["epochs"]), teacher=teacher)
         student = result.module
         student_metrics = dict(costs[multiplier]) if multiplier in costs else \
             module_cost(student, shape, profile, ctx.work_path("distill-student.onnx"))
@@ -231,8 +226,8 @@ class DistillPass:
             "student": student_metrics,
             "accuracy_drop": round(drop, 5),
             "max_accuracy_drop": compress.max_accuracy_drop,
-            "settings": {"temperature": compress.temperature, "alpha": compress.alpha, "lr": settings["lr"],
-                         "max_epochs": int(settings["epochs"]), "patience": patience},
+            "settings": {"temperature": compress.temperature, "alpha": compress.alpha,
+                         **{key: trained[key] for key in ("lr", "max_epochs", "patience")}},
             "history": result.history,
         }
         ctx.console.print(f"  {multiplier:g}x student ({reason.split(':')[0]}): {student_metrics['parameters']:,} params "

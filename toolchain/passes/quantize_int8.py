@@ -41,9 +41,13 @@ class ArrayCalibrationReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
+def calibration_indices(n: int, count: int, seed: int) -> np.ndarray:
+    """Which training samples calibrate (and, for QAT, choose ranges): seeded, the same for the same seed."""
+    return np.random.default_rng(seed).permutation(n)[:count]
+
+
 def calibration_samples(x_train: np.ndarray, count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return x_train[rng.permutation(len(x_train))[:count]]
+    return x_train[calibration_indices(len(x_train), count, seed)]
 
 
 @dataclass(frozen=True)

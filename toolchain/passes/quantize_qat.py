@@ -17,14 +17,13 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import quant_pre_process
 
 from toolchain.artifact import Artifact, Candidate
 from toolchain.passes.export_onnx import export_module
-from toolchain.passes.quantize_int8 import activation_scheme, calibration_samples, quantize_int8
+from toolchain.passes.quantize_int8 import activation_scheme, calibration_indices, calibration_samples, quantize_int8
 from toolchain.passes.quantize_mixed import int8_validation_drops
 from toolchain.passes.train import finetune
 from toolchain.qat import prepare_qat, search_ranges, strip_qat
@@ -62,7 +61,7 @@ class QuantizeQatPass:
         data = ctx.dataset
         symmetric = activation_scheme(ctx.profile.providers).symmetric
         module = prepare_qat(copy.deepcopy(artifact.module).cpu(), symmetric)
-        pick = np.random.default_rng(ctx.seed).permutation(len(data.x_train))[:SEARCH_SAMPLES]
+        pick = calibration_indices(len(data.x_train), SEARCH_SAMPLES, ctx.seed)
         with ctx.console.status("  choosing activation ranges"):
             report["ranges"] = search_ranges(module, torch.from_numpy(data.x_train[pick]), torch.from_numpy(data.y_train[pick]))
         with ctx.console.status("  quantization-aware fine-tuning"):

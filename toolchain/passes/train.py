@@ -125,15 +125,20 @@ def training_settings(ctx: BuildContext) -> dict[str, Any]:
     return settings
 
 
+def finetune_epochs(ctx: BuildContext, epochs: int | None = None) -> int:
+    """`epochs`, else the config's `finetune_epochs`, else a quarter of the budget's epochs (at least 5)."""
+    return epochs or ctx.config.compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
+
+
 def finetune(module: nn.Module, ctx: BuildContext, *, lr_scale: float, epochs: int | None = None,
              teacher: nn.Module | None = None) -> tuple[FitResult, dict[str, Any]]:
-    """Continue training an already trained (pruned, fake-quantized, ...) module: `fit` at `lr_scale` times
-    the training learning rate for `epochs` (default: the config's `finetune_epochs`, else a quarter of
-    the budget's epochs, at least 5), distilling from `teacher` when given. Returns the result and the
+    """Train `module` (already trained and then pruned or fake-quantized, or a fresh distillation student)
+    with the build's settings: `fit` at `lr_scale` times the training learning rate for
+    `finetune_epochs(ctx, epochs)`, distilling from `teacher` when given. Returns the result and the
     settings used, for the report."""
     settings = training_settings(ctx)
     compress = ctx.config.compress
-    epochs = epochs or compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
+    epochs = finetune_epochs(ctx, epochs)
     patience = min(ctx.config.train.patience or ctx.settings.patience, epochs)
     lr = settings["lr"] * lr_scale
     result = fit(module, ctx.dataset.x_train, ctx.dataset.y_train, ctx.dataset.x_val, ctx.dataset.y_val,
@@ -162,7 +167,7 @@ class TrainPass:
             ctx.hparams = {**warm["model_kwargs"], **{k: v for k, v in ctx.hparams.items() if k in TRAIN_PARAMS}}
             retrain = ctx.config.retrain
             settings["lr"] *= retrain.lr_scale if retrain else WARM_LR_SCALE
-            settings["epochs"] = (retrain and retrain.epochs) or ctx.config.compress.finetune_epochs or max(5, ctx.settings.max_epochs // 4)
+            settings["epochs"] = finetune_epochs(ctx, retrain and retrain.epochs)
         module, normalize = build_normalized_model(ctx.config, data, **model_overrides(ctx))
         if warm is not None:
             warm_start(module, warm, ctx.warm_start)
