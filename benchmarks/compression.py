@@ -55,7 +55,7 @@ from toolchain.data import Dataset, load_dataset  # noqa: E402
 from toolchain.measure import make_feeds, make_session  # noqa: E402
 from toolchain.passes.benchmark import BenchmarkPass  # noqa: E402
 from toolchain.passes.distill import DistillPass, count_macs_params  # noqa: E402
-from toolchain.passes.evaluate import EvaluatePass, onnx_logits  # noqa: E402
+from toolchain.passes.evaluate import EvaluatePass, model_logits  # noqa: E402
 from toolchain.passes.export_onnx import ExportOnnxPass  # noqa: E402
 from toolchain.passes.gate import GatePass  # noqa: E402
 from toolchain.passes.prune import PrunePass  # noqa: E402
@@ -134,7 +134,7 @@ def ort_one_liner(fp32: Path, output: Path, samples: np.ndarray) -> Path:
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(np.concatenate([onnx_logits(path, x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)]) == y))
+    return float(np.mean(np.concatenate([model_logits(path, x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)]) == y))
 
 
 def measure(variants: dict[str, Path], teacher: torch.nn.Module | None, sample: np.ndarray, seconds: float) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Serve a verified bundle's model with onnxruntime, refusing bad input with a reason.
+"""Serve a verified bundle's model (onnxruntime, or LiteRT for `.tflite`), refusing bad input with a reason.
 
 Only a `Bundle` (which exists only after verification) can become a `LoadedModel`, so an unverified
 file can never be run by accident.
@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from runtime_agent.bundle import Bundle
 from runtime_agent.errors import BundleError, InputError
+from runtime_agent.litert import LiteRtSession, LiteRtUnavailable
 
 
 def _providers(preferred: Sequence[str]) -> list[str]:
@@ -48,7 +49,7 @@ class Prediction:
 @dataclass
 class LoadedModel:
     bundle: Bundle
-    session: ort.InferenceSession
+    session: ort.InferenceSession | LiteRtSession  # both answer run(None, {name: batch})[0]
     input_name: str
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
     dtype: np.dtype
@@ -57,15 +58,25 @@ class LoadedModel:
     @classmethod
     def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0) -> "LoadedModel":
         artifact = bundle.model_artifact
-        if artifact["format"] != "onnx":
-            raise BundleError(f"model format {artifact['format']!r} needs a runtime this agent does not have")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        try:
-            session = ort.InferenceSession(bundle.model_bytes, options,
-                                           providers=_providers(providers or bundle.manifest.get("providers", [])))
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
-            raise BundleError(f"model {artifact['path']} cannot be loaded by onnxruntime: {exc}") from None
+        session: ort.InferenceSession | LiteRtSession
+        if artifact["format"] == "tflite":
+            try:
+                session = LiteRtSession(bundle.model_bytes, threads=threads)
+            except LiteRtUnavailable as exc:
+                raise BundleError(str(exc)) from None
+            except Exception as exc:  # the interpreter raises ValueError/RuntimeError for bad flatbuffers
+                raise BundleError(f"model {artifact['path']} cannot be loaded by LiteRT: {exc}") from None
+        elif artifact["format"] == "onnx":
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            try:
+                session = ort.InferenceSession(bundle.model_bytes, options,
+                                               providers=_providers(providers or bundle.manifest.get("providers", [])))
+            except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+                raise BundleError(f"model {artifact['path']} cannot be loaded by onnxruntime: {exc}") from None
+        else:
+            raise BundleError(f"model format {artifact['format']!r} needs a runtime this agent does not have "
+                              f"(it runs 'onnx' and, with ai-edge-litert, 'tflite')")
         spec = bundle.manifest["input"]
         return cls(bundle=bundle, session=session, input_name=session.get_inputs()[0].name,
                    input_shape=tuple(int(d) for d in spec["shape"]), dtype=np.dtype(spec["dtype"]),

@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Idempotent set-up: system packages (mosquitto; chromium with --dev), the .venv at the repository
 # root with the pinned packages of requirements.lock, and this project installed editable into it.
-# Re-running it does only what is missing.
+# --tflite adds the optional TFLite/Keras extra (requirements-tflite.lock, ~2 GB); --dev (the tests)
+# implies it, so the TFLite and Keras tests run. Re-running it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
-[ "${1:-}" = "--dev" ] && dev=1
+tflite=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1; tflite=1 ;;
+    --tflite) tflite=1 ;;
+    *) echo "setup: unknown option $arg (use --dev and/or --tflite)" >&2; exit 2 ;;
+  esac
+done
+locks=(requirements.lock)
+[ "$tflite" = 1 ] && locks+=(requirements-tflite.lock)
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -22,12 +32,15 @@ python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || { echo "setup: $python not found; install Python 3.11" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
-stamp=.venv/.requirements.sha256
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing pinned packages into .venv (first run takes a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.lock
-  .venv/bin/python -m pip install -q --no-deps -e .
-  echo "$want" > "$stamp"
-fi
+# One stamp per lock file, so the main command after the tests (or the other way round) installs nothing.
+for lock in "${locks[@]}"; do
+  stamp=".venv/.${lock%.lock}.sha256"
+  want=$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing the pinned packages of $lock into .venv (the first run takes a few minutes)" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r requirements.lock $([ "$lock" = requirements.lock ] || echo "-r $lock")
+    .venv/bin/python -m pip install -q --no-deps -e .
+    echo "$want" > "$stamp"
+  fi
+done

@@ -91,7 +91,7 @@ def branch(teacher, tmp_path: Path, compress: str, passes: list, profile=None):
     return artifact, ctx
 
 
-def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+def model_logits(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
@@ -113,7 +113,7 @@ def test_pruning_removes_channels_and_keeps_accuracy(teacher, tmp_path: Path) ->
     assert report["ignored_layers"] == ["1.11"]  # the classifier keeps its 10 outputs
     # It still exports, and onnxruntime gives the same output shape as before.
     x_test, y_test = dataset.x_test, dataset.y_test
-    logits = onnx_logits(artifact.reference.path, x_test)
+    logits = model_logits(artifact.reference.path, x_test)
     assert logits.shape == (len(x_test), 10)
     with torch.no_grad():
         unpruned = trained.module.eval()(torch.from_numpy(x_test)).numpy()
@@ -155,7 +155,7 @@ def test_distilled_student_is_smaller_faster_and_within_the_gate(teacher, tmp_pa
     assert ctx.config.compress.max_accuracy_drop == 0.01
     assert teacher_numbers["val_accuracy"] - student["val_accuracy"] <= 0.01
     assert student["val_accuracy"] == pytest.approx(
-        (onnx_logits(artifact.reference.path, dataset.x_val).argmax(1) == dataset.y_val).mean(), abs=1e-4)
+        (model_logits(artifact.reference.path, dataset.x_val).argmax(1) == dataset.y_val).mean(), abs=1e-4)
 
 
 def test_auto_ratio_meets_a_tight_latency_budget(teacher, tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_mobilenet_width_mult_and_pruning_through_residuals(tmp_path: Path) -> N
     x = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         expected = pruned(torch.from_numpy(x)).numpy()
-    got = onnx_logits(tmp_path / "m.onnx", x)
+    got = model_logits(tmp_path / "m.onnx", x)
     assert got.shape == (3, 10) and np.abs(got - expected).max() < 1e-4
 
 
@@ -334,7 +334,7 @@ def test_qat_recovers_a_cnn_that_static_int8_breaks(teacher, tmp_path: Path) -> 
     assert report["validation_qat_drop"] <= ctx.config.compress.max_accuracy_drop, report["decision"]
     assert report["ranges"][1]["quantile"] < 1.0  # the second conv's input range was clipped
     x, y = dataset.x_test, dataset.y_test
-    accuracy = lambda path: float((onnx_logits(path, x).argmax(1) == y).mean())  # noqa: E731
+    accuracy = lambda path: float((model_logits(path, x).argmax(1) == y).mean())  # noqa: E731
     assert accuracy(artifact.reference.path) - accuracy(artifact.candidate("onnx-int8-qat").path) <= 0.02
     # BatchNorm was folded before training, as the export folds it: no BatchNormalization in the QAT graph.
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(artifact.candidate("onnx-int8-qat").path)).graph.node)

@@ -10,7 +10,7 @@ import pytest
 
 from toolchain.config import load_config
 from toolchain.data import load_dataset
-from toolchain.passes.evaluate import onnx_logits
+from toolchain.passes.evaluate import model_logits
 from toolchain.passes.export_onnx import ExportOnnxPass
 from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
 from toolchain.passes.quantize_int8 import QuantizeInt8Pass
@@ -73,7 +73,7 @@ def test_dynamic_int8_runs_and_matches_fp32_closely(built) -> None:
     assert dynamic.precision == "int8" and dynamic.bytes < artifact.reference.bytes
     ops = {n.op_type for n in onnx.load(str(dynamic.path)).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    logits = onnx_logits(dynamic.path, ctx.dataset.x_val)
+    logits = model_logits(dynamic.path, ctx.dataset.x_val)
     assert logits.shape == (len(ctx.dataset.x_val), 3)
 
 

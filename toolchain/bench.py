@@ -65,7 +65,9 @@ def bench_models(models: dict[str, Path], profile: Profile, input_shape: tuple[i
             row.update({k: rss[k] for k in ("process_peak_rss_mb", "baseline_rss_mb", "model_rss_mb")})
         # A calibrated prediction is of the whole serving process; the roofline's is of the model's
         # tensors only, so the measured model RSS on this host bounds it from below.
-        memory = on_target.memory_mb if on_target.memory_basis == "process" else max(on_target.memory_mb, row.get("model_rss_mb", 0.0))
+        # A microcontroller's arena has no host analogue, so no host RSS bounds it.
+        memory = (on_target.memory_mb if on_target.memory_basis in ("process", "tensor arena")
+                  else max(on_target.memory_mb, row.get("model_rss_mb", 0.0)))
         row["budget"] = budget_verdicts(profile, on_target.latency_ms, size, memory)
         results[name] = row
     return results

@@ -505,7 +505,11 @@ def _peak_activation_bytes(g: _Graph, t: dict[str, _Tensor], free: dict[int, str
 
 
 def analyze(model: str | Path | onnx.ModelProto) -> GraphCost:
-    """Static per-op FLOPs, bytes, precision and memory of an ONNX model (batch 1)."""
+    """Static per-op FLOPs, bytes, precision and memory of an ONNX (or `.tflite`) model (batch 1)."""
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".tflite":
+        from toolchain.costmodel_tflite import analyze_tflite
+
+        return analyze_tflite(model)
     assumptions: list[str] = []
     proto = _concretize_and_infer(_load(model), assumptions)
     t = _tensor_table(proto)

@@ -25,7 +25,7 @@ class Estimate:
     calibrated: bool
     basis: str  # one line: which calibration (and how good), or why the roofline was used
     memory_mb: float  # predicted peak RSS of a process serving the model (calibrated) or weights + activations
-    memory_basis: str  # "process" | "weights+activations"
+    memory_basis: str  # "process" | "weights+activations" | "tensor arena" (weights stay in flash)
     uncalibrated_groups: list[str] = field(default_factory=list)
 
     @property
@@ -48,6 +48,10 @@ def estimate(cost: GraphCost, profile: Profile, calibration: Calibration | None 
     else:
         calibration, basis = None, "uncalibrated roofline (calibration not used)"
     roofline = roofline_predict(cost, profile)
+    if profile.weights_in_flash:
+        return Estimate(profile.id, roofline, roofline, False, basis if calibration is None else "uncalibrated roofline "
+                        "(calibrations describe a process-based runtime, not TFLite Micro)",
+                        cost.peak_activation_bytes / MIB, "tensor arena")
     if calibration is None:
         return Estimate(profile.id, roofline, roofline, False, basis, cost.peak_memory_bytes / MIB, "weights+activations")
     latency = predict_latency(cost, profile, calibration.latency, calibration.peaks)

@@ -12,7 +12,8 @@ very file as a script (`python -P measure.py --rss ...`, so the `toolchain` pack
 imported) and imports only numpy and onnxruntime, as the device agent does. Its baseline is the
 RSS after those imports, so `model_rss_mb` is what the model and its session add.
 
-This module deliberately imports only the standard library, numpy and onnxruntime at the top.
+This module deliberately imports only the standard library, numpy, onnxruntime and the device agent's
+LiteRT facade (which imports `ai_edge_litert` only when a `.tflite` model is opened) at the top.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any, Callable, NoReturn
 
 import numpy as np
 import onnxruntime as ort
+
+from runtime_agent.litert import LiteRtSession
 
 _ORT_TYPES: dict[str, Any] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -64,12 +67,16 @@ class LatencyStats:
         return data
 
 
-def make_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSession:
+def make_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSession | LiteRtSession:
     """A CPU session configured as measured: fixed threads, full graph optimization, no spinning.
 
     Spinning is off because interleaved sessions would otherwise steal cores from each other
-    with idle-spinning pool threads after every run (only matters with threads > 1).
+    with idle-spinning pool threads after every run (only matters with threads > 1). A `.tflite`
+    file gets the device agent's LiteRT session (XNNPACK, the same thread count), which answers
+    the same calls.
     """
+    if Path(model_path).suffix == ".tflite":
+        return LiteRtSession(model_path, threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -188,7 +195,7 @@ def _fail(message: str) -> NoReturn:
     raise ToolchainError(message)
 
 
-def _open(path: Path | str, threads: int) -> ort.InferenceSession:
+def _open(path: Path | str, threads: int) -> ort.InferenceSession | LiteRtSession:
     if not Path(path).is_file():
         _fail(f"model {path} does not exist")
     try:
@@ -234,7 +241,7 @@ def _rss_child(model: str, shape: tuple[int, ...], threads: int, runs: int) -> d
     for _ in range(max(1, runs)):
         session.run(None, feeds)
     peak = _peak_rss_mb()
-    known = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "__main__"}
+    known = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "runtime_agent", "ai_edge_litert", "__main__"}
     foreign = sorted({m.split(".")[0] for m in sys.modules if not m.startswith("_")} - known - {"cython_runtime"})
     return {"process_peak_rss_mb": round(peak, 3), "baseline_rss_mb": round(baseline, 3),
             "model_rss_mb": round(max(0.0, peak - baseline), 3), "runs": max(1, runs), "threads": threads,

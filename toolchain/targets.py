@@ -62,6 +62,12 @@ class Profile:
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def weights_in_flash(self) -> bool:
+        """Microcontrollers (TFLite Micro) read weights from flash in place: RAM holds only the
+        tensor arena, so RAM is budgeted on activations and the model file on `model_mb`."""
+        return "tflite-micro" in self.providers
+
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data, for `--json`, reports and bundle manifests."""
         return {

@@ -77,6 +77,7 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     from toolchain.passes.bundle import BundlePass
     from toolchain.passes.evaluate import EvaluatePass
     from toolchain.passes.export_onnx import ExportOnnxPass
+    from toolchain.passes.export_tflite import ExportTflitePass
     from toolchain.passes.gate import GatePass
     from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
     from toolchain.passes.quantize_fp16 import QuantizeFp16Pass
@@ -91,12 +92,17 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
 
     # config name -> (pass, the precision the board must accelerate for it to be worth trying)
     quantizers = {"int8": (QuantizeInt8Pass, "int8"), "dynamic": (QuantizeDynamicPass, "int8"), "fp16": (QuantizeFp16Pass, "fp16")}
-    chosen = [key for key in config.compress.quantize if quantizers[key][1] in profile.precisions]
+    # ONNX quantizers only for boards that run ONNX; a .tflite-only board still needs the FP32 ONNX
+    # export, which is the reference and the source of its .tflite files.
+    chosen = [key for key in config.compress.quantize
+              if quantizers[key][1] in profile.precisions and "onnx" in profile.formats]
     quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
     if "int8" in chosen and config.compress.qat:
         quantize.append(QuantizeQatPass())
     if "int8" in chosen and config.compress.mixed:
         quantize.append(MixedPrecisionPass())
+    if "tflite" in profile.formats:
+        quantize.append(ExportTflitePass())
     compress: list[Pass] = [DistillPass()] if config.compress.distill else []
     if config.compress.prune_ratio == "auto" or config.compress.prune_ratio > 0:
         compress.append(PrunePass())

@@ -21,7 +21,7 @@ from runtime_agent.signing import PRIVATE_KEY_NAME, default_key_dir, load_privat
 from toolchain.artifact import Artifact
 from toolchain.checkpoint import save_checkpoint
 from toolchain.errors import ToolchainError
-from toolchain.passes.evaluate import onnx_logits
+from toolchain.passes.evaluate import model_logits
 from toolchain.provenance import provenance
 from toolchain.workflow import BuildContext
 
@@ -60,16 +60,17 @@ class BundlePass:
         shipped, reference, data = artifact.shipped, artifact.reference, ctx.dataset
         project = ctx.config.project
         version = next_version(ctx.out_dir, project.name, project.version)
-        train_predictions = onnx_logits(shipped.path, data.x_train).argmax(axis=1)
+        train_predictions = model_logits(shipped.path, data.x_train).argmax(axis=1)
         samples = data.x_test[:SELF_TEST_SAMPLES]
-        files = {"model.onnx": shipped.path.read_bytes(),
-                 "samples.npz": _npz_bytes(x=samples, y=data.y_test[:SELF_TEST_SAMPLES], logits=onnx_logits(shipped.path, samples))}
+        model_file = f"model.{shipped.format}"
+        files = {model_file: shipped.path.read_bytes(),
+                 "samples.npz": _npz_bytes(x=samples, y=data.y_test[:SELF_TEST_SAMPLES], logits=model_logits(shipped.path, samples))}
         manifest = {
             "name": project.name, "version": version, "target": ctx.profile.id,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "providers": list(ctx.profile.providers),
             "artifacts": [
-                {"path": "model.onnx", "format": shipped.format, "precision": shipped.precision,
+                {"path": model_file, "format": shipped.format, "precision": shipped.precision,
                  "runtime": shipped.runtime, "role": "model"},
                 {"path": "samples.npz", "format": "npz", "precision": None, "runtime": None, "role": "samples"},
             ],

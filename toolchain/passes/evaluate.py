@@ -1,4 +1,5 @@
-"""Accuracy of every candidate, measured in the device's runtime (onnxruntime) on the held-out test split.
+"""Accuracy of every candidate, measured in the device's runtime (onnxruntime, or LiteRT for `.tflite`)
+on the held-out test split.
 
 Accuracy measured in torch would hide quantization and exporter effects; this is the number the
 gate compares and the bundle promises.
@@ -12,12 +13,15 @@ from typing import ClassVar
 import numpy as np
 import onnxruntime as ort
 
+from runtime_agent.litert import LiteRtSession
 from toolchain.artifact import Artifact
 from toolchain.workflow import BuildContext
 
 
-def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def model_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits in batches, run by the code the device agent serves the same file with."""
+    session = (LiteRtSession(path) if Path(path).suffix == ".tflite"
+               else ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
@@ -28,7 +32,7 @@ class EvaluatePass:
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
         x, y = ctx.dataset.x_test, ctx.dataset.y_test
         for candidate in artifact.candidates:
-            predicted = onnx_logits(candidate.path, x).argmax(axis=1)
+            predicted = model_logits(candidate.path, x).argmax(axis=1)
             candidate.metrics["accuracy"] = float((predicted == y).mean())
             candidate.metrics["test_samples"] = int(len(y))
         reference = artifact.reference.metrics["accuracy"]

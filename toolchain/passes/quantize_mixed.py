@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from toolchain.artifact import Artifact, Candidate
-from toolchain.passes.evaluate import onnx_logits
+from toolchain.passes.evaluate import model_logits
 from toolchain.passes.quantize_int8 import calibration_samples, prepared_reference, quantize_int8
 from toolchain.workflow import BuildContext
 
@@ -24,7 +24,7 @@ MAX_LAYERS = 64  # beyond this the per-layer scan costs more than it saves; larg
 
 
 def validation_accuracy(path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((onnx_logits(path, x).argmax(axis=1) == y).mean())
+    return float((model_logits(path, x).argmax(axis=1) == y).mean())
 
 
 def int8_validation_drops(artifact: Artifact, ctx: BuildContext) -> dict[str, float]:
