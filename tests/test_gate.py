@@ -9,13 +9,15 @@ from toolchain.artifact import Artifact, Candidate
 from toolchain.passes.gate import GatePass
 
 
-def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float) -> Candidate:
-    return Candidate(name=name, precision=precision, path=Path(f"/nonexistent/{name}.onnx"),
+def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float, fmt: str = "onnx") -> Candidate:
+    return Candidate(name=name, precision=precision, path=Path(f"/nonexistent/{name}.{fmt}"), format=fmt,
                      metrics={"accuracy_drop": drop, "latency_ms_p50_host": host_ms, "latency_ms_predicted": predicted_ms})
 
 
-def gate(*candidates: Candidate, max_drop: float = 0.01, min_speedup: float = 1.05) -> Artifact:
+def gate(*candidates: Candidate, max_drop: float = 0.01, min_speedup: float = 1.05,
+         formats: tuple[str, ...] = ("onnx", "tflite")) -> Artifact:
     ctx = SimpleNamespace(config=SimpleNamespace(compress=SimpleNamespace(max_accuracy_drop=max_drop, min_speedup=min_speedup)),
+                          profile=SimpleNamespace(id="board", formats=formats),
                           console=SimpleNamespace(print=lambda *a, **k: None))
     return GatePass().run(Artifact(candidates=list(candidates)), ctx)
 
@@ -50,3 +52,23 @@ def test_int8_is_compared_with_fp32_when_fp16_was_rejected() -> None:
     assert result.shipped.name == "int8"
     assert "vs fp32" in result.candidate("int8").verdict
     assert result.candidate("fp32").verdict.startswith("reference")
+
+
+def test_a_tflite_only_board_never_ships_onnx_and_falls_back_to_fp32_tflite() -> None:
+    result = gate(candidate("onnx-fp32", "fp32", 0, 1.0, 1.0), candidate("onnx-int8", "int8", 0, 0.2, 0.2),
+                  candidate("tflite-fp32", "fp32", 0, 1.1, 1.0, "tflite"),
+                  candidate("tflite-int8", "int8", 0.03, 0.4, 0.4, "tflite"), formats=("tflite",))
+    assert result.shipped.name == "tflite-fp32"
+    assert result.candidate("tflite-fp32").verdict.startswith("fallback: board runs tflite only")
+    assert not result.candidate("onnx-int8").accepted and "does not run onnx" in result.candidate("onnx-int8").verdict
+    assert "accuracy drop 3.00 pp" in result.candidate("tflite-int8").verdict
+
+
+def test_the_same_precision_in_another_format_is_judged_on_the_host_measurement_alone() -> None:
+    # The predictor prices one graph's two translations alike; what differs is the runtime's kernels.
+    fp32 = lambda: candidate("onnx-fp32", "fp32", 0, 2.0, 2.0)  # noqa: E731
+    result = gate(fp32(), candidate("onnx-int8", "int8", 0, 1.0, 1.0), candidate("tflite-int8", "int8", 0, 0.8, 1.02, "tflite"))
+    assert result.shipped.name == "tflite-int8"
+    assert "same precision, other format: compared on host" in result.candidate("tflite-int8").verdict
+    slower = gate(fp32(), candidate("onnx-int8", "int8", 0, 1.0, 1.0), candidate("tflite-int8", "int8", 0, 1.01, 0.5, "tflite"))
+    assert slower.shipped.name == "onnx-int8"

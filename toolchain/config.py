@@ -35,6 +35,8 @@ class ModelSection(_Section):
     input_shape: list[int] = Field(min_length=1, max_length=4)
     labels: list[str] | None = Field(default=None, min_length=2)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # "auto": what the entry returns (a torch.nn.Module or a tf.keras.Model) decides the passes.
+    framework: Literal["auto", "torch", "keras"] = "auto"
 
     @field_validator("input_shape")
     @classmethod

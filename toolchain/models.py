@@ -26,7 +26,7 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _factory(entry: str, config: BuildConfig, key: str):
+def model_factory(entry: str, config: BuildConfig, key: str):
     scheme, _, name = entry.partition(":")
     if scheme != "zoo":
         return load_python_function(entry, config.base_dir, key)
@@ -40,7 +40,7 @@ def _factory(entry: str, config: BuildConfig, key: str):
 def build_user_model(config: BuildConfig, num_classes: int, **overrides: object) -> nn.Module:
     """Call the entry function and check it returns a module mapping one input to `num_classes` logits."""
     key = f"config {config.path}: [model] entry"
-    factory = _factory(config.model.entry, config, key)
+    factory = model_factory(config.model.entry, config, key)
     kwargs = {**config.model.kwargs, **overrides}
     try:
         module = factory(list(config.model.input_shape), num_classes, **kwargs)

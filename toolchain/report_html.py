@@ -151,7 +151,7 @@ def compression_section(report: dict[str, Any]) -> str:
         step = report.get(key)
         if not step:
             continue
-        parts.append(f'<h3>{title}: {escape(step["decision"])}</h3><p>{escape(step["summary"])}</p>')
+        parts.append(f'<h3>{escape(step.get("title", title))}: {escape(step["decision"])}</h3><p>{escape(step["summary"])}</p>')
         if isinstance(step.get(old), dict) and isinstance(step.get(new), dict):
             rows = [[metric, step[old].get(metric, ""), step[new].get(metric, "")] for metric in COMPARED]
             parts.append(table(["", old, new], rows, table_id=f"{key}-numbers"))
@@ -212,7 +212,7 @@ def render(report: dict[str, Any]) -> str:
                        c["latency_ms_p90_host"], c["latency_ms_predicted"], c["bytes"] / 1024, c["verdict"]] for c in candidates]
     classes = ["ship" if c["name"] == shipped else ("" if c["accepted"] else "reject") for c in candidates]
     charts = "".join([
-        bar_chart("Accuracy (test split, onnxruntime)", "", [(c["name"], c["precision"], c["accuracy"]) for c in candidates], "chart-accuracy"),
+        bar_chart("Accuracy (test split, device runtime)", "", [(c["name"], c["precision"], c["accuracy"]) for c in candidates], "chart-accuracy"),
         bar_chart("Latency p50 on this host", "ms", [(c["name"], c["precision"], c["latency_ms_p50_host"]) for c in candidates], "chart-latency"),
         bar_chart(f"Predicted latency on {report['target']['id']}", "ms", [(c["name"], c["precision"], c["latency_ms_predicted"]) for c in candidates], "chart-predicted"),
         bar_chart("Size", "KiB", [(c["name"], c["precision"], c["bytes"] / 1024) for c in candidates], "chart-size"),

@@ -71,8 +71,10 @@ class Pass(Protocol):
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact: ...
 
 
-def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
+def plan_passes(config: BuildConfig, profile: Profile, framework: str = "torch") -> list[Pass]:
     """The pipeline for this profile: quantizers only for precisions the board accelerates."""
+    if framework == "keras":
+        return plan_keras_passes(config, profile)
     from toolchain.passes.benchmark import BenchmarkPass
     from toolchain.passes.bundle import BundlePass
     from toolchain.passes.evaluate import EvaluatePass
@@ -110,6 +112,34 @@ def plan_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
             EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
 
 
+def plan_keras_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
+    """A Keras model: trained, pruned and quantization-aware-trained with Keras and TF Model
+    Optimization, shipped as `.tflite` (there is no Keras -> ONNX path here)."""
+    from toolchain.errors import ConfigError
+    from toolchain.passes.benchmark import BenchmarkPass
+    from toolchain.passes.bundle import BundlePass
+    from toolchain.passes.evaluate import EvaluatePass
+    from toolchain.passes.gate import GatePass
+    from toolchain.passes.keras_export import KerasExportTflitePass
+    from toolchain.passes.keras_prune import KerasPrunePass
+    from toolchain.passes.keras_qat import KerasQatPass
+    from toolchain.passes.keras_train import KerasTrainPass
+    from toolchain.passes.report import ReportPass
+
+    where = f"config {config.path}"
+    if "tflite" not in profile.formats:
+        raise ConfigError(f"{where}: a Keras model ships as .tflite, and target {profile.id} runs only "
+                          f"{', '.join(profile.formats)}; pick a target that runs tflite (e.g. rpi5, stm32h7) or use a torch model")
+    if config.search:
+        raise ConfigError(f"{where}: [search] tunes torch models; remove it for a Keras model (its entry sets the architecture)")
+    if config.compress.distill:
+        raise ConfigError(f"{where}: [compress] distill = true needs a torch model; set it to false for a Keras model")
+    prune = config.compress.prune_ratio == "auto" or config.compress.prune_ratio > 0
+    qat = config.compress.qat and "int8" in profile.precisions
+    return [KerasTrainPass(), *([KerasPrunePass()] if prune else []), KerasExportTflitePass(),
+            *([KerasQatPass()] if qat else []), EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
+
+
 def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None = None) -> Artifact:
     artifact = artifact or Artifact()
     for index, step in enumerate(passes, start=1):
@@ -140,6 +170,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
           warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
     """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
     from toolchain.data import load_dataset
+    from toolchain.keras_model import framework_of
     from toolchain.seeding import seed_everything
 
     seed_everything(seed)
@@ -150,6 +181,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
                            warm_start=warm_start)
-        artifact = run_passes(plan_passes(config, profile), ctx)
+        framework = framework_of(config, len(dataset.labels))
+        artifact = run_passes(plan_passes(config, profile, framework), ctx)
         artifact.outputs = publish(artifact.outputs, Path(out_dir))
     return artifact, ctx

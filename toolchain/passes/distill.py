@@ -30,7 +30,7 @@ from torch import nn
 
 from toolchain.artifact import Artifact
 from toolchain.costmodel import analyze, predict
-from toolchain.models import _factory, build_normalized_model
+from toolchain.models import build_normalized_model, model_factory
 from toolchain.targets import Profile
 from toolchain.passes.train import validation_accuracy
 from toolchain.workflow import BuildContext
@@ -82,7 +82,7 @@ def module_cost(module: nn.Module, input_shape: tuple[int, ...], profile: Profil
 def entry_kwargs(ctx: BuildContext, overrides: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments the entry function is called with: its defaults, [model] kwargs, overrides."""
     config = ctx.config
-    factory = _factory(config.model.entry, config, f"config {config.path}: [model] entry")
+    factory = model_factory(config.model.entry, config, f"config {config.path}: [model] entry")
     values: dict[str, Any] = {}
     try:
         parameters = list(inspect.signature(factory).parameters.values())

@@ -1,0 +1,119 @@
+"""Keras models as input: build the user's model, train it with Keras, wrap it for export.
+
+A config whose `[model] entry` returns a Keras model (`tf.keras`, i.e. Keras 2 from `tf-keras`,
+which TF Model Optimization supports) is built with the Keras passes (`plan_passes`). The model
+is trained on standardized inputs; the standardization goes into the exported graph as a
+`Normalization` layer in front of it, so the device is fed raw features exactly as for torch
+models. It is added only at export time: pruning and quantization-aware training wrap the user's
+layers one by one, and a layer of ours in the same graph would only get in their way.
+
+TensorFlow is the optional `tflite` extra; `framework_of` needs no TensorFlow to tell torch from Keras.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from toolchain.config import BuildConfig
+from toolchain.errors import ConfigError, ToolchainError
+from toolchain.litert_convert import INSTALL_HINT, quiet_native_output, tensorflow, tflite_extra_missing
+
+Framework = Literal["torch", "keras"]
+KERAS_MODULES = ("tf_keras", "keras", "tensorflow")
+
+
+def _entry_key(config: BuildConfig) -> str:
+    return f"config {config.path}: [model] entry"
+
+
+def call_entry(config: BuildConfig, num_classes: int, **overrides: object) -> Any:
+    """Call the user's entry function as f(input_shape, num_classes, **kwargs)."""
+    from toolchain.models import model_factory
+
+    # Before the user's file imports TensorFlow: tf.keras must be Keras 2, which tfmot supports.
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_native_output():  # TensorFlow's import banners, if the file imports it
+        factory = model_factory(config.model.entry, config, _entry_key(config))
+    try:
+        return factory(list(config.model.input_shape), num_classes, **{**config.model.kwargs, **overrides})
+    except TypeError as exc:
+        raise ConfigError(f"{_entry_key(config)}: calling it as f(input_shape, num_classes, **kwargs) failed: {exc}") from None
+
+
+def framework_of(config: BuildConfig, num_classes: int) -> Framework:
+    """`[model] framework`, or for "auto" what the entry function returns (built models: zoo = torch)."""
+    if config.model.framework != "auto":
+        return config.model.framework
+    if config.model.entry.startswith("zoo:"):
+        return "torch"
+    model = call_entry(config, num_classes)
+    return "keras" if type(model).__module__.split(".")[0] in KERAS_MODULES else "torch"
+
+
+def require_keras(config: BuildConfig) -> Any:
+    """TensorFlow with Keras 2, or a clear error."""
+    missing = tflite_extra_missing()
+    if missing:
+        raise ToolchainError(f"{_entry_key(config)} returns a Keras model, which needs the '{missing}' package; {INSTALL_HINT}")
+    return tensorflow()
+
+
+def build_keras_model(config: BuildConfig, input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """The user's Keras model, checked: Keras 2 (tf.keras), one input, `num_classes` logits."""
+    tf = require_keras(config)
+    model = call_entry(config, num_classes)
+    key = _entry_key(config)
+    if not isinstance(model, tf.keras.Model):
+        hint = (" (a Keras 3 model: build it with `tf.keras` or `import tf_keras as keras`; TF Model Optimization "
+                "supports Keras 2 only)" if type(model).__module__.startswith("keras") else "")
+        raise ConfigError(f"{key}: must return a tf.keras.Model, got {type(model).__name__}{hint}")
+    try:
+        out = model(np.zeros((2, *input_shape), dtype=np.float32), training=False)
+    except Exception as exc:
+        raise ConfigError(f"{key}: the model fails on input shape {[2, *input_shape]}: {str(exc).splitlines()[0]}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"{key}: the model outputs shape {list(out.shape)} for a batch of 2, expected [2, {num_classes}] "
+                          "(one logit per label, no softmax)")
+    return model
+
+
+def compile_model(model: Any, lr: float) -> Any:
+    tf = tensorflow()
+    model.compile(optimizer=tf.keras.optimizers.Adam(lr),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+def standardize(x: np.ndarray, normalize: dict[str, float]) -> np.ndarray:
+    return ((x - normalize["mean"]) / normalize["std"]).astype(np.float32)
+
+
+def with_normalization(inner: Any, input_shape: tuple[int, ...], normalize: dict[str, float]) -> Any:
+    """`inner` behind a Normalization layer, so the exported graph takes raw features."""
+    keras = tensorflow().keras
+    inputs = keras.Input(shape=tuple(input_shape), name="input")
+    scaled = keras.layers.Normalization(mean=normalize["mean"], variance=normalize["std"] ** 2, name="standardize")(inputs)
+    return keras.Model(inputs, inner(scaled))
+
+
+def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    logits = model.predict(x, batch_size=256, verbose=0)
+    return float((np.asarray(logits).argmax(axis=1) == y).mean())
+
+
+def fit(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, lr: float,
+        batch_size: int, epochs: int, patience: int | None, seed: int, callbacks: list[Any] = ()) -> list[dict[str, float]]:
+    """Train with Adam, keeping the weights of the best validation epoch (`patience` None: all epochs)."""
+    tf = tensorflow()
+    tf.keras.utils.set_random_seed(seed)
+    compile_model(model, lr)
+    stops = [tf.keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
+                                              restore_best_weights=True)] if patience else []
+    history = model.fit(x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size, verbose=0,
+                        shuffle=True, callbacks=[*callbacks, *stops]).history
+    return [{"epoch": i + 1, "loss": round(float(loss), 5), "val_accuracy": round(float(acc), 5)}
+            for i, (loss, acc) in enumerate(zip(history["loss"], history["val_accuracy"]))]

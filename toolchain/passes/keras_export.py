@@ -1,0 +1,38 @@
+"""Convert the (pruned) Keras model to `.tflite` at FP32, and at FP16 and full-integer INT8 where the
+profile lists them (post-training quantization, calibrated on seeded training samples).
+
+The FP32 `.tflite` is the build's reference: accuracy drops and speed-ups are measured against it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from toolchain import keras_model
+from toolchain.artifact import Artifact, Candidate
+from toolchain.litert_convert import REPRESENTATIVE_SAMPLES, convert
+from toolchain.passes.export_tflite import tflite_precisions
+from toolchain.passes.quantize_int8 import calibration_samples
+from toolchain.workflow import BuildContext
+
+METHODS = {"fp32": "Keras, float32", "fp16": "Keras, float16 weights",
+           "int8": "Keras, post-training full-integer int8 (int8 I/O)"}
+
+
+class KerasExportTflitePass:
+    name: ClassVar[str] = "export-tflite-keras"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        model = keras_model.with_normalization(artifact.module, ctx.dataset.input_shape, artifact.metrics["train"]["normalize"])
+        artifact.metrics["export"] = {"format": "tflite", "converter": "tf.lite.TFLiteConverter.from_keras_model",
+                                      "input": "raw features (Normalization layer in the graph)"}
+        samples = calibration_samples(ctx.dataset.x_train, REPRESENTATIVE_SAMPLES, ctx.seed)
+        for precision in tflite_precisions(ctx.profile.precisions):
+            with ctx.console.status(f"  converting to TFLite {precision}"):
+                path = ctx.work_path(f"model-{precision}.tflite")
+                path.write_bytes(convert(model, precision, samples))
+            candidate = Candidate(name=f"tflite-{precision}", precision=precision, path=path, format="tflite",
+                                  runtime="litert", metrics={"method": METHODS[precision]})
+            artifact.candidates.append(candidate)
+            ctx.console.print(f"  {path.name}: {candidate.bytes:,} bytes")
+        return artifact
