@@ -36,8 +36,13 @@ def call_entry(config: BuildConfig, num_classes: int, **overrides: object) -> An
     # Before the user's file imports TensorFlow: tf.keras must be Keras 2, which tfmot supports.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with quiet_native_output():  # TensorFlow's import banners, if the file imports it
-        factory = model_factory(config.model.entry, config, _entry_key(config))
+    try:
+        with quiet_native_output():  # TensorFlow's import banners, if the file imports it
+            factory = model_factory(config.model.entry, config, _entry_key(config))
+    except ConfigError as exc:
+        if any(f"No module named '{name}" in str(exc) for name in KERAS_MODULES):
+            raise ConfigError(f"{exc}; Keras models need the tflite extra: {INSTALL_HINT}") from None
+        raise
     try:
         return factory(list(config.model.input_shape), num_classes, **{**config.model.kwargs, **overrides})
     except TypeError as exc:

@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,18 +68,22 @@ def onnx_to_saved_model(onnx_path: Path, out_dir: Path, input_name: str) -> Path
     """Translate an ONNX model into a TensorFlow SavedModel in `out_dir` (input kept NCHW)."""
     require_tflite_extra("converting to TFLite")
     tensorflow()
+    import onnx
     import onnx2tf
 
+    graph_input = next(i for i in onnx.load(str(onnx_path), load_external_data=False).graph.input if i.name == input_name)
+    channels_first = len(graph_input.type.tensor_type.shape.dim) >= 3  # images and sequences; feature vectors have no layout
     try:
         with quiet_native_output():
             onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out_dir), non_verbose=True,
-                            not_use_onnxsim=True, keep_ncw_or_nchw_or_ncdhw_input_names=[input_name],
+                            not_use_onnxsim=True, keep_ncw_or_nchw_or_ncdhw_input_names=[input_name] if channels_first else None,
                             output_signaturedefs=True)
     except BaseException as exc:  # onnx2tf reports unsupported ops with SystemExit as well as exceptions
         if isinstance(exc, KeyboardInterrupt):
             raise
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # onnx2tf colours its messages
         raise ToolchainError(f"onnx2tf cannot translate {onnx_path.name} to TensorFlow: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else 'see onnx2tf'} (use ops onnx2tf supports)") from None
+                             f"{message.splitlines()[0] if message else 'no message'} (use ops onnx2tf supports)") from None
     return out_dir
 
 

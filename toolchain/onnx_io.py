@@ -1,4 +1,5 @@
-"""Load user-supplied ONNX files defensively: a bad file is a one-line error, not a protobuf traceback."""
+"""Load user-supplied ONNX (and `.tflite`) files defensively: a bad file is a one-line error, not a
+protobuf or flatbuffer traceback."""
 
 from __future__ import annotations
 
@@ -23,8 +24,24 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
     return model
 
 
+def tflite_input_shape(path: Path) -> tuple[int, ...]:
+    """Shape of one sample of a `.tflite` model's input, loading it with LiteRT (the check)."""
+    from runtime_agent.litert import LiteRtSession
+
+    if not path.is_file():
+        raise ToolchainError(f"model {path} does not exist")
+    try:
+        shape = LiteRtSession(path).get_inputs()[0].shape[1:]
+    except Exception as exc:  # LiteRtUnavailable, or the interpreter's ValueError for a bad flatbuffer
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolchainError(f"model {path} cannot be loaded by LiteRT ({first_line})") from None
+    return tuple(int(d) for d in shape)
+
+
 def sample_input_shape(path: Path) -> tuple[int, ...]:
     """Shape of one sample of the first input (the leading batch axis dropped)."""
+    if path.suffix == ".tflite":
+        return tflite_input_shape(path)
     model = check_onnx_file(path)
     initializers = {i.name for i in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in initializers)
@@ -37,7 +54,7 @@ def sample_input_shape(path: Path) -> tuple[int, ...]:
 
 
 def model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path, str]:
-    """An ONNX file to measure or predict: the path itself (checked), or the verified model
+    """An ONNX or `.tflite` file to measure or predict: the path itself (checked), or the verified model
     extracted from a `.bundle` into `scratch`; and its precision when the bundle says ('?' if not)."""
     if model_or_bundle.suffix == ".bundle":
         from runtime_agent.bundle import read_bundle
@@ -47,5 +64,8 @@ def model_file(model_or_bundle: Path, pubkey: Path, scratch: Path) -> tuple[Path
         path = scratch / verified.model_artifact["path"]
         path.write_bytes(verified.model_bytes)
         return path, verified.model_artifact.get("precision") or "?"
-    check_onnx_file(model_or_bundle)
+    if model_or_bundle.suffix == ".tflite":
+        tflite_input_shape(model_or_bundle)
+    else:
+        check_onnx_file(model_or_bundle)
     return model_or_bundle, "?"
