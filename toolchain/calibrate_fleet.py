@@ -75,7 +75,7 @@ def fleet_observations(db: Path, profile: Profile) -> list[FleetObservation]:
 
 
 def bundle_graphs(models_dir: Path, pubkey: Path, scratch: Path) -> dict[tuple[str, int], Path]:
-    """(name, version) -> the verified ONNX model of every bundle in `models_dir`."""
+    """(name, version) -> the verified model (ONNX or `.tflite`, both analysable) of every bundle in `models_dir`."""
     if not models_dir.is_dir():
         raise ToolchainError(f"--models {models_dir} is not a folder of .bundle files")
     key = load_public_key(pubkey)
@@ -85,9 +85,7 @@ def bundle_graphs(models_dir: Path, pubkey: Path, scratch: Path) -> dict[tuple[s
             bundle = read_bundle(path, key)
         except AgentError as exc:
             raise ToolchainError(f"cannot use {path}: {exc}") from None
-        if bundle.model_artifact.get("format", "onnx") != "onnx":
-            continue
-        out = scratch / f"{bundle.manifest['name']}-{bundle.version}.onnx"
+        out = scratch / f"{bundle.manifest['name']}-{bundle.version}.{bundle.model_artifact.get('format', 'onnx')}"
         out.write_bytes(bundle.model_bytes)
         graphs[(bundle.manifest["name"], bundle.version)] = out
     return graphs

@@ -12,7 +12,7 @@ so); a profile that runs only `.tflite` cannot be built and the error gives the 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +36,21 @@ def tflite_precisions(precisions: tuple[str, ...]) -> list[str]:
     return [p for p in TFLITE_PRECISIONS if p == "fp32" or p in precisions]
 
 
+def convert_candidates(source: Any, ctx: BuildContext, methods: dict[str, str]) -> list[Candidate]:
+    """`source` (a SavedModel folder or a Keras model) as one `.tflite` candidate per precision the
+    profile takes, INT8 calibrated on seeded training samples."""
+    samples = calibration_samples(ctx.dataset.x_train, REPRESENTATIVE_SAMPLES, ctx.seed)
+    candidates = []
+    for precision in tflite_precisions(ctx.profile.precisions):
+        with ctx.console.status(f"  converting to TFLite {precision}"):
+            path = ctx.work_path(f"model-{precision}.tflite")
+            path.write_bytes(convert(source, precision, samples))
+        candidates.append(Candidate(name=f"tflite-{precision}", precision=precision, path=path, format="tflite",
+                                    runtime="litert", metrics={"method": methods[precision]}))
+        ctx.console.print(f"  {path.name}: {path.stat().st_size:,} bytes")
+    return candidates
+
+
 class ExportTflitePass:
     name: ClassVar[str] = "export-tflite"
 
@@ -52,20 +67,12 @@ class ExportTflitePass:
         reference = artifact.reference
         with ctx.console.status("  translating the FP32 ONNX model to TensorFlow (onnx2tf)"):
             saved_model = onnx_to_saved_model(reference.path, ctx.work_path("saved_model"), INPUT_NAME)
-        samples = calibration_samples(ctx.dataset.x_train, REPRESENTATIVE_SAMPLES, ctx.seed)
-        for precision in tflite_precisions(ctx.profile.precisions):
-            with ctx.console.status(f"  converting to TFLite {precision}"):
-                path = ctx.work_path(f"model-{precision}.tflite")
-                path.write_bytes(convert(saved_model, precision, samples))
-            candidate = Candidate(name=f"tflite-{precision}", precision=precision, path=path, format="tflite",
-                                  runtime="litert", metrics={"method": METHODS[precision]})
-            if precision == "fp32":
-                check = ctx.dataset.x_val[:CHECK_SAMPLES]
-                difference = float(np.abs(model_logits(path, check) - model_logits(reference.path, check)).max())
-                if difference > TOLERANCE:
-                    raise ToolchainError(f"the TFLite translation changes the model's outputs by up to {difference:.2g} "
-                                         f"(allowed {TOLERANCE:g}); report the model to onnx2tf or build for ONNX")
-                candidate.metrics["max_abs_difference_vs_onnx"] = difference
-            artifact.candidates.append(candidate)
-            ctx.console.print(f"  {path.name}: {candidate.bytes:,} bytes ({candidate.bytes / reference.bytes:.2f}x ONNX FP32)")
+        candidates = convert_candidates(saved_model, ctx, METHODS)
+        fp32, check = candidates[0], ctx.dataset.x_val[:CHECK_SAMPLES]
+        difference = float(np.abs(model_logits(fp32.path, check) - model_logits(reference.path, check)).max())
+        if difference > TOLERANCE:
+            raise ToolchainError(f"the TFLite translation changes the model's outputs by up to {difference:.2g} "
+                                 f"(allowed {TOLERANCE:g}); report the model to onnx2tf or build for ONNX")
+        fp32.metrics["max_abs_difference_vs_onnx"] = difference
+        artifact.candidates.extend(candidates)
         return artifact

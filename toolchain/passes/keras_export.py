@@ -9,10 +9,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from toolchain import keras_model
-from toolchain.artifact import Artifact, Candidate
-from toolchain.litert_convert import REPRESENTATIVE_SAMPLES, convert
-from toolchain.passes.export_tflite import tflite_precisions
-from toolchain.passes.quantize_int8 import calibration_samples
+from toolchain.artifact import Artifact
+from toolchain.passes.export_tflite import convert_candidates
 from toolchain.workflow import BuildContext
 
 METHODS = {"fp32": "Keras, float32", "fp16": "Keras, float16 weights",
@@ -26,13 +24,5 @@ class KerasExportTflitePass:
         model = keras_model.with_normalization(artifact.module, ctx.dataset.input_shape, artifact.metrics["train"]["normalize"])
         artifact.metrics["export"] = {"format": "tflite", "converter": "tf.lite.TFLiteConverter.from_keras_model",
                                       "input": "raw features (Normalization layer in the graph)"}
-        samples = calibration_samples(ctx.dataset.x_train, REPRESENTATIVE_SAMPLES, ctx.seed)
-        for precision in tflite_precisions(ctx.profile.precisions):
-            with ctx.console.status(f"  converting to TFLite {precision}"):
-                path = ctx.work_path(f"model-{precision}.tflite")
-                path.write_bytes(convert(model, precision, samples))
-            candidate = Candidate(name=f"tflite-{precision}", precision=precision, path=path, format="tflite",
-                                  runtime="litert", metrics={"method": METHODS[precision]})
-            artifact.candidates.append(candidate)
-            ctx.console.print(f"  {path.name}: {candidate.bytes:,} bytes")
+        artifact.candidates.extend(convert_candidates(model, ctx, METHODS))
         return artifact
