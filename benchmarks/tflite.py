@@ -8,7 +8,8 @@ the held-out test split. The LiteRT sessions are the device agent's (`runtime_ag
 models take float input, quantized inside the timed call, as a client would send it.
 
 1. MobileNetV2 (`zoo:mobilenet_v2`, width 1.0) on the seeded synthetic gratings of
-   benchmarks/agent.py (1000 images), trained 8 epochs at 3x96x96 (--quick: 600 images, 2 epochs, 3x64x64).
+   benchmarks/agent.py with more noise (4.0 sd instead of 0.35; 2000 images), trained 12 epochs at 3x96x96
+   (--quick: 600 images, 2 epochs, 3x64x64).
 2. The embedded digits example (the README's default), whose accuracy the issue's target is on too.
 
 Targets (the TFLite issue): INT8 `.tflite` accuracy drop vs FP32 `.tflite` <= 1.0 pp on both models;
@@ -39,7 +40,7 @@ from toolchain.config import load_config  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.litert_convert import INSTALL_HINT, tflite_extra_missing  # noqa: E402
 from toolchain.measure import make_feeds, make_session  # noqa: E402
-from toolchain.passes.evaluate import EvaluatePass  # noqa: E402
+from toolchain.passes.evaluate import EvaluatePass, model_logits  # noqa: E402
 from toolchain.passes.export_onnx import ExportOnnxPass  # noqa: E402
 from toolchain.passes.export_tflite import ExportTflitePass  # noqa: E402
 from toolchain.passes.quantize_int8 import QuantizeInt8Pass  # noqa: E402
@@ -49,7 +50,15 @@ from toolchain.targets import resolve_target  # noqa: E402
 from toolchain.workflow import BuildContext, run_passes  # noqa: E402
 
 PROFILE = "raspberry-pi-5"
-SAMPLES = 1000
+SAMPLES = 2000
+# benchmarks/agent.py's gratings carry noise of 0.35 sd, which MobileNetV2 learns perfectly: an
+# accuracy drop measured at 100% says little. With 4.0 sd it has room to lose.
+NOISE = 4.0
+
+
+def noisier(data_py: str) -> str:
+    assert "0.35 * rng.standard_normal" in data_py, "benchmarks/agent.py changed its data; update NOISE"
+    return data_py.replace("0.35 * rng.standard_normal", f"{NOISE} * rng.standard_normal")
 
 
 def log(message: str) -> None:
@@ -74,6 +83,8 @@ def measure(model: str, artifact: Artifact, ctx: BuildContext, seconds: float) -
         runners[candidate.name] = lambda s=session, f=feeds: s.run(None, f)
     samples = interleaved(runners, seconds=seconds, warmup=20)
     fp32 = float(np.median(samples["tflite-fp32"]))
+    x_test = ctx.dataset.x_test
+    reference = model_logits(artifact.candidate("tflite-fp32").path, x_test).argmax(axis=1)
     rows = []
     for candidate in artifact.candidates:
         p50 = float(np.median(samples[candidate.name]))
@@ -83,7 +94,9 @@ def measure(model: str, artifact: Artifact, ctx: BuildContext, seconds: float) -
                      "test_accuracy": round(candidate.metrics["accuracy"], 5),
                      "drop_vs_tflite_fp32_pp": round(100 * (artifact.candidate("tflite-fp32").metrics["accuracy"]
                                                             - candidate.metrics["accuracy"]), 3),
-                     "runs": len(samples[candidate.name])})
+                     "top1_agreement_vs_tflite_fp32": round(float(np.mean(model_logits(candidate.path, x_test).argmax(axis=1)
+                                                                          == reference)), 5),
+                     "test_samples": len(x_test), "runs": len(samples[candidate.name])})
     return rows
 
 
@@ -95,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"benchmarks/tflite.py needs the tflite extra ('{missing}' is missing); {INSTALL_HINT}", file=sys.stderr)
         return 2
-    size, epochs, samples, seconds = (64, 2, 600, 6.0) if args.quick else (96, 8, SAMPLES, 40.0)
+    size, epochs, samples, seconds = (64, 2, 600, 6.0) if args.quick else (96, 12, SAMPLES, 40.0)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tflite-bench-") as tmp:
         root = Path(tmp)
         project = root / "mobilenet"
         project.mkdir()
-        (project / "data.py").write_text(DATA_PY.format(size=size, samples=samples))
+        (project / "data.py").write_text(noisier(DATA_PY.format(size=size, samples=samples)))
         (project / "toolchain.toml").write_text(MOBILENET_TOML.format(size=size, epochs=epochs, finetune=1))
         log(f"MobileNetV2 at {size}x{size}: training {epochs} epochs, exporting ONNX and .tflite")
         mobilenet, ctx = build(project / "toolchain.toml", root / "mobilenet-work")
@@ -111,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         digits, ctx = build(None, root / "digits-work")
         rows += measure("digits 1x8x8", digits, ctx, seconds / 4)
     print_table(rows, ["model", "artifact", "runtime", "p50_ms", "p90_ms", "vs_tflite_fp32", "bytes", "test_accuracy",
-                       "drop_vs_tflite_fp32_pp"])
+                       "drop_vs_tflite_fp32_pp", "top1_agreement_vs_tflite_fp32"])
     pick = {(r["model"].split()[0], r["artifact"]): r for r in rows}
     targets = {
         "MobileNetV2 INT8/FP32 .tflite latency (LiteRT, XNNPACK)": target(pick["MobileNetV2", "tflite-int8"]["vs_tflite_fp32"], "<=", 0.99),
         "MobileNetV2 INT8 .tflite accuracy drop (pp)": target(pick["MobileNetV2", "tflite-int8"]["drop_vs_tflite_fp32_pp"], "<=", 1.0),
         "digits INT8 .tflite accuracy drop (pp)": target(pick["digits", "tflite-int8"]["drop_vs_tflite_fp32_pp"], "<=", 1.0),
     }
-    write_results("tflite", rows, targets, settings={"quick": args.quick, "size": size, "epochs": epochs, "samples": samples,
+    write_results("tflite", rows, targets, settings={"quick": args.quick, "size": size, "epochs": epochs, "samples": samples, "noise_sd": NOISE,
                                                      "seconds": seconds, "threads": 1, "profile": PROFILE})
     return 0 if all(t["met"] for t in targets.values()) else 1
 
