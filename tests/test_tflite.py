@@ -173,3 +173,18 @@ def test_a_corrupt_tflite_file_is_refused_with_a_reason(mcu_build: Build, tmp_pa
     bundle.files[bundle.model_artifact["path"]] = b"TFL3" + b"\x00" * 64
     with pytest.raises(BundleError, match="cannot be loaded by LiteRT"):
         LoadedModel.from_bundle(bundle)
+
+
+def test_bench_measures_and_predicts_a_tflite_file(exported, tmp_path: Path) -> None:
+    artifact, _ = exported
+    result = run_cli("toolchain", "bench", str(artifact.candidate("tflite-int8").path), "--target", "rpi5", "--json",
+                     "--seconds", "0.5", check=True)
+    row = json.loads(result.stdout)
+    assert row["latency_ms_p50_host"] > 0 and row["runs_host"] >= 100 and row["model_rss_mb"] >= 0
+    assert row["latency_ms_predicted"] > 0 and 0 < row["roofline_fraction_host"] <= 1.5
+    assert row["flops"] == analyze(artifact.candidate("tflite-int8").path).flops
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a flatbuffer")
+    bad = run_cli("toolchain", "bench", str(broken), "--target", "rpi5")
+    assert bad.returncode != 0 and "cannot be loaded by LiteRT" in bad.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in bad.stderr

@@ -129,11 +129,11 @@ def flash(
 
 @app.command()
 def bench(
-    model_or_bundle: Annotated[Path, typer.Argument(help="an .onnx model or a .bundle")],
+    model_or_bundle: Annotated[Path, typer.Argument(help="an .onnx or .tflite model, or a .bundle")],
     target: TargetOption,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     seconds: Annotated[float, typer.Option(help="measuring time")] = 5.0,
-    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 1,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op (or LiteRT) threads")] = 1,
     pubkey: Annotated[Path, typer.Option(help="trusted public key, for bundles")] = DEFAULT_PUBKEY,
 ) -> None:
     """Measured host latency, predicted latency on the profile, memory, size, roofline fraction, budgets."""
