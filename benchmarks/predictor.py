@@ -11,7 +11,11 @@ whole process peak is reported too). Per held-out artifact: measured, predicted,
 roofline fraction (uncalibrated roofline time / measured), plus the uncalibrated roofline's own error
 for comparison.
 
-    python benchmarks/predictor.py [--quick]
+With `--runtime litert` (needs the tflite extra) the variants are converted to `.tflite` by the build's
+own converter (onnx2tf; FP32 and full-integer INT8) and measured in LiteRT (XNNPACK): the predictor
+of `.tflite` files, with the same targets; results go to `benchmarks/results/predictor_litert.json`.
+
+    python benchmarks/predictor.py [--quick] [--runtime onnxruntime|litert]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import print_table, target, write_results  # noqa: E402
 from toolchain.calibrate import CalibrationSettings, calibrate_host  # noqa: E402
+from toolchain.calibration import RUNTIMES  # noqa: E402
 from toolchain.costmodel import predict, roofline_fraction  # noqa: E402
 from toolchain.predictor import LatencyModel, Peaks, error_summary, evaluate, share_within  # noqa: E402
 from toolchain.targets import resolve_target  # noqa: E402
@@ -34,9 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer variants, shorter measurement (< 2 minutes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="whose kernels to calibrate and predict")
     args = parser.parse_args()
-    settings = (CalibrationSettings(variants=240, seconds=40.0, memory_variants=20, seed=args.seed) if args.quick
-                else CalibrationSettings(variants=480, seconds=100.0, memory_variants=40, seed=args.seed))
+    settings = (CalibrationSettings(variants=240, seconds=40.0, memory_variants=20, seed=args.seed, runtime=args.runtime)
+                if args.quick else
+                CalibrationSettings(variants=480, seconds=100.0, memory_variants=40, seed=args.seed, runtime=args.runtime))
     host = resolve_target("host")
     started = time.perf_counter()
     result = calibrate_host(host, settings)
@@ -68,7 +75,7 @@ def main() -> None:
     latency, memory = error_summary(latency_errors), error_summary(memory_errors)
     memory_within_20 = share_within(memory_errors, 0.20)
     summary = {
-        "variants": len(result.results), "fitted": len(fitted), "held_out": len(held),
+        "runtime": args.runtime, "variants": len(result.results), "fitted": len(fitted), "held_out": len(held),
         "held_out_memory": len(memory_errors), "calibration_seconds": round(seconds, 1),
         "latency_held_out": latency, "latency_roofline_held_out": error_summary(roofline_errors),
         "memory_model_held_out": {**memory, "within_20pct": memory_within_20},
@@ -84,7 +91,7 @@ def main() -> None:
     for family, stats in summary["by_family"].items():
         print(f"  {family:<12} within 10%: {100 * stats['within_10pct']:.0f}% of {stats['count']}, "
               f"median |error| {100 * stats['median_abs_error']:.1f}%")
-    write_results("predictor", rows, {
+    write_results("predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}", rows, {
         "held_out_latency_within_10pct_share": target(latency["within_10pct"], ">=", 0.9),
         "held_out_model_memory_within_20pct_share": target(memory_within_20, ">=", 0.9),
     }, summary=summary, calibration={k: v for k, v in calibration.to_dict().items() if k not in ("fit", "validation")})

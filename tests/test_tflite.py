@@ -188,3 +188,27 @@ def test_bench_measures_and_predicts_a_tflite_file(exported, tmp_path: Path) -> 
     bad = run_cli("toolchain", "bench", str(broken), "--target", "rpi5")
     assert bad.returncode != 0 and "cannot be loaded by LiteRT" in bad.stderr.strip().splitlines()[-1]
     assert "Traceback" not in bad.stderr
+
+
+def test_litert_has_its_own_calibration_which_predicts_tflite_files(exported, tmp_path: Path, monkeypatch) -> None:
+    from toolchain.calibrate import CalibrationSettings, calibrate_host
+    from toolchain.calibration import default_path, find_calibration, write_calibration
+    from toolchain.estimate import estimate
+
+    artifact, _ = exported
+    monkeypatch.setenv("EDGE_TOOLCHAIN_CALIBRATION", str(tmp_path / "calibration"))
+    host = resolve_target("host")
+    result = calibrate_host(host, CalibrationSettings(variants=48, seconds=3.0, memory_variants=4, runtime="litert"))
+    calibration = result.calibration
+    assert calibration.runtime == "litert" and {r.path.suffix for r in result.results} == {".tflite"}
+    assert {r.spec.precision for r in result.results} == {"fp32", "int8"}
+    held = [r for r in result.results if r.held_out]
+    assert held and len(calibration.validation["latency"]["errors"]) == len(held)  # judged on models never fitted
+    assert any(key.startswith("Conv") and key.endswith("/int8") for key in calibration.latency.efficiency)
+    path = write_calibration(calibration, default_path("host", "litert"))
+    assert path.name == "host-litert.json"
+    tflite = estimate(analyze(artifact.candidate("tflite-int8").path), host)
+    onnx = estimate(analyze(artifact.reference.path), host)
+    assert tflite.calibrated and "calibrated (variants" in tflite.basis
+    assert not onnx.calibrated and "no calibration for host" in onnx.basis  # an ORT model is not predicted by LiteRT's fit
+    assert find_calibration(host, "litert")[0] is not None and find_calibration(host)[0] is None

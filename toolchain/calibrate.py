@@ -26,7 +26,8 @@ from toolchain.measure import measure_latencies, measure_peak_rss
 from toolchain.predictor import LatencyModel, Peaks, error_summary, evaluate, relative_errors, rounded, share_within
 from toolchain.predictor_fit import LatencySample, MemorySample, fit_memory, fit_shrunk
 from toolchain.targets import Profile
-from toolchain.variants import VariantSpec, sample_specs, split_specs, write_variant
+from toolchain.litert_convert import require_tflite_extra
+from toolchain.variants import VariantSpec, sample_specs, split_specs, write_tflite_variant, write_variant
 
 CACHE_CANDIDATES_MB = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 MEMORY_TOLERANCE = 0.20
@@ -44,10 +45,11 @@ class CalibrationSettings:
     memory_variants: int = 24  # peak RSS is measured in a fresh process per model: ~0.4 s each
     seed: int = 0
     threads: int = 1
+    runtime: str = "onnxruntime"  # "litert": the variants are converted to .tflite and run by LiteRT
 
     @classmethod
-    def quick(cls, seed: int = 0) -> CalibrationSettings:
-        return cls(variants=224, seconds=16.0, memory_variants=8, seed=seed)
+    def quick(cls, seed: int = 0, runtime: str = "onnxruntime") -> CalibrationSettings:
+        return cls(variants=224, seconds=16.0, memory_variants=8, seed=seed, runtime=runtime)
 
 
 @dataclass
@@ -138,9 +140,12 @@ def calibrate_host(profile: Profile, settings: CalibrationSettings = Calibration
 def _measure(specs: list[VariantSpec], held: set[str], folder: Path, settings: CalibrationSettings,
              progress: Progress | None) -> list[VariantResult]:
     paths: dict[str, Path] = {}
+    if settings.runtime == "litert":
+        require_tflite_extra("calibrating LiteRT")
+    write = write_tflite_variant if settings.runtime == "litert" else write_variant
     with _Stage(progress, f"generating {len(specs)} model variants", len(specs)) as stage:
         for spec in specs:
-            paths[spec.name] = write_variant(spec, folder, seed=settings.seed)
+            paths[spec.name] = write(spec, folder, seed=settings.seed)
             stage.advance()
     with _Stage(progress, f"measuring latency, interleaved ({settings.seconds:.0f} s)", 1.0) as stage:
         stats = measure_latencies(paths, {s.name: s.input_shape for s in specs}, min_runs=30,
@@ -197,5 +202,5 @@ def _fit(profile: Profile, results: list[VariantResult], settings: CalibrationSe
            "seconds": settings.seconds, "variants": len(results)}
     calibration = Calibration(profile=profile.id, source="variants", threads=settings.threads, peaks=peaks,
                               latency=latency, memory=memory, fit=rounded(fit), validation=rounded(validation),
-                              fingerprint=fingerprint())
+                              fingerprint=fingerprint(), runtime=settings.runtime)
     return HostCalibration(calibration, results)

@@ -74,8 +74,9 @@ def fleet_observations(db: Path, profile: Profile) -> list[FleetObservation]:
     return observations
 
 
-def bundle_graphs(models_dir: Path, pubkey: Path, scratch: Path) -> dict[tuple[str, int], Path]:
-    """(name, version) -> the verified model (ONNX or `.tflite`, both analysable) of every bundle in `models_dir`."""
+def bundle_graphs(models_dir: Path, pubkey: Path, scratch: Path, runtime: str = "onnxruntime") -> dict[tuple[str, int], Path]:
+    """(name, version) -> the verified model of every bundle in `models_dir` that `runtime` runs
+    (ONNX for onnxruntime, `.tflite` for LiteRT: one runtime's latencies fit one calibration)."""
     if not models_dir.is_dir():
         raise ToolchainError(f"--models {models_dir} is not a folder of .bundle files")
     key = load_public_key(pubkey)
@@ -85,27 +86,31 @@ def bundle_graphs(models_dir: Path, pubkey: Path, scratch: Path) -> dict[tuple[s
             bundle = read_bundle(path, key)
         except AgentError as exc:
             raise ToolchainError(f"cannot use {path}: {exc}") from None
-        out = scratch / f"{bundle.manifest['name']}-{bundle.version}.{bundle.model_artifact.get('format', 'onnx')}"
+        fmt = bundle.model_artifact.get("format", "onnx")
+        if fmt != ("tflite" if runtime == "litert" else "onnx"):
+            continue
+        out = scratch / f"{bundle.manifest['name']}-{bundle.version}.{fmt}"
         out.write_bytes(bundle.model_bytes)
         graphs[(bundle.manifest["name"], bundle.version)] = out
     return graphs
 
 
-def calibrate_from_fleet(profile: Profile, db: Path, models_dir: Path, pubkey: Path) -> Calibration:
+def calibrate_from_fleet(profile: Profile, db: Path, models_dir: Path, pubkey: Path,
+                         runtime: str = "onnxruntime") -> Calibration:
     """Fit and return (not write) the profile's calibration from fleet telemetry and bundles."""
     observations = fleet_observations(db, profile)
     if not observations:
         raise ToolchainError(f"{db} holds no latency telemetry from devices with profile '{profile.id}' "
                              "(a device reports its profile in its status)")
     with tempfile.TemporaryDirectory(prefix="toolchain-fleet-calibrate-") as scratch:
-        graphs = bundle_graphs(models_dir, pubkey, Path(scratch))
+        graphs = bundle_graphs(models_dir, pubkey, Path(scratch), runtime)
         costs = {o.key: analyze(graphs[(o.model_name, o.model_version)]) for o in observations
                  if (o.model_name, o.model_version) in graphs}
     missing = [o.key for o in observations if o.key not in costs]
     if not costs:
         raise ToolchainError(f"none of the reported models ({', '.join(missing)}) has a bundle in {models_dir}")
     used = [o for o in observations if o.key in costs]
-    prior_calibration, prior_basis = find_calibration(profile)
+    prior_calibration, prior_basis = find_calibration(profile, runtime)
     prior = prior_calibration.latency if prior_calibration else LatencyModel.roofline(profile)
     peaks = prior_calibration.peaks if prior_calibration else Peaks.of(profile)
     samples = [LatencySample(o.key, costs[o.key], o.p50_ms) for o in used]
@@ -118,7 +123,7 @@ def calibrate_from_fleet(profile: Profile, db: Path, models_dir: Path, pubkey: P
            "observations": [asdict(o) for o in used], "missing_bundles": missing}
     return Calibration(profile=profile.id, source="fleet", threads=prior_calibration.threads if prior_calibration else 1,
                        peaks=peaks, latency=latency, memory=memory, fit=rounded(fit),
-                       validation=_leave_one_out(samples, peaks, prior))
+                       validation=_leave_one_out(samples, peaks, prior), runtime=runtime)
 
 
 def _memory(observations: list[FleetObservation], costs: dict[str, GraphCost], prior: MemoryModel | None) -> MemoryModel | None:

@@ -8,7 +8,9 @@ good the fit was, and the loader refuses what it cannot trust.
 
 Lookup for a profile `ID`: `$EDGE_TOOLCHAIN_CALIBRATION/ID.json` when that variable is set, else
 `<cache>/calibration/ID.json` (written by `toolchain calibrate`), else `calibration/ID.json` beside
-the profile's TOML file (a calibration shipped with a profile).
+the profile's TOML file (a calibration shipped with a profile). One runtime's kernels say nothing
+about another's, so each runtime has its own file: `ID.json` for onnxruntime, `ID-litert.json` for
+LiteRT (`.tflite` models are predicted with the latter).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from toolchain.targets import Profile
 
 FORMAT = "edge-toolchain-calibration"
 FORMAT_VERSION = 1
+RUNTIMES = ("onnxruntime", "litert")
 
 
 @dataclass
@@ -45,10 +48,12 @@ class Calibration:
     fingerprint: dict[str, Any] | None = None  # the machine measured (None: a board, from its fleet)
     packages: dict[str, str | None] = field(default_factory=package_versions)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    runtime: str = "onnxruntime"  # whose kernels were measured (see RUNTIMES)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "profile": self.profile, "source": self.source,
+            "format": FORMAT, "version": FORMAT_VERSION, "profile": self.profile, "runtime": self.runtime,
+            "source": self.source,
             "created": self.created, "threads": self.threads, "fingerprint": self.fingerprint,
             "packages": self.packages, "peaks": vars(self.peaks), "latency": self.latency.to_dict(),
             "memory": self.memory.to_dict() if self.memory else None, "fit": self.fit, "validation": self.validation,
@@ -69,7 +74,8 @@ class Calibration:
                        latency=LatencyModel.from_dict(data["latency"]),
                        memory=MemoryModel.from_dict(data["memory"]) if data.get("memory") else None,
                        fit=dict(data["fit"]), validation=data.get("validation"), fingerprint=data.get("fingerprint"),
-                       packages=dict(data.get("packages") or {}), created=str(data["created"]))
+                       packages=dict(data.get("packages") or {}), created=str(data["created"]),
+                       runtime=str(data.get("runtime", "onnxruntime")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ToolchainError(f"{origin}: calibration file is incomplete or malformed ({type(exc).__name__}: {exc}); "
                                  "run `toolchain calibrate` again") from None
@@ -89,15 +95,21 @@ def calibration_dir() -> Path:
     return Path(override).expanduser() if override else cache_dir() / "calibration"
 
 
-def default_path(profile_id: str) -> Path:
-    return calibration_dir() / f"{profile_id}.json"
+def file_name(profile_id: str, runtime: str = "onnxruntime") -> str:
+    if runtime not in RUNTIMES:
+        raise ToolchainError(f"unknown runtime {runtime!r}; calibrations exist for {', '.join(RUNTIMES)}")
+    return f"{profile_id}.json" if runtime == "onnxruntime" else f"{profile_id}-{runtime}.json"
 
 
-def candidate_paths(profile: Profile) -> list[Path]:
-    """Where a calibration of `profile` may be, in lookup order."""
-    paths = [default_path(profile.id)]
+def default_path(profile_id: str, runtime: str = "onnxruntime") -> Path:
+    return calibration_dir() / file_name(profile_id, runtime)
+
+
+def candidate_paths(profile: Profile, runtime: str = "onnxruntime") -> list[Path]:
+    """Where a calibration of `profile` for `runtime` may be, in lookup order."""
+    paths = [default_path(profile.id, runtime)]
     if profile.path is not None:
-        paths.append(profile.path.parent / "calibration" / f"{profile.id}.json")
+        paths.append(profile.path.parent / "calibration" / file_name(profile.id, runtime))
     return paths
 
 
@@ -124,15 +136,15 @@ def write_calibration(calibration: Calibration, path: Path) -> Path:
     return Path(path)
 
 
-def find_calibration(profile: Profile) -> tuple[Calibration | None, str]:
-    """The calibration to use for `profile`, or None and why not (shown next to roofline numbers).
+def find_calibration(profile: Profile, runtime: str = "onnxruntime") -> tuple[Calibration | None, str]:
+    """The calibration of `runtime` to use for `profile`, or None and why not (shown next to roofline numbers).
 
     A file for another profile, a stale host calibration (the machine or its libraries changed
     since: the fingerprint differs) or an unreadable/old-format file is skipped, never fatal: the
     predictor falls back to the uncalibrated roofline and says so.
     """
     reasons: list[str] = []
-    for path in candidate_paths(profile):
+    for path in candidate_paths(profile, runtime):
         if not path.is_file():
             continue
         try:
@@ -143,9 +155,13 @@ def find_calibration(profile: Profile) -> tuple[Calibration | None, str]:
         if calibration.profile != profile.id:
             reasons.append(f"ignored {path}: it calibrates '{calibration.profile}', not '{profile.id}'")
             continue
+        if calibration.runtime != runtime:
+            reasons.append(f"ignored {path}: it calibrates {calibration.runtime}, not {runtime}")
+            continue
         if profile.raw.get("measured") is True and calibration.fingerprint != fingerprint():
             reasons.append(f"ignored {path}: measured on another machine or library versions; "
                            f"run `toolchain calibrate --target {profile.id}` again")
             continue
         return calibration, calibration.summary()
-    return None, "; ".join(reasons) or f"uncalibrated roofline (no calibration for {profile.id})"
+    which = profile.id if runtime == "onnxruntime" else f"{profile.id} with {runtime}"
+    return None, "; ".join(reasons) or f"uncalibrated roofline (no calibration for {which})"

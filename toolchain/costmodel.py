@@ -113,6 +113,7 @@ class GraphCost:
     peak_memory_bytes: int  # weights_bytes + peak_activation_bytes
     flops_by_precision: dict[str, int] = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
+    runtime: str = "onnxruntime"  # what runs the file ("litert" for .tflite): picks the calibration to use
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -149,4 +149,4 @@ def analyze_tflite(path: Path | str) -> GraphCost:
                      param_count=sum(math.prod(shape(i)) for i in params), param_bytes=sum(nbytes(i) for i in params),
                      weights_bytes=weights, kernel_ops=len(kernels), peak_activation_bytes=peak,
                      peak_memory_bytes=peak + weights, flops_by_precision=by_precision,
-                     assumptions=["read from the .tflite graph at batch 1"])
+                     assumptions=["read from the .tflite graph at batch 1"], runtime="litert")

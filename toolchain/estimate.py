@@ -42,7 +42,7 @@ class Estimate:
 def estimate(cost: GraphCost, profile: Profile, calibration: Calibration | None | bool = True) -> Estimate:
     """`calibration=True` looks the profile's calibration up; None/False forces the roofline."""
     if calibration is True:
-        calibration, basis = find_calibration(profile)
+        calibration, basis = find_calibration(profile, cost.runtime)
     elif isinstance(calibration, Calibration):
         basis = calibration.summary()
     else:

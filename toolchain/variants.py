@@ -139,6 +139,21 @@ def write_variant(spec: VariantSpec, folder: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tflite_variant(spec: VariantSpec, folder: Path, seed: int = 0) -> Path:
+    """Write `spec` as `folder/NAME.tflite`: the fp32 ONNX twin through the build's own converter
+    (onnx2tf, then FP32 or full-integer INT8 calibrated on seeded samples), as a build makes them."""
+    from toolchain.litert_convert import convert, onnx_to_saved_model
+
+    fp32 = write_variant(VariantSpec(**{**asdict(spec), "precision": "fp32"}), folder, seed)
+    saved = folder / f"{fp32.stem}-saved-model"
+    if not saved.exists():
+        onnx_to_saved_model(fp32, saved, INPUT_NAME)
+    out = folder / f"{spec.name}.tflite"
+    samples = np.random.default_rng(seed).standard_normal((16, *spec.input_shape)).astype(np.float32)
+    out.write_bytes(convert(saved, spec.precision, samples))
+    return out
+
+
 def _grid() -> Iterator[VariantSpec]:
     """Every candidate spec; each runs in well under 10 ms on one core of a laptop. MLP weights stay
     under ~12 MB: bigger ones depend on what else shares the last-level cache, which is noise here."""

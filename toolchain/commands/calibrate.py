@@ -30,30 +30,33 @@ def calibrate(
     pubkey: Annotated[Path, typer.Option(help="trusted public key the bundles must verify with")] = DEFAULT_PUBKEY,
     out: Annotated[Optional[Path], typer.Option(help="calibration file to write (default: the lookup path for the profile)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the variant sample and the fit/held-out split")] = 0,
+    runtime: Annotated[str, typer.Option(help="whose kernels to calibrate: onnxruntime, or litert (.tflite, needs "
+                                              "the tflite extra to measure here)")] = "onnxruntime",
     as_json: Annotated[bool, typer.Option("--json", help="print the calibration as JSON")] = False,
 ) -> None:
     """Fit the predictor of a profile from measurements and store it next to the profile lookup path."""
-    from toolchain.calibration import default_path, write_calibration
+    from toolchain.calibration import default_path, file_name, write_calibration
     from toolchain.targets import resolve_target
 
     if (from_fleet is None) != (models is None):
         raise ToolchainError("--from-fleet DB and --models DIR go together (telemetry latencies and the bundles' graphs)")
+    file_name(target, runtime)  # an unknown runtime is an error before anything is measured
     profile = resolve_target(target)
     err = Console(stderr=True)
     if from_fleet is not None and models is not None:
         from toolchain.calibrate_fleet import calibrate_from_fleet
 
         with err.status(f"fitting {profile.id} to the telemetry in {from_fleet}"):
-            calibration = calibrate_from_fleet(profile, from_fleet, models, pubkey)
+            calibration = calibrate_from_fleet(profile, from_fleet, models, pubkey, runtime)
     else:
         from toolchain.calibrate import CalibrationSettings, calibrate_host, check_measurable
 
         check_measurable(profile)
-        settings = CalibrationSettings.quick(seed) if quick else CalibrationSettings(seed=seed)
-        err.print(f"[bold]calibrating[/] {escape(profile.id)}: {settings.variants} generated variants, "
+        settings = CalibrationSettings.quick(seed, runtime) if quick else CalibrationSettings(seed=seed, runtime=runtime)
+        err.print(f"[bold]calibrating[/] {escape(profile.id)} ({runtime}): {settings.variants} generated variants, "
                   f"{settings.seconds:.0f} s interleaved on {settings.threads} thread")
         calibration = calibrate_host(profile, settings, console=err).calibration
-    path = write_calibration(calibration, out or default_path(profile.id))
+    path = write_calibration(calibration, out or default_path(profile.id, runtime))
     if as_json:
         typer.echo(json.dumps(calibration.to_dict(), indent=2))
     else:
