@@ -13,7 +13,7 @@ TensorFlow is the optional `tflite` extra; `framework_of` needs no TensorFlow to
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def _entry_key(config: BuildConfig) -> str:
     return f"config {config.path}: [model] entry"
 
 
-def call_entry(config: BuildConfig, num_classes: int, **overrides: object) -> Any:
+def call_entry(config: BuildConfig, num_classes: int) -> Any:
     """Call the user's entry function as f(input_shape, num_classes, **kwargs)."""
     from toolchain.models import model_factory
 
@@ -44,7 +44,7 @@ def call_entry(config: BuildConfig, num_classes: int, **overrides: object) -> An
             raise ConfigError(f"{exc}; Keras models need the tflite extra: {INSTALL_HINT}") from None
         raise
     try:
-        return factory(list(config.model.input_shape), num_classes, **{**config.model.kwargs, **overrides})
+        return factory(list(config.model.input_shape), num_classes, **config.model.kwargs)
     except TypeError as exc:
         raise ConfigError(f"{_entry_key(config)}: calling it as f(input_shape, num_classes, **kwargs) failed: {exc}") from None
 
@@ -111,7 +111,7 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, lr: float,
-        batch_size: int, epochs: int, patience: int | None, seed: int, callbacks: list[Any] = ()) -> list[dict[str, float]]:
+        batch_size: int, epochs: int, patience: int | None, seed: int, callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
     """Train with Adam, keeping the weights of the best validation epoch (`patience` None: all epochs)."""
     tf = tensorflow()
     tf.keras.utils.set_random_seed(seed)
