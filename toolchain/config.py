@@ -151,6 +151,10 @@ class CompressSection(_Section):
     min_speedup: float = Field(default=1.05, ge=1.0)
     calibration_samples: int = Field(default=256, ge=8)
 
+    @property
+    def prunes(self) -> bool:
+        return self.prune_ratio == "auto" or self.prune_ratio > 0
+
     @model_validator(mode="after")
     def _available(self) -> "CompressSection":
         if isinstance(self.student_width, float) and not 0 < self.student_width < 1:

@@ -118,6 +118,20 @@ class GraphCost:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_ops(cls, ops: list[OpCost], *, param_count: int, param_bytes: int, weights_bytes: int,
+                 peak_activation_bytes: int, assumptions: list[str], runtime: str = "onnxruntime") -> GraphCost:
+        """The totals of a graph from its per-op costs (whatever format the ops were read from)."""
+        kernels = [op for op in ops if not op.free]
+        by_precision: dict[str, int] = {}
+        for op in kernels:
+            by_precision[op.precision] = by_precision.get(op.precision, 0) + op.flops
+        return cls(ops=ops, flops=sum(op.flops for op in kernels), bytes=sum(op.bytes for op in kernels),
+                   param_count=param_count, param_bytes=param_bytes, weights_bytes=weights_bytes,
+                   kernel_ops=len(kernels), peak_activation_bytes=peak_activation_bytes,
+                   peak_memory_bytes=peak_activation_bytes + weights_bytes, flops_by_precision=by_precision,
+                   assumptions=assumptions, runtime=runtime)
+
 
 @dataclass
 class Prediction:
@@ -542,24 +556,11 @@ def analyze(model: str | Path | onnx.ModelProto) -> GraphCost:
     weights_bytes = sum(_Tensor(i.data_type, tuple(i.dims)).nbytes or 0 for i in proto.graph.initializer)
     weights_bytes += sum(t[n.output[0]].nbytes or 0 for n in g.nodes
                          if n.op_type == "Constant" and n.output and n.output[0] in t)
-    peak_act = _peak_activation_bytes(g, t, free, data_inputs)
-    kernels = [op for op in ops if not op.free]
-    by_precision: dict[str, int] = {}
-    for op in kernels:
-        by_precision[op.precision] = by_precision.get(op.precision, 0) + op.flops
-    return GraphCost(
-        ops=ops,
-        flops=sum(op.flops for op in kernels),
-        bytes=sum(op.bytes for op in kernels),
-        param_count=sum(math.prod(i.dims) for i in params),
-        param_bytes=sum(_Tensor(i.data_type, tuple(i.dims)).nbytes or 0 for i in params),
-        weights_bytes=weights_bytes,
-        kernel_ops=len(kernels),
-        peak_activation_bytes=peak_act,
-        peak_memory_bytes=peak_act + weights_bytes,
-        flops_by_precision=by_precision,
-        assumptions=assumptions,
-    )
+    return GraphCost.from_ops(ops, param_count=sum(math.prod(i.dims) for i in params),
+                              param_bytes=sum(_Tensor(i.data_type, tuple(i.dims)).nbytes or 0 for i in params),
+                              weights_bytes=weights_bytes,
+                              peak_activation_bytes=_peak_activation_bytes(g, t, free, data_inputs),
+                              assumptions=assumptions)
 
 
 # ----------------------------------------------------------------------------- prediction

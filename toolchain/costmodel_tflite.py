@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.costmodel import CHANNEL_BLOCK, MOVE_OPS, OPS_PER_ELEMENT, GraphCost, OpCost
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 
 # TFLite builtin -> the ONNX operator it computes (for the efficiency groups and the op classes).
 ONNX_NAME = {
@@ -94,7 +94,7 @@ def analyze_tflite(path: Path | str) -> GraphCost:
         interpreter = Interpreter(model_path=str(path))
         interpreter.allocate_tensors()
     except Exception as exc:
-        raise ToolchainError(f"LiteRT cannot load {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+        raise ToolchainError(f"LiteRT cannot load {path}: {first_line(exc)}") from None
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops_details = [o for o in interpreter._get_ops_details() if o["op_name"] not in SKIPPED]
 
@@ -136,17 +136,11 @@ def analyze_tflite(path: Path | str) -> GraphCost:
         live |= {int(i) for i in detail["outputs"] if i >= 0}
         peak = max(peak, sum(nbytes(i) for i in live))
         live = {i for i in live if last_use.get(i, -1) > n or i in outputs_of_graph}
-    weights = sum(nbytes(i) for i in constants)
-    kernels = [op for op in ops if not op.free]
-    by_precision: dict[str, int] = {}
-    for op in kernels:
-        by_precision[op.precision] = by_precision.get(op.precision, 0) + op.flops
     # Index and shape operands (transpose permutations, reshape targets) are not parameters.
     shape_operands = {int(i) for d in ops_details if d["op_name"] in VIEW_OPS or ONNX_NAME.get(d["op_name"]) in MOVE_OPS
                       for i in d["inputs"][1:] if i >= 0}
     params = sorted(constants - shape_operands)
-    return GraphCost(ops=ops, flops=sum(op.flops for op in kernels), bytes=sum(op.bytes for op in kernels),
-                     param_count=sum(math.prod(shape(i)) for i in params), param_bytes=sum(nbytes(i) for i in params),
-                     weights_bytes=weights, kernel_ops=len(kernels), peak_activation_bytes=peak,
-                     peak_memory_bytes=peak + weights, flops_by_precision=by_precision,
-                     assumptions=["read from the .tflite graph at batch 1"], runtime="litert")
+    return GraphCost.from_ops(ops, param_count=sum(math.prod(shape(i)) for i in params),
+                              param_bytes=sum(nbytes(i) for i in params), weights_bytes=sum(nbytes(i) for i in constants),
+                              peak_activation_bytes=peak, assumptions=["read from the .tflite graph at batch 1"],
+                              runtime="litert")

@@ -10,6 +10,12 @@ class ToolchainError(Exception):
     """A problem the user can fix: the message says what is wrong and how to fix it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries raise pages), else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConfigError(ToolchainError):
     """The build config (TOML) is invalid."""
 

@@ -12,14 +12,15 @@ TensorFlow is the optional `tflite` extra; `framework_of` needs no TensorFlow to
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from toolchain.config import BuildConfig
-from toolchain.errors import ConfigError, ToolchainError
-from toolchain.litert_convert import INSTALL_HINT, quiet_native_output, tensorflow, tflite_extra_missing
+from toolchain.data import Dataset
+from toolchain.errors import ConfigError, ToolchainError, first_line
+from toolchain.litert_convert import (INSTALL_HINT, quiet_native_output, tensorflow, tensorflow_environment,
+                                      tflite_extra_missing)
 
 Framework = Literal["torch", "keras"]
 KERAS_MODULES = ("tf_keras", "keras", "tensorflow")
@@ -33,9 +34,7 @@ def call_entry(config: BuildConfig, num_classes: int) -> Any:
     """Call the user's entry function as f(input_shape, num_classes, **kwargs)."""
     from toolchain.models import model_factory
 
-    # Before the user's file imports TensorFlow: tf.keras must be Keras 2, which tfmot supports.
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tensorflow_environment()  # the user's file may import TensorFlow
     try:
         with quiet_native_output():  # TensorFlow's import banners, if the file imports it
             factory = model_factory(config.model.entry, config, _entry_key(config))
@@ -79,7 +78,7 @@ def build_keras_model(config: BuildConfig, input_shape: tuple[int, ...], num_cla
     try:
         out = model(np.zeros((2, *input_shape), dtype=np.float32), training=False)
     except Exception as exc:
-        raise ConfigError(f"{key}: the model fails on input shape {[2, *input_shape]}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: the model fails on input shape {[2, *input_shape]}: {first_line(exc)}") from None
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{key}: the model outputs shape {list(out.shape)} for a batch of 2, expected [2, {num_classes}] "
                           "(one logit per label, no softmax)")
@@ -105,20 +104,23 @@ def with_normalization(inner: Any, input_shape: tuple[int, ...], normalize: dict
     return keras.Model(inputs, inner(scaled))
 
 
-def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-    logits = model.predict(x, batch_size=256, verbose=0)
+def accuracy(model: Any, x: np.ndarray, y: np.ndarray, normalize: dict[str, float]) -> float:
+    """Accuracy of a model trained on standardized inputs, given raw `x`."""
+    logits = model.predict(standardize(x, normalize), batch_size=256, verbose=0)
     return float((np.asarray(logits).argmax(axis=1) == y).mean())
 
 
-def fit(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, lr: float,
-        batch_size: int, epochs: int, patience: int | None, seed: int, callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
-    """Train with Adam, keeping the weights of the best validation epoch (`patience` None: all epochs)."""
+def fit(model: Any, data: Dataset, normalize: dict[str, float], *, lr: float, batch_size: int, epochs: int,
+        patience: int | None, seed: int, callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
+    """Train on the standardized training split with Adam, keeping the weights of the best validation
+    epoch (`patience` None: all epochs)."""
     tf = tensorflow()
     tf.keras.utils.set_random_seed(seed)
     compile_model(model, lr)
     stops = [tf.keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
                                               restore_best_weights=True)] if patience else []
-    history = model.fit(x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size, verbose=0,
-                        shuffle=True, callbacks=[*callbacks, *stops]).history
+    history = model.fit(standardize(data.x_train, normalize), data.y_train,
+                        validation_data=(standardize(data.x_val, normalize), data.y_val), epochs=epochs,
+                        batch_size=batch_size, verbose=0, shuffle=True, callbacks=[*callbacks, *stops]).history
     return [{"epoch": i + 1, "loss": round(float(loss), 5), "val_accuracy": round(float(acc), 5)}
             for i, (loss, acc) in enumerate(zip(history["loss"], history["val_accuracy"]))]

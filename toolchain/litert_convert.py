@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 
 TFLITE_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = "install the TFLite extra: `.venv/bin/pip install -e '.[tflite]'` (or `bash scripts/setup.sh --tflite`)"
@@ -54,10 +54,16 @@ def require_tflite_extra(why: str) -> None:
         raise ToolchainError(f"{why} needs the '{missing}' package; {INSTALL_HINT}")
 
 
-def tensorflow() -> Any:
-    """Import TensorFlow the way this project needs it: Keras 2 (tf-keras, which tfmot supports), quiet."""
+def tensorflow_environment() -> None:
+    """Before TensorFlow is first imported (by us or a user's model file): `tf.keras` must be Keras 2
+    (tf-keras, which tfmot supports), and its C++ logging quiet."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def tensorflow() -> Any:
+    """Import TensorFlow the way this project needs it (see `tensorflow_environment`), quiet."""
+    tensorflow_environment()
     if "tensorflow" not in sys.modules:
         with quiet_native_output():  # absl and oneDNN announce themselves on import, whatever the log level
             import tensorflow  # noqa: F401
@@ -137,5 +143,4 @@ def convert(source: Path | Any, precision: str, samples: np.ndarray | None = Non
         with quiet_native_output():
             return converter.convert()
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolchainError(f"the TFLite converter failed at {precision}: {first}") from None
+        raise ToolchainError(f"the TFLite converter failed at {precision}: {first_line(exc)}") from None

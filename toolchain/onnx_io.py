@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 
 
 def check_onnx_file(path: Path) -> onnx.ModelProto:
@@ -17,8 +17,7 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolchainError(f"model {path} is not a valid ONNX model ({first_line}); re-export it") from None
+        raise ToolchainError(f"model {path} is not a valid ONNX model ({first_line(exc)}); re-export it") from None
     if len(model.graph.input) == 0 or not model.graph.node:
         raise ToolchainError(f"model {path} has no inputs or no operators; re-export it")
     return model
@@ -33,8 +32,7 @@ def tflite_input_shape(path: Path) -> tuple[int, ...]:
     try:
         shape = LiteRtSession(path).get_inputs()[0].shape[1:]
     except Exception as exc:  # LiteRtUnavailable, or the interpreter's ValueError for a bad flatbuffer
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolchainError(f"model {path} cannot be loaded by LiteRT ({first_line})") from None
+        raise ToolchainError(f"model {path} cannot be loaded by LiteRT ({first_line(exc)})") from None
     return tuple(int(d) for d in shape)
 
 

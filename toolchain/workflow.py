@@ -75,18 +75,13 @@ def plan_passes(config: BuildConfig, profile: Profile, framework: str = "torch")
     """The pipeline for this profile: quantizers only for precisions the board accelerates."""
     if framework == "keras":
         return plan_keras_passes(config, profile)
-    from toolchain.passes.benchmark import BenchmarkPass
-    from toolchain.passes.bundle import BundlePass
-    from toolchain.passes.evaluate import EvaluatePass
     from toolchain.passes.export_onnx import ExportOnnxPass
     from toolchain.passes.export_tflite import ExportTflitePass
-    from toolchain.passes.gate import GatePass
     from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
     from toolchain.passes.quantize_fp16 import QuantizeFp16Pass
     from toolchain.passes.quantize_int8 import QuantizeInt8Pass
     from toolchain.passes.quantize_mixed import MixedPrecisionPass
     from toolchain.passes.quantize_qat import QuantizeQatPass
-    from toolchain.passes.report import ReportPass
     from toolchain.passes.search import SearchPass
     from toolchain.passes.distill import DistillPass
     from toolchain.passes.prune import PrunePass
@@ -106,25 +101,32 @@ def plan_passes(config: BuildConfig, profile: Profile, framework: str = "torch")
     if "tflite" in profile.formats:
         quantize.append(ExportTflitePass())
     compress: list[Pass] = [DistillPass()] if config.compress.distill else []
-    if config.compress.prune_ratio == "auto" or config.compress.prune_ratio > 0:
+    if config.compress.prunes:
         compress.append(PrunePass())
     return [*([SearchPass()] if config.search else []), TrainPass(), *compress, ExportOnnxPass(), *quantize,
-            EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
+            *shipping_passes()]
+
+
+def shipping_passes() -> list[Pass]:
+    """What every pipeline ends with, whatever made its candidates: measure them in the device's
+    runtime, choose one, sign it, report."""
+    from toolchain.passes.benchmark import BenchmarkPass
+    from toolchain.passes.bundle import BundlePass
+    from toolchain.passes.evaluate import EvaluatePass
+    from toolchain.passes.gate import GatePass
+    from toolchain.passes.report import ReportPass
+
+    return [EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
 
 
 def plan_keras_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     """A Keras model: trained, pruned and quantization-aware-trained with Keras and TF Model
     Optimization, shipped as `.tflite` (there is no Keras -> ONNX path here)."""
     from toolchain.errors import ConfigError
-    from toolchain.passes.benchmark import BenchmarkPass
-    from toolchain.passes.bundle import BundlePass
-    from toolchain.passes.evaluate import EvaluatePass
-    from toolchain.passes.gate import GatePass
     from toolchain.passes.keras_export import KerasExportTflitePass
     from toolchain.passes.keras_prune import KerasPrunePass
     from toolchain.passes.keras_qat import KerasQatPass
     from toolchain.passes.keras_train import KerasTrainPass
-    from toolchain.passes.report import ReportPass
 
     where = f"config {config.path}"
     if "tflite" not in profile.formats:
@@ -134,10 +136,9 @@ def plan_keras_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
         raise ConfigError(f"{where}: [search] tunes torch models; remove it for a Keras model (its entry sets the architecture)")
     if config.compress.distill:
         raise ConfigError(f"{where}: [compress] distill = true needs a torch model; set it to false for a Keras model")
-    prune = config.compress.prune_ratio == "auto" or config.compress.prune_ratio > 0
     qat = config.compress.qat and "int8" in profile.precisions
-    return [KerasTrainPass(), *([KerasPrunePass()] if prune else []), KerasExportTflitePass(),
-            *([KerasQatPass()] if qat else []), EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
+    return [KerasTrainPass(), *([KerasPrunePass()] if config.compress.prunes else []), KerasExportTflitePass(),
+            *([KerasQatPass()] if qat else []), *shipping_passes()]
 
 
 def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None = None) -> Artifact:

@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import onnxruntime as ort
 
-from runtime_agent.litert import LiteRtSession
 from toolchain.artifact import Artifact
+from toolchain.measure import make_session
 from toolchain.workflow import BuildContext
 
 
 def model_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits in batches, run by the code the device agent serves the same file with."""
-    session = (LiteRtSession(path) if Path(path).suffix == ".tflite"
-               else ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    session = make_session(path, threads=0)  # every core (0: the runtime's default)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 

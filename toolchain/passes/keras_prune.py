@@ -54,12 +54,11 @@ class KerasPrunePass:
         # `wrap` returns the trained layer objects themselves (wrapped or not), so no weights are re-initialised.
         pruned = tf.keras.models.clone_model(trained, clone_function=wrap)
         with ctx.console.status(f"  pruning to {100 * ratio:.0f}% sparsity with tfmot ({epochs} fine-tuning epochs)"):
-            keras_model.fit(pruned, keras_model.standardize(data.x_train, normalize), data.y_train,
-                            keras_model.standardize(data.x_val, normalize), data.y_val,
-                            lr=settings["lr"] * FINETUNE_LR_SCALE, batch_size=int(settings["batch_size"]), epochs=epochs,
-                            patience=None, seed=ctx.seed, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+            keras_model.fit(pruned, data, normalize, lr=settings["lr"] * FINETUNE_LR_SCALE,
+                            batch_size=int(settings["batch_size"]), epochs=epochs, patience=None, seed=ctx.seed,
+                            callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
         stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-        val_accuracy = keras_model.accuracy(stripped, keras_model.standardize(data.x_val, normalize), data.y_val)
+        val_accuracy = keras_model.accuracy(stripped, data.x_val, data.y_val, normalize)
         sparsity, parameters = _sparsity(stripped), int(stripped.count_params())
         artifact.module = stripped
         artifact.metrics["prune"] = {

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from toolchain import keras_model
 from toolchain.artifact import Artifact, Candidate
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 from toolchain.litert_convert import REPRESENTATIVE_SAMPLES, convert
 from toolchain.passes.quantize_int8 import calibration_samples
 from toolchain.passes.train import finetune_epochs, training_settings
@@ -34,13 +34,11 @@ class KerasQatPass:
         try:
             quantized = tfmot.quantization.keras.quantize_model(artifact.module)
         except Exception as exc:  # tfmot raises RuntimeError/ValueError naming the layer it cannot quantize
-            raise ToolchainError(f"quantization-aware training cannot wrap this Keras model: {str(exc).splitlines()[0]} "
+            raise ToolchainError(f"quantization-aware training cannot wrap this Keras model: {first_line(exc)} "
                                  "(use layers tfmot supports, or set [compress] qat = false)") from None
         with ctx.console.status(f"  quantization-aware training with tfmot ({epochs} epochs)"):
-            history = keras_model.fit(quantized, keras_model.standardize(data.x_train, normalize), data.y_train,
-                                      keras_model.standardize(data.x_val, normalize), data.y_val,
-                                      lr=settings["lr"] * QAT_LR_SCALE, batch_size=int(settings["batch_size"]),
-                                      epochs=epochs, patience=None, seed=ctx.seed)
+            history = keras_model.fit(quantized, data, normalize, lr=settings["lr"] * QAT_LR_SCALE,
+                                      batch_size=int(settings["batch_size"]), epochs=epochs, patience=None, seed=ctx.seed)
         model = keras_model.with_normalization(quantized, data.input_shape, normalize)
         path = ctx.work_path("model-int8-qat.tflite")
         path.write_bytes(convert(model, "int8", calibration_samples(data.x_train, REPRESENTATIVE_SAMPLES, ctx.seed)))

@@ -28,18 +28,16 @@ class KerasTrainPass:
         settings = training_settings(ctx)
         patience = config.train.patience or ctx.settings.patience
         with ctx.console.status(f"  training with Keras (up to {settings['epochs']} epochs)"):
-            history = keras_model.fit(model, keras_model.standardize(data.x_train, normalize), data.y_train,
-                                      keras_model.standardize(data.x_val, normalize), data.y_val, lr=settings["lr"],
-                                      batch_size=int(settings["batch_size"]), epochs=int(settings["epochs"]),
-                                      patience=patience, seed=ctx.seed)
-        val_accuracy = keras_model.accuracy(model, keras_model.standardize(data.x_val, normalize), data.y_val)
+            history = keras_model.fit(model, data, normalize, lr=settings["lr"], batch_size=int(settings["batch_size"]),
+                                      epochs=int(settings["epochs"]), patience=patience, seed=ctx.seed)
+        val_accuracy = keras_model.accuracy(model, data.x_val, data.y_val, normalize)
         best = max(history, key=lambda h: h["val_accuracy"])
         artifact.module = model
         artifact.metrics["train"] = {
             "framework": "keras", "warm_start": None, "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
             "epochs_run": len(history), "best_epoch": best["epoch"], "max_epochs": int(settings["epochs"]),
             "patience": patience, "settings": settings, "model_kwargs": {}, "val_accuracy": round(val_accuracy, 5),
-            "train_accuracy": round(keras_model.accuracy(model, keras_model.standardize(data.x_train, normalize), data.y_train), 5),
+            "train_accuracy": round(keras_model.accuracy(model, data.x_train, data.y_train, normalize), 5),
             "parameters": int(model.count_params()), "normalize": normalize, "history": history,
         }
         ctx.console.print(f"  best epoch {best['epoch']} of {len(history)}: val accuracy {val_accuracy:.4f}, "
