@@ -68,7 +68,7 @@ from runtime_agent.agent import Active, Agent  # noqa: E402
 from runtime_agent.config import load_agent_config  # noqa: E402
 from runtime_agent.reference import summary_features  # noqa: E402
 from runtime_agent.sketch import LatencySketch  # noqa: E402
-from toolchain.broker import ManagedBroker, free_port  # noqa: E402
+from toolchain.deploy.broker import ManagedBroker, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MIB = 1 << 20

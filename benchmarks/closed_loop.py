@@ -32,15 +32,15 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import print_table, target, write_results  # noqa: E402
-from toolchain.broker import ManagedBroker, free_port  # noqa: E402
-from toolchain.config import load_config  # noqa: E402
-from toolchain.fleet.autopilot import Autopilot  # noqa: E402
+from toolchain.deploy.broker import ManagedBroker, free_port  # noqa: E402
+from toolchain.core.config import load_config  # noqa: E402
+from toolchain.build.autopilot import Autopilot  # noqa: E402
 from toolchain.fleet.monitor import FleetMonitor  # noqa: E402
-from toolchain.fleet.simulate import SimulationSettings, simulate  # noqa: E402
+from toolchain.fleet.sim.simulate import SimulationSettings, simulate  # noqa: E402
 from toolchain.fleet.store import FleetStore  # noqa: E402
-from toolchain.push import rollout  # noqa: E402
-from toolchain.targets import resolve_target  # noqa: E402
-from toolchain.workflow import build  # noqa: E402
+from toolchain.deploy.push import rollout  # noqa: E402
+from toolchain.targets.profiles import resolve_target  # noqa: E402
+from toolchain.build.workflow import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = "loop"

@@ -49,25 +49,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import print_table, target, write_results  # noqa: E402
 from benchmarks.agent import DATA_PY  # noqa: E402
 from benchmarks.build_default import interleaved  # noqa: E402
-from toolchain.artifact import PRECISION_ORDER, Artifact  # noqa: E402
-from toolchain.config import load_config  # noqa: E402
-from toolchain.data import Dataset, load_dataset  # noqa: E402
-from toolchain.measure import make_feeds, make_session  # noqa: E402
-from toolchain.passes.benchmark import BenchmarkPass  # noqa: E402
-from toolchain.passes.distill import DistillPass, count_macs_params  # noqa: E402
-from toolchain.passes.evaluate import EvaluatePass, model_logits  # noqa: E402
-from toolchain.passes.export_onnx import ExportOnnxPass  # noqa: E402
-from toolchain.passes.gate import GatePass  # noqa: E402
-from toolchain.passes.prune import PrunePass  # noqa: E402
-from toolchain.passes.quantize_dynamic import QuantizeDynamicPass  # noqa: E402
-from toolchain.passes.quantize_int8 import (  # noqa: E402
-    ArrayCalibrationReader, QuantizeInt8Pass, calibration_indices, calibration_samples)
-from toolchain.passes.quantize_mixed import MixedPrecisionPass  # noqa: E402
-from toolchain.passes.quantize_qat import QuantizeQatPass  # noqa: E402
-from toolchain.passes.train import TrainPass, evaluate_torch  # noqa: E402
-from toolchain.seeding import seed_everything  # noqa: E402
-from toolchain.targets import resolve_target  # noqa: E402
-from toolchain.workflow import BuildContext, run_passes  # noqa: E402
+from toolchain.core.artifact import PRECISION_ORDER, Artifact  # noqa: E402
+from toolchain.core.config import load_config  # noqa: E402
+from toolchain.core.data import Dataset, load_dataset  # noqa: E402
+from toolchain.perf.measure import make_feeds  # noqa: E402
+from toolchain.runtime.sessions import make_session  # noqa: E402
+from toolchain.passes.shipping.benchmark import BenchmarkPass  # noqa: E402
+from toolchain.passes.torch.distill import DistillPass  # noqa: E402
+from toolchain.perf.module_cost import count_macs_params  # noqa: E402
+from toolchain.passes.shipping.evaluate import EvaluatePass  # noqa: E402
+from toolchain.runtime.sessions import model_logits  # noqa: E402
+from toolchain.passes.torch.export_onnx import ExportOnnxPass  # noqa: E402
+from toolchain.passes.shipping.gate import GatePass  # noqa: E402
+from toolchain.passes.torch.prune import PrunePass  # noqa: E402
+from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass  # noqa: E402
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass  # noqa: E402
+from toolchain.quantize.int8 import ArrayCalibrationReader, representative_indices, representative_samples  # noqa: E402
+from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass  # noqa: E402
+from toolchain.passes.torch.quantize_qat import QuantizeQatPass  # noqa: E402
+from toolchain.passes.torch.train import TrainPass  # noqa: E402
+from toolchain.training.fit import evaluate_torch  # noqa: E402
+from toolchain.core.seeding import seed_everything  # noqa: E402
+from toolchain.targets.profiles import resolve_target  # noqa: E402
+from toolchain.core.contract import BuildContext  # noqa: E402
+from toolchain.build.workflow import run_passes  # noqa: E402
 
 MOBILENET_TOML = """
 [project]
@@ -163,7 +168,7 @@ def resized(ctx: BuildContext, size: int) -> BuildContext:
 
     data = ctx.dataset
     count = ctx.config.compress.calibration_samples
-    pick = calibration_indices(len(data.x_train), count, ctx.seed)
+    pick = representative_indices(len(data.x_train), count, ctx.seed)
     small = Dataset(x_train=scale(data.x_train[pick]), y_train=data.y_train[pick], x_val=scale(data.x_val[:64]),
                     y_val=data.y_val[:64], x_test=scale(data.x_test[:8]), y_test=data.y_test[:8], labels=data.labels,
                     sha256=data.sha256)
@@ -204,7 +209,7 @@ def compare(section: str, ctx: BuildContext, root: Path, pipeline_passes: list, 
     trained = run_passes([TrainPass()], ctx)
     log(f"{section}: teacher trained in {time.perf_counter() - started:.0f} s")
     alone = branch(trained, ctx, root / f"{section}-alone", [ExportOnnxPass(), QuantizeInt8Pass(), QuantizeDynamicPass()])
-    samples = calibration_samples(data.x_train, ctx.config.compress.calibration_samples, ctx.seed)
+    samples = representative_samples(data.x_train, ctx.config.compress.calibration_samples, ctx.seed)
     started = time.perf_counter()
     pipeline = branch(trained, ctx, root / f"{section}-pipeline", pipeline_passes)
     log(f"{section}: distill + prune + quantize in {time.perf_counter() - started:.0f} s")

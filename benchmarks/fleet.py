@@ -4,7 +4,7 @@
 2. Starts a local mosquitto as `toolchain broker` does (`ManagedBroker`: password file, the generated ACL,
    persistence) with the fleet operator account, and the monitor as a user runs it, in its own process:
    `toolchain fleet monitor --broker URL --db fleet.sqlite --username fleet-operator --password-file F`.
-3. Runs `toolchain.fleet.simulate` in this process: `--devices` simulated devices (each its own MQTT
+3. Runs `toolchain.fleet.sim.simulate` in this process: `--devices` simulated devices (each its own MQTT
    client, credentials added to the broker, the real agent's windows, drift statistics, outbox and link)
    with a 1 s telemetry window (one message per second per device; no accuracy events), `--rate`
    inference requests per second per device, for `--seconds` (quick: fewer devices and seconds).
@@ -147,8 +147,8 @@ def wait_stored(db: Path, expected: int, timeout_s: float = 30.0) -> float:
 
 
 def run(args: argparse.Namespace, bundle: Path, keys: Path, work: Path) -> dict[str, Any]:
-    from toolchain.broker import OPERATOR, ManagedBroker, free_port
-    from toolchain.fleet.simulate import SimulationSettings, simulate
+    from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
+    from toolchain.fleet.sim.simulate import SimulationSettings, simulate
 
     broker = ManagedBroker(work / "broker", port=free_port(), authenticated=True)
     broker.save()  # a broker folder as `toolchain broker start` leaves it: the simulator adds its devices there

@@ -28,11 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import print_table, target, write_results  # noqa: E402
-from toolchain.calibrate import CalibrationSettings, calibrate_host  # noqa: E402
-from toolchain.calibration import RUNTIMES  # noqa: E402
-from toolchain.costmodel import predict, roofline_fraction  # noqa: E402
-from toolchain.predictor import LatencyModel, Peaks, error_summary, evaluate, share_within  # noqa: E402
-from toolchain.targets import resolve_target  # noqa: E402
+from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host  # noqa: E402
+from toolchain.perf.calibration import RUNTIMES  # noqa: E402
+from toolchain.perf.graph_cost import predict, roofline_fraction  # noqa: E402
+from toolchain.perf.predictor import LatencyModel, Peaks, error_summary, evaluate, share_within  # noqa: E402
+from toolchain.targets.profiles import resolve_target  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Builds the default example (quick budget, a throwaway key), pads a re-signed newer version of it to
 `--mb` MB (an extra artifact with role "padding"), starts a local mosquitto and a real agent
-(`edge-agent run`), and pushes with `toolchain.push.PushSender` in 64 KiB chunks, window 32, while a
+(`edge-agent run`), and pushes with `toolchain.deploy.push.PushSender` in 64 KiB chunks, window 32, while a
 REST client keeps calling the agent's KServe v2 `infer` endpoint over one keep-alive connection.
 
 Reported per push (median over `--runs`):
@@ -180,8 +180,8 @@ def main() -> None:
     os.environ["EDGE_TOOLCHAIN_KEYS"] = str(work / "keys")  # a throwaway key, never the user's
     from runtime_agent.bundle import read_bundle
     from runtime_agent.signing import load_public_key
-    from toolchain.broker import ManagedBroker, free_port
-    from toolchain.push import PushSender, load_push_bundle
+    from toolchain.deploy.broker import ManagedBroker, free_port
+    from toolchain.deploy.push import PushSender, load_push_bundle
 
     broker = agent = client = None
     keepalive_ms = float("nan")

@@ -63,7 +63,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from toolchain.broker import OPERATOR, ManagedBroker, free_port  # noqa: E402
+from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port  # noqa: E402
 
 
 @pytest.fixture()

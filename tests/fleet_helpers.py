@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
 from tests.conftest import BIN, Build, provision_device
-from toolchain.broker import ManagedBroker
+from toolchain.deploy.broker import ManagedBroker
 from toolchain.fleet.monitor import FleetMonitor
 
 

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from runtime_agent.outbox import Outbox
 from tests.agent_helpers import start_agent
 from tests.conftest import Build, Recorder, provision_device
-from toolchain.broker import OPERATOR, ManagedBroker
+from toolchain.deploy.broker import OPERATOR, ManagedBroker
 
 
 def seqs_of(recorder: Recorder) -> list[int]:
@@ -144,6 +144,6 @@ def test_wrong_password_is_refused(secure_broker: ManagedBroker) -> None:
 
 
 def test_example_acl_matches_the_generated_one() -> None:
-    from toolchain.broker import ACL
+    from toolchain.deploy.broker import ACL
 
     assert (Path(__file__).resolve().parent.parent / "examples" / "mosquitto" / "acl").read_text() == ACL

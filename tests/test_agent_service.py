@@ -14,9 +14,9 @@ import pytest
 from runtime_agent.sketch import LatencySketch
 from tests.agent_helpers import http, infer_body, running_agent
 from tests.conftest import BIN, Build, Recorder, provision_device, run_cli
-from toolchain.broker import ManagedBroker
-from toolchain.config import load_config
-from toolchain.data import load_dataset
+from toolchain.deploy.broker import ManagedBroker
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
 
 
 @pytest.fixture(scope="module")

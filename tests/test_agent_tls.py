@@ -18,8 +18,8 @@ from runtime_agent.config import load_agent_config
 from runtime_agent.outbox import Outbox
 from tests.conftest import Build, Recorder, provision_device
 from tests.agent_helpers import http, running_agent
-from toolchain.broker import OPERATOR, ManagedBroker, free_port
-from toolchain.tls import make_ca, make_server_cert, server_cert_usable
+from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
+from toolchain.deploy.tls import make_ca, make_server_cert, server_cert_usable
 
 OPERATOR_PASSWORD = f"{OPERATOR}-secret"
 

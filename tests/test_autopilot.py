@@ -16,13 +16,13 @@ from sklearn.datasets import load_digits
 from tests.agent_helpers import running_agent
 from tests.conftest import REPO, Build, provision_device
 from tests.fleet_helpers import wait_until
-from toolchain.broker import ManagedBroker
-from toolchain.config import load_config
-from toolchain.fleet.autopilot import Autopilot, latest_checkpoint
+from toolchain.deploy.broker import ManagedBroker
+from toolchain.core.config import load_config
+from toolchain.build.autopilot import Autopilot, latest_checkpoint
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.store import FleetStore
-from toolchain.push import rollout
-from toolchain.targets import resolve_target
+from toolchain.deploy.push import rollout
+from toolchain.targets.profiles import resolve_target
 
 RETRAIN = """
 [retrain]

@@ -11,8 +11,8 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key
 from tests.conftest import Build, run_cli
-from toolchain.config import load_config
-from toolchain.data import load_dataset
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
 
 
 def test_build_prints_report_then_bundle_path_last(default_build: Build) -> None:

@@ -15,14 +15,14 @@ from runtime_agent.bundle import bundle_filename, write_bundle
 from runtime_agent.signing import load_private_key, write_keypair
 from runtime_agent.sketch import LatencySketch
 from tests.conftest import run_cli
-from toolchain.calibrate_fleet import calibrate_from_fleet, fleet_observations
-from toolchain.calibration import read_calibration
-from toolchain.costmodel import MIB, analyze
+from toolchain.fleet.calibrate import calibrate_from_fleet, fleet_observations
+from toolchain.perf.calibration import read_calibration
+from toolchain.perf.graph_cost import MIB, analyze
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FleetStore, TelemetryRecord
-from toolchain.measure import measure_latencies
-from toolchain.targets import resolve_target
-from toolchain.variants import VariantSpec, write_variant
+from toolchain.perf.measure import measure_latencies
+from toolchain.targets.profiles import resolve_target
+from toolchain.perf.variants import VariantSpec, write_variant
 
 BOARD_SLOWDOWN, AGENT_OVERHEAD_MS, AGENT_RSS_MB = 3.0, 0.05, 150.0
 VERSIONS = {1: VariantSpec("cnn", 16, 1, 3, 16, "fp32"), 2: VariantSpec("cnn", 32, 2, 3, 24, "fp32"),

@@ -51,7 +51,7 @@ def test_missing_bundle_and_missing_key(tmp_path: Path) -> None:
 
 
 def test_user_profile_file_is_accepted_as_target(tmp_path: Path) -> None:
-    from toolchain.targets import builtin_profile_paths
+    from toolchain.targets.profiles import builtin_profile_paths
 
     text = builtin_profile_paths()["raspberry-pi-5"].read_text().replace('id = "raspberry-pi-5"', 'id = "my-board"')
     (tmp_path / "my-board.toml").write_text(text)

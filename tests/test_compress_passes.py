@@ -24,17 +24,20 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key, write_keypair
 from tests.conftest import REPO, run_cli
-from toolchain.config import load_config
-from toolchain.costmodel import analyze, predict
-from toolchain.data import load_dataset
-from toolchain.passes.distill import DistillPass, count_macs_params, module_cost, width_kwargs, scale_widths
-from toolchain.passes.export_onnx import ExportOnnxPass, export_module
-from toolchain.passes.prune import PrunePass, prune_module
-from toolchain.passes.quantize_int8 import QuantizeInt8Pass
-from toolchain.passes.quantize_qat import QuantizeQatPass
-from toolchain.passes.train import TrainPass
-from toolchain.targets import load_profile_file, resolve_target
-from toolchain.workflow import BuildContext, plan_passes, run_passes
+from toolchain.core.config import load_config
+from toolchain.perf.graph_cost import analyze, predict
+from toolchain.core.data import load_dataset
+from toolchain.passes.torch.distill import DistillPass, scale_widths, width_kwargs
+from toolchain.perf.module_cost import count_macs_params, module_cost
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.export.onnx import export_module
+from toolchain.passes.torch.prune import PrunePass, prune_module
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.torch.quantize_qat import QuantizeQatPass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.targets.profiles import load_profile_file, resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import plan_passes, run_passes
 
 DIGITS = """
 [project]
@@ -196,7 +199,7 @@ def test_mobilenet_width_mult_and_pruning_through_residuals(tmp_path: Path) -> N
     assert scale_widths({"width_mult": 1.0}, ["width_mult"], 0.35) == {"width_mult": 0.35}
     assert width_kwargs("m.py:f", {"hidden": 24, "depth": 3, "kernel_width": 3, "use_bn": True}) == ["hidden"]
     assert scale_widths({"hidden": 6}, ["hidden"], 0.25) == {"hidden": 4}
-    from toolchain.zoo.mobilenet_v2 import mobilenet_v2
+    from toolchain.core.zoo.mobilenet_v2 import mobilenet_v2
 
     torch.manual_seed(0)
     model = mobilenet_v2([1, 8, 8], 10, width_mult=0.35, last_channels=128).eval()
@@ -216,8 +219,8 @@ def test_mobilenet_width_mult_and_pruning_through_residuals(tmp_path: Path) -> N
 def test_wide_models_are_pruned_to_simd_friendly_widths() -> None:
     """Layers of a wide model keep multiples of 16 channels (INT8 kernels work in blocks of 16); layers too
     narrow to lose a whole block and the classifier stay as they were. Narrow models keep free widths."""
-    from toolchain.passes.prune import _widths, channel_multiple
-    from toolchain.zoo.mobilenet_v2 import mobilenet_v2
+    from toolchain.passes.torch.prune import _widths, channel_multiple
+    from toolchain.core.zoo.mobilenet_v2 import mobilenet_v2
 
     torch.manual_seed(0)
     wide = mobilenet_v2([3, 32, 32], 10, width_mult=0.75).eval()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from toolchain.config import DEFAULT_CONFIG, load_config, parse_config
+from toolchain.core.config import DEFAULT_CONFIG, load_config, parse_config
 from toolchain.errors import ConfigError
 
 GOOD = """

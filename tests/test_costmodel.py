@@ -12,9 +12,9 @@ import onnx
 import pytest
 import torch
 
-from toolchain.costmodel import analyze, predict, roofline_fraction
+from toolchain.perf.graph_cost import analyze, predict, roofline_fraction
 from toolchain.errors import ToolchainError
-from toolchain.targets import load_profile_file
+from toolchain.targets.profiles import load_profile_file
 
 CIN, COUT, K, H, W, CLASSES = 1, 4, 3, 8, 8, 10
 

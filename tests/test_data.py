@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolchain.config import parse_config
-from toolchain.data import load_dataset
+from toolchain.core.config import parse_config
+from toolchain.core.data import load_dataset
 from toolchain.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Build, Recorder, run_cli
 from tests.agent_helpers import start_agent
-from toolchain.broker import OPERATOR, ManagedBroker, free_port
+from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
 
 
 @pytest.fixture()

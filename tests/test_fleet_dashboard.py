@@ -19,7 +19,7 @@ import pytest
 from tests.browser import Browser, chromium
 from tests.conftest import Build, run_cli
 from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
-from toolchain.broker import ManagedBroker
+from toolchain.deploy.broker import ManagedBroker
 from toolchain.fleet.dashboard import FleetDashboard
 from toolchain.fleet.monitor import FleetMonitor
 

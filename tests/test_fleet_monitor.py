@@ -20,7 +20,7 @@ from runtime_agent.sketch import LatencySketch
 from tests.conftest import Build, provision_device, run_cli
 from tests.agent_helpers import start_agent
 from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
-from toolchain.broker import OPERATOR, ManagedBroker, free_port
+from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
 from toolchain.errors import ToolchainError
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.store import FLEET_DEVICE

@@ -16,11 +16,11 @@ import pytest
 from runtime_agent.drift import MIN_PSI_SAMPLES
 from tests.conftest import Build, run_cli
 from tests.fleet_helpers import started_monitor
-from toolchain.broker import OPERATOR, ManagedBroker, free_port
-from toolchain.config import load_config
-from toolchain.data import load_dataset
+from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
 from toolchain.errors import ToolchainError
-from toolchain.fleet.simulate import SimulationResult, SimulationSettings, simulate
+from toolchain.fleet.sim.simulate import SimulationResult, SimulationSettings, simulate
 from toolchain.fleet.store import FLEET_DEVICE
 
 DRIFTED = "x20"  # a pixel that varies across digits (a constant one is refused, see the error tests)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from toolchain.artifact import Artifact, Candidate
-from toolchain.passes.gate import GatePass
+from toolchain.core.artifact import Artifact, Candidate
+from toolchain.passes.shipping.gate import GatePass
 
 
 def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float, fmt: str = "onnx") -> Candidate:

@@ -16,10 +16,10 @@ from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key
 from tests.conftest import REPO, run_cli
 from tests.test_tflite import litert_accuracy
-from toolchain.config import load_config
-from toolchain.data import load_dataset
-from toolchain.keras_model import framework_of
-from toolchain.litert_convert import INSTALL_HINT, tflite_extra_missing
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
+from toolchain.training.keras import framework_of
+from toolchain.export.tflite import INSTALL_HINT, tflite_extra_missing
 
 pytestmark = pytest.mark.skipif(tflite_extra_missing() is not None,
                                 reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")

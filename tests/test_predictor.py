@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.calibrate import CalibrationSettings, HostCalibration, calibrate_host
-from toolchain.calibration import (
+from toolchain.perf.calibrate_host import CalibrationSettings, HostCalibration, calibrate_host
+from toolchain.perf.calibration import (
     FORMAT_VERSION,
     default_path,
     find_calibration,
     read_calibration,
     write_calibration,
 )
-from toolchain.costmodel import analyze
+from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
-from toolchain.estimate import estimate
-from toolchain.predictor import LatencyModel, Peaks, evaluate, group_key, predict_latency
-from toolchain.predictor_fit import LatencySample, fit_latency
-from toolchain.targets import resolve_target
-from toolchain.variants import VariantSpec, sample_specs, split_specs, write_variant
+from toolchain.perf.estimate import estimate
+from toolchain.perf.predictor import LatencyModel, Peaks, evaluate, group_key, predict_latency
+from toolchain.perf.predictor_fit import LatencySample, fit_latency
+from toolchain.targets.profiles import resolve_target
+from toolchain.perf.variants import VariantSpec, sample_specs, split_specs, write_variant
 
 TINY = CalibrationSettings(variants=18, held_out_fraction=0.25, seconds=1.5, memory_variants=4, seed=3)
 

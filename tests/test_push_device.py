@@ -21,9 +21,9 @@ from tests.bundle_variants import collapse, slower, variant
 from tests.conftest import Build, Recorder, provision_device
 from tests.agent_helpers import start_agent
 from tests.agent_helpers import http, infer_body, running_agent
-from toolchain.broker import ManagedBroker
-from toolchain.config import load_config
-from toolchain.data import load_dataset
+from toolchain.deploy.broker import ManagedBroker
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
 
 PREFIX = "edge/v1/lab/dev-1/"
 PROBATION = "[probation]\nrequests = 120\nseconds = 600\n"

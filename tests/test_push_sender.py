@@ -1,4 +1,4 @@
-"""The operator side of model pushes (toolchain.push, `toolchain push`) against real agents (`edge-agent run`
+"""The operator side of model pushes (toolchain.deploy.push, `toolchain push`) against real agents (`edge-agent run`
 subprocesses), a real mosquitto and re-signed bundle variants: installs, every rejection the device reports,
 resumption after a broker restart, an agent `kill -9` and a sender restart, and canary rollouts."""
 
@@ -26,9 +26,9 @@ from tests.bundle_variants import collapse, variant
 from tests.conftest import Build, Recorder, provision_device, run_cli
 from tests.agent_helpers import start_agent
 from tests.agent_helpers import http, infer_body
-from toolchain.broker import OPERATOR, ManagedBroker
+from toolchain.deploy.broker import OPERATOR, ManagedBroker
 from toolchain.errors import ToolchainError
-from toolchain.push import PushSender, discover_devices, rollout
+from toolchain.deploy.push import PushSender, discover_devices, rollout
 
 FLEET = "lab"
 WINDOW = 32

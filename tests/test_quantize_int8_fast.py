@@ -11,17 +11,18 @@ import onnx
 import pytest
 
 from tests.test_gate import candidate, gate
-from toolchain.artifact import Artifact
-from toolchain.config import load_config
-from toolchain.data import load_dataset
-from toolchain.passes.export_onnx import ExportOnnxPass
-from toolchain.passes.gate import GatePass
-from toolchain.passes.quantize_int8 import (FAST_MIN_GAIN, QuantizeInt8Pass, calibration_samples, exclusion_sets,
-                                            float_conv_groups, prepared_reference, quantize_int8)
-from toolchain.passes.quantize_mixed import validation_accuracy
-from toolchain.passes.train import TrainPass
-from toolchain.targets import resolve_target
-from toolchain.workflow import BuildContext, run_passes
+from toolchain.core.artifact import Artifact
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.shipping.gate import GatePass
+from toolchain.passes.onnx.quantize_int8 import exclusion_sets, FAST_MIN_GAIN, float_conv_groups, QuantizeInt8Pass
+from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples
+from toolchain.quantize.int8 import validation_accuracy
+from toolchain.passes.torch.train import TrainPass
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import run_passes
 
 DATA = """import numpy as np
 def load():
@@ -83,7 +84,7 @@ def test_a_variant_keeps_exactly_the_claimed_convs_in_float_and_its_accuracy(bui
     artifact, ctx = built
     prepared = prepared_reference(artifact, ctx)
     groups = float_conv_groups(prepared)
-    samples = calibration_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
+    samples = representative_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
     variant = ctx.work_path("test-variant.onnx")
     quantize_int8(prepared, variant, samples, ctx.profile.providers, exclude=exclusion_sets(groups)["float stem+depthwise"])
     floats, int8 = float_and_int8_convs(variant)

@@ -8,17 +8,19 @@ import numpy as np
 import onnx
 import pytest
 
-from toolchain.config import load_config
-from toolchain.data import load_dataset
-from toolchain.passes.evaluate import model_logits
-from toolchain.passes.export_onnx import ExportOnnxPass
-from toolchain.passes.quantize_dynamic import QuantizeDynamicPass
-from toolchain.passes.quantize_int8 import QuantizeInt8Pass
-from toolchain.passes.quantize_mixed import MixedPrecisionPass, validation_accuracy
-from toolchain.passes.quantize_qat import QuantizeQatPass
-from toolchain.passes.train import TrainPass
-from toolchain.targets import resolve_target
-from toolchain.workflow import BuildContext, plan_passes, run_passes
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
+from toolchain.runtime.sessions import model_logits
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass
+from toolchain.quantize.int8 import validation_accuracy
+from toolchain.passes.torch.quantize_qat import QuantizeQatPass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import plan_passes, run_passes
 
 MODEL = """from torch import nn
 def build_model(input_shape, num_classes, hidden=32):

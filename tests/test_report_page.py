@@ -43,7 +43,7 @@ def test_report_screenshot_is_not_blank(default_build: Build, tmp_path: Path) ->
 
 
 def test_report_predicts_the_shipped_model_on_every_profile(default_build: Build) -> None:
-    from toolchain.targets import builtin_profile_paths
+    from toolchain.targets.profiles import builtin_profile_paths
 
     report = json.loads((default_build.out / "report.json").read_text())
     assert sorted(row["target"] for row in report["targets"]) == sorted(builtin_profile_paths())

@@ -20,14 +20,14 @@ from rich.console import Console
 from runtime_agent.signing import write_keypair
 from tests.conftest import REPO, run_cli
 from tests.test_user_project import MODEL
-from toolchain.artifact import Artifact
-from toolchain.config import load_config
-from toolchain.data import load_dataset
+from toolchain.core.artifact import Artifact
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
 from toolchain.errors import ConfigError
-from toolchain.passes.search import SearchPass, public_url
-from toolchain.report_html import search_section
-from toolchain.targets import Budget, resolve_target
-from toolchain.workflow import BuildContext
+from toolchain.passes.torch.search import SearchPass, public_url
+from toolchain.report.html import search_section
+from toolchain.targets.profiles import Budget, resolve_target
+from toolchain.core.contract import BuildContext
 
 BASE = '''
 [project]
@@ -111,7 +111,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from tests.test_search import make_ctx, run_search
-import toolchain.passes.search as search
+import toolchain.passes.torch.search as search
 
 calls = []
 real_fit = search.fit

@@ -10,10 +10,10 @@ from typing import Any, Iterator
 import pytest
 from typer.testing import CliRunner
 
-from toolchain import hostprobe
+from toolchain.targets import hostprobe
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import TargetError, ToolchainError
-from toolchain.targets import (
+from toolchain.targets.profiles import (
     TARGETS_DIR,
     builtin_profile_paths,
     list_profiles,

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from toolchain.calibrate import CalibrationSettings, calibrate_host
-from toolchain.calibration import default_path, write_calibration
-from toolchain.compare import compare_targets
-from toolchain.report_html import targets_section
-from toolchain.targets import builtin_profile_paths, list_profiles, resolve_target
-from toolchain.variants import VariantSpec, write_variant
+from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host
+from toolchain.perf.calibration import default_path, write_calibration
+from toolchain.perf.compare import compare_targets
+from toolchain.report.html import targets_section
+from toolchain.targets.profiles import builtin_profile_paths, list_profiles, resolve_target
+from toolchain.perf.variants import VariantSpec, write_variant
 
 SHIPPED = sorted(builtin_profile_paths())
 

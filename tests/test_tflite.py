@@ -17,18 +17,20 @@ from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key
 from tests.agent_helpers import http, infer_body, running_agent
 from tests.conftest import Build, provision_device, run_cli
-from toolchain.config import load_config
-from toolchain.costmodel import analyze
-from toolchain.data import load_dataset
+from toolchain.core.config import load_config
+from toolchain.perf.graph_cost import analyze
+from toolchain.core.data import load_dataset
 from toolchain.errors import ToolchainError
-from toolchain.litert_convert import INSTALL_HINT, tflite_extra_missing
-from toolchain.passes import export_tflite
-from toolchain.passes.evaluate import EvaluatePass, model_logits
-from toolchain.passes.export_onnx import ExportOnnxPass
-from toolchain.passes.export_tflite import ExportTflitePass
-from toolchain.passes.train import TrainPass
-from toolchain.targets import resolve_target
-from toolchain.workflow import BuildContext, plan_passes, run_passes
+from toolchain.export.tflite import INSTALL_HINT, tflite_extra_missing
+from toolchain.passes.onnx import export_tflite
+from toolchain.passes.shipping.evaluate import EvaluatePass
+from toolchain.runtime.sessions import model_logits
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.onnx.export_tflite import ExportTflitePass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import plan_passes, run_passes
 
 pytestmark = pytest.mark.skipif(tflite_extra_missing() is not None,
                                 reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")
@@ -191,9 +193,9 @@ def test_bench_measures_and_predicts_a_tflite_file(exported, tmp_path: Path) -> 
 
 
 def test_litert_has_its_own_calibration_which_predicts_tflite_files(exported, tmp_path: Path, monkeypatch) -> None:
-    from toolchain.calibrate import CalibrationSettings, calibrate_host
-    from toolchain.calibration import default_path, find_calibration, write_calibration
-    from toolchain.estimate import estimate
+    from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host
+    from toolchain.perf.calibration import default_path, find_calibration, write_calibration
+    from toolchain.perf.estimate import estimate
 
     artifact, _ = exported
     monkeypatch.setenv("EDGE_TOOLCHAIN_CALIBRATION", str(tmp_path / "calibration"))

@@ -38,12 +38,12 @@ def autopilot(
 ) -> None:
     """Watch the fleet's drift alarm; when it holds (\\[retrain] trigger), retrain from the running model on
     fresh data, rebuild with the same gates, push canaries then the fleet. Every step is a fleet event."""
-    from toolchain.config import load_config
-    from toolchain.fleet.autopilot import Autopilot
+    from toolchain.core.config import load_config
+    from toolchain.build.autopilot import Autopilot
     from toolchain.fleet.store import FleetStore
-    from toolchain.push import rollout
-    from toolchain.targets import resolve_target
-    from toolchain.workflow import BUDGETS
+    from toolchain.deploy.push import rollout
+    from toolchain.targets.profiles import resolve_target
+    from toolchain.core.contract import BUDGETS
 
     if budget not in BUDGETS:
         raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from toolchain.broker import OPERATOR, ManagedBroker
+from toolchain.deploy.broker import OPERATOR, ManagedBroker
 from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Run a local MQTT broker (mosquitto) with per-device passwords and an ACL.", no_args_is_help=True)

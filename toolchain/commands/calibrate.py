@@ -35,8 +35,8 @@ def calibrate(
     as_json: Annotated[bool, typer.Option("--json", help="print the calibration as JSON")] = False,
 ) -> None:
     """Fit the predictor of a profile from measurements and store it next to the profile lookup path."""
-    from toolchain.calibration import default_path, file_name, write_calibration
-    from toolchain.targets import resolve_target
+    from toolchain.perf.calibration import default_path, file_name, write_calibration
+    from toolchain.targets.profiles import resolve_target
 
     if (from_fleet is None) != (models is None):
         raise ToolchainError("--from-fleet DB and --models DIR go together (telemetry latencies and the bundles' graphs)")
@@ -44,12 +44,12 @@ def calibrate(
     profile = resolve_target(target)
     err = Console(stderr=True)
     if from_fleet is not None and models is not None:
-        from toolchain.calibrate_fleet import calibrate_from_fleet
+        from toolchain.fleet.calibrate import calibrate_from_fleet
 
         with err.status(f"fitting {profile.id} to the telemetry in {from_fleet}"):
             calibration = calibrate_from_fleet(profile, from_fleet, models, pubkey, runtime)
     else:
-        from toolchain.calibrate import CalibrationSettings, calibrate_host, check_measurable
+        from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host, check_measurable
 
         check_measurable(profile)
         settings = CalibrationSettings.quick(seed, runtime) if quick else CalibrationSettings(seed=seed, runtime=runtime)

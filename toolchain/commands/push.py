@@ -48,7 +48,7 @@ def push(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Push a bundle to devices: chunked, resumable, verified on the device; canaries first, then waves."""
-    from toolchain.push import PushClient, discover_devices, find_fleet, load_push_bundle, plan_stages, rollout
+    from toolchain.deploy.push import PushClient, discover_devices, find_fleet, load_push_bundle, plan_stages, rollout
 
     err = Console(stderr=True)
     if not device and not fleet:

@@ -1,6 +1,6 @@
 """`toolchain fleet simulate`: run N simulated devices against a broker; print accuracy per drift phase.
 
-The work lives in `toolchain.fleet.simulate`; this module only maps options to its settings and prints
+The work lives in `toolchain.fleet.sim.simulate`; this module only maps options to its settings and prints
 the result (a table, or JSON with `--json`, or both with `--out FILE`).
 """
 
@@ -69,8 +69,8 @@ def simulate(
     out: Annotated[Optional[Path], typer.Option(help="also write the result (JSON) to this file")] = None,
 ) -> None:
     """Simulate a fleet: real agent telemetry, drift and queues per device; replayed inference with ground truth."""
-    from toolchain.fleet.simulate import SimulationSettings
-    from toolchain.fleet.simulate import simulate as run
+    from toolchain.fleet.sim.simulate import SimulationSettings
+    from toolchain.fleet.sim.simulate import simulate as run
 
     if out is not None and not out.parent.is_dir():
         raise ToolchainError(f"--out {out}: folder {out.parent} does not exist")

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.options import DEFAULT_PUBKEY
-from toolchain.targets import Profile, list_profiles, resolve_target
+from toolchain.targets.profiles import Profile, list_profiles, resolve_target
 
 app = typer.Typer(help="List and inspect device profiles.", no_args_is_help=True)
 
@@ -93,7 +93,7 @@ def show_command(
     table.add_row("", "aliases", escape(", ".join(p.aliases)) or "-")
     table.add_row("", "source", escape(str(p.path)) if p.path else "-")
     if p.raw.get("measured") is True:
-        from toolchain.hostprobe import cache_path
+        from toolchain.targets.hostprobe import cache_path
 
         table.add_row("", "measured", f"yes (cache: {escape(str(cache_path()))})")
     rows: list[tuple[str, str, str]] = [
@@ -140,8 +140,8 @@ def compare_command(
     pubkey: Annotated[Path, typer.Option(help="Trusted public key, for bundles.")] = DEFAULT_PUBKEY,
 ) -> None:
     """Predicted latency, memory and budget fit of one model on several boards, to pick hardware."""
-    from toolchain.compare import compare_targets, parse_targets
-    from toolchain.onnx_io import model_file
+    from toolchain.perf.compare import compare_targets, parse_targets
+    from toolchain.runtime.files import model_file
 
     profiles = parse_targets(targets)  # an unknown target fails here, before any work
     with tempfile.TemporaryDirectory(prefix="toolchain-compare-") as scratch:

@@ -1,0 +1,139 @@
+"""A build is a list of passes run in order over one `Artifact`; the profile decides the list.
+
+Every pass has the same shape (`name`, `run(artifact, ctx) -> artifact`), so adding a technique is one
+new file under `toolchain/passes/` plus one line in `plan_passes`. Passes write only into the
+context's private work folder; the finished bundle and report are moved into the output folder in one
+step at the end, so a failed build leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from toolchain.core.artifact import Artifact
+from toolchain.core.config import BuildConfig
+from toolchain.core.contract import Budget, BuildContext, Pass
+from toolchain.targets.profiles import Profile
+
+
+def plan_passes(config: BuildConfig, profile: Profile, framework: str = "torch") -> list[Pass]:
+    """The pipeline for this profile: quantizers only for precisions the board accelerates."""
+    if framework == "keras":
+        return plan_keras_passes(config, profile)
+    from toolchain.passes.torch.export_onnx import ExportOnnxPass
+    from toolchain.passes.onnx.export_tflite import ExportTflitePass
+    from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass
+    from toolchain.passes.onnx.quantize_fp16 import QuantizeFp16Pass
+    from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+    from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass
+    from toolchain.passes.torch.quantize_qat import QuantizeQatPass
+    from toolchain.passes.torch.search import SearchPass
+    from toolchain.passes.torch.distill import DistillPass
+    from toolchain.passes.torch.prune import PrunePass
+    from toolchain.passes.torch.train import TrainPass
+
+    # config name -> (pass, the precision the board must accelerate for it to be worth trying)
+    quantizers = {"int8": (QuantizeInt8Pass, "int8"), "dynamic": (QuantizeDynamicPass, "int8"), "fp16": (QuantizeFp16Pass, "fp16")}
+    # ONNX quantizers only for boards that run ONNX; a .tflite-only board still needs the FP32 ONNX
+    # export, which is the reference and the source of its .tflite files.
+    chosen = [key for key in config.compress.quantize
+              if quantizers[key][1] in profile.precisions and "onnx" in profile.formats]
+    quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
+    if "int8" in chosen and config.compress.qat:
+        quantize.append(QuantizeQatPass())
+    if "int8" in chosen and config.compress.mixed:
+        quantize.append(MixedPrecisionPass())
+    if "tflite" in profile.formats:
+        quantize.append(ExportTflitePass())
+    compress: list[Pass] = [DistillPass()] if config.compress.distill else []
+    if config.compress.prunes:
+        compress.append(PrunePass())
+    return [*([SearchPass()] if config.search else []), TrainPass(), *compress, ExportOnnxPass(), *quantize,
+            *shipping_passes()]
+
+
+def shipping_passes() -> list[Pass]:
+    """What every pipeline ends with, whatever made its candidates: measure them in the device's
+    runtime, choose one, sign it, report."""
+    from toolchain.passes.shipping.benchmark import BenchmarkPass
+    from toolchain.passes.shipping.bundle import BundlePass
+    from toolchain.passes.shipping.evaluate import EvaluatePass
+    from toolchain.passes.shipping.gate import GatePass
+    from toolchain.passes.shipping.report import ReportPass
+
+    return [EvaluatePass(), BenchmarkPass(), GatePass(), BundlePass(), ReportPass()]
+
+
+def plan_keras_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
+    """A Keras model: trained, pruned and quantization-aware-trained with Keras and TF Model
+    Optimization, shipped as `.tflite` (there is no Keras -> ONNX path here)."""
+    from toolchain.errors import ConfigError
+    from toolchain.passes.keras.export import KerasExportTflitePass
+    from toolchain.passes.keras.prune import KerasPrunePass
+    from toolchain.passes.keras.qat import KerasQatPass
+    from toolchain.passes.keras.train import KerasTrainPass
+
+    where = f"config {config.path}"
+    if "tflite" not in profile.formats:
+        raise ConfigError(f"{where}: a Keras model ships as .tflite, and target {profile.id} runs only "
+                          f"{', '.join(profile.formats)}; pick a target that runs tflite (e.g. rpi5, stm32h7) or use a torch model")
+    if config.search:
+        raise ConfigError(f"{where}: [search] tunes torch models; remove it for a Keras model (its entry sets the architecture)")
+    if config.compress.distill:
+        raise ConfigError(f"{where}: [compress] distill = true needs a torch model; set it to false for a Keras model")
+    qat = config.compress.qat and "int8" in profile.precisions
+    return [KerasTrainPass(), *([KerasPrunePass()] if config.compress.prunes else []), KerasExportTflitePass(),
+            *([KerasQatPass()] if qat else []), *shipping_passes()]
+
+
+def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None = None) -> Artifact:
+    artifact = artifact or Artifact()
+    for index, step in enumerate(passes, start=1):
+        started = time.perf_counter()
+        ctx.console.rule(f"[bold]{index}/{len(passes)} {step.name}", align="left")
+        artifact = step.run(artifact, ctx)
+        seconds = time.perf_counter() - started
+        ctx.stages.append({"name": step.name, "seconds": round(seconds, 3)})
+        ctx.console.print(f"[green]✓[/] {step.name} [dim]({seconds:.1f} s)[/]")
+    return artifact
+
+
+def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Move staged files into `out_dir`, each by an atomic rename (same file system via a temp name)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    published = {}
+    for role, staged in outputs.items():
+        final = out_dir / staged.name
+        tmp = out_dir / f".{staged.name}.tmp-{os.getpid()}"
+        shutil.copyfile(staged, tmp)
+        os.replace(tmp, final)
+        published[role] = final
+    return published
+
+
+def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
+          key_path: Path | None = None, console: Console | None = None,
+          warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
+    """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
+    from toolchain.core.data import load_dataset
+    from toolchain.training.keras import framework_of
+    from toolchain.core.seeding import seed_everything
+
+    seed_everything(seed)
+    console = console or Console(stderr=True)
+    with console.status("loading data"):
+        dataset = load_dataset(config, seed)
+    with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
+        ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
+                           work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
+                           warm_start=warm_start)
+        framework = framework_of(config, len(dataset.labels))
+        artifact = run_passes(plan_passes(config, profile, framework), ctx)
+        artifact.outputs = publish(artifact.outputs, Path(out_dir))
+    return artifact, ctx

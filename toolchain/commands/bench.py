@@ -1,0 +1,81 @@
+"""`toolchain bench`: measured host latency next to the profile's predicted latency, memory, size,
+roofline fraction and budget verdicts, for a model file or a bundle."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
+
+err = Console(stderr=True)
+
+
+def bench(
+    model_or_bundle: Annotated[Path, typer.Argument(help="an .onnx or .tflite model, or a .bundle")],
+    target: TargetOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    seconds: Annotated[float, typer.Option(help="measuring time")] = 5.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op (or LiteRT) threads")] = 1,
+    pubkey: Annotated[Path, typer.Option(help="trusted public key, for bundles")] = DEFAULT_PUBKEY,
+) -> None:
+    """Measured host latency, predicted latency on the profile, memory, size, roofline fraction, budgets."""
+    from toolchain.perf.bench import BenchSettings, bench_models
+    from toolchain.runtime.files import model_file, sample_input_shape
+    from toolchain.targets.profiles import resolve_target
+
+    profile = resolve_target(target)
+    with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as scratch:
+        path, precision = model_file(model_or_bundle, pubkey, Path(scratch))
+        with err.status(f"measuring {model_or_bundle.name} for {seconds:.0f} s"):
+            row = bench_models({"model": path}, profile, sample_input_shape(path),
+                               BenchSettings(seconds=seconds, min_runs=100, threads=threads))["model"]
+    result = {"model": str(model_or_bundle), "target": profile.id, "precision": precision, **row}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    Console().print(_bench_table(result, f"{model_or_bundle.name} on {profile.id} ({profile.name})"))
+
+
+BUDGET_LABELS = {"latency_ms": "latency (ms)", "model_mb": "flash: model file (MB)", "ram_mb": "RAM (MB)"}
+
+
+def _bench_table(row: dict, title: str) -> Table:
+    """Measured next to predicted, each prediction labelled calibrated or roofline, then the budgets."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+
+    def add(label: str, key: str, note: str = "") -> None:
+        if key in row:
+            value = row[key]
+            table.add_row(label, f"{value:,.4f}" if isinstance(value, float) else f"{value:,}", note)
+
+    add("size (bytes)", "bytes")
+    add("parameters", "parameters")
+    add("FLOPs", "flops")
+    add("host p50 ms (measured)", "latency_ms_p50_host")
+    add("host p90 ms (measured)", "latency_ms_p90_host")
+    add("host p99 ms (measured)", "latency_ms_p99_host")
+    host_error = f"{100 * row['prediction_error_host']:+.1f}% vs measured p50"
+    if row["target"] != "host":
+        add("host ms (predicted)", "latency_ms_predicted_host", f"{row['prediction_host']}, {host_error}")
+    add("host roofline fraction", "roofline_fraction_host", "uncalibrated roofline time / measured p50")
+    add(f"{row['target']} ms (predicted)", "latency_ms_predicted",
+        escape(row["prediction_basis"]) + (f"; {host_error}" if row["target"] == "host" else ""))
+    add(f"{row['target']} ms (roofline)", "latency_ms_predicted_roofline", "uncalibrated, every kernel at peak")
+    add(f"{row['target']} peak memory MB (predicted)", "peak_memory_mb_predicted", row["memory_basis"])
+    add("host peak RSS MB (measured)", "process_peak_rss_mb", "fresh process")
+    add("host model RSS MB (measured)", "model_rss_mb", "what the model adds")
+    for key, verdict in row["budget"].items():
+        mark = "[green]met[/]" if verdict["met"] else "[red]MISSED[/]"
+        table.add_row(f"budget {BUDGET_LABELS.get(key, key)}", f"{verdict['value']:.4g} / {verdict['budget']:.4g}", mark)
+    return table

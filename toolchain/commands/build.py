@@ -1,0 +1,51 @@
+"""`toolchain build`: train, compress, verify, benchmark and sign a model for a device profile.
+
+The work is `toolchain.build.workflow.build`; this prints what was decided and, last, the bundle's path
+(scripts read the last line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from toolchain.commands.options import TargetOption
+from toolchain.errors import ToolchainError
+
+err = Console(stderr=True)
+
+
+def build(
+    target: TargetOption,
+    config: Annotated[Optional[Path], typer.Option(help="toolchain.toml of your project (default: the embedded digits example)")] = None,
+    out: Annotated[Path, typer.Option(help="where the bundle and the report go")] = Path("dist"),
+    budget: Annotated[str, typer.Option(help="quick | standard | thorough")] = "quick",
+    seed: Annotated[int, typer.Option(help="seed for every random number generator")] = 0,
+    key: Annotated[Optional[Path], typer.Option(help="ed25519 private key (default: created on first use in the key folder)")] = None,
+    warm_start: Annotated[Optional[Path], typer.Option(help="fine-tune the model of an earlier build (its NAME-VERSION-TARGET.pt) "
+                                                           "instead of training from scratch")] = None,
+) -> None:
+    """Train, compress, verify, benchmark and sign a model for a device profile."""
+    from toolchain.core.config import load_config
+    from toolchain.targets.profiles import resolve_target
+    from toolchain.core.contract import BUDGETS
+    from toolchain.build.workflow import build as run_build
+
+    if budget not in BUDGETS:
+        raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    profile = resolve_target(target)
+    build_config = load_config(config)
+    err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
+              f"({profile.name}), budget {budget}, seed {seed}")
+    artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err,
+                              warm_start=warm_start)
+    shipped = artifact.shipped
+    err.print(f"[bold green]shipped {shipped.name}[/]: accuracy {shipped.metrics['accuracy']:.4f} "
+              f"(FP32 {artifact.reference.metrics['accuracy']:.4f}), host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "
+              f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}")
+    for note in ctx.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    print(f"report: {artifact.outputs['report_html']}")
+    print(artifact.outputs["bundle"])

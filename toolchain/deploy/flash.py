@@ -1,0 +1,132 @@
+"""Provision a device folder: everything an agent needs to start serving and reporting on first boot.
+
+The folder is assembled next to its destination and renamed into place, so a failed flash leaves no
+half-provisioned device; re-flashing an existing id needs `force` (it replaces the credentials and
+the installed model). The folder also carries the agent's source, an install script that builds a
+virtual environment with only the agent's dependencies, and a systemd unit, for real boards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from runtime_agent.bundle import read_bundle
+from runtime_agent.config import load_agent_config
+from runtime_agent.signing import load_public_key
+from runtime_agent.slots import Slots
+from toolchain.deploy.broker import ManagedBroker
+from toolchain.errors import ToolchainError
+from toolchain.resources import agent_sources, lock_file
+
+AGENT_PACKAGES = ("numpy", "onnxruntime", "paho-mqtt", "cryptography")
+
+INSTALL_SH = """#!/bin/sh
+# Install this device folder as a service: a venv with only the agent's dependencies and a systemd unit.
+# Usage (as root on the board): sh install.sh [/opt/edge-agent]
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+dest=${{1:-/opt/edge-agent}}
+mkdir -p "$dest"
+[ "$here" = "$dest" ] || cp -a "$here/." "$dest/"
+python3 -m venv "$dest/venv"
+"$dest/venv/bin/pip" install --quiet {requirements}
+sed "s#@DEST@#$dest#g" "$dest/edge-agent.service" > /etc/systemd/system/edge-agent-{device_id}.service
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl daemon-reload
+  systemctl enable --now edge-agent-{device_id}.service
+fi
+echo "installed {device_id} in $dest"
+"""
+
+UNIT = """[Unit]
+Description=edge-agent {device_id} (fleet {fleet})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+WorkingDirectory=@DEST@
+Environment=PYTHONPATH=@DEST@
+ExecStart=@DEST@/venv/bin/python -m runtime_agent.cli run --device-dir @DEST@
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def pinned_agent_requirements() -> list[str]:
+    """The agent's dependencies at the versions the project tests with (requirements.lock)."""
+    pins = {}
+    for line in lock_file().read_text().splitlines():
+        name, _, version = line.partition("==")
+        if version:
+            pins[name.strip().lower()] = version.strip()
+    return [f"{name}=={pins[name]}" if name in pins else name for name in AGENT_PACKAGES]
+
+
+def agent_toml(device_id: str, fleet: str, broker_url: str, mqtt_lines: list[str], serve_port: int, window_s: float,
+               writer: str = "toolchain flash") -> str:
+    """The text of a device's agent.toml (shared with the fleet simulator, whose devices are real device folders)."""
+    return "\n".join([
+        f"# Written by `{writer}`.", f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'broker = "{broker_url}"',
+        "", "[mqtt]", *mqtt_lines, "", "[serve]", 'host = "127.0.0.1"', f"port = {serve_port}",
+        "", "[telemetry]", f"window_s = {window_s}", ""])
+
+
+def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet: str = "default",
+          pubkey: Path | None = None, broker_dir: Path | None = None, serve_port: int = 8080,
+          window_s: float = 10.0, force: bool = False) -> Path:
+    device_dir = Path(device_dir).resolve()
+    if (device_dir / "agent.toml").exists() and not force:
+        raise ToolchainError(f"{device_dir} is already provisioned; re-flashing replaces its model and credentials: add --force")
+    if pubkey is None:
+        raise ToolchainError("flash needs the trusted public key (--pubkey)")
+    verified = read_bundle(bundle, load_public_key(pubkey))
+    managed = ManagedBroker.load(broker_dir) if broker_dir is not None else None
+    device_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{device_dir.name}.flash-", dir=device_dir.parent))
+    try:
+        password = secrets.token_urlsafe(24)
+        _write(staging / "mqtt.password", password + "\n", 0o600)
+        mqtt_lines = [f'username = "{device_id}"', 'password_file = "mqtt.password"']
+        if broker_url.startswith("mqtts://") and managed is not None and managed.tls:
+            shutil.copyfile(managed.ca_file, staging / "ca.pem")
+            mqtt_lines.append('ca_file = "ca.pem"')
+        _write(staging / "agent.toml", agent_toml(device_id, fleet, broker_url, mqtt_lines, serve_port, window_s), 0o644)
+        shutil.copyfile(pubkey, staging / "trusted.pub")
+        manifest = verified.manifest
+        slots = Slots(staging, staging / "current.bundle")
+        slots.activate(slots.store(bundle, manifest["name"], manifest["version"]), f"{manifest['name']}-{manifest['version']}.bundle")
+        shutil.copytree(agent_sources(), staging / "runtime_agent", ignore=shutil.ignore_patterns("__pycache__"))
+        _write(staging / "install.sh", INSTALL_SH.format(requirements=" ".join(pinned_agent_requirements()), device_id=device_id), 0o755)
+        _write(staging / "edge-agent.service", UNIT.format(device_id=device_id, fleet=fleet), 0o644)
+        load_agent_config(staging)  # what we wrote must be what the agent accepts
+        if managed is not None:
+            managed.add_user(device_id, password)
+        _replace_dir(staging, device_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return device_dir
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put `staging` at `target`; an existing `target` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

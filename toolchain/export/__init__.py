@@ -1,0 +1,3 @@
+"""Format conversion: torch -> ONNX (`onnx`, the exporter call every path shares) and ONNX SavedModel or
+Keras -> `.tflite` (`tflite`, the optional TensorFlow extra).
+"""

@@ -1,0 +1,3 @@
+"""The passes every pipeline ends with, whatever made its candidates: evaluate in the device's runtime,
+benchmark, gate, sign a bundle, write the report.
+"""

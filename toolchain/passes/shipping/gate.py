@@ -1,0 +1,73 @@
+"""Choose what ships: the least precise candidate that keeps accuracy and is really faster.
+
+Walk from FP32 towards lower precision. A candidate is accepted when its accuracy drop vs FP32 is
+within `max_accuracy_drop` AND it beats the currently accepted, more precise candidate by at least
+`min_speedup` both measured on this host (p50) and predicted on the target. Otherwise it is
+rejected and the more precise one stays. FP32 is always the fallback. Every verdict keeps its numbers.
+
+Candidates of one precision (plain INT8, its latency-aware variant, dynamic INT8, QAT) are walked in
+the order the passes made them. `min_speedup` is the price of giving up precision; between two of one
+precision nothing is given up, so a later one replaces the incumbent when it is within the accuracy
+gate and not slower on either measure (>= 1.00x): the faster of two INT8 files ships.
+
+Only formats the profile's runtime runs can ship (`[runtime] formats`). The FP32 ONNX reference stays
+the accuracy yardstick either way; on a `.tflite`-only board the walk starts from the FP32 `.tflite`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from toolchain.core.artifact import PRECISION_ORDER, Artifact, Candidate
+from toolchain.errors import ToolchainError
+from toolchain.core.contract import BuildContext
+
+
+def judge(candidate: Candidate, incumbent: Candidate, max_drop: float, min_speedup: float) -> tuple[bool, str]:
+    drop = candidate.metrics["accuracy_drop"]
+    if drop > max_drop:
+        return False, f"accuracy drop {100 * drop:.2f} pp > allowed {100 * max_drop:.2f} pp"
+    host = incumbent.metrics["latency_ms_p50_host"] / candidate.metrics["latency_ms_p50_host"]
+    target = incumbent.metrics["latency_ms_predicted"] / candidate.metrics["latency_ms_predicted"]
+    if candidate.format != incumbent.format and candidate.precision == incumbent.precision:
+        # One graph in two formats: the predictor prices their operators alike, so only the
+        # measured runtimes (onnxruntime vs LiteRT kernels) can tell them apart.
+        speed = f"{host:.2f}x on host vs {incumbent.name} (same precision, other format: compared on host)"
+        if host < min_speedup:
+            return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x)"
+        return True, f"accuracy drop {100 * drop:.2f} pp within {100 * max_drop:.2f} pp; {speed}"
+    speed = f"{host:.2f}x on host, {target:.2f}x predicted on target vs {incumbent.name}"
+    if host < min_speedup or target < min_speedup:
+        return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x on both)"
+    return True, f"accuracy drop {100 * drop:.2f} pp within {100 * max_drop:.2f} pp; {speed}"
+
+
+class GatePass:
+    name: ClassVar[str] = "gate"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        compress, formats = ctx.config.compress, ctx.profile.formats
+        shippable = [c for c in artifact.candidates if c.format in formats]
+        fallbacks = sorted((c for c in shippable if c.precision == "fp32"), key=lambda c: formats.index(c.format))
+        if not fallbacks:
+            raise ToolchainError(f"no FP32 candidate in a format {ctx.profile.id} runs ({', '.join(formats)})")
+        incumbent = artifact.reference if artifact.reference in shippable else fallbacks[0]
+        incumbent.accepted, incumbent.verdict = True, "reference (always acceptable fallback)"
+        if incumbent is not artifact.reference:
+            incumbent.verdict = f"fallback: {ctx.profile.id} runs {', '.join(formats)} only"
+        for candidate in sorted(artifact.candidates, key=lambda c: PRECISION_ORDER[c.precision]):
+            if candidate is incumbent:
+                continue
+            if candidate not in shippable:
+                candidate.accepted, candidate.verdict = False, f"{ctx.profile.id} does not run {candidate.format} models"
+                continue
+            needed = 1.0 if candidate.precision == incumbent.precision else compress.min_speedup
+            candidate.accepted, candidate.verdict = judge(candidate, incumbent, compress.max_accuracy_drop, needed)
+            if candidate.accepted:
+                incumbent.verdict += f"; superseded by {candidate.name}"
+                incumbent = candidate
+        artifact.shipped = incumbent
+        for candidate in artifact.candidates:
+            mark = "[green]ship[/]" if candidate is incumbent else ("[yellow]pass[/]" if candidate.accepted else "[red]reject[/]")
+            ctx.console.print(f"  {candidate.name:<16} {mark}  {candidate.verdict}")
+        return artifact

@@ -1,0 +1,210 @@
+"""Knowledge distillation: train a narrower copy of the user's model on the trained model's soft targets.
+
+The teacher is the trained module. The student is the *same* entry function called with a smaller
+width, so no second architecture has to be written: for `zoo:mobilenet_v2` the multiplier scales
+`width_mult`; for a user's entry it scales every integer keyword argument named like a width
+(`width`, `channels`, `hidden`, ...; rounded, at least 4) or a float `width_mult`. An entry with no
+such argument cannot be shrunk automatically: distillation is skipped with a note (not an error).
+
+The multiplier is `[compress] student_width`, or with "auto" the largest of 0.75, 0.5, 0.35, 0.25
+whose student's *predicted* latency on the target (the roofline cost model on the exported graph)
+fits the profile's latency budget with a 20% margin. When the teacher already fits, the budget says
+nothing about how small to go and 0.5 is used: half the channels is about a quarter of the MACs of
+every layer between two scaled widths, the usual point where a distilled student still matches its
+teacher on small tasks.
+
+The student replaces the teacher only if its validation accuracy is within `max_accuracy_drop` of
+the teacher's; otherwise the teacher is kept and the report says why. The teacher stays on the
+artifact (`artifact.teacher`) so a later pruning fine-tune can distil from it too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from toolchain.core.artifact import Artifact
+from toolchain.core.models import build_normalized_model, model_factory
+from toolchain.training.fit import validation_accuracy
+from toolchain.core.contract import BuildContext
+from toolchain.perf.module_cost import module_cost
+
+AUTO_MULTIPLIERS = (0.75, 0.5, 0.35, 0.25)
+DEFAULT_MULTIPLIER = 0.5  # when the teacher already fits the budget
+LATENCY_MARGIN = 0.8  # "fits" = predicted latency <= 80% of the budget
+MIN_CHANNELS = 4
+_WIDTH_NAME = re.compile(r"width|channel|hidden|filters")
+_NOT_A_WIDTH = re.compile(r"input|kernel|stride|patch|image|img|pad")
+
+
+# ----------------------------------------------------------------------------- the student's width
+
+
+def entry_kwargs(ctx: BuildContext, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments the entry function is called with: its defaults, [model] kwargs, overrides."""
+    config = ctx.config
+    factory = model_factory(config.model.entry, config, f"config {config.path}: [model] entry")
+    values: dict[str, Any] = {}
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    for param in parameters[2:]:  # after (input_shape, num_classes)
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.default is not param.empty:
+            values[param.name] = param.default
+    values.update(config.model.kwargs)
+    values.update(overrides)
+    return values
+
+
+def width_kwargs(entry: str, kwargs: dict[str, Any]) -> list[str]:
+    """The kwargs that control width: `width_mult` when there is one (always for zoo:mobilenet_v2),
+    otherwise every integer named like width/channels/hidden/filters."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if "width_mult" in kwargs and number(kwargs["width_mult"]):
+        return ["width_mult"]
+    if entry.startswith("zoo:"):
+        return []
+    return [name for name, value in kwargs.items()
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0
+            and _WIDTH_NAME.search(name.lower()) and not _NOT_A_WIDTH.search(name.lower())]
+
+
+def scale_widths(kwargs: dict[str, Any], names: list[str], multiplier: float) -> dict[str, Any]:
+    scaled: dict[str, Any] = {}
+    for name in names:
+        value = kwargs[name]
+        if name == "width_mult" or isinstance(value, float):
+            scaled[name] = round(float(value) * multiplier, 4)
+        else:
+            scaled[name] = min(value, max(MIN_CHANNELS, int(round(value * multiplier))))
+    return scaled
+
+
+def _build_student(ctx: BuildContext, overrides: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(ctx.seed)  # the same initial weights for the same seed and width
+    module, _ = build_normalized_model(ctx.config, ctx.dataset, **overrides)
+    return module
+
+
+class DistillPass:
+    name: ClassVar[str] = "distill"
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
+        from toolchain.training.fit import finetune, model_overrides, training_settings
+
+        compress = ctx.config.compress
+        teacher: nn.Module = artifact.module.cpu().eval()
+        base_overrides = model_overrides(ctx)
+        kwargs = entry_kwargs(ctx, base_overrides)
+        names = width_kwargs(ctx.config.model.entry, kwargs)
+        if not names:
+            return self._skip(artifact, ctx, f"the entry {ctx.config.model.entry} has no width keyword argument to "
+                              "shrink a student with (an integer named like width/channels/hidden, or a float "
+                              "width_mult); the trained model is kept")
+        shape = ctx.dataset.input_shape
+        profile = ctx.profile
+        budget = profile.budget.latency_ms
+        limit = LATENCY_MARGIN * budget
+        teacher_cost = module_cost(teacher, shape, profile, ctx.work_path("distill-teacher.onnx"))
+        teacher_cost["val_accuracy"] = round(validation_accuracy(teacher, ctx.dataset), 5)
+
+        tried: list[dict[str, Any]] = []
+        costs: dict[float, dict[str, Any]] = {}
+
+        def student_cost(multiplier: float) -> dict[str, Any]:
+            if multiplier not in costs:
+                overrides = {**base_overrides, **scale_widths(kwargs, names, multiplier)}
+                costs[multiplier] = module_cost(_build_student(ctx, overrides), shape, profile,
+                                                ctx.work_path(f"distill-student-{multiplier:g}.onnx"))
+                tried.append({"multiplier": multiplier, **costs[multiplier],
+                              "fits": costs[multiplier]["latency_ms_predicted"] <= limit})
+            return costs[multiplier]
+
+        if compress.student_width != "auto":
+            multiplier = float(compress.student_width)
+            reason = f"student_width = {multiplier:g} from the config"
+        elif teacher_cost["latency_ms_predicted"] <= limit:
+            multiplier = DEFAULT_MULTIPLIER
+            reason = (f"auto: the teacher already fits the latency budget ({teacher_cost['latency_ms_predicted']:.4g} ms "
+                      f"predicted on {profile.id} <= {limit:.4g} ms, {LATENCY_MARGIN:.0%} of {budget:g} ms), so the "
+                      f"budget does not force a size; {DEFAULT_MULTIPLIER:g} (about a quarter of the MACs between "
+                      "scaled layers) is the default")
+        else:
+            fitting = next((m for m in AUTO_MULTIPLIERS if student_cost(m)["latency_ms_predicted"] <= limit), None)
+            if fitting is not None:
+                multiplier = fitting
+                reason = (f"auto: the largest of {', '.join(f'{m:g}' for m in AUTO_MULTIPLIERS)} whose student fits "
+                          f"{LATENCY_MARGIN:.0%} of the {budget:g} ms budget on {profile.id} "
+                          f"({costs[fitting]['latency_ms_predicted']:.4g} ms predicted; teacher "
+                          f"{teacher_cost['latency_ms_predicted']:.4g} ms)")
+            else:
+                multiplier = AUTO_MULTIPLIERS[-1]
+                reason = (f"auto: no student fits {LATENCY_MARGIN:.0%} of the {budget:g} ms budget on {profile.id}; "
+                          f"the smallest, {multiplier:g}, predicts {costs[multiplier]['latency_ms_predicted']:.4g} ms")
+                ctx.notes.append(f"distillation: even a {multiplier:g}x student misses the {budget:g} ms latency budget "
+                                 f"of {profile.id} ({costs[multiplier]['latency_ms_predicted']:.4g} ms predicted); "
+                                 "consider pruning or a smaller architecture")
+        scaled = scale_widths(kwargs, names, multiplier)
+        if all(scaled[n] == kwargs[n] for n in names):
+            return self._skip(artifact, ctx, f"a {multiplier:g}x width leaves {', '.join(f'{n} = {kwargs[n]}' for n in names)} "
+                              f"unchanged (already at the minimum of {MIN_CHANNELS}); the trained model is kept")
+
+        student = _build_student(ctx, {**base_overrides, **scaled})
+        with ctx.console.status(f"  distilling a {multiplier:g}x student ({', '.join(f'{n}={scaled[n]}' for n in names)})"):
+            # a fresh student gets the teacher's full training budget and learning rate
+            result, trained = finetune(student, ctx, lr_scale=1.0, epochs=int(training_settings(ctx)["epochs"]), teacher=teacher)
+        student = result.module
+        student_metrics = dict(costs[multiplier]) if multiplier in costs else \
+            module_cost(student, shape, profile, ctx.work_path("distill-student.onnx"))
+        student_metrics.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch,
+                               epochs_run=len(result.history))
+        drop = teacher_cost["val_accuracy"] - result.val_accuracy
+        accepted = drop <= compress.max_accuracy_drop + 1e-9
+        if accepted:
+            decision = (f"the {multiplier:g}x student replaces the teacher: {student_metrics['parameters']:,} vs "
+                        f"{teacher_cost['parameters']:,} parameters, validation accuracy {result.val_accuracy:.4f} vs "
+                        f"{teacher_cost['val_accuracy']:.4f} (drop {drop:+.4f} <= {compress.max_accuracy_drop:g})")
+            artifact.teacher = teacher
+            artifact.module = student
+        else:
+            decision = (f"the teacher is kept: the {multiplier:g}x student's validation accuracy {result.val_accuracy:.4f} "
+                        f"drops {drop:.4f} below the teacher's {teacher_cost['val_accuracy']:.4f}, more than "
+                        f"max_accuracy_drop = {compress.max_accuracy_drop:g}")
+            ctx.notes.append(f"distillation: {decision}")
+        artifact.metrics["distill"] = {
+            "decision": "distilled" if accepted else "rejected",
+            "summary": decision,
+            "multiplier": multiplier,
+            "multiplier_choice": reason,
+            "width_kwargs": {n: {"teacher": kwargs[n], "student": scaled[n]} for n in names},
+            "model_kwargs": {**base_overrides, **scaled},
+            "latency_budget_ms": budget,
+            "candidates": tried,
+            "teacher": teacher_cost,
+            "student": student_metrics,
+            "accuracy_drop": round(drop, 5),
+            "max_accuracy_drop": compress.max_accuracy_drop,
+            "settings": {"temperature": compress.temperature, "alpha": compress.alpha,
+                         **{key: trained[key] for key in ("lr", "max_epochs", "patience")}},
+            "history": result.history,
+        }
+        ctx.console.print(f"  {multiplier:g}x student ({reason.split(':')[0]}): {student_metrics['parameters']:,} params "
+                          f"(teacher {teacher_cost['parameters']:,}), predicted {student_metrics['latency_ms_predicted']:.4g} ms "
+                          f"(teacher {teacher_cost['latency_ms_predicted']:.4g} ms), val accuracy "
+                          f"{result.val_accuracy:.4f} (teacher {teacher_cost['val_accuracy']:.4f}): "
+                          f"{'accepted' if accepted else 'rejected, teacher kept'}")
+        return artifact
+
+    @staticmethod
+    def _skip(artifact: Artifact, ctx: BuildContext, reason: str) -> Artifact:
+        artifact.metrics["distill"] = {"decision": "skipped", "summary": reason}
+        ctx.notes.append(f"distillation skipped: {reason}")
+        ctx.console.print(f"  [yellow]skipped[/]: {reason}")
+        return artifact
