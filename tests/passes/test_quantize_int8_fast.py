@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.test_gate import candidate, gate
+from tests.passes.test_gate import candidate, gate
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset

@@ -15,7 +15,7 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key
 from tests.conftest import REPO, run_cli
-from tests.test_tflite import litert_accuracy
+from tests.passes.test_tflite import litert_accuracy
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
 from toolchain.training.keras import framework_of

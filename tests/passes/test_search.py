@@ -19,7 +19,7 @@ from rich.console import Console
 
 from runtime_agent.signing import write_keypair
 from tests.conftest import REPO, run_cli
-from tests.test_user_project import MODEL
+from tests.build.test_user_project import MODEL
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
@@ -110,7 +110,7 @@ KILLED_CHILD = r'''
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from tests.test_search import make_ctx, run_search
+from tests.passes.test_search import make_ctx, run_search
 import toolchain.passes.torch.search as search
 
 calls = []

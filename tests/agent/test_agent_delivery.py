@@ -146,4 +146,4 @@ def test_wrong_password_is_refused(secure_broker: ManagedBroker) -> None:
 def test_example_acl_matches_the_generated_one() -> None:
     from toolchain.deploy.broker import ACL
 
-    assert (Path(__file__).resolve().parent.parent / "examples" / "mosquitto" / "acl").read_text() == ACL
+    assert (Path(__file__).resolve().parents[2] / "examples" / "mosquitto" / "acl").read_text() == ACL
