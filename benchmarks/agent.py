@@ -60,15 +60,14 @@ import numpy as np
 import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from benchmarks.drift_cost import measure_drift_cost  # noqa: E402
-from runtime_agent.agent import Active, Agent  # noqa: E402
-from runtime_agent.config import load_agent_config  # noqa: E402
-from runtime_agent.reference import summary_features  # noqa: E402
-from runtime_agent.sketch import LatencySketch  # noqa: E402
-from toolchain.deploy.broker import ManagedBroker, free_port  # noqa: E402
+from _common import print_table, target, write_results
+from drift_cost import measure_drift_cost
+from runtime_agent.agent import Active, Agent
+from runtime_agent.config import load_agent_config
+from runtime_agent.reference import summary_features
+from runtime_agent.sketch import LatencySketch
+from toolchain.deploy.broker import ManagedBroker, free_port
 
 BIN = Path(sys.executable).parent
 MIB = 1 << 20

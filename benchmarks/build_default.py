@@ -24,23 +24,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from toolchain.core.config import load_config  # noqa: E402
-from toolchain.core.data import load_dataset  # noqa: E402
-from toolchain.perf.measure import make_feeds  # noqa: E402
-from toolchain.runtime.sessions import make_session  # noqa: E402
-from toolchain.passes.shipping.evaluate import EvaluatePass  # noqa: E402
-from toolchain.passes.torch.export_onnx import ExportOnnxPass  # noqa: E402
-from toolchain.passes.onnx.quantize_fp16 import QuantizeFp16Pass  # noqa: E402
-from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass  # noqa: E402
-from toolchain.passes.torch.train import TrainPass  # noqa: E402
-from toolchain.training.fit import evaluate_torch  # noqa: E402
-from toolchain.core.seeding import seed_everything  # noqa: E402
-from toolchain.targets.profiles import resolve_target  # noqa: E402
-from toolchain.core.contract import BuildContext  # noqa: E402
-from toolchain.build.workflow import run_passes  # noqa: E402
+from _common import print_table, target, write_results
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
+from toolchain.perf.measure import make_feeds
+from toolchain.runtime.sessions import make_session
+from toolchain.passes.shipping.evaluate import EvaluatePass
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.onnx.quantize_fp16 import QuantizeFp16Pass
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.training.fit import evaluate_torch
+from toolchain.core.seeding import seed_everything
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import run_passes
 
 
 def timed_cli_build(out: Path, keys: Path) -> tuple[float, dict]:

@@ -44,35 +44,33 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from benchmarks.agent import DATA_PY  # noqa: E402
-from benchmarks.build_default import interleaved  # noqa: E402
-from toolchain.core.artifact import PRECISION_ORDER, Artifact  # noqa: E402
-from toolchain.core.config import load_config  # noqa: E402
-from toolchain.core.data import Dataset, load_dataset  # noqa: E402
-from toolchain.perf.measure import make_feeds  # noqa: E402
-from toolchain.runtime.sessions import make_session  # noqa: E402
-from toolchain.passes.shipping.benchmark import BenchmarkPass  # noqa: E402
-from toolchain.passes.torch.distill import DistillPass  # noqa: E402
-from toolchain.perf.module_cost import count_macs_params  # noqa: E402
-from toolchain.passes.shipping.evaluate import EvaluatePass  # noqa: E402
-from toolchain.runtime.sessions import model_logits  # noqa: E402
-from toolchain.passes.torch.export_onnx import ExportOnnxPass  # noqa: E402
-from toolchain.passes.shipping.gate import GatePass  # noqa: E402
-from toolchain.passes.torch.prune import PrunePass  # noqa: E402
-from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass  # noqa: E402
-from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass  # noqa: E402
-from toolchain.quantize.int8 import ArrayCalibrationReader, representative_indices, representative_samples  # noqa: E402
-from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass  # noqa: E402
-from toolchain.passes.torch.quantize_qat import QuantizeQatPass  # noqa: E402
-from toolchain.passes.torch.train import TrainPass  # noqa: E402
-from toolchain.training.fit import evaluate_torch  # noqa: E402
-from toolchain.core.seeding import seed_everything  # noqa: E402
-from toolchain.targets.profiles import resolve_target  # noqa: E402
-from toolchain.core.contract import BuildContext  # noqa: E402
-from toolchain.build.workflow import run_passes  # noqa: E402
+from _common import print_table, target, write_results
+from agent import DATA_PY
+from build_default import interleaved
+from toolchain.core.artifact import PRECISION_ORDER, Artifact
+from toolchain.core.config import load_config
+from toolchain.core.data import Dataset, load_dataset
+from toolchain.perf.measure import make_feeds
+from toolchain.runtime.sessions import make_session
+from toolchain.passes.shipping.benchmark import BenchmarkPass
+from toolchain.passes.torch.distill import DistillPass
+from toolchain.perf.module_cost import count_macs_params
+from toolchain.passes.shipping.evaluate import EvaluatePass
+from toolchain.runtime.sessions import model_logits
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.shipping.gate import GatePass
+from toolchain.passes.torch.prune import PrunePass
+from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+from toolchain.quantize.int8 import ArrayCalibrationReader, representative_indices, representative_samples
+from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass
+from toolchain.passes.torch.quantize_qat import QuantizeQatPass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.training.fit import evaluate_torch
+from toolchain.core.seeding import seed_everything
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import run_passes
 
 MOBILENET_TOML = """
 [project]

@@ -13,18 +13,14 @@ Target: <= 10 us per feature per sample (batch of 1).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from runtime_agent.drift import DriftMonitor  # noqa: E402
-from runtime_agent.reference import MAX_RAW_FEATURES, build_reference  # noqa: E402
+from _common import print_table, target, write_results
+from runtime_agent.drift import DriftMonitor
+from runtime_agent.reference import MAX_RAW_FEATURES, build_reference
 
 TARGET_US_PER_FEATURE = 10.0
 N_CLASSES = 10

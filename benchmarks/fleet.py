@@ -45,10 +45,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from benchmarks.push import build_base  # noqa: E402
+from _common import print_table, target, write_results
+from push import build_base
 
 BIN = Path(sys.executable).parent
 TARGET_P99_MS = 50.0

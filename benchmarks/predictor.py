@@ -21,18 +21,14 @@ of `.tflite` files, with the same targets; results go to `benchmarks/results/pre
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host  # noqa: E402
-from toolchain.perf.calibration import RUNTIMES  # noqa: E402
-from toolchain.perf.graph_cost import predict, roofline_fraction  # noqa: E402
-from toolchain.perf.predictor import LatencyModel, Peaks, error_summary, evaluate, share_within  # noqa: E402
-from toolchain.targets.profiles import resolve_target  # noqa: E402
+from _common import print_table, target, write_results
+from toolchain.perf.calibrate_host import CalibrationSettings, calibrate_host
+from toolchain.perf.calibration import RUNTIMES
+from toolchain.perf.roofline import predict, roofline_fraction
+from toolchain.perf.predictor import LatencyModel, Peaks, error_summary, evaluate, share_within
+from toolchain.targets.profiles import resolve_target
 
 
 def main() -> None:

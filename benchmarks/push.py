@@ -37,9 +37,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
+from _common import print_table, target, write_results
 
 BIN = Path(sys.executable).parent
 TARGET_MB_S = 10.0

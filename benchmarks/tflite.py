@@ -29,28 +29,26 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import print_table, target, write_results  # noqa: E402
-from benchmarks.agent import DATA_PY  # noqa: E402
-from benchmarks.build_default import interleaved  # noqa: E402
-from benchmarks.compression import MOBILENET_TOML  # noqa: E402  (the passes run here read only its [train])
-from toolchain.core.artifact import Artifact  # noqa: E402
-from toolchain.core.config import load_config  # noqa: E402
-from toolchain.core.data import load_dataset  # noqa: E402
-from toolchain.export.tflite import INSTALL_HINT, tflite_extra_missing  # noqa: E402
-from toolchain.perf.measure import make_feeds  # noqa: E402
-from toolchain.runtime.sessions import make_session  # noqa: E402
-from toolchain.passes.shipping.evaluate import EvaluatePass  # noqa: E402
-from toolchain.runtime.sessions import model_logits  # noqa: E402
-from toolchain.passes.torch.export_onnx import ExportOnnxPass  # noqa: E402
-from toolchain.passes.onnx.export_tflite import ExportTflitePass  # noqa: E402
-from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass  # noqa: E402
-from toolchain.passes.torch.train import TrainPass  # noqa: E402
-from toolchain.core.seeding import seed_everything  # noqa: E402
-from toolchain.targets.profiles import resolve_target  # noqa: E402
-from toolchain.core.contract import BuildContext  # noqa: E402
-from toolchain.build.workflow import run_passes  # noqa: E402
+from _common import print_table, target, write_results
+from agent import DATA_PY
+from build_default import interleaved
+from compression import MOBILENET_TOML  # the passes run here read only its [train]
+from toolchain.core.artifact import Artifact
+from toolchain.core.config import load_config
+from toolchain.core.data import load_dataset
+from toolchain.export.tflite import INSTALL_HINT, tflite_extra_missing
+from toolchain.perf.measure import make_feeds
+from toolchain.runtime.sessions import make_session
+from toolchain.passes.shipping.evaluate import EvaluatePass
+from toolchain.runtime.sessions import model_logits
+from toolchain.passes.torch.export_onnx import ExportOnnxPass
+from toolchain.passes.onnx.export_tflite import ExportTflitePass
+from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
+from toolchain.passes.torch.train import TrainPass
+from toolchain.core.seeding import seed_everything
+from toolchain.targets.profiles import resolve_target
+from toolchain.core.contract import BuildContext
+from toolchain.build.workflow import run_passes
 
 PROFILE = "raspberry-pi-5"
 SAMPLES = 2000

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.closed_loop import closed_loop
+from toolchain.build.closed_loop import closed_loop
 
 
 def test_a_shifted_fleet_is_retrained_and_recovers(tmp_path: Path) -> None:
