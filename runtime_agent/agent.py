@@ -26,6 +26,8 @@ from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
+from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ONLINE, SCHEMAS, STATUS, TELEMETRY,
+                                    ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
 from runtime_agent.signing import load_public_key
 from runtime_agent.sketch import LatencySketch
@@ -33,8 +35,6 @@ from runtime_agent.slots import Slots
 from runtime_agent.updates import check_update, self_test
 
 log = logging.getLogger(__name__)
-MAX_COMMAND_BYTES = 64 * 1024
-COMMAND_TYPES = ("push_offer", "rollback", "config")
 
 
 def rss_mb() -> float:
@@ -175,15 +175,15 @@ class Agent:
 
     def birth(self) -> dict[str, Any]:
         manifest = self.model.bundle.manifest if self.model else {}
-        return {"schema": "status/1", "state": "online", "device_id": self.config.device_id,
+        return {"schema": SCHEMAS[STATUS], "state": ONLINE, "device_id": self.config.device_id,
                 "model_version": manifest.get("version"), "model_name": manifest.get("name"),
                 "agent_version": __version__, "profile": manifest.get("target"), "ts": time.time(),
                 "probation": self._probation_state}
 
     def emit_event(self, kind: str, **fields: Any) -> int:
-        payload = {"schema": "events/1", "type": kind, "device_id": self.config.device_id,
+        payload = {"schema": SCHEMAS[EVENTS], "type": kind, "device_id": self.config.device_id,
                    "model_version": self._version(), "ts": time.time(), **fields}
-        return self.outbox.put(self.config.topic("events"), payload, kind="event")
+        return self.outbox.put(self.config.topic(EVENTS), payload, kind="event")
 
     def close_window(self) -> dict[str, Any]:
         """Snapshot and reset the window's counters; queue its telemetry (and an alarm event if any)."""
@@ -193,14 +193,14 @@ class Agent:
             drift = self._active.monitor.window_report() if self._active else {}
         sketch = window.sketch
         latency = {**sketch.to_dict(), **(sketch.summary() if sketch.count else {"p50": None, "p90": None, "p99": None})}
-        payload = {"schema": "telemetry/1", "device_id": self.config.device_id, "window": [window.started, time.time()],
+        payload = {"schema": SCHEMAS[TELEMETRY], "device_id": self.config.device_id, "window": [window.started, time.time()],
                    "model_name": self.model.bundle.manifest["name"] if self.model else None,
                    "model_version": self._version(), "n": window.samples, "requests": window.requests,
                    "errors": window.errors, "latency": latency, "drift": drift, "rss_mb": round(rss_mb(), 2),
                    "queue": {"pending": len(self.outbox), "dropped_telemetry": self.outbox.dropped_telemetry}}
         if drift:
             drift["alarm"] = alarm(drift)  # the device's verdict, so every consumer applies the same rule
-        self.outbox.put(self.config.topic("telemetry"), payload, kind="telemetry")
+        self.outbox.put(self.config.topic(TELEMETRY), payload, kind="telemetry")
         if drift and drift["alarm"]:
             self.emit_event("drift_alarm", psi_max=drift.get("psi_max"), prediction_psi=drift.get("prediction_psi"),
                             ph_alarm=drift.get("ph_alarm"), window=payload["window"])
@@ -252,7 +252,7 @@ class Agent:
     # -- updates -------------------------------------------------------------------------------
     def _send_ack(self, transfer: str, payload: dict[str, Any]) -> None:
         if self._link is not None:
-            self._link.publish_now(self.config.topic(f"push/{transfer}/ack"), payload)
+            self._link.publish_now(ack_topic(self.config.fleet, self.config.device_id, transfer), payload)
 
     def _install_async(self, transfer: Transfer, path: Path) -> None:
         """Verification and session creation take a while: keep them off the MQTT network thread."""

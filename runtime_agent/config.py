@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from runtime_agent.errors import AgentError
 from runtime_agent.probation import ProbationLimits
+from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
@@ -60,7 +61,7 @@ class AgentConfig:
 
     @property
     def topic_prefix(self) -> str:
-        return f"edge/v1/{self.fleet}/{self.device_id}/"
+        return device_prefix(self.fleet, self.device_id)
 
     def topic(self, name: str) -> str:
         return self.topic_prefix + name

@@ -23,9 +23,9 @@ from paho.mqtt.packettypes import PacketTypes
 
 from runtime_agent.config import AgentConfig
 from runtime_agent.outbox import Outbox
+from runtime_agent.protocol import CMD, PUSH, STATUS, STATUS_OFFLINE
 
 log = logging.getLogger(__name__)
-STATUS_OFFLINE = {"schema": "status/1", "state": "offline"}
 
 
 class MqttLink:
@@ -54,7 +54,7 @@ class MqttLink:
             client.username_pw_set(config.username, config.password)
         if config.tls:
             client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
-        client.will_set(config.topic("status"), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
+        client.will_set(config.topic(STATUS), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
@@ -65,11 +65,16 @@ class MqttLink:
         client.on_message = self._on_message
         return client
 
-    def start(self) -> "MqttLink":
+    def prepare(self) -> None:
+        """Set the connection up without dialling: a clean start and no session kept on the broker, since
+        the device's memory is its outbox (the connection is made when the client's loop runs)."""
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 0
         self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=self.config.keepalive_s,
                                   clean_start=True, properties=properties)
+
+    def start(self) -> "MqttLink":
+        self.prepare()
         self.client.loop_start()
         self._pump.start()
         return self
@@ -83,7 +88,7 @@ class MqttLink:
         self._stopping.set()
         self.wake()
         if self.connected.is_set():
-            self.client.publish(self.config.topic("status"), json.dumps(STATUS_OFFLINE), qos=1, retain=True).wait_for_publish(1.0)
+            self.client.publish(self.config.topic(STATUS), json.dumps(STATUS_OFFLINE), qos=1, retain=True).wait_for_publish(1.0)
         self.client.disconnect()
         self.client.loop_stop()
         self._pump.join(timeout=2)
@@ -95,9 +100,9 @@ class MqttLink:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
-        client.publish(self.config.topic("status"), json.dumps(self.birth()), qos=1, retain=True)
+        client.publish(self.config.topic(STATUS), json.dumps(self.birth()), qos=1, retain=True)
         own = SubscribeOptions(qos=1, noLocal=True)  # not our own acks back
-        client.subscribe([(self.config.topic("cmd"), own), (self.config.topic("push/+/+"), own)])
+        client.subscribe([(self.config.topic(CMD), own), (self.config.topic(f"{PUSH}/+/+"), own)])
         with self._lock:
             self._inflight.clear()
             self._early.clear()
@@ -126,10 +131,10 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
-        if topic == self.config.topic("cmd"):
+        if topic == self.config.topic(CMD):
             self.on_command(message.payload)
-        elif self.on_chunk is not None and topic.startswith(self.config.topic("push/")):
-            transfer, _, index = topic[len(self.config.topic("push/")):].partition("/")
+        elif self.on_chunk is not None and topic.startswith(chunks := self.config.topic(f"{PUSH}/")):
+            transfer, _, index = topic[len(chunks):].partition("/")
             if index.isdigit():
                 self.on_chunk(transfer, int(index), message.payload)
 
@@ -141,7 +146,7 @@ class MqttLink:
     def announce(self) -> None:
         """Re-publish the retained status (the model version changed)."""
         if self.connected.is_set():
-            self.client.publish(self.config.topic("status"), json.dumps(self.birth()), qos=1, retain=True)
+            self.client.publish(self.config.topic(STATUS), json.dumps(self.birth()), qos=1, retain=True)
 
     def _pump_loop(self) -> None:
         while not self._stopping.is_set():

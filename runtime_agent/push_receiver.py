@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from runtime_agent.bundle import MAX_BUNDLE_BYTES
 from runtime_agent.errors import AgentError
+from runtime_agent.protocol import ACK, ACK_EVERY, FINAL_STATES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SCHEMAS
 
-MAX_BUNDLE_BYTES = 4 << 30
 _TRANSFER = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -47,7 +48,7 @@ class Transfer:
         return runs
 
     def ack(self) -> dict[str, Any]:
-        payload = {"schema": "push-ack/1", "transfer": self.transfer, "offer": self.offer.get("id"), "received": self.ranges(),
+        payload = {"schema": SCHEMAS[ACK], "transfer": self.transfer, "offer": self.offer.get("id"), "received": self.ranges(),
                    "chunks": self.chunks, "state": self.state, "version": self.offer.get("version")}
         return payload | ({"reason": self.reason} if self.reason else {})
 
@@ -67,7 +68,7 @@ def parse_offer(command: dict[str, Any]) -> Transfer:
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise AgentError("push_offer: 'sha256' must be 64 lowercase hex digits")
     size = integer("bytes", 1, MAX_BUNDLE_BYTES)
-    chunk_bytes = integer("chunk_bytes", 1024, 16 << 20)
+    chunk_bytes = integer("chunk_bytes", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
     chunks = integer("chunks", 1, MAX_BUNDLE_BYTES)
     if chunks != -(-size // chunk_bytes):
         raise AgentError(f"push_offer: {size} bytes in chunks of {chunk_bytes} make {-(-size // chunk_bytes)} chunks, not {chunks}")
@@ -78,7 +79,7 @@ class PushReceiver:
     """Stages transfers under `staging_dir`; calls `on_complete(transfer, path)` once all chunks are there."""
 
     def __init__(self, staging_dir: Path, send_ack: Callable[[str, dict[str, Any]], None],
-                 on_complete: Callable[[Transfer, Path], None], ack_every: int = 16) -> None:
+                 on_complete: Callable[[Transfer, Path], None], ack_every: int = ACK_EVERY) -> None:
         self.dir = Path(staging_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.send_ack, self.on_complete, self.ack_every = send_ack, on_complete, ack_every
@@ -172,6 +173,6 @@ class PushReceiver:
             item.state, item.reason = state, reason
             self._save(item)
         self.send_ack(item.transfer, item.ack())
-        if state in ("installed", "rejected"):
+        if state in FINAL_STATES:
             part, _ = self._paths(item.transfer)
             part.unlink(missing_ok=True)

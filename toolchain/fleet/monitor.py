@@ -1,13 +1,13 @@
 """The fleet monitor: one persistent MQTT session that reads every device's reports into the fleet store.
 
-Subscribes (QoS 1) to ``edge/v1/{fleet}/+/status``, ``.../telemetry`` and ``.../events`` (``fleet="+"``: all
-fleets) as the broker's operator account, with a *persistent session* (``clean_start=False``, a session
+Subscribes (QoS 1) to every device's ``status``, ``telemetry`` and ``events`` topics of a fleet (``fleet="+"``:
+all fleets) as the broker's operator account, with a *persistent session* (`toolchain.deploy.mqtt`; a session
 expiry of a day by default, a client id kept in the database): while the monitor is down or restarting,
 the broker queues what the devices send and delivers it when the monitor comes back.
 
-Every message is validated against the topic schema (DESIGN.md); a malformed one (not UTF-8 JSON, wrong
-types, unknown schema, a ``device_id`` that is not the topic's, a sketch that does not add up) is counted,
-logged, recorded in the store's ``rejected`` table and acknowledged: it never stops the monitor. A
+Every message is validated against the topic schema (DESIGN.md; the validators are the device side's own,
+`runtime_agent.protocol`); a malformed one (not UTF-8 JSON, wrong types, unknown schema, a ``device_id``
+that is not the topic's, a sketch that does not add up) is counted, logged, recorded in the store's ``rejected`` table and acknowledged: it never stops the monitor. A
 message is acknowledged (PUBACK, manual) only after it is committed to the database, so a monitor that
 dies mid-message gets it again. The network thread only queues what arrives; a writer thread stores
 whatever has queued up in one transaction (`FleetStore.batch`, a savepoint per message), then acknowledges
@@ -28,208 +28,34 @@ The share is kept incrementally (O(1) per message), so large fleets cost no more
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import queue
-import re
 import sqlite3
 import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from runtime_agent.config import parse_broker
 from runtime_agent.drift import MIN_PSI_SAMPLES
-from runtime_agent.errors import AgentError
-from runtime_agent.sketch import LatencySketch
+from runtime_agent.protocol import (EVENTS, OFFLINE, ONLINE, REPORT_KINDS, STATUS, TOPIC_ROOT, Malformed, parse_event,
+                                    parse_status, parse_telemetry, parse_topic, device_topic, valid_id)
+from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
 from toolchain.errors import ToolchainError
-from toolchain.fleet.store import OFFLINE, ONLINE, FleetStore, TelemetryRecord, window_alarm
+from toolchain.fleet.store import FleetStore, TelemetryRecord, window_alarm
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALARM_THRESHOLD = 0.3
 DEFAULT_SESSION_EXPIRY_S = 86400
-MAX_PAYLOAD_BYTES = 1 << 20
 MAX_LISTED_DEVICES = 50  # devices named in a fleet alarm event (the counts are always exact)
 MAX_BATCH = 500  # messages stored in one transaction at most (the broker's in-flight window bounds it too)
-KINDS = ("status", "telemetry", "events")
 FLEET_ALARM, FLEET_CLEARED = "fleet_drift_alarm", "fleet_drift_cleared"
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TEXT_MAX = 256
 
 Notice = Callable[[str, dict[str, Any]], None]
-
-
-class Malformed(ValueError):
-    """A message that does not follow the topic schema; the text says why."""
-
-
-# -- validation --------------------------------------------------------------------------------
-def _reject_constant(name: str) -> float:
-    raise Malformed(f"{name} is not valid JSON")
-
-
-def _json_object(raw: bytes, kind: str) -> dict[str, Any]:
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise Malformed(f"{len(raw)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
-    try:
-        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise Malformed("not UTF-8") from None
-    except RecursionError:
-        raise Malformed("JSON nested too deeply") from None
-    except ValueError as exc:
-        raise Malformed(f"not JSON ({exc})") from None
-    if not isinstance(payload, dict):
-        raise Malformed(f"expected a JSON object, got {type(payload).__name__}")
-    schema = payload.get("schema")
-    if not isinstance(schema, str) or schema.split("/")[0] != kind:
-        raise Malformed(f"'schema' must be '{kind}/1', got {schema!r}")
-    if schema != f"{kind}/1":
-        raise Malformed(f"unsupported schema {schema!r} (this monitor reads {kind}/1)")
-    return payload
-
-
-def _int(payload: Mapping[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
-    value = payload.get(key)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise Malformed(f"'{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(value: Any, what: str, *, optional: bool = False, minimum: float | None = None) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (minimum is not None and value < minimum):
-        bound = f" >= {minimum:g}" if minimum is not None else ""
-        raise Malformed(f"'{what}' must be a finite number{bound}, got {value!r}")
-    return float(value)
-
-
-def _text(payload: Mapping[str, Any], key: str) -> str | None:
-    value = payload.get(key)
-    if value is not None and (not isinstance(value, str) or len(value) > _TEXT_MAX):
-        raise Malformed(f"'{key}' must be a string of at most {_TEXT_MAX} characters, got {value!r:.80}")
-    return value
-
-
-def _stream(payload: Mapping[str, Any]) -> str:
-    """The outbox stream id next to ``seq``; ``''`` when absent (an agent older than the field)."""
-    stream = payload.get("stream", "")
-    if not isinstance(stream, str) or (stream and not _ID.match(stream)):
-        raise Malformed(f"'stream' must be 1-64 letters, digits, '-' or '_', got {stream!r:.80}")
-    return stream
-
-
-def _check_device(payload: Mapping[str, Any], device: str) -> None:
-    if "device_id" in payload and payload["device_id"] != device:
-        raise Malformed(f"'device_id' {payload['device_id']!r:.80} is not the topic's device {device!r}")
-
-
-def parse_topic(topic: str) -> tuple[str, str, str]:
-    """``edge/v1/{fleet}/{device}/{kind}`` -> (fleet, device, kind); Malformed for anything else."""
-    parts = topic.split("/")
-    if len(parts) != 5 or parts[:2] != ["edge", "v1"] or parts[4] not in KINDS:
-        raise Malformed(f"unexpected topic {topic!r:.120}")
-    fleet, device = parts[2], parts[3]
-    if not _ID.match(fleet) or not _ID.match(device):
-        raise Malformed(f"fleet and device in {topic!r:.120} must be 1-64 letters, digits, '-' or '_'")
-    return fleet, device, parts[4]
-
-
-def parse_status(raw: bytes, device: str) -> dict[str, Any]:
-    """A birth or an LWT -> ``{state, ...birth fields}``."""
-    payload = _json_object(raw, "status")
-    _check_device(payload, device)
-    state = payload.get("state")
-    if state not in (ONLINE, OFFLINE):
-        raise Malformed(f"'state' must be 'online' or 'offline', got {state!r:.80}")
-    if state == OFFLINE:
-        return {"state": OFFLINE}
-    return {"state": ONLINE, "model_version": _int(payload, "model_version", optional=True),
-            "model_name": _text(payload, "model_name"), "agent_version": _text(payload, "agent_version"),
-            "profile": _text(payload, "profile")}
-
-
-def _drift(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Malformed(f"'drift' must be an object, got {type(value).__name__}")
-    if not value:
-        return {}  # the agent had no model loaded
-    psi = value.get("psi", {})
-    if not isinstance(psi, dict):
-        raise Malformed(f"'drift.psi' must be an object {{feature: value}}, got {type(psi).__name__}")
-    for feature, number in psi.items():
-        if len(feature) > _TEXT_MAX:
-            raise Malformed(f"'drift.psi' feature name is over {_TEXT_MAX} characters")
-        _number(number, f"drift.psi.{feature}", minimum=0.0)
-    drift = dict(value)
-    drift["psi_max"] = _number(value.get("psi_max", max(psi.values(), default=0.0)), "drift.psi_max", minimum=0.0)
-    drift["prediction_psi"] = _number(value.get("prediction_psi", 0.0), "drift.prediction_psi", minimum=0.0)
-    if not isinstance(value.get("ph_alarm", False), bool):
-        raise Malformed(f"'drift.ph_alarm' must be true or false, got {value.get('ph_alarm')!r}")
-    if "n" in value:
-        _int(value, "n")
-    return drift
-
-
-def parse_telemetry(fleet: str, device: str, raw: bytes, min_samples: int = MIN_PSI_SAMPLES) -> TelemetryRecord:
-    """A telemetry window -> the record to store (the sketch re-serialised after validation)."""
-    payload = _json_object(raw, "telemetry")
-    _check_device(payload, device)
-    seq = _int(payload, "seq", minimum=1)
-    window = payload.get("window")
-    if not isinstance(window, list) or len(window) != 2:
-        raise Malformed(f"'window' must be [start, end], got {window!r:.80}")
-    start, end = _number(window[0], "window[0]"), _number(window[1], "window[1]")
-    if end < start:
-        raise Malformed(f"'window' ends before it starts ({start} > {end})")
-    latency = payload.get("latency")
-    if not isinstance(latency, dict):
-        raise Malformed(f"'latency' must be an object (the sketch), got {type(latency).__name__}")
-    try:
-        sketch = LatencySketch.from_dict(latency)
-    except (ValueError, TypeError) as exc:
-        raise Malformed(f"'latency': {exc}") from None
-    for key in ("sum", "min", "max"):
-        _number(latency.get(key), f"latency.{key}", optional=True)
-    summary = sketch.summary()
-    quantiles = {key: _number(latency.get(key, summary[key]), f"latency.{key}", optional=True, minimum=0.0)
-                 for key in ("p50", "p90", "p99")}
-    drift = _drift(payload.get("drift"))
-    n = _int(payload, "n")
-    return TelemetryRecord(
-        fleet=fleet, device=device, seq=seq, window_start=start, window_end=end,
-        model_version=_int(payload, "model_version", optional=True), n=n,
-        requests=_int(payload, "requests", optional=True), errors=_int(payload, "errors"),
-        rss_mb=_number(payload.get("rss_mb"), "rss_mb", optional=True, minimum=0.0), **quantiles,
-        sketch=sketch.to_dict(), drift=drift, alarm=window_alarm(drift, n, min_samples), stream=_stream(payload))
-
-
-def parse_event(raw: bytes, device: str) -> tuple[int, str, float | None, dict[str, Any]]:
-    """An event -> (seq, type, ts, payload); its stream is ``payload["stream"]`` (validated here)."""
-    payload = _json_object(raw, "events")
-    _check_device(payload, device)
-    seq = _int(payload, "seq", minimum=1)
-    _stream(payload)
-    kind = payload.get("type")
-    if not isinstance(kind, str) or not _EVENT_TYPE.match(kind):
-        raise Malformed(f"'type' must be a name of 1-64 letters, digits, '_', '-' or '.', got {kind!r:.80}")
-    return seq, kind, _number(payload.get("ts"), "ts", optional=True), payload
 
 
 # -- the fleet drift share, kept incrementally ---------------------------------------------------
@@ -290,21 +116,17 @@ class FleetMonitor:
                  session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
                  retention_s: float | None = 30 * 86400, on_notice: Notice | None = None,
                  on_stored: Callable[[str], None] | None = None) -> None:
-        try:
-            self.host, self.port, self.tls = parse_broker(broker_url, "broker")
-        except (AgentError, ValueError):
-            raise ToolchainError(f"the broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {broker_url!r}") from None
-        if fleet != "+" and not _ID.match(fleet):
+        login = BrokerLogin(broker_url, username, password, ca_file)
+        login.address("the broker")  # refuse a bad URL or CA file before the store is created
+        if fleet != "+" and not valid_id(fleet):
             raise ToolchainError(f"--fleet must be '+' (all) or 1-64 letters, digits, '-' or '_', got {fleet!r}")
         if not 0.0 < alarm_threshold <= 1.0:
             raise ToolchainError(f"the fleet alarm threshold must be a share in (0, 1], got {alarm_threshold!r}")
-        if ca_file is not None and not Path(ca_file).is_file():
-            raise ToolchainError(f"CA file {ca_file} does not exist (the broker's CA certificate, PEM)")
         self.broker_url, self.fleet = broker_url, fleet
         self.alarm_threshold, self.min_samples = float(alarm_threshold), int(min_samples)
-        self.session_expiry_s, self.keepalive_s, self.retention_s = int(session_expiry_s), int(keepalive_s), retention_s
+        self.retention_s = retention_s
         self.on_notice, self.on_stored = on_notice, on_stored
-        self.topics = [f"edge/v1/{fleet}/+/{kind}" for kind in KINDS]
+        self.topics = [device_topic(fleet, "+", kind) for kind in REPORT_KINDS]
         self.store = FleetStore(db_path)
         self.client_id = client_id or self.store.client_id
         self.stats: Counter[str] = Counter()
@@ -319,13 +141,9 @@ class FleetMonitor:
         self._inbox: queue.Queue[tuple[str, bytes, bool, int, int] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-monitor-writer", daemon=True)
         self._deferred: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None  # callbacks until the commit
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                                  manual_ack=True)
-        if username:
-            self.client.username_pw_set(username, password)
-        if self.tls:
-            self.client.tls_set(ca_certs=str(ca_file) if ca_file else None)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.session = OperatorSession(login, self.client_id, session_expiry_s=session_expiry_s, keepalive_s=keepalive_s,
+                                       reconnect_max_s=30, manual_ack=True, what="the broker")
+        self.host, self.port, self.client = self.session.host, self.session.port, self.session.client
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s; retrying", self.host, self.port)
         self.client.on_disconnect = self._on_disconnect
@@ -342,10 +160,7 @@ class FleetMonitor:
         if self._stop.is_set():
             raise ToolchainError("this monitor was stopped; make a new FleetMonitor")
         self._load_state()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.session_expiry_s
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s, clean_start=False,
-                                  properties=properties)
+        self.session.connect_async()
         self._writer.start()
         self.client.loop_start()
         self._started = True
@@ -369,7 +184,7 @@ class FleetMonitor:
             self._started = False
             self._inbox.put(None)  # store and acknowledge what has arrived, then disconnect
             self._writer.join()
-            self.client.disconnect()
+            self.session.disconnect(end_session=False)
             self.client.loop_stop()
         self.store.close()
 
@@ -407,7 +222,7 @@ class FleetMonitor:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         failed = [str(code) for code in reason_codes if code.is_failure]
         if failed:
-            self.refused = f"subscription refused ({', '.join(failed)}); the monitor needs read access to edge/v1/#"
+            self.refused = f"subscription refused ({', '.join(failed)}); the monitor needs read access to {TOPIC_ROOT}/#"
             log.error("%s", self.refused)
         else:
             self.subscribed.set()
@@ -497,12 +312,14 @@ class FleetMonitor:
         if self.fleet != "+" and fleet != self.fleet:
             return None  # a subscription left in the persistent session by an earlier run with another --fleet
         now = time.time()
-        if kind == "status":
+        if kind == STATUS:
             if not payload:  # a cleared retained status (device decommissioned): nothing to record
                 return None
             self._status(fleet, device, parse_status(payload, device), None if retained else now)
-        elif kind == "telemetry":
-            record = parse_telemetry(fleet, device, payload, self.min_samples)
+        elif kind != EVENTS:
+            report = parse_telemetry(payload, device)
+            record = TelemetryRecord(fleet=fleet, device=device, alarm=window_alarm(report.drift, report.n, self.min_samples),
+                                     **vars(report))
             epoch = self.store.insert_telemetry(record, now)
             if epoch is None:
                 self.stats["duplicates"] += 1
@@ -512,8 +329,9 @@ class FleetMonitor:
                 self._evaluate(fleet)
             self._maybe_prune(now)
         else:
-            seq, event_type, ts, body = parse_event(payload, device)
-            if not self.store.insert_event(fleet, device, seq, event_type, body, ts, now, _stream(body)):
+            event = parse_event(payload, device)
+            event_type, body = event.type, event.payload
+            if not self.store.insert_event(fleet, device, event.seq, event_type, body, event.ts, now, event.stream):
                 self.stats["duplicates"] += 1
                 return None
             self.stats["events"] += 1

@@ -28,14 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from runtime_agent.agent import Active, Agent, Window
 from runtime_agent.config import AgentConfig, load_agent_config
 from runtime_agent.model import LoadedModel
-from runtime_agent.mqtt_link import STATUS_OFFLINE, MqttLink
+from runtime_agent.mqtt_link import MqttLink
 from runtime_agent.outbox import Outbox
+from runtime_agent.protocol import STATUS, STATUS_OFFLINE
 from toolchain.fleet.sim.netloop import SharedLoop
 
 INDEX_CHUNK = 4096  # pool indices drawn per refill: the stream is the same however requests are grouped
@@ -76,10 +75,7 @@ class LoopLink(MqttLink):
 
     def start(self) -> "LoopLink":
         """Set the connection up like `MqttLink.start` (clean start, no session kept); `connect` dials."""
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 0
-        self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=self.config.keepalive_s,
-                                  clean_start=True, properties=properties)
+        self.prepare()
         return self
 
     def connect(self) -> None:
@@ -98,7 +94,7 @@ class LoopLink(MqttLink):
 
     def say_offline(self) -> mqtt.MQTTMessageInfo:
         """The retained `offline` status a stopping agent publishes (the LWT covers the other ways to die)."""
-        return self.client.publish(self.config.topic("status"), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
+        return self.client.publish(self.config.topic(STATUS), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
 
 
 class SimDevice:
