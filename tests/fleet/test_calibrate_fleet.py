@@ -17,7 +17,8 @@ from runtime_agent.sketch import LatencySketch
 from tests.conftest import run_cli
 from toolchain.fleet.calibrate import calibrate_from_fleet, fleet_observations
 from toolchain.perf.calibration import read_calibration
-from toolchain.perf.graph_cost import MIB, analyze
+from toolchain.perf.cost_types import MIB
+from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FleetStore, TelemetryRecord
 from toolchain.perf.measure import measure_latencies

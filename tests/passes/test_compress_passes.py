@@ -25,7 +25,8 @@ from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key, write_keypair
 from tests.conftest import REPO, run_cli
 from toolchain.core.config import load_config
-from toolchain.perf.graph_cost import analyze, predict
+from toolchain.perf.graph_cost import analyze
+from toolchain.perf.roofline import predict
 from toolchain.core.data import load_dataset
 from toolchain.passes.torch.distill import DistillPass, scale_widths, width_kwargs
 from toolchain.perf.module_cost import count_macs_params, module_cost

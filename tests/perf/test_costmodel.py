@@ -12,7 +12,9 @@ import onnx
 import pytest
 import torch
 
-from toolchain.perf.graph_cost import analyze, predict, roofline_fraction
+from toolchain.perf.graph_cost import analyze
+
+from toolchain.perf.roofline import predict, roofline_fraction
 from toolchain.errors import ToolchainError
 from toolchain.targets.profiles import load_profile_file
 

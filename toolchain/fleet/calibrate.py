@@ -24,7 +24,8 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.errors import AgentError
 from runtime_agent.signing import load_public_key
 from toolchain.perf.calibration import Calibration, find_calibration
-from toolchain.perf.graph_cost import GraphCost, analyze
+from toolchain.perf.cost_types import GraphCost
+from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FleetStore, merge_sketches
 from toolchain.perf.predictor import LatencyModel, MemoryModel, Peaks, error_summary, evaluate, relative_errors, rounded

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.perf.graph_cost import analyze, roofline_fraction
+from toolchain.perf.graph_cost import analyze
+
+from toolchain.perf.roofline import roofline_fraction
 from toolchain.perf.estimate import budget_verdicts, estimate
 from toolchain.perf.measure import measure_latencies, measure_peak_rss
 from toolchain.targets.profiles import Profile, resolve_target

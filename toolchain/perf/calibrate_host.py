@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toolchain.perf.calibration import Calibration
-from toolchain.perf.graph_cost import GraphCost, analyze
+from toolchain.perf.cost_types import GraphCost
+from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.targets.hostprobe import fingerprint
 from toolchain.perf.measure import measure_latencies, measure_peak_rss

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolchain.perf.graph_cost import MIB, analyze
+from toolchain.perf.cost_types import MIB
+
+from toolchain.perf.graph_cost import analyze
 from toolchain.errors import TargetError
 from toolchain.perf.estimate import budget_verdicts, estimate
 from toolchain.targets.profiles import Profile, list_profiles, resolve_target

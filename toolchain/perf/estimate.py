@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from toolchain.perf.calibration import Calibration, find_calibration
-from toolchain.perf.graph_cost import MIB, GraphCost, Prediction, predict as roofline_predict
+from toolchain.perf.cost_types import MIB, GraphCost
+from toolchain.perf.roofline import Prediction, predict as roofline_predict
 from toolchain.perf.predictor import predict_latency, uncalibrated_groups
 from toolchain.targets.profiles import Profile
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.perf.graph_cost import CHANNEL_BLOCK, MOVE_OPS, OPS_PER_ELEMENT, GraphCost, OpCost
+from toolchain.perf.cost_types import CHANNEL_BLOCK, MOVE_OPS, OPS_PER_ELEMENT, GraphCost, OpCost
 from toolchain.errors import ToolchainError, first_line
 
 # TFLite builtin -> the ONNX operator it computes (for the efficiency groups and the op classes).
@@ -47,7 +47,7 @@ def _precision(dtype: Any) -> str:
 
 
 def _kind(op: str, weight: tuple[int, ...]) -> str:
-    """The convolution variant, named as `toolchain.perf.graph_cost._kind` names ONNX ones (OHWI weights)."""
+    """The convolution variant, named as `toolchain.perf.graph_cost_onnx._kind` names ONNX ones (OHWI weights)."""
     if op == "DEPTHWISE_CONV_2D":
         return "depthwise"
     if op != "CONV_2D" or len(weight) != 4:

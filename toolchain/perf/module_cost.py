@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from toolchain.export.onnx import export_module
-from toolchain.perf.graph_cost import analyze, predict
+from toolchain.perf.graph_cost import analyze
+from toolchain.perf.roofline import predict
 from toolchain.targets.profiles import Profile
 
 

@@ -9,7 +9,7 @@ each kernel is predicted as
            + overhead[group]
 
 plus one fixed cost per inference (`run_overhead`), where a *group* is the operator type, its
-variant (`toolchain.perf.graph_cost._kind`: depthwise, stem, pointwise, kernel size, narrow/ragged channel
+variant (`toolchain.perf.graph_cost_onnx._kind`: depthwise, stem, pointwise, kernel size, narrow/ragged channel
 counts) and its precision (`Conv-3x3/int8`, `Conv-depthwise/fp32`, ...). A Conv/Gemm's efficiency
 also falls with narrow products (`channel_cost`: extra time per 1/K and 1/N), and weights beyond a
 fitted cache size pay a far-memory cost per byte. The parameters are fitted
@@ -28,7 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolchain.perf.graph_cost import MIB, GraphCost, OpCost, Prediction, predict as roofline_predict
+from toolchain.perf.cost_types import MIB, GraphCost, OpCost
+
+from toolchain.perf.roofline import Prediction, predict as roofline_predict
 from toolchain.targets.profiles import ComputeSpec, Profile
 
 

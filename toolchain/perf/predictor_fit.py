@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
-from toolchain.perf.graph_cost import MIB, GraphCost
+from toolchain.perf.cost_types import MIB, GraphCost
 from toolchain.perf.predictor import (
     LatencyModel,
     MemoryModel,

@@ -336,7 +336,8 @@ class _Trials:
 
     def predicted_latency(self, trial: optuna.Trial, overrides: dict[str, Any]) -> float:
         """The FP32 graph's predicted latency on the target; weights do not change it, so one export per architecture."""
-        from toolchain.perf.graph_cost import analyze, predict
+        from toolchain.perf.graph_cost import analyze
+        from toolchain.perf.roofline import predict
         from toolchain.export.onnx import export_module
 
         key = json.dumps(overrides, sort_keys=True, default=str)
