@@ -16,10 +16,13 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Keys and caches of the tests never touch the user's real ones."""
+    """Keys and caches of the tests never touch the user's real ones, and what the CLI prints does not
+    depend on the terminal the suite runs in: rich takes its width from COLUMNS, else from any of
+    stdin/stdout/stderr that is a terminal, else 80; the tests of tables pin a narrower one themselves."""
     home = tmp_path_factory.mktemp("home")
     os.environ["EDGE_TOOLCHAIN_KEYS"] = str(home / "keys")
     os.environ["EDGE_TOOLCHAIN_CACHE"] = str(home / "cache")
+    os.environ["COLUMNS"] = "80"
     return home
 
 

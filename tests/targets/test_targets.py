@@ -287,6 +287,12 @@ def test_cache_location_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.fixture()
+def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 60-column terminal (rich reads COLUMNS): what the CLI prints must not depend on the width."""
+    monkeypatch.setenv("COLUMNS", "60")
+
+
 def test_cli_list_json() -> None:
     result = CliRunner().invoke(targets_app, ["list", "--json"])
     assert result.exit_code == 0, result.output
@@ -295,11 +301,13 @@ def test_cli_list_json() -> None:
     assert REQUIRED_IDS <= ids
 
 
-def test_cli_list_table() -> None:
+def test_cli_list_table_keeps_every_id_and_alias_whole(narrow: None) -> None:
     result = CliRunner().invoke(targets_app, ["list"])
     assert result.exit_code == 0, result.output
-    for profile_id in REQUIRED_IDS:
-        assert profile_id in result.output
+    assert REQUIRED_IDS <= set(builtin_profile_paths())
+    words = set(result.output.replace(",", " ").replace("(", " ").replace(")", " ").split())
+    for profile in list_profiles():
+        assert {profile.id, *profile.aliases} <= words, profile.id
 
 
 def test_cli_show_alias_json() -> None:
@@ -311,14 +319,27 @@ def test_cli_show_alias_json() -> None:
     assert data == resolve_target("jetson").to_dict()
 
 
-def test_cli_show_table_and_user_file(tmp_path: Path) -> None:
+def test_cli_show_table_and_user_file(tmp_path: Path, narrow: None) -> None:
     result = CliRunner().invoke(targets_app, ["show", "rpi5"])
     assert result.exit_code == 0, result.output
-    assert "raspberry-pi-5" in result.output and "raspberry-pi-5.toml" in result.output
+    assert result.output.startswith("raspberry-pi-5  Raspberry Pi 5")
+    assert f"source: {builtin_profile_paths()['raspberry-pi-5']}\n" in result.output
     path = _write(tmp_path, USER_PROFILE)
     result = CliRunner().invoke(targets_app, ["show", str(path), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["id"] == "my-board"
+
+
+def test_cli_show_prints_a_long_path_whole(tmp_path: Path, narrow: None) -> None:
+    """Wherever the file lives, its path is printed verbatim on one line, to be copied (never cut to the table)."""
+    folder = tmp_path.joinpath(*(f"a-deeply-nested-folder-with-a-long-name-{i}" for i in range(6)))
+    folder.mkdir(parents=True)
+    path = _write(folder, USER_PROFILE, "my-board-profile-with-a-rather-long-file-name.toml")
+    assert len(str(path)) > 300
+    result = CliRunner().invoke(targets_app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"\nsource: {path}\n" in result.output
+    assert "my-board" in result.output and "tflite, onnx" in result.output
 
 
 def test_cli_show_unknown_raises_target_error() -> None:

@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
+from toolchain.commands.tables import print_table, print_value
 
 err = Console(stderr=True)
 
@@ -41,7 +41,10 @@ def bench(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    Console().print(_bench_table(result, f"{model_or_bundle.name} on {profile.id} ({profile.name})"))
+    console = Console()
+    print_table(_bench_table(result, f"{model_or_bundle.name} on {profile.id} ({profile.name})"), console)
+    # Why a prediction is (un)calibrated can name a calibration file: printed whole, outside the table.
+    print_value(console, f"{profile.id} prediction", result["prediction_basis"])
 
 
 BUDGET_LABELS = {"latency_ms": "latency (ms)", "model_mb": "flash: model file (MB)", "ram_mb": "RAM (MB)"}
@@ -51,7 +54,7 @@ def _bench_table(row: dict, title: str) -> Table:
     """Measured next to predicted, each prediction labelled calibrated or roofline, then the budgets."""
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
     table.add_column("note")
 
     def add(label: str, key: str, note: str = "") -> None:
@@ -70,7 +73,7 @@ def _bench_table(row: dict, title: str) -> Table:
         add("host ms (predicted)", "latency_ms_predicted_host", f"{row['prediction_host']}, {host_error}")
     add("host roofline fraction", "roofline_fraction_host", "uncalibrated roofline time / measured p50")
     add(f"{row['target']} ms (predicted)", "latency_ms_predicted",
-        escape(row["prediction_basis"]) + (f"; {host_error}" if row["target"] == "host" else ""))
+        f"{row['prediction']}, basis below" + (f"; {host_error}" if row["target"] == "host" else ""))
     add(f"{row['target']} ms (roofline)", "latency_ms_predicted_roofline", "uncalibrated, every kernel at peak")
     add(f"{row['target']} peak memory MB (predicted)", "peak_memory_mb_predicted", row["memory_basis"])
     add("host peak RSS MB (measured)", "process_peak_rss_mb", "fresh process")

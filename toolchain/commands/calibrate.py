@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
+from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
 
@@ -60,7 +61,7 @@ def calibrate(
     if as_json:
         typer.echo(json.dumps(calibration.to_dict(), indent=2))
     else:
-        Console().print(_summary_table(calibration.to_dict()))
+        print_table(_summary_table(calibration.to_dict()), Console())
     print(path)
 
 
@@ -68,10 +69,8 @@ def _summary_table(data: dict[str, Any]) -> Table:
     """Fit and held-out statistics, the parameters that matter most, for a person to judge the fit."""
     table = Table(title=f"calibration of {data['profile']} ({data['source']})", show_header=True, header_style="bold")
     table.add_column("")
-    table.add_column("models", justify="right")
-    table.add_column("median |error|", justify="right")
-    table.add_column("within 10%", justify="right")
-    table.add_column("max |error|", justify="right")
+    for column in ("models", "median |error|", "within 10%", "max |error|"):
+        table.add_column(column, justify="right", no_wrap=True)
     rows = [("latency, fitted", data["fit"])]
     validation = data.get("validation") or {}
     if validation.get("latency"):

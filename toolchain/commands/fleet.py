@@ -26,6 +26,7 @@ from rich.table import Table
 
 from toolchain.commands.autopilot import autopilot
 from toolchain.commands.options import read_password
+from toolchain.commands.tables import print_table, print_value
 from toolchain.commands.simulate import simulate
 from toolchain.errors import ToolchainError
 
@@ -183,11 +184,13 @@ def status(
         typer.echo(json.dumps(data, indent=2))
         return
     console, now = Console(), data["generated"]
+    print_value(console, "store", str(db))
+    # Every column but the prose ones holds values (ids, numbers): no_wrap, never cut (see print_table).
     devices = Table(title="Devices", box=box.SIMPLE_HEAD, header_style="bold",
-                    caption=f"p50/p90/p99: ms, each device's last window; seen: ago; from {escape(str(db))}")
-    devices.add_column("fleet/device", min_width=12, overflow="fold")
+                    caption="p50/p90/p99: ms, each device's last window; seen: ago")
+    devices.add_column("fleet/device", no_wrap=True)
     for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "alarm"):
-        devices.add_column(column, justify="left" if column in ("state", "alarm") else "right")
+        devices.add_column(column, justify="left" if column in ("state", "alarm") else "right", no_wrap=True)
     colour = {"online": "green", "offline": "red"}
     for row in data["devices"]:
         latest = row["latest"] or {}
@@ -197,31 +200,31 @@ def status(
                         _ms(latest.get("p50")), _ms(latest.get("p90")), _ms(latest.get("p99")),
                         "-" if latest.get("psi_max") is None else f"{latest['psi_max']:.2f}",
                         "[red]ALARM[/]" if latest.get("alarm") else "")
-    console.print(devices)
+    print_table(devices, console)
     window = f"last {since:g} s" if since > 0 else "all stored windows"
     models = Table(title=f"Latency per model version, ms (merged sketches, {window})", box=box.SIMPLE_HEAD,
                    header_style="bold")
     for column in ("fleet", "model", "windows", "requests", "p50", "p90", "p99"):
-        models.add_column(column, justify="left" if column == "fleet" else "right")
+        models.add_column(column, justify="left" if column == "fleet" else "right", no_wrap=True)
     for row in data["models"]:
         models.add_row(escape(row["fleet"]), "-" if row["model_version"] is None else f"v{row['model_version']}",
                        str(row["windows"]), str(row["count"]), _ms(row["p50"]), _ms(row["p90"]), _ms(row["p99"]))
-    console.print(models)
+    print_table(models, console)
     fleets = Table(title="Fleet drift (latest window of each reporting device)", box=box.SIMPLE_HEAD, header_style="bold")
-    fleets.add_column("fleet", min_width=6, overflow="fold")
+    fleets.add_column("fleet", no_wrap=True)
     for column in ("reporting", "in alarm", "share", "fleet alarm", "threshold"):
-        fleets.add_column(column, justify="left" if column == "fleet alarm" else "right")
-    fleets.add_column("top PSI (mean)", overflow="fold")
+        fleets.add_column(column, justify="left" if column == "fleet alarm" else "right", no_wrap=True)
+    fleets.add_column("top PSI (mean)")
     for row in data["fleets"]:
         hot = ", ".join(f"{escape(name)} {v['mean']:.2f}" for name, v in list(row["psi"].items())[:3]) or "-"
         fleets.add_row(escape(row["fleet"]), str(row["reporting"]), str(row["in_alarm"]), f"{100 * row['share']:.0f}%",
                        "[red]ACTIVE[/]" if row["alarm_active"] else "clear",
                        "-" if row["threshold"] is None else f"{100 * row['threshold']:.0f}%", hot)
-    console.print(fleets)
+    print_table(fleets, console)
     if data["events"]:
         events = Table(title="Recent events", box=box.SIMPLE_HEAD, header_style="bold")
         for column in ("when", "fleet/device", "type", "detail"):
-            events.add_column(column, overflow="fold")
+            events.add_column(column, no_wrap=column != "detail")
         for event in data["events"]:
             body = event["payload"]
             detail = body.get("reason") or ", ".join(
@@ -229,7 +232,7 @@ def status(
                                                  "to_version") if body.get(key) is not None)
             events.add_row(_ago(event["received_at"], now), f"{escape(event['fleet'])}/{escape(event['device'])}",
                            escape(event["type"]), escape(str(detail))[:200])
-        console.print(events)
+        print_table(events, console)
     if data["rejected"]:
         console.print(f"[yellow]{data['rejected']} malformed message(s) rejected by the monitor[/]")
 

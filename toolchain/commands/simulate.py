@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
+from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
 
@@ -28,11 +29,11 @@ def print_result(data: dict[str, Any], console: Console) -> None:
     phases = Table(title=f"Fleet {data['fleet']}: {len(data['devices'])} simulated devices, model v{data['model_version']}",
                    box=box.SIMPLE_HEAD, header_style="bold")
     for column in ("from s", "to s", "drift active", "requests", "accuracy"):
-        phases.add_column(column, justify="left" if column == "drift active" else "right")
+        phases.add_column(column, justify="left" if column == "drift active" else "right", no_wrap=column != "drift active")
     for row in data["phases"]:
         phases.add_row(f"{row['from_s']:g}", f"{row['to_s']:.1f}", ", ".join(row["drift"]) or "none", str(row["n"]),
                        _accuracy(row["accuracy"]))
-    console.print(phases)
+    print_table(phases, console)
     messages = data["messages"]
     console.print(f"sent {messages['sent']} messages (telemetry and events), {messages['pending']} still queued, "
                   f"{messages['dropped_telemetry']} telemetry windows dropped by full queues; "

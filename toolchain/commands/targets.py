@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.options import DEFAULT_PUBKEY
+from toolchain.commands.tables import print_table, print_value
 from toolchain.targets.profiles import Profile, list_profiles, resolve_target
 
 app = typer.Typer(help="List and inspect device profiles.", no_args_is_help=True)
@@ -53,7 +54,8 @@ def list_command(as_json: JsonFlag = False) -> None:
     table = Table(title="Device profiles", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption="fp32 / int8: peak GFLOP/s / GOP/s of the unit models run on"
                   + ("" if wide else "; ms: latency budget"))
-    table.add_column("id" if wide else "id (aliases)", style="cyan", no_wrap=True)
+    # Narrow, the aliases wrap under the id (one word, never split: see print_table).
+    table.add_column("id" if wide else "id (aliases)", style="cyan", no_wrap=wide)
     if wide:
         table.add_column("aliases")
     table.add_column("unit", no_wrap=True)
@@ -71,7 +73,7 @@ def list_command(as_json: JsonFlag = False) -> None:
         tail = [escape(p.name)] if wide else []
         table.add_row(*head, _unit(p), _num(p.compute.fp32_gflops), _num(p.compute.int8_gops),
                       _num(p.bandwidth_gbs), ",".join(p.precisions), _num(p.budget.latency_ms), *tail)
-    console.print(table)
+    print_table(table, console)
 
 
 @app.command("show")
@@ -85,17 +87,18 @@ def show_command(
         _print_json(p.to_dict())
         return
     console = Console()
-    console.print(f"[bold cyan]{escape(p.id)}[/]  {escape(p.name)}")
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column("section", style="dim")
-    table.add_column("key")
-    table.add_column("value")
-    table.add_row("", "aliases", escape(", ".join(p.aliases)) or "-")
-    table.add_row("", "source", escape(str(p.path)) if p.path else "-")
+    # The id and the paths are printed whole, outside the table, so that they can be copied.
+    console.print(f"[bold cyan]{escape(p.id)}[/]  {escape(p.name)}", soft_wrap=True)
+    print_value(console, "source", str(p.path) if p.path else "-")
     if p.raw.get("measured") is True:
         from toolchain.targets.hostprobe import cache_path
 
-        table.add_row("", "measured", f"yes (cache: {escape(str(cache_path()))})")
+        print_value(console, "measured on this host, cached in", str(cache_path()))
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("section", style="dim", no_wrap=True)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value")
+    table.add_row("", "aliases", escape(", ".join(p.aliases)) or "-")
     rows: list[tuple[str, str, str]] = [
         ("cpu", "arch", p.cpu_arch),
         ("cpu", "cores", str(p.cpu_cores)),
@@ -121,7 +124,7 @@ def show_command(
     for section, key, value in rows:
         table.add_row(section if section != previous else "", key, escape(value))
         previous = section
-    console.print(table)
+    print_table(table, console)
 
 
 def _versus(value: float, verdict: dict[str, Any], marker: str = "") -> str:
@@ -161,8 +164,9 @@ def compare_command(
                       _versus(row["latency_ms"], budget["latency_ms"], "*" if row["prediction"] == "calibrated" else ""),
                       _versus(row["memory_mb"], budget["ram_mb"]), _versus(row["model_mb"], budget["model_mb"]),
                       "[green]yes[/]" if row["fits"] else "[red]no[/]")
-    Console().print(table)
+    console = Console()
+    print_table(table, console)
     for row in rows:
         if row["unsupported_precisions"]:
-            Console().print(f"[yellow]note:[/] {escape(row['target'])} does not list precision "
+            console.print(f"[yellow]note:[/] {escape(row['target'])} does not list precision "
                             f"{', '.join(row['unsupported_precisions'])} in its runtime")
