@@ -5,6 +5,7 @@ file must come from the package's own data, not from paths into the checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +30,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the wheel of this checkout. Its dependencies (torch, onnxruntime, ... several
     GB) are the test venv's, reached through a .pth line: only the project itself is installed anew."""
     root = tmp_path_factory.mktemp("wheel")
-    run(BIN / "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", REPO, cwd=root)
+    source = root / "source"  # a copy, so the build's own scratch folders stay out of the checkout
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "__pycache__", "*.egg-info", "results"))
+    run(BIN / "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", source, cwd=root)
     wheel = next((root / "dist").glob("edge_toolchain-*.whl"))
     run(sys._base_executable, "-m", "venv", root / "venv", cwd=root)
     site = Path(run(root / "venv" / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
