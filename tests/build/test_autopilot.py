@@ -21,7 +21,8 @@ from toolchain.core.config import load_config
 from toolchain.build.autopilot import Autopilot, latest_checkpoint
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.store import FleetStore
-from toolchain.deploy.push import rollout
+from toolchain.deploy.mqtt import BrokerLogin
+from toolchain.deploy.push import RolloutSettings, rollout
 from toolchain.targets.profiles import resolve_target
 
 RETRAIN = """
@@ -75,10 +76,10 @@ def test_drift_retrain_redeploy_closes_the_loop(default_build: Build, broker: Ma
         feeder.start()
         try:
             wait_until(lambda: monitor.store.fleet_alarms().get("lab", {}).get("active"), 60, "the fleet drift alarm")
+            settings = RolloutSettings(canary=1, broker=BrokerLogin(broker.url), pubkey=default_build.pubkey,
+                                       probation_timeout_s=60)
             pilot = Autopilot(load_config(project / "toolchain.toml"), resolve_target("jetson"), store, "lab", out,
-                              lambda bundle, devices, decide: rollout(bundle, "lab", devices, canary=1, broker=broker.url,
-                                                                      pubkey=default_build.pubkey, on_decision=decide,
-                                                                      probation_timeout_s=60),
+                              lambda bundle, devices, decide: rollout(bundle, "lab", devices, settings, on_decision=decide),
                               console=Console(quiet=True))
             wait_until(lambda: pilot.tick() is not None, 30, "the autopilot's trigger")
             [cycle] = pilot.cycles

@@ -28,7 +28,8 @@ from tests.agent_helpers import start_agent
 from tests.agent_helpers import http, infer_body
 from toolchain.deploy.broker import OPERATOR, ManagedBroker
 from toolchain.errors import ToolchainError
-from toolchain.deploy.push import PushSender, discover_devices, rollout
+from toolchain.deploy.mqtt import BrokerLogin
+from toolchain.deploy.push import PushSender, RolloutSettings, discover_devices, rollout
 
 FLEET = "lab"
 WINDOW = 32
@@ -302,8 +303,9 @@ def test_a_rollout_goes_canary_then_wave_by_wave(default_build: Build, broker: M
     v2 = make_variant(default_build, tmp_path / "v2", version=2, padding_mb=1)
     decisions = []
     with fleet(default_build, broker, tmp_path, ["dev-1", "dev-2", "dev-3"], extra=QUICK_PROBATION) as devices:
-        result = rollout(v2, FLEET, ["dev-1", "dev-2", "dev-3"], canary=1, waves=1, broker=broker.url,
-                         pubkey=default_build.pubkey, probation_timeout_s=60, on_decision=decisions.append)
+        settings = RolloutSettings(canary=1, waves=1, broker=BrokerLogin(broker.url), pubkey=default_build.pubkey,
+                                   probation_timeout_s=60)
+        result = rollout(v2, FLEET, ["dev-1", "dev-2", "dev-3"], settings, on_decision=decisions.append)
         assert result.ok, (result.to_dict(), logs(devices))
         assert [d.version() for d in devices.values()] == [["2"]] * 3
     assert [(d["stage"], d["action"]) for d in result.decisions] == [
@@ -325,8 +327,8 @@ def test_a_failing_canary_stops_the_rollout(default_build: Build, broker: Manage
         traffic = Traffic(devices["dev-1"], sample_inputs(default_build))
         try:
             recorder.wait_for(lambda r: len(traffic.statuses) >= 60, what="baseline requests")
-            result = rollout(bad, FLEET, FIVE, canary=1, broker=broker.url,
-                             pubkey=default_build.pubkey, probation_timeout_s=90)
+            result = rollout(bad, FLEET, FIVE, RolloutSettings(canary=1, broker=BrokerLogin(broker.url),
+                                                               pubkey=default_build.pubkey, probation_timeout_s=90))
         finally:
             statuses = traffic.stop()
         assert [d.version() for d in devices.values()] == [["1"]] * 5, logs(devices)  # the other 4 never install it

@@ -29,7 +29,8 @@ from toolchain.build.autopilot import Autopilot
 from toolchain.build.workflow import build
 from toolchain.core.config import load_config
 from toolchain.deploy.broker import ManagedBroker, free_port
-from toolchain.deploy.push import rollout
+from toolchain.deploy.mqtt import BrokerLogin
+from toolchain.deploy.push import RolloutSettings, rollout
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.sim.simulate import SimulationSettings, simulate
 from toolchain.fleet.store import FleetStore
@@ -91,8 +92,9 @@ def closed_loop(root: Path, *, devices: int = 20, onset_s: float = 20.0, shift: 
         with FleetMonitor(broker.url, db, fleet=FLEET, alarm_threshold=config.retrain.trigger_share) as monitor, \
                 FleetStore(db, create=False) as store:
             def deploy(new_bundle: Path, targets: list[str], decide: Any) -> Any:
-                return rollout(new_bundle, FLEET, targets, canary=config.retrain.canary, broker=broker.url, pubkey=public,
-                               on_decision=decide, probation_timeout_s=120)
+                plan = RolloutSettings(canary=config.retrain.canary, broker=BrokerLogin(broker.url), pubkey=public,
+                                       probation_timeout_s=120)
+                return rollout(new_bundle, FLEET, targets, plan, on_decision=decide)
 
             pilot = Autopilot(config, profile, store, FLEET, out, deploy, key_path=private, seed=seed, console=console)
             settings = SimulationSettings(devices=devices, broker=broker.url, bundle=bundle, pubkey=public, fleet=FLEET,

@@ -41,7 +41,8 @@ def autopilot(
     from toolchain.core.config import load_config
     from toolchain.build.autopilot import Autopilot
     from toolchain.fleet.store import FleetStore
-    from toolchain.deploy.push import rollout
+    from toolchain.deploy.mqtt import BrokerLogin
+    from toolchain.deploy.push import RolloutSettings, rollout
     from toolchain.targets.profiles import resolve_target
     from toolchain.core.contract import BUDGETS
 
@@ -56,9 +57,11 @@ def autopilot(
     policy = build_config.retrain
     console = Console(stderr=True)
 
+    settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey,
+                               broker=BrokerLogin(broker, username, password, ca_file))
+
     def deploy(bundle: Path, devices: list[str], on_decision: Any) -> Any:
-        return rollout(bundle, fleet, devices, canary=policy.canary, waves=policy.waves, broker=broker, username=username,
-                       password=password, ca_file=ca_file, pubkey=pubkey, on_decision=on_decision)
+        return rollout(bundle, fleet, devices, settings, on_decision=on_decision)
 
     with FleetStore(db, create=False) as store:
         pilot = Autopilot(build_config, profile, store, fleet, out, deploy, key_path=key, budget=budget, seed=seed,

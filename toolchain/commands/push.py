@@ -17,12 +17,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from runtime_agent.protocol import ACK_EVERY, MAX_CHUNK_BYTES
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
 from toolchain.commands.options import read_password
 from toolchain.errors import ToolchainError
 
 DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
-DEVICE_ACK_EVERY = 16  # docs/push-protocol.md: devices ack every `ack_every` chunks (default 16)
 
 
 def push(
@@ -48,7 +48,9 @@ def push(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Push a bundle to devices: chunked, resumable, verified on the device; canaries first, then waves."""
-    from toolchain.deploy.push import PushClient, discover_devices, find_fleet, load_push_bundle, plan_stages, rollout
+    from toolchain.deploy.mqtt import BrokerLogin
+    from toolchain.deploy.push import (PushClient, RolloutSettings, discover_devices, find_fleet, load_push_bundle,
+                                       plan_stages, rollout)
 
     err = Console(stderr=True)
     if not device and not fleet:
@@ -56,10 +58,11 @@ def push(
     for value, name, low in ((chunk_kb, "--chunk-kb", 1), (timeout, "--timeout", 0.001)):
         if value < low:
             raise ToolchainError(f"{name} must be at least {low}, got {value}")
-    if chunk_kb > 16 * 1024:
-        raise ToolchainError(f"--chunk-kb must be at most {16 * 1024} (devices accept chunks up to 16 MiB), got {chunk_kb}")
-    if window < DEVICE_ACK_EVERY:
-        raise ToolchainError(f"--window must be at least {DEVICE_ACK_EVERY}: devices acknowledge every {DEVICE_ACK_EVERY} "
+    if chunk_kb > MAX_CHUNK_BYTES >> 10:
+        raise ToolchainError(f"--chunk-kb must be at most {MAX_CHUNK_BYTES >> 10} (devices accept chunks up to "
+                             f"{MAX_CHUNK_BYTES >> 20} MiB), got {chunk_kb}")
+    if window < ACK_EVERY:
+        raise ToolchainError(f"--window must be at least {ACK_EVERY}: devices acknowledge every {ACK_EVERY} "
                              f"chunks, a smaller window stalls until the ack timeout; got {window}")
     if wave is not None and wave < 1:
         raise ToolchainError(f"--wave must be at least 1, got {wave}")
@@ -68,7 +71,7 @@ def push(
     password = read_password(password_file, username)
     verified = load_push_bundle(bundle, pubkey)  # refuse before touching the network
 
-    with PushClient(broker, username, password, ca_file) as client:
+    with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
             if fleet is None:
@@ -105,9 +108,10 @@ def push(
                                        f"{', '.join(decision['devices'])} - {escape(decision['reason'])}")
 
         with progress:
-            result = rollout(verified, fleet, targets, canaries, wave, client=client, chunk_kb=chunk_kb, window=window,
-                             timeout_s=timeout, wait_probation=waiting, probation_timeout_s=probation_timeout,
-                             progress=on_progress, on_decision=on_decision)
+            settings = RolloutSettings(canary=canaries, waves=wave, chunk_kb=chunk_kb, window=window, timeout_s=timeout,
+                                       wait_probation=waiting, probation_timeout_s=probation_timeout)
+            result = rollout(verified, fleet, targets, settings, client=client, progress=on_progress,
+                             on_decision=on_decision)
 
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

@@ -7,14 +7,14 @@ the broker queues what the devices send and delivers it when the monitor comes b
 
 Every message is validated against the topic schema (DESIGN.md; the validators are the device side's own,
 `runtime_agent.protocol`); a malformed one (not UTF-8 JSON, wrong types, unknown schema, a ``device_id``
-that is not the topic's, a sketch that does not add up) is counted, logged, recorded in the store's ``rejected`` table and acknowledged: it never stops the monitor. A
-message is acknowledged (PUBACK, manual) only after it is committed to the database, so a monitor that
-dies mid-message gets it again. The network thread only queues what arrives; a writer thread stores
-whatever has queued up in one transaction (`FleetStore.batch`, a savepoint per message), then acknowledges
-it: one message when the fleet is quiet, more under load, never waiting to fill a batch (storing a telemetry
-window costs ~70 us inside a batch of 50 against ~210 us with a commit of its own). Duplicates (the agents
-deliver at least once) are dropped by the store's
-``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
+that is not the topic's, a sketch that does not add up) is counted, logged, recorded in the store's
+``rejected`` table and acknowledged: it never stops the monitor. A message is acknowledged (PUBACK,
+manual) only after it is committed to the database, so a monitor that dies mid-message gets it again.
+The network thread only queues what arrives; a writer thread stores whatever has queued up in one
+transaction (`FleetStore.batch`, a savepoint per message), then acknowledges it: one message when the
+fleet is quiet, more under load, never waiting to fill a batch (storing a telemetry window costs ~70 us
+inside a batch of 50 against ~210 us with a commit of its own). Duplicates (the agents deliver at least
+once) are dropped by the store's ``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
 starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
 
 ``status`` (the retained birth and the LWT) sets a device online or offline. After each change the
@@ -318,8 +318,8 @@ class FleetMonitor:
             self._status(fleet, device, parse_status(payload, device), None if retained else now)
         elif kind != EVENTS:
             report = parse_telemetry(payload, device)
-            record = TelemetryRecord(fleet=fleet, device=device, alarm=window_alarm(report.drift, report.n, self.min_samples),
-                                     **vars(report))
+            alarm = window_alarm(report.drift, report.n, self.min_samples)
+            record = TelemetryRecord(fleet=fleet, device=device, alarm=alarm, **vars(report))
             epoch = self.store.insert_telemetry(record, now)
             if epoch is None:
                 self.stats["duplicates"] += 1
