@@ -1,4 +1,12 @@
-"""Shared fixtures: an isolated key folder and host-probe cache, and one real quick build per session."""
+"""Fixtures shared across test folders: an isolated key folder and host-probe cache, one real quick build
+per session, real brokers, and helpers that run the CLI and provision devices. A fixture that only one
+folder uses lives in that folder's conftest.py.
+
+`pytest -m "not slow"` is the fast loop (CI runs everything): a test is `slow` when it trains or builds a
+model, runs a fleet or a browser, or takes more than a few seconds; its module says so with
+`pytestmark = pytest.mark.slow`, or the test with `@pytest.mark.slow`. A test that uses `default_build`
+(a real build, minutes on a small machine) is marked here, wherever it lives.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +32,12 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["EDGE_TOOLCHAIN_CACHE"] = str(home / "cache")
     os.environ["COLUMNS"] = "80"
     return home
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "default_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess[str]:

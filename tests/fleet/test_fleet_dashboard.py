@@ -17,18 +17,13 @@ from typing import Any, Iterator
 import pytest
 
 from tests.browser import Browser, chromium
-from tests.conftest import Build, run_cli
-from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
+from tests.conftest import run_cli
+from tests.fleet_helpers import Injector, start_fleet_command, started_monitor, telemetry, wait_until
 from toolchain.deploy.broker import ManagedBroker
 from toolchain.fleet.dashboard import FleetDashboard
 from toolchain.fleet.monitor import FleetMonitor
 
 HOSTILE = '<img src=x onerror="document.title=1"></script><b>bold</b>'
-
-
-@pytest.fixture(scope="module")
-def real_payloads(default_build: Build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return agent_payloads(default_build, tmp_path_factory.mktemp("template"))
 
 
 @contextlib.contextmanager
