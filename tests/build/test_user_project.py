@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from runtime_agent.bundle import read_bundle
 from runtime_agent.model import LoadedModel
 from runtime_agent.signing import load_public_key, write_keypair
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # builds twice
 
 MODEL = '''
 from torch import nn

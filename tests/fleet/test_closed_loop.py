@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from toolchain.build.closed_loop import closed_loop
+
+pytestmark = pytest.mark.slow  # trains, and runs a fleet of 20 simulated devices
 
 
 def test_a_shifted_fleet_is_retrained_and_recovers(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from toolchain.deploy.broker import ManagedBroker
 from toolchain.fleet.dashboard import FleetDashboard
 from toolchain.fleet.monitor import FleetMonitor
 
+pytestmark = pytest.mark.slow  # starts Chromium
+
 HOSTILE = '<img src=x onerror="document.title=1"></script><b>bold</b>'
 
 

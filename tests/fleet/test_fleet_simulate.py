@@ -23,6 +23,8 @@ from toolchain.errors import ToolchainError
 from toolchain.fleet.sim.simulate import SimulationResult, SimulationSettings, simulate
 from toolchain.fleet.store import FLEET_DEVICE
 
+pytestmark = pytest.mark.slow  # runs simulated fleets (even its error cases start the simulator)
+
 DRIFTED = "x20"  # a pixel that varies across digits (a constant one is refused, see the error tests)
 ONSET_S = 3.0
 

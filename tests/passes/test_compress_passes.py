@@ -40,6 +40,8 @@ from toolchain.targets.profiles import load_profile_file, resolve_target
 from toolchain.core.contract import BuildContext
 from toolchain.build.workflow import plan_passes, run_passes
 
+pytestmark = pytest.mark.slow  # trains a teacher, distils, prunes, builds
+
 DIGITS = """
 [project]
 name = "digits"

@@ -21,8 +21,9 @@ from toolchain.core.data import load_dataset
 from toolchain.training.keras import framework_of
 from toolchain.export.tflite import INSTALL_HINT, tflite_extra_missing
 
-pytestmark = pytest.mark.skipif(tflite_extra_missing() is not None,
-                                reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")
+pytestmark = [pytest.mark.slow,  # trains Keras models and builds
+              pytest.mark.skipif(tflite_extra_missing() is not None,
+                                 reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")]
 
 CONFIG = """[project]
 name = "kdigits"

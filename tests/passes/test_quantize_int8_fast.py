@@ -24,6 +24,8 @@ from toolchain.targets.profiles import resolve_target
 from toolchain.core.contract import BuildContext
 from toolchain.build.workflow import run_passes
 
+pytestmark = pytest.mark.slow  # trains a MobileNetV2
+
 DATA = """import numpy as np
 def load():
     rng = np.random.default_rng(0)

@@ -22,6 +22,8 @@ from toolchain.targets.profiles import resolve_target
 from toolchain.core.contract import BuildContext
 from toolchain.build.workflow import plan_passes, run_passes
 
+pytestmark = pytest.mark.slow  # trains models
+
 MODEL = """from torch import nn
 def build_model(input_shape, num_classes, hidden=32):
     return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),

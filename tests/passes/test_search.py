@@ -29,6 +29,8 @@ from toolchain.report.html import search_section
 from toolchain.targets.profiles import Budget, resolve_target
 from toolchain.core.contract import BuildContext
 
+pytestmark = pytest.mark.slow  # every trial trains a model
+
 BASE = '''
 [project]
 name = "blobs"

@@ -32,8 +32,9 @@ from toolchain.targets.profiles import resolve_target
 from toolchain.core.contract import BuildContext
 from toolchain.build.workflow import plan_passes, run_passes
 
-pytestmark = pytest.mark.skipif(tflite_extra_missing() is not None,
-                                reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")
+pytestmark = [pytest.mark.slow,  # trains, converts with onnx2tf and builds
+              pytest.mark.skipif(tflite_extra_missing() is not None,
+                                 reason=f"the tflite extra is not installed ({tflite_extra_missing()}); {INSTALL_HINT}")]
 
 
 def litert_accuracy(model: Path | bytes, x: np.ndarray, y: np.ndarray) -> float:

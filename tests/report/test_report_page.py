@@ -6,8 +6,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.browser import chromium
 from tests.conftest import Build
+
+pytestmark = pytest.mark.slow  # starts Chromium on a real build's report
 
 
 def test_report_is_self_contained(default_build: Build) -> None:
