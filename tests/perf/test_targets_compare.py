@@ -93,6 +93,7 @@ def test_every_profile_chart_has_a_bar_per_profile(heavy_model: Path) -> None:
     assert targets_section(None) == ""
 
 
+@pytest.mark.slow  # three benches and a calibration, each measuring for seconds
 def test_bench_shows_measured_next_to_calibrated_prediction(model: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGE_TOOLCHAIN_CALIBRATION", str(tmp_path / "calibration"))
