@@ -34,6 +34,12 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture()
+def narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 60-column terminal, for tests of what the CLI prints: ids, paths and messages must come out whole."""
+    monkeypatch.setenv("COLUMNS", "60")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "default_build" in getattr(item, "fixturenames", ()):

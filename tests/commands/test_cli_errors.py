@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.usefixtures("narrow_terminal")  # one clear line however narrow the terminal
+
 
 @pytest.mark.parametrize("command", [[], ["build"], ["bench"], ["verify"], ["keys", "generate"], ["targets", "list"], ["push"], ["flash"],
                                      ["broker", "start"], ["fleet", "status"], ["calibrate"],

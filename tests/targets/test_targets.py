@@ -22,7 +22,10 @@ from toolchain.targets.profiles import (
     resolve_target,
 )
 
+pytestmark = pytest.mark.usefixtures("narrow_terminal")  # the CLI tests prove nothing is cut at 60 columns
+
 REQUIRED_IDS = {"jetson-orin-nano", "jetson-agx-orin", "jetson-nano", "raspberry-pi-4", "raspberry-pi-5", "host"}
+
 BOARD_FILES = sorted(p for p in TARGETS_DIR.glob("*.toml") if p.name != "host.toml")
 
 USER_PROFILE = """\
@@ -287,12 +290,6 @@ def test_cache_location_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # ----------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture()
-def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 60-column terminal (rich reads COLUMNS): what the CLI prints must not depend on the width."""
-    monkeypatch.setenv("COLUMNS", "60")
-
-
 def test_cli_list_json() -> None:
     result = CliRunner().invoke(targets_app, ["list", "--json"])
     assert result.exit_code == 0, result.output
@@ -301,7 +298,7 @@ def test_cli_list_json() -> None:
     assert REQUIRED_IDS <= ids
 
 
-def test_cli_list_table_keeps_every_id_and_alias_whole(narrow: None) -> None:
+def test_cli_list_table_keeps_every_id_and_alias_whole() -> None:
     result = CliRunner().invoke(targets_app, ["list"])
     assert result.exit_code == 0, result.output
     assert REQUIRED_IDS <= set(builtin_profile_paths())
@@ -319,7 +316,7 @@ def test_cli_show_alias_json() -> None:
     assert data == resolve_target("jetson").to_dict()
 
 
-def test_cli_show_table_and_user_file(tmp_path: Path, narrow: None) -> None:
+def test_cli_show_table_and_user_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(targets_app, ["show", "rpi5"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("raspberry-pi-5  Raspberry Pi 5")
@@ -330,7 +327,7 @@ def test_cli_show_table_and_user_file(tmp_path: Path, narrow: None) -> None:
     assert json.loads(result.stdout)["id"] == "my-board"
 
 
-def test_cli_show_prints_a_long_path_whole(tmp_path: Path, narrow: None) -> None:
+def test_cli_show_prints_a_long_path_whole(tmp_path: Path) -> None:
     """Wherever the file lives, its path is printed verbatim on one line, to be copied (never cut to the table)."""
     folder = tmp_path.joinpath(*(f"a-deeply-nested-folder-with-a-long-name-{i}" for i in range(6)))
     folder.mkdir(parents=True)
