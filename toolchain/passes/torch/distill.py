@@ -14,8 +14,9 @@ every layer between two scaled widths, the usual point where a distilled student
 teacher on small tasks.
 
 The student replaces the teacher only if its validation accuracy is within `max_accuracy_drop` of
-the teacher's; otherwise the teacher is kept and the report says why. The teacher stays on the
-artifact (`artifact.teacher`) so a later pruning fine-tune can distil from it too.
+the teacher's; otherwise the teacher is kept and the report says why (the keep-or-reject rule pruning
+shares: `toolchain.training.trial`). The teacher stays on the artifact (`artifact.teacher`) so a later
+pruning fine-tune can distil from it too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from toolchain.core.models import build_normalized_model, model_factory
 from toolchain.training.fit import validation_accuracy
 from toolchain.core.contract import BuildContext
 from toolchain.perf.module_cost import module_cost
+from toolchain.training.trial import KeepOrReject
 
 AUTO_MULTIPLIERS = (0.75, 0.5, 0.35, 0.25)
 DEFAULT_MULTIPLIER = 0.5  # when the teacher already fits the budget
@@ -39,6 +41,7 @@ LATENCY_MARGIN = 0.8  # "fits" = predicted latency <= 80% of the budget
 MIN_CHANNELS = 4
 _WIDTH_NAME = re.compile(r"width|channel|hidden|filters")
 _NOT_A_WIDTH = re.compile(r"input|kernel|stride|patch|image|img|pad")
+DECISION = KeepOrReject("distill", "distillation", kept="distilled")
 
 
 # ----------------------------------------------------------------------------- the student's width
@@ -97,7 +100,7 @@ class DistillPass:
     name: ClassVar[str] = "distill"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        from toolchain.training.fit import finetune, model_overrides, training_settings
+        from toolchain.training.fit import model_overrides, training_settings
 
         compress = ctx.config.compress
         teacher: nn.Module = artifact.module.cpu().eval()
@@ -105,9 +108,9 @@ class DistillPass:
         kwargs = entry_kwargs(ctx, base_overrides)
         names = width_kwargs(ctx.config.model.entry, kwargs)
         if not names:
-            return self._skip(artifact, ctx, f"the entry {ctx.config.model.entry} has no width keyword argument to "
-                              "shrink a student with (an integer named like width/channels/hidden, or a float "
-                              "width_mult); the trained model is kept")
+            return DECISION.skip(artifact, ctx, f"the entry {ctx.config.model.entry} has no width keyword argument to "
+                                 "shrink a student with (an integer named like width/channels/hidden, or a float "
+                                 "width_mult); the trained model is kept")
         shape = ctx.dataset.input_shape
         profile = ctx.profile
         budget = profile.budget.latency_ms
@@ -153,21 +156,21 @@ class DistillPass:
                                  "consider pruning or a smaller architecture")
         scaled = scale_widths(kwargs, names, multiplier)
         if all(scaled[n] == kwargs[n] for n in names):
-            return self._skip(artifact, ctx, f"a {multiplier:g}x width leaves {', '.join(f'{n} = {kwargs[n]}' for n in names)} "
-                              f"unchanged (already at the minimum of {MIN_CHANNELS}); the trained model is kept")
+            return DECISION.skip(artifact, ctx, f"a {multiplier:g}x width leaves {', '.join(f'{n} = {kwargs[n]}' for n in names)} "
+                                 f"unchanged (already at the minimum of {MIN_CHANNELS}); the trained model is kept")
 
         student = _build_student(ctx, {**base_overrides, **scaled})
-        with ctx.console.status(f"  distilling a {multiplier:g}x student ({', '.join(f'{n}={scaled[n]}' for n in names)})"):
-            # a fresh student gets the teacher's full training budget and learning rate
-            result, trained = finetune(student, ctx, lr_scale=1.0, epochs=int(training_settings(ctx)["epochs"]), teacher=teacher)
+        # a fresh student gets the teacher's full training budget and learning rate
+        trial = DECISION.trial(student, ctx, reference=teacher_cost["val_accuracy"], lr_scale=1.0,
+                               epochs=int(training_settings(ctx)["epochs"]), teacher=teacher,
+                               status=f"  distilling a {multiplier:g}x student ({', '.join(f'{n}={scaled[n]}' for n in names)})")
+        result, drop = trial.result, trial.drop
         student = result.module
         student_metrics = dict(costs[multiplier]) if multiplier in costs else \
             module_cost(student, shape, profile, ctx.work_path("distill-student.onnx"))
         student_metrics.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch,
                                epochs_run=len(result.history))
-        drop = teacher_cost["val_accuracy"] - result.val_accuracy
-        accepted = drop <= compress.max_accuracy_drop + 1e-9
-        if accepted:
+        if trial.accepted:
             decision = (f"the {multiplier:g}x student replaces the teacher: {student_metrics['parameters']:,} vs "
                         f"{teacher_cost['parameters']:,} parameters, validation accuracy {result.val_accuracy:.4f} vs "
                         f"{teacher_cost['val_accuracy']:.4f} (drop {drop:+.4f} <= {compress.max_accuracy_drop:g})")
@@ -177,10 +180,7 @@ class DistillPass:
             decision = (f"the teacher is kept: the {multiplier:g}x student's validation accuracy {result.val_accuracy:.4f} "
                         f"drops {drop:.4f} below the teacher's {teacher_cost['val_accuracy']:.4f}, more than "
                         f"max_accuracy_drop = {compress.max_accuracy_drop:g}")
-            ctx.notes.append(f"distillation: {decision}")
-        artifact.metrics["distill"] = {
-            "decision": "distilled" if accepted else "rejected",
-            "summary": decision,
+        DECISION.record(artifact, ctx, trial, decision, {
             "multiplier": multiplier,
             "multiplier_choice": reason,
             "width_kwargs": {n: {"teacher": kwargs[n], "student": scaled[n]} for n in names},
@@ -189,22 +189,12 @@ class DistillPass:
             "candidates": tried,
             "teacher": teacher_cost,
             "student": student_metrics,
-            "accuracy_drop": round(drop, 5),
-            "max_accuracy_drop": compress.max_accuracy_drop,
             "settings": {"temperature": compress.temperature, "alpha": compress.alpha,
-                         **{key: trained[key] for key in ("lr", "max_epochs", "patience")}},
-            "history": result.history,
-        }
+                         **{key: trial.settings[key] for key in ("lr", "max_epochs", "patience")}},
+        })
         ctx.console.print(f"  {multiplier:g}x student ({reason.split(':')[0]}): {student_metrics['parameters']:,} params "
                           f"(teacher {teacher_cost['parameters']:,}), predicted {student_metrics['latency_ms_predicted']:.4g} ms "
                           f"(teacher {teacher_cost['latency_ms_predicted']:.4g} ms), val accuracy "
                           f"{result.val_accuracy:.4f} (teacher {teacher_cost['val_accuracy']:.4f}): "
-                          f"{'accepted' if accepted else 'rejected, teacher kept'}")
-        return artifact
-
-    @staticmethod
-    def _skip(artifact: Artifact, ctx: BuildContext, reason: str) -> Artifact:
-        artifact.metrics["distill"] = {"decision": "skipped", "summary": reason}
-        ctx.notes.append(f"distillation skipped: {reason}")
-        ctx.console.print(f"  [yellow]skipped[/]: {reason}")
+                          f"{'accepted' if trial.accepted else 'rejected, teacher kept'}")
         return artifact

@@ -23,7 +23,7 @@ The fine-tune runs `fit` for `finetune_epochs` (default: a quarter of the budget
 pass left one. The pruned model replaces the unpruned one only if its validation accuracy is within
 `max_accuracy_drop` of the reference (the teacher when there is one, so distillation and pruning
 together never lose more than the gate allows); otherwise the unpruned model is kept and the report
-says why.
+says why (the keep-or-reject rule distillation shares: `toolchain.training.trial`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from torch import nn
 
 from toolchain.core.artifact import Artifact
 from toolchain.perf.module_cost import module_cost
-from toolchain.training.fit import finetune, validation_accuracy
+from toolchain.training.fit import validation_accuracy
+from toolchain.training.trial import KeepOrReject
 from toolchain.core.contract import BuildContext
 
 MAX_AUTO_RATIO = 0.7
@@ -45,6 +46,7 @@ AUTO_STEP = 0.05
 DEFAULT_RATIO = 0.3  # "auto" when the unpruned model already meets the budget
 SIMD_CHANNELS = 16
 FINETUNE_LR_SCALE = 1 / 3
+DECISION = KeepOrReject("prune", "pruning", kept="pruned")
 
 
 def classifier_layers(module: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -143,28 +145,27 @@ class PrunePass:
                 ratio, reason = self._search(pruned_at, before, budget, profile.id, ctx)
             pruned, after = pruned_at(ratio)
         except Exception as exc:  # an operator torch-pruning cannot trace: keep the model, say why
-            return self._skip(artifact, ctx, f"torch-pruning could not prune this model ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); the unpruned model is kept")
+            return DECISION.skip(artifact, ctx, f"torch-pruning could not prune this model ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the unpruned model is kept")
         ignored = classifier_names(module, example)
         if after["parameters"] >= before["parameters"]:
-            return self._skip(artifact, ctx, f"a ratio of {ratio:g} removes no channel (nothing prunable besides the "
-                              f"classifier {', '.join(ignored)}); the unpruned model is kept")
+            return DECISION.skip(artifact, ctx, f"a ratio of {ratio:g} removes no channel (nothing prunable besides the "
+                                 f"classifier {', '.join(ignored)}); the unpruned model is kept")
 
         after["val_accuracy_before_finetune"] = round(validation_accuracy(pruned, ctx.dataset), 5)
-        with ctx.console.status(f"  fine-tuning the {ratio:g}-pruned model"):
-            result, finetuned = finetune(pruned, ctx, lr_scale=FINETUNE_LR_SCALE, teacher=artifact.teacher)
         teacher = artifact.teacher
-        pruned = result.module
-        after.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch, epochs_run=len(result.history))
-
         if teacher is not None:
             reference = round(validation_accuracy(teacher, ctx.dataset), 5)
             reference_name = "the distillation teacher"
         else:
             reference, reference_name = before["val_accuracy"], "the unpruned model"
-        drop = reference - result.val_accuracy
-        accepted = drop <= compress.max_accuracy_drop + 1e-9
-        if accepted:
+        trial = DECISION.trial(pruned, ctx, reference=reference, status=f"  fine-tuning the {ratio:g}-pruned model",
+                               lr_scale=FINETUNE_LR_SCALE, teacher=teacher)
+        result, drop = trial.result, trial.drop
+        pruned = result.module
+        after.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch, epochs_run=len(result.history))
+
+        if trial.accepted:
             summary = (f"pruned {ratio:g} of the channels per layer: {before['parameters']:,} -> {after['parameters']:,} "
                        f"parameters, {before['macs']:,} -> {after['macs']:,} MACs, predicted "
                        f"{before['latency_ms_predicted']:.4g} -> {after['latency_ms_predicted']:.4g} ms on {profile.id}; "
@@ -175,10 +176,7 @@ class PrunePass:
             summary = (f"the unpruned model is kept: after pruning {ratio:g} and fine-tuning, validation accuracy "
                        f"{result.val_accuracy:.4f} is {drop:.4f} below {reference_name} ({reference:.4f}), more than "
                        f"max_accuracy_drop = {compress.max_accuracy_drop:g}")
-            ctx.notes.append(f"pruning: {summary}")
-        artifact.metrics["prune"] = {
-            "decision": "pruned" if accepted else "rejected",
-            "summary": summary,
+        DECISION.record(artifact, ctx, trial, summary, {
             "ratio": ratio,
             "ratio_choice": reason,
             "method": "torch-pruning MagnitudePruner, L2 magnitude per output channel, per-layer ratio",
@@ -188,16 +186,13 @@ class PrunePass:
             "before": before,
             "after": after,
             "reference_val_accuracy": reference,
-            "accuracy_drop": round(drop, 5),
-            "max_accuracy_drop": compress.max_accuracy_drop,
-            "finetune": finetuned,
-            "history": result.history,
-        }
+            "finetune": trial.settings,
+        })
         ctx.console.print(f"  ratio {ratio:g} ({reason.split(':')[0]}): params {before['parameters']:,} -> {after['parameters']:,}, "
                           f"MACs {before['macs']:,} -> {after['macs']:,}, predicted {before['latency_ms_predicted']:.4g} -> "
                           f"{after['latency_ms_predicted']:.4g} ms, val accuracy {before['val_accuracy']:.4f} -> "
                           f"{after['val_accuracy_before_finetune']:.4f} (pruned) -> {result.val_accuracy:.4f} (fine-tuned): "
-                          f"{'accepted' if accepted else 'rejected, unpruned model kept'}")
+                          f"{'accepted' if trial.accepted else 'rejected, unpruned model kept'}")
         return artifact
 
     @staticmethod
@@ -222,10 +217,3 @@ class PrunePass:
         return ratio, (f"auto: the smallest ratio (step {AUTO_STEP:g}, binary search, cap {MAX_AUTO_RATIO:g}) whose "
                        f"predicted latency meets the {budget:g} ms budget on {profile_id}: "
                        f"{pruned_at(ratio)[1]['latency_ms_predicted']:.4g} ms (unpruned {before['latency_ms_predicted']:.4g} ms)")
-
-    @staticmethod
-    def _skip(artifact: Artifact, ctx: BuildContext, reason: str) -> Artifact:
-        artifact.metrics["prune"] = {"decision": "skipped", "summary": reason}
-        ctx.notes.append(f"pruning skipped: {reason}")
-        ctx.console.print(f"  [yellow]skipped[/]: {reason}")
-        return artifact
