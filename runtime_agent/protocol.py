@@ -101,7 +101,7 @@ class TelemetryReport:
     p99: float | None
     sketch: dict[str, Any]
     drift: dict[str, Any]
-    stream: str
+    stream: str = ""  # the agent's outbox stream ('' from agents older than the stream id)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from runtime_agent.drift import MIN_PSI_SAMPLES, alarm
+from runtime_agent.protocol import TelemetryReport
 from runtime_agent.sketch import LatencySketch
 
 FLEET_DEVICE = "*"
@@ -26,27 +27,14 @@ def window_alarm(drift: Mapping[str, Any], n: int, min_samples: int = MIN_PSI_SA
     return alarm({**drift, "n": drift.get("n", n)}, min_samples=min_samples)
 
 
-@dataclass(frozen=True)
-class TelemetryRecord:
-    """One validated telemetry window, as stored."""
+@dataclass(frozen=True, kw_only=True)
+class TelemetryRecord(TelemetryReport):
+    """One validated telemetry window (the device's report, `runtime_agent.protocol`), as stored: with the
+    fleet and device of its topic and its alarm by the fleet's rule."""
 
     fleet: str
     device: str
-    seq: int
-    window_start: float
-    window_end: float
-    model_version: int | None
-    n: int
-    requests: int | None
-    errors: int
-    rss_mb: float | None
-    p50: float | None
-    p90: float | None
-    p99: float | None
-    sketch: dict[str, Any]
-    drift: dict[str, Any]
     alarm: bool
-    stream: str = ""  # the agent's outbox stream ('' from agents older than the stream id)
 
     @property
     def psi_max(self) -> float | None:
