@@ -57,10 +57,9 @@ def autopilot(
     policy = build_config.retrain
     console = Console(stderr=True)
 
-    settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey,
-                               broker=BrokerLogin(broker, username, password, ca_file))
-
     def deploy(bundle: Path, devices: list[str], on_decision: Any) -> Any:
+        settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey,
+                                   broker=BrokerLogin(broker, username, password, ca_file))
         return rollout(bundle, fleet, devices, settings, on_decision=on_decision)
 
     with FleetStore(db, create=False) as store:
