@@ -39,11 +39,10 @@ from typing import Any
 import numpy as np
 
 from runtime_agent.bundle import read_bundle
-from runtime_agent.config import parse_broker
 from runtime_agent.drift import MIN_PSI_SAMPLES
-from runtime_agent.errors import AgentError
 from runtime_agent.reference import MAX_RAW_FEATURES, feature_names, summary_features
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir, load_public_key
+from toolchain.deploy.mqtt import BrokerLogin
 from toolchain.errors import ToolchainError
 from toolchain.fleet.sim.worker import Stream, WorkerSpec
 
@@ -159,10 +158,7 @@ class SimulationSettings:
     def validate(self) -> list[DriftSpec]:
         if not 1 <= self.devices <= MAX_DEVICES:
             raise ToolchainError(f"--devices must be between 1 and {MAX_DEVICES}, got {self.devices}")
-        try:
-            parse_broker(self.broker, "--broker")
-        except AgentError:
-            raise ToolchainError(f"--broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.broker!r}") from None
+        BrokerLogin(self.broker).address("--broker")
         for option, value in (("--fleet", self.fleet), ("--prefix", self.prefix)):
             if not _ID.match(value) or len(value) > 50:
                 raise ToolchainError(f"{option} must be 1-50 letters, digits, '-' or '_', got {value!r}")
