@@ -20,7 +20,8 @@ _UNBOUNDED = 1 << 20  # measuring width: wide enough that nothing is wrapped whi
 
 
 def print_table(table: Table, console: Console) -> None:
-    """Print `table` on `console`, narrowing only its prose columns to fit (see the module's docstring)."""
+    """Print `table` on `console`, narrowing only its prose columns to fit (see the module's docstring);
+    sets the columns' `min_width` (values) and `overflow` (prose) to do so."""
     options = console.options.update_width(_UNBOUNDED)
     for column in table.columns:
         if column.no_wrap:
