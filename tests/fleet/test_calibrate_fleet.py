@@ -21,7 +21,7 @@ from toolchain.perf.cost_types import MIB
 from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FleetStore, TelemetryRecord
-from toolchain.perf.measure import measure_latencies
+from toolchain.runtime.measure import measure_latencies
 from toolchain.targets.profiles import resolve_target
 from toolchain.perf.variants import VariantSpec, write_variant
 

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.errors import ToolchainError
-from toolchain.perf.measure import LatencyStats, make_feeds, measure_latencies, measure_peak_rss
-from toolchain.runtime.sessions import make_session
+from toolchain.runtime.measure import LatencyStats, make_feeds, measure_latencies, measure_peak_rss
+from toolchain.runtime.measure import make_session
 
 SHAPE = (1, 8, 8)
 

@@ -5,7 +5,7 @@
   calibration                    the stored calibration files (one per profile and runtime)
   calibrate_host, variants       calibrating on this host: generated model variants, measured and fitted
   estimate                       the prediction a build and `bench` use, saying what it rests on
-  measure, bench, compare        measured latency/RSS, the `bench` row, every-profile comparison
+  bench, compare                 the `bench` row (measured by `toolchain.runtime.measure`), every-profile comparison
   module_cost                    what a torch module costs on a target, via its ONNX export
 
 "Calibration" here always means fitting the latency predictor; quantization's sample inputs are

@@ -19,7 +19,7 @@ from toolchain.perf.graph_cost import analyze
 
 from toolchain.perf.roofline import roofline_fraction
 from toolchain.perf.estimate import budget_verdicts, estimate
-from toolchain.perf.measure import measure_latencies, measure_peak_rss
+from toolchain.runtime.measure import measure_latencies, measure_peak_rss
 from toolchain.targets.profiles import Profile, resolve_target
 
 __all__ = ["BenchSettings", "bench_models", "budget_verdicts"]

@@ -23,7 +23,7 @@ from toolchain.perf.cost_types import GraphCost
 from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.targets.hostprobe import fingerprint
-from toolchain.perf.measure import measure_latencies, measure_peak_rss
+from toolchain.runtime.measure import measure_latencies, measure_peak_rss
 from toolchain.perf.predictor import LatencyModel, Peaks, error_summary, evaluate, relative_errors, rounded, share_within
 from toolchain.perf.predictor_fit import LatencySample, MemorySample, fit_memory, fit_shrunk
 from toolchain.targets.profiles import Profile

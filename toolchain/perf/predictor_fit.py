@@ -252,7 +252,7 @@ def fit_latency(samples: Sequence[LatencySample], peaks: Peaks, prior: LatencyMo
 
 @dataclass(frozen=True)
 class MemorySample:
-    """One model's peak RSS as measured in a fresh process (`toolchain.perf.measure.measure_peak_rss`)."""
+    """One model's peak RSS as measured in a fresh process (`toolchain.runtime.measure.measure_peak_rss`)."""
 
     name: str
     cost: GraphCost

@@ -25,7 +25,7 @@ import onnx
 
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
-from toolchain.perf.measure import measure_latencies
+from toolchain.runtime.measure import measure_latencies
 from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples
 
 

@@ -8,13 +8,12 @@ alike, and the gate only trusts ratios between candidates.
 
 Memory: the peak RSS of a model is measured in a fresh child process, because the parent's
 high-water mark already holds torch, training data and every other model. The child runs this
-very file as a script (`python -P measure.py --rss ...`) and imports only numpy, onnxruntime and
-`toolchain.runtime.sessions` (which itself imports only those and the agent's LiteRT facade), as the
-device agent does. Its baseline is the
+very file as a script (`python -P measure.py --rss ...`, so the `toolchain` package is not
+imported) and imports only numpy and onnxruntime, as the device agent does. Its baseline is the
 RSS after those imports, so `model_rss_mb` is what the model and its session add.
 
-This module deliberately imports only the standard library, numpy, onnxruntime and the session
-module (whose LiteRT facade imports `ai_edge_litert` only when a `.tflite` model is opened) at the top.
+This module deliberately imports only the standard library, numpy, onnxruntime and the device agent's
+LiteRT facade (which imports `ai_edge_litert` only when a `.tflite` model is opened) at the top.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime_agent.litert import LiteRtSession
-from toolchain.runtime.sessions import make_session
 
 _ORT_TYPES: dict[str, Any] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -67,6 +65,26 @@ class LatencyStats:
         data = asdict(self)
         data.pop("samples_ms")
         return data
+
+
+def make_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSession | LiteRtSession:
+    """A CPU session configured as measured: fixed threads, full graph optimization, no spinning.
+
+    Spinning is off because interleaved sessions would otherwise steal cores from each other
+    with idle-spinning pool threads after every run (only matters with threads > 1). A `.tflite`
+    file gets the device agent's LiteRT session (XNNPACK, the same thread count), which answers
+    the same calls.
+    """
+    if Path(model_path).suffix == ".tflite":
+        return LiteRtSession(model_path, threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
 def make_feeds(session: ort.InferenceSession, input_shape: tuple[int, ...], dtype: Any = np.float32,
