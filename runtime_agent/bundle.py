@@ -1,4 +1,4 @@
-"""The bundle: one signed tar that carries a model from the host to a device (DESIGN.md, contract).
+"""The bundle: one signed tar that carries a model from the host to a device (docs/bundle.md, a contract).
 
 Layout: `manifest.json`, `manifest.sig` (ed25519 over the manifest's exact bytes), then the files the
 manifest lists with their sha256. Verification covers every byte of the archive: tar headers by their

@@ -1,4 +1,4 @@
-"""Drift detection on the device: PSI per feature, Page-Hinkley and a drifting score (DESIGN.md **contract**).
+"""Drift detection on the device: PSI per feature, Page-Hinkley and a drifting score (docs/architecture.md, a **contract**).
 
 What the agent watches, every telemetry window, against the bundle's ``reference`` section (built on the
 host by ``runtime_agent.reference.build_reference`` from the training inputs):
