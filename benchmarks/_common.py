@@ -56,3 +56,13 @@ def write_results(name: str, rows: list[dict[str, Any]], targets: dict[str, dict
         print(f"{'MET ' if result['met'] else 'MISS'}  {goal}: {result['value']} (target {result['target']})")
     print(f"\nwrote {path}")
     return path
+
+
+def require_trained(model: str, accuracy: float, classes: int, factor: float = 3.0) -> None:
+    """Stop before reporting accuracy drops of a model that did not learn: a drop measured at chance says nothing.
+
+    "Well above chance" is `factor` times the chance accuracy of `classes` balanced classes."""
+    floor = factor / classes
+    if accuracy < floor:
+        raise SystemExit(f"{model}: FP32 test accuracy {accuracy:.3f} is not well above chance ({1 / classes:.3f}; "
+                         f"needs >= {floor:.3f}): train it longer before its accuracy drops mean anything")

@@ -27,8 +27,7 @@ import torch
 from _common import print_table, target, write_results
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
-from toolchain.perf.measure import make_feeds
-from toolchain.runtime.sessions import make_session
+from toolchain.runtime.measure import make_feeds, make_session
 from toolchain.passes.shipping.evaluate import EvaluatePass
 from toolchain.passes.torch.export_onnx import ExportOnnxPass
 from toolchain.passes.onnx.quantize_fp16 import QuantizeFp16Pass

@@ -15,7 +15,7 @@ the full pipeline: distillation into a narrower student, structured pruning fine
 teacher, static INT8 (QAT when PTQ misses the gate).
 
 1. MobileNetV2 (`zoo:mobilenet_v2`, width 1.0) on seeded synthetic gratings (10 classes, 1000 images,
-   the data of benchmarks/agent.py), profile `raspberry-pi-5` (CPU: U8S8 INT8); student width 0.75,
+   benchmarks/_gratings.py), profile `raspberry-pi-5` (CPU: U8S8 INT8); student width 0.75,
    pruning 0.25 per layer, fine-tuned. Trained at 3x96x96 (two cores), then every variant is exported
    and quantized again, by the same passes, at 3x224x224 (the paper's resolution; the network is fully
    convolutional, so the weights are the same) for latency and size. Accuracy is measured at the
@@ -45,13 +45,12 @@ import numpy as np
 import torch
 
 from _common import print_table, target, write_results
-from agent import DATA_PY
+from _gratings import data_py
 from build_default import interleaved
 from toolchain.core.artifact import PRECISION_ORDER, Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import Dataset, load_dataset
-from toolchain.perf.measure import make_feeds
-from toolchain.runtime.sessions import make_session
+from toolchain.runtime.measure import make_feeds, make_session
 from toolchain.passes.shipping.benchmark import BenchmarkPass
 from toolchain.passes.torch.distill import DistillPass
 from toolchain.perf.module_cost import count_macs_params
@@ -250,7 +249,7 @@ def compare(section: str, ctx: BuildContext, root: Path, pipeline_passes: list, 
 def mobilenet(root: Path, size: int, epochs: int, finetune: int, seconds: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     project = root / "mobilenet"
     project.mkdir(parents=True)
-    (project / "data.py").write_text(DATA_PY.format(size=size, samples=SAMPLES))
+    (project / "data.py").write_text(data_py(size, SAMPLES))
     (project / "toolchain.toml").write_text(MOBILENET_TOML.format(size=size, epochs=epochs, finetune=finetune))
     ctx = context(project / "toolchain.toml", root / "mnv2-work", "raspberry-pi-5")
     return compare("mobilenetv2", ctx, root, [DistillPass(), PrunePass(), ExportOnnxPass(), QuantizeInt8Pass(), QuantizeQatPass()],
