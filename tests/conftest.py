@@ -74,6 +74,15 @@ def default_build(tmp_path_factory: pytest.TempPathFactory, isolated_home: Path)
                  stdout=result.stdout, stderr=result.stderr)
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded example's data set (scikit-learn digits), split as a build splits it (seed 0)."""
+    from toolchain.core.config import load_config
+    from toolchain.core.data import load_dataset
+
+    return load_dataset(load_config(None), seed=0)
+
+
 # --- MQTT: a real mosquitto per test, and a recording subscriber -------------------------------
 
 import json  # noqa: E402

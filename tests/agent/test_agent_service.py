@@ -15,13 +15,6 @@ from runtime_agent.sketch import LatencySketch
 from tests.agent_helpers import http, infer_body, running_agent
 from tests.conftest import BIN, Build, Recorder, provision_device, run_cli
 from toolchain.deploy.broker import ManagedBroker
-from toolchain.core.config import load_config
-from toolchain.core.data import load_dataset
-
-
-@pytest.fixture(scope="module")
-def digits() -> Any:
-    return load_dataset(load_config(None), seed=0)
 
 
 def test_kserve_v2_endpoints_and_bad_requests(default_build: Build, broker: ManagedBroker, tmp_path: Path, digits: Any) -> None:

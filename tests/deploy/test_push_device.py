@@ -17,13 +17,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from runtime_agent.signing import write_keypair
-from tests.bundle_variants import collapse, slower, variant
+from tests.deploy.bundle_variants import collapse, slower, variant
 from tests.conftest import Build, Recorder, provision_device
 from tests.agent_helpers import start_agent
 from tests.agent_helpers import http, infer_body, running_agent
 from toolchain.deploy.broker import ManagedBroker
-from toolchain.core.config import load_config
-from toolchain.core.data import load_dataset
 
 PREFIX = "edge/v1/lab/dev-1/"
 PROBATION = "[probation]\nrequests = 120\nseconds = 600\n"
@@ -63,11 +61,6 @@ def pusher(broker: ManagedBroker) -> Iterator[RawPusher]:
     raw = RawPusher(broker)
     yield raw
     raw.close()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config(None), seed=0)
 
 
 def final_ack(recorder: Recorder, transfer: str) -> dict:
@@ -221,11 +214,13 @@ def test_kill_9_mid_transfer_resumes_from_what_is_on_disk(default_build: Build, 
         agent.send_signal(signal.SIGKILL)
         agent.wait()
         held = json.loads((device / "staging" / f"{transfer}.json").read_text())["received"]
+        recorder.messages.clear()
         agent = start_agent(device, tmp_path / "agent.log")
-        time.sleep(0.5)
+        recorder.wait_for(lambda r: [s for s in r.payloads("status") if s.get("state") == "online"],
+                          timeout=60, what="the restarted agent's birth")  # connected (its session holds the subscriptions)
         recorder.messages.clear()
         pusher.push(data, only=range(0), offer_id="o2")  # re-offer: the device says what it holds
-        resumed = recorder.wait_for(lambda r: r.payloads(f"push/{transfer}/ack"), what="ack of the re-offer")[0]
+        resumed = recorder.wait_for(lambda r: r.payloads(f"push/{transfer}/ack"), timeout=60, what="ack of the re-offer")[0]
         assert resumed["state"] == "receiving" and resumed["received"] == held
         missing = [i for i in range(chunks) if not any(a <= i <= b for a, b in held)]
         pusher.push(data, only=range(0), offer_id="o3")

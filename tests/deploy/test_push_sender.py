@@ -22,7 +22,7 @@ import pytest
 
 from runtime_agent.bundle import read_bundle
 from runtime_agent.signing import load_public_key, write_keypair
-from tests.bundle_variants import collapse, variant
+from tests.deploy.bundle_variants import collapse, variant
 from tests.conftest import Build, Recorder, provision_device, run_cli
 from tests.agent_helpers import start_agent
 from tests.agent_helpers import http, infer_body
@@ -39,7 +39,7 @@ JUDGED_PROBATION = "[probation]\nrequests = 40\nseconds = 120\n"  # judged on 40
 
 def make_variant(build: Build, out: Path, *, version: int = 2, target: str | None = None, key: Path | None = None,
                  tamper: bool = False, padding_mb: float = 0, transform=None) -> Path:
-    """A re-signed variant of the default build's bundle (tests/bundle_variants.py does the signing);
+    """A re-signed variant of the default build's bundle (tests/deploy/bundle_variants.py does the signing);
     `tamper` flips one byte of the model inside the written file, so its signature no longer covers it."""
     path = variant(build.bundle, build.pubkey.parent, out, version=version, target=target, signing_key=key,
                    padding_bytes=int(padding_mb * (1 << 20)), transform=transform)

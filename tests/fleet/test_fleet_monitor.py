@@ -19,18 +19,13 @@ import pytest
 from runtime_agent.sketch import LatencySketch
 from tests.conftest import Build, provision_device, run_cli
 from tests.agent_helpers import start_agent
-from tests.fleet_helpers import Injector, agent_payloads, start_fleet_command, started_monitor, telemetry, wait_until
+from tests.fleet_helpers import Injector, start_fleet_command, started_monitor, telemetry, wait_until
 from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
 from toolchain.errors import ToolchainError
 from toolchain.fleet.monitor import FleetMonitor
 from toolchain.fleet.store import FLEET_DEVICE
 
 FAST_LWT = "[mqtt]\nkeepalive_s = 5\n"  # a silent link (no FIN, e.g. power cut) is declared dead after 7.5 s
-
-
-@pytest.fixture(scope="module")
-def real_payloads(default_build: Build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return agent_payloads(default_build, tmp_path_factory.mktemp("template"))
 
 
 def fleet_status(db: Path) -> dict:

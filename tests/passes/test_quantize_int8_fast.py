@@ -15,7 +15,6 @@ from toolchain.core.artifact import Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
 from toolchain.passes.torch.export_onnx import ExportOnnxPass
-from toolchain.passes.shipping.gate import GatePass
 from toolchain.passes.onnx.quantize_int8 import exclusion_sets, FAST_MIN_GAIN, float_conv_groups, QuantizeInt8Pass
 from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples
 from toolchain.quantize.int8 import validation_accuracy

@@ -18,11 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from runtime_agent.protocol import ACK_EVERY, MAX_CHUNK_BYTES
-from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
-from toolchain.commands.options import read_password
+from toolchain.commands.options import DEFAULT_PUBKEY, read_password
+from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
-DEFAULT_PUBKEY = default_key_dir() / PUBLIC_KEY_NAME
 
 
 def push(
@@ -131,9 +130,9 @@ def push(
 
 def _print_table(result: Any, waiting: bool) -> None:
     table = Table(title=f"{result.name} v{result.version} -> fleet {result.fleet} ({result.state})")
-    for column, justify in (("device", "left"), ("state", "left"), ("reason", "left"), ("seconds", "right"),
-                            ("MB/s", "right"), ("resent", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for column, justify, value in (("device", "left", True), ("state", "left", False), ("reason", "left", False),
+                                   ("seconds", "right", True), ("MB/s", "right", True), ("resent", "right", True)):
+        table.add_column(column, justify=justify, no_wrap=value)  # type: ignore[arg-type]
     for item in result.results.values():
         state = item.state if item.state != "installed" or not waiting else f"installed, probation {item.probation}"
         style = "green" if item.ok else "red"
@@ -144,4 +143,4 @@ def _print_table(result: Any, waiting: bool) -> None:
                       f"{rate:.1f}" if rate else "-", f"{item.resent}/{item.chunks_sent}")
     for name in result.skipped:
         table.add_row(name, "[yellow]not offered[/]", "rollout stopped before this device", "-", "-", "-")
-    Console().print(table)
+    print_table(table, Console())
