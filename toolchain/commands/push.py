@@ -23,7 +23,6 @@ from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
 
-
 def push(
     bundle: Annotated[Path, typer.Argument(help="the signed .bundle to send")],
     device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="device id (repeatable)")] = None,
