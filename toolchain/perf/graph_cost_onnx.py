@@ -1,13 +1,6 @@
 """The ONNX reader of the cost model: per-operator FLOPs, bytes, precision and memory of an ONNX graph,
 as onnxruntime will execute it (`roofline.predict` turns them into time on a profile).
 
-Why per operator and not one roofline for the whole graph: a model is a chain of kernels that run
-one after another, each limited by *its own* bottleneck. A 3x3 convolution is compute-bound, the
-ReLU and the quantize nodes around it are memory-bound, and a tiny model is mostly launch overhead.
-A single global roofline (total FLOPs vs total bytes) averages those away and can be wrong by
-several times; summing `max(compute, memory) + overhead` per kernel keeps each one honest, and the
-per-op breakdown says *which* ops to blame.
-
 What counts as a kernel follows what onnxruntime actually executes after its graph optimizations
 (the level the toolchain measures and deploys with), not the raw ONNX nodes. Assumptions, each a
 simplification of onnxruntime's optimizer (kept small on purpose; see `_classify`):
