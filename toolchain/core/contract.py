@@ -28,12 +28,13 @@ class BudgetSettings:
     patience: int
     bench_seconds: float  # total measuring time shared by all candidates, interleaved
     bench_min_runs: int
+    qat_search_seconds: float  # QAT's loss-aware range search stops here; the quantizers left keep min/max
 
 
 BUDGETS: dict[str, BudgetSettings] = {
-    "quick": BudgetSettings(max_epochs=40, patience=6, bench_seconds=6.0, bench_min_runs=300),
-    "standard": BudgetSettings(max_epochs=120, patience=12, bench_seconds=20.0, bench_min_runs=1000),
-    "thorough": BudgetSettings(max_epochs=400, patience=25, bench_seconds=60.0, bench_min_runs=3000),
+    "quick": BudgetSettings(max_epochs=40, patience=6, bench_seconds=6.0, bench_min_runs=300, qat_search_seconds=20.0),
+    "standard": BudgetSettings(max_epochs=120, patience=12, bench_seconds=20.0, bench_min_runs=1000, qat_search_seconds=60.0),
+    "thorough": BudgetSettings(max_epochs=400, patience=25, bench_seconds=60.0, bench_min_runs=3000, qat_search_seconds=240.0),
 }
 
 

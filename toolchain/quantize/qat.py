@@ -18,6 +18,8 @@ fold it, so the weights trained are the weights quantized.
 from __future__ import annotations
 
 import math
+import time
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -75,10 +77,21 @@ class ActivationFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialised):
             self.set_range(float(x.min()), float(x.max()))  # min/max, as onnxruntime's calibration
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.log_scale.exp()
         low, high = self.bounds()
         clipped = torch.minimum(torch.maximum(x, low), high)
         return _round_ste((clipped - low) / scale) * scale + low
+
+    def at_ranges(self, chunks: tuple[torch.Tensor, ...], ranges: list[tuple[float, float]]) -> torch.Tensor:
+        """Each chunk fake-quantized at its own range, concatenated along the batch (the last range stays set)."""
+        outputs = []
+        for chunk, (low, high) in zip(chunks, ranges, strict=True):
+            self.set_range(low, high)
+            outputs.append(self._fake_quantize(chunk))
+        return torch.cat(outputs)
 
 
 class _Clamp(nn.Module):
@@ -147,35 +160,116 @@ def strip_qat(module: nn.Module) -> nn.Module:
 
 
 CLIP_QUANTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99, 0.98, 0.95)
+SEARCH_ELEMENTS = 1 << 24  # values of a stage input repeated for the candidates priced in one forward (64 MB)
+QUANTILE_VALUES = 1_000_000  # the quantiles of a larger input are taken on a seeded subsample
 
 
-def search_ranges(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, float]]:
+class _Captured(Exception):
+    """Ends a forward once the quantizer's input is captured: the candidates come from it."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+def candidate_ranges(x: torch.Tensor, symmetric: bool, levels: int) -> list[tuple[float, tuple[float, float]]]:
+    """(quantile, (low, high)) for each clipping quantile of `x`, min/max first; a candidate within half a
+    min/max quantization step of one already listed quantizes alike and is dropped (the larger quantile
+    is kept, as a tie in the search would pick it)."""
+    values = x.detach().flatten().float()
+    if values.numel() > QUANTILE_VALUES:
+        values = values[torch.randint(values.numel(), (QUANTILE_VALUES,), generator=torch.Generator().manual_seed(0))]
+    ordered = values.sort().values
+    at = lambda q: float(ordered[round(q * (len(ordered) - 1))])  # noqa: E731  (nearest rank: one sort for all)
+    ranges = []
+    for q in CLIP_QUANTILES:
+        low, high = min(at(1 - q), 0.0), at(q)  # the range always contains zero (`set_range`)
+        if symmetric:
+            low, high = -max(-low, abs(high)), max(-low, abs(high))
+        ranges.append((q, (low, high)))
+    tolerance = max(ranges[0][1][1] - ranges[0][1][0], 1e-8) / levels / 2  # CLIP_QUANTILES[0] is min/max
+    kept: list[tuple[float, tuple[float, float]]] = []
+    for q, (low, high) in ranges:
+        if all(abs(low - a) > tolerance or abs(high - b) > tolerance for _, (a, b) in kept):
+            kept.append((q, (low, high)))
+    return kept
+
+
+def stages(module: nn.Module) -> list[nn.Module]:
+    """`module` as a chain of stages that, run one after the other, compute its forward: nested plain
+    `Sequential`s are flattened, any other module is one stage."""
+    if type(module).forward is nn.Sequential.forward:
+        return [stage for child in module for stage in stages(child)]
+    return [module]
+
+
+def _run(chain: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for stage in chain:
+        x = stage(x)
+    return x
+
+
+def search_ranges(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seconds: float = math.inf,
+                  on_step: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Loss-aware initial ranges: for each activation quantizer in forward order, the clipping quantile
     of its calibration inputs that gives the lowest cross-entropy on (x, y) with everything before it
     already quantized. Min/max (PTQ's choice) is a candidate, so the search never starts worse than PTQ;
-    a range one outlier stretches (a channel 1000x larger than the rest) gets clipped instead."""
+    a range one outlier stretches (a channel 1000x larger than the rest) gets clipped instead.
+
+    Cost: the layers before a quantizer run once (the input of every stage of `stages(module)` is kept
+    as the search moves down the chain), the stage holding the quantizer and those after it run once
+    for all its distinct candidates together (the stage input repeated along the batch, each copy
+    quantized at one candidate; in groups of SEARCH_ELEMENTS values); a quantizer whose only distinct
+    candidate is min/max costs no forward. The module must treat the samples of a batch independently
+    (eval mode does). Once `seconds` have passed, the quantizers left keep min/max (as PTQ) and their
+    entry says `candidates: 0`; fine-tuning still learns their ranges. `on_step(done, total)` follows."""
     quantizers = [m for m in module.modules() if isinstance(m, ActivationFakeQuant)]
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [q.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach()))
-             for i, q in enumerate(quantizers)]
-    chosen = []
-    module.eval()
+    chain = stages(module.eval())
+    started = time.perf_counter()
+    chosen: list[dict[str, Any]] = []
     with torch.no_grad():
-        for index, quantizer in enumerate(quantizers):
-            quantizer.initialised.fill_(False)  # min/max from this very batch on the next forward
-            module(x)
-            values = inputs[index].flatten().float()
-            if values.numel() > 1_000_000:
-                values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-            trials = []
-            for q in CLIP_QUANTILES:
-                low, high = float(torch.quantile(values, 1 - q)), float(torch.quantile(values, q))
-                quantizer.set_range(low, high)
-                loss = float(nn.functional.cross_entropy(module(x), y))
-                trials.append((loss, -q, low, high))
-            loss, negative_q, low, high = min(trials)
-            quantizer.set_range(low, high)
-            chosen.append({"quantile": -negative_q, "low": low, "high": high, "loss": loss})
-    for hook in hooks:
-        hook.remove()
+        module(x)  # min/max for every quantizer not yet initialised: where the ones not searched stay
+        stage_input = x
+        for index, stage in enumerate(chain):
+            for quantizer in (m for m in stage.modules() if isinstance(m, ActivationFakeQuant)):
+                low, high = (float(b) for b in quantizer.bounds())
+                entry = {"quantile": 1.0, "low": low, "high": high, "loss": None, "candidates": 0}
+                if time.perf_counter() - started < seconds:
+                    entry = _search_one(chain[index:], stage_input, quantizer, y)
+                chosen.append(entry)
+                if on_step is not None:
+                    on_step(len(chosen), len(quantizers))
+            stage_input = stage(stage_input)
     return chosen
+
+
+def _search_one(chain: list[nn.Module], x: torch.Tensor, quantizer: ActivationFakeQuant, y: torch.Tensor) -> dict[str, Any]:
+    """Price every distinct candidate range of `quantizer` (in `chain[0]`, whose input is `x`) and set the best."""
+    def capture(m: nn.Module, args: tuple) -> None:
+        raise _Captured(args[0])
+
+    hook = quantizer.register_forward_pre_hook(capture)
+    try:
+        chain[0](x)
+        raise AssertionError("the quantizer is not run by its stage")
+    except _Captured as captured:
+        candidates = candidate_ranges(captured.value, quantizer.symmetric, quantizer.levels)
+    finally:
+        hook.remove()
+    losses: list[float] = []
+    if len(candidates) > 1:
+        group_size = max(1, SEARCH_ELEMENTS // x.numel())
+        for start in range(0, len(candidates), group_size):
+            group = [r for _, r in candidates[start:start + group_size]]
+            hook = quantizer.register_forward_hook(lambda m, args, out: m.at_ranges(args[0].chunk(len(group)), group))
+            try:
+                logits = _run(chain, x.repeat(len(group), *[1] * (x.dim() - 1)))
+            finally:
+                hook.remove()
+            per_sample = nn.functional.cross_entropy(logits, y.repeat(len(group)), reduction="none")
+            losses += per_sample.view(len(group), len(y)).mean(1).tolist()
+    best = min(range(len(candidates)), key=lambda i: (losses[i], -candidates[i][0])) if losses else 0
+    quantile, (low, high) = candidates[best]
+    quantizer.set_range(low, high)
+    return {"quantile": quantile, "low": low, "high": high, "loss": losses[best] if losses else None,
+            "candidates": len(candidates)}
