@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from _common import print_table, target, write_results
+from _common import print_table, require_trained, target, write_results
 from _gratings import data_py
 from build_default import interleaved
 from toolchain.core.artifact import PRECISION_ORDER, Artifact
@@ -205,6 +205,9 @@ def compare(section: str, ctx: BuildContext, root: Path, pipeline_passes: list, 
     started = time.perf_counter()
     trained = run_passes([TrainPass()], ctx)
     log(f"{section}: teacher trained in {time.perf_counter() - started:.0f} s")
+    teacher = trained.module.eval()
+    _, teacher_acc = evaluate_torch(teacher, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    require_trained(f"{section} teacher", teacher_acc, len(data.labels))
     alone = branch(trained, ctx, root / f"{section}-alone", [ExportOnnxPass(), QuantizeInt8Pass(), QuantizeDynamicPass()])
     samples = representative_samples(data.x_train, ctx.config.compress.calibration_samples, ctx.seed)
     started = time.perf_counter()
@@ -215,14 +218,12 @@ def compare(section: str, ctx: BuildContext, root: Path, pipeline_passes: list, 
                 "ort quantize_dynamic (teacher)": alone.candidate("onnx-int8-dynamic").path,
                 "toolchain int8 (teacher)": best_int8(alone),
                 **{f"pipeline {c.name}": c.path for c in pipeline.candidates}}
-    teacher = trained.module.eval()
     timed, sample = variants, data.x_test[:1]
     if timing_size is not None:
         timed = timing_files(ctx, root, timing_size, teacher, pipeline)
         sample = resized(ctx, timing_size).dataset.x_test[:1]
     log(f"{section}: timing {len(timed) + 1} variants at {list(sample.shape[1:])} for {seconds:.0f} s")
     latencies = measure(timed, teacher, sample, seconds)
-    _, teacher_acc = evaluate_torch(teacher, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
     sizes = {name: path.stat().st_size for name, path in timed.items()}
     accuracies = {"torch eager fp32 (teacher)": teacher_acc, **{name: accuracy(path, data.x_test, data.y_test)
                                                                 for name, path in variants.items()}}
