@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
@@ -17,6 +19,7 @@ from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
 from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass
 from toolchain.quantize.int8 import validation_accuracy
 from toolchain.passes.torch.quantize_qat import QuantizeQatPass
+from toolchain.quantize.qat import ActivationFakeQuant, candidate_ranges, prepare_qat, search_ranges
 from toolchain.passes.torch.train import TrainPass
 from toolchain.targets.profiles import resolve_target
 from toolchain.core.contract import BuildContext
@@ -117,6 +120,47 @@ def test_qat_recovers_what_static_int8_loses(tmp_path: Path) -> None:
     static_drop = fp32 - validation_accuracy(artifact.candidate("onnx-int8-qdq").path, x, y)
     assert qat_drop <= 0.03 and static_drop >= qat_drop + 0.05, (qat_drop, static_drop)
     assert artifact.metrics["mixed"]["decision"].startswith("not needed: onnx-int8-qat")  # QAT made it unnecessary
+
+
+class Residual(torch.nn.Module):
+    def __init__(self, body: torch.nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def test_range_search_prices_all_candidates_at_once_as_plain_forwards_would() -> None:
+    """The search prices a quantizer's candidates in one batched forward from its stage's input, here a
+    residual block (the skip path sees the repeated batch too): the losses are those of one plain
+    forward per candidate, and the lowest wins. With no time left, every range stays min/max."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())), nn.Conv2d(3, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(64, 3, 6, 6)
+    x[:, 0] *= torch.where(torch.rand(64, 1, 1) < 0.05, 50.0, 1.0)  # a few loud samples stretch the range
+    y = model(x).argmax(1)
+    reference = prepare_qat(copy.deepcopy(model), symmetric_activations=False)
+    first = next(m for m in reference.modules() if isinstance(m, ActivationFakeQuant))
+    with torch.no_grad():
+        reference(x)  # every quantizer at min/max, as the search starts
+        candidates = candidate_ranges(x, symmetric=False, levels=first.levels)
+        losses = []
+        for _, (low, high) in candidates:
+            first.set_range(low, high)
+            losses.append(float(torch.nn.functional.cross_entropy(reference(x), y)))
+    best = min(range(len(candidates)), key=lambda i: (losses[i], -candidates[i][0]))
+
+    chosen = search_ranges(prepare_qat(copy.deepcopy(model), symmetric_activations=False), x, y)
+    assert len(chosen) == 3 and len(candidates) > 1 and chosen[0]["candidates"] == len(candidates)
+    assert chosen[0]["quantile"] == candidates[best][0] and chosen[0]["loss"] == pytest.approx(losses[best], rel=1e-5)
+    untouched = search_ranges(prepare_qat(copy.deepcopy(model), symmetric_activations=False), x, y, seconds=0)
+    assert [(r["quantile"], r["candidates"]) for r in untouched] == [(1.0, 0)] * 3
+    step = (float(x.max()) - min(float(x.min()), 0.0)) / 255  # the zero point is an integer: bounds move < 1 step
+    assert untouched[0]["low"] == pytest.approx(min(float(x.min()), 0.0), abs=step)
+    assert untouched[0]["high"] == pytest.approx(float(x.max()), abs=step)
 
 
 def test_the_profile_decides_which_quantizers_run(tmp_path: Path) -> None:
