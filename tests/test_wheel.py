@@ -25,14 +25,20 @@ def run(*args: str | Path, cwd: Path, timeout: float = 900) -> subprocess.Comple
     return result
 
 
+def scratch_of_the_checkout(folder: str, names: list[str]) -> set[str]:
+    """What a copy of the checkout leaves out: git, the venv, build outputs at the top level (not the
+    `toolchain/build` package!), caches."""
+    top = {".git", ".venv", "build", "dist"} if Path(folder) == REPO else set()
+    return {n for n in names if n in top or n == "__pycache__" or n.endswith(".egg-info")}
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the wheel of this checkout. Its dependencies (torch, onnxruntime, ... several
     GB) are the test venv's, reached through a .pth line: only the project itself is installed anew."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"  # a copy, so the build's own scratch folders stay out of the checkout
-    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "__pycache__", "*.egg-info", "results"))
+    shutil.copytree(REPO, source, symlinks=True, ignore=scratch_of_the_checkout)
     run(BIN / "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", source, cwd=root)
     wheel = next((root / "dist").glob("edge_toolchain-*.whl"))
     run(sys._base_executable, "-m", "venv", root / "venv", cwd=root)
