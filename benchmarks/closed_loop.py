@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-closed-loop-") as scratch:
-        run = closed_loop(Path(scratch), devices=args.devices, duration_s=150.0 if args.quick else 240.0,
+        run = closed_loop(Path(scratch), devices=args.devices, duration_s=100.0 if args.quick else 240.0,
                           console=Console(stderr=True))
     fmt = lambda v, digits=1: None if v is None else round(v, digits)  # noqa: E731
     rows = [{"measurement": name, "value": value, "unit": unit} for name, value, unit in (
