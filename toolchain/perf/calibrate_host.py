@@ -39,7 +39,7 @@ class CalibrationSettings:
     """How much to measure. The default takes about 2 minutes on a 2-core machine, `quick` about
     30 s; held-out accuracy grows with the variants fitted (benchmarks/predictor.py: ~85% within
     10% at 120 fitted; 90-97% at 180 and 97.5-99% at 240 over seeds 0-2, a kernel group seen in only a
-    handful of fitted models being what misses; ~94% at 360 on an earlier, noisier grid)."""
+    handful of fitted models being what misses; ~94% at 360 when last measured)."""
 
     variants: int = 320  # the fit has ~100 parameters: it needs a few hundred models
     held_out_fraction: float = 0.25
