@@ -221,20 +221,26 @@ def search_ranges(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second
     for all its distinct candidates together (the stage input repeated along the batch, each copy
     quantized at one candidate; in groups of SEARCH_ELEMENTS values); a quantizer whose only distinct
     candidate is min/max costs no forward. The module must treat the samples of a batch independently
-    (eval mode does). Once `seconds` have passed, the quantizers left keep min/max (as PTQ) and their
-    entry says `candidates: 0`; fine-tuning still learns their ranges. `on_step(done, total)` follows."""
+    (eval mode does). A quantizer whose pricing would end past `seconds` (at worst every candidate
+    distinct, each a pass over its stage and the rest, as timed in a first pass) keeps min/max (as PTQ),
+    its entry saying `candidates: 0`; fine-tuning still learns its range. `on_step(done, total)` follows."""
     quantizers = [m for m in module.modules() if isinstance(m, ActivationFakeQuant)]
     chain = stages(module.eval())
-    started = time.perf_counter()
+    deadline = time.perf_counter() + seconds
     chosen: list[dict[str, Any]] = []
     with torch.no_grad():
-        module(x)  # min/max for every quantizer not yet initialised: where the ones not searched stay
+        stage_seconds, value = [], x
+        for stage in chain:  # min/max for every quantizer not yet initialised (where one not searched stays)
+            begun = time.perf_counter()
+            value = stage(value)
+            stage_seconds.append(time.perf_counter() - begun)
         stage_input = x
         for index, stage in enumerate(chain):
+            worst = len(CLIP_QUANTILES) * sum(stage_seconds[index:])
             for quantizer in (m for m in stage.modules() if isinstance(m, ActivationFakeQuant)):
                 low, high = (float(b) for b in quantizer.bounds())
                 entry = {"quantile": 1.0, "low": low, "high": high, "loss": None, "candidates": 0}
-                if time.perf_counter() - started < seconds:
+                if time.perf_counter() + worst <= deadline:
                     entry = _search_one(chain[index:], stage_input, quantizer, y)
                 chosen.append(entry)
                 if on_step is not None:

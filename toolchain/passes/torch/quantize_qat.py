@@ -69,7 +69,7 @@ def choose_ranges(module: torch.nn.Module, ctx: BuildContext) -> tuple[list[dict
                "seconds": round(time.perf_counter() - started, 2)}
     if searched < len(ranges):
         ctx.notes.append(f"QAT: the range search priced {searched} of {len(ranges)} layer inputs within the "
-                         f"{ctx.budget} budget's {seconds:.0f} s; the rest start at min/max and are learned in fine-tuning")
+                         f"{ctx.budget} budget's {seconds:.0f} s; the others start at min/max and are learned in fine-tuning")
     ctx.console.print(f"  activation ranges: {searched} of {len(ranges)} inputs searched in {summary['seconds']:.1f} s")
     return ranges, summary
 
