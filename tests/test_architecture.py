@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-from pathlib import Path
 
 import grimp
 
@@ -61,4 +60,4 @@ def test_every_package_data_link_points_at_a_tracked_top_level_file() -> None:
         link = REPO / "toolchain" / "packaged" / name
         assert link.is_symlink() and link.resolve() == (REPO / name).resolve()
     assert sorted(p.name for p in (REPO / "toolchain" / "packaged" / "targets").glob("*.toml")) == \
-        sorted(p.name for p in Path(REPO / "targets").glob("*.toml"))
+        sorted(p.name for p in (REPO / "targets").glob("*.toml"))

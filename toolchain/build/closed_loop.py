@@ -89,7 +89,7 @@ def closed_loop(root: Path, *, devices: int = 20, onset_s: float = 20.0, shift: 
     broker = ManagedBroker(root / "broker", port=free_port(), authenticated=False).start()
     try:
         db = root / "fleet.sqlite"
-        with FleetMonitor(broker.url, db, fleet=FLEET, alarm_threshold=config.retrain.trigger_share) as monitor, \
+        with FleetMonitor(broker.url, db, fleet=FLEET, alarm_threshold=config.retrain.trigger_share), \
                 FleetStore(db, create=False) as store:
             def deploy(new_bundle: Path, targets: list[str], decide: Any) -> Any:
                 plan = RolloutSettings(canary=config.retrain.canary, broker=BrokerLogin(broker.url), pubkey=public,

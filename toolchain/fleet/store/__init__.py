@@ -32,6 +32,3 @@ __all__ = ["FLEET_DEVICE", "OFFLINE", "ONLINE", "SCHEMA_VERSION", "UNKNOWN", "Fl
 
 class FleetStore(StoreWrites, StoreQueries):
     """The fleet database. ``create=False`` refuses a missing file (readers must not create one)."""
-
-    def __enter__(self) -> "FleetStore":
-        return self

@@ -9,7 +9,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Self
 
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
@@ -140,7 +140,7 @@ class Database:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

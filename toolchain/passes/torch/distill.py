@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from toolchain.core.artifact import Artifact
-from toolchain.core.models import build_normalized_model, model_factory
-from toolchain.training.fit import validation_accuracy
 from toolchain.core.contract import BuildContext
+from toolchain.core.models import build_normalized_model, model_factory
 from toolchain.perf.module_cost import module_cost
+from toolchain.training.fit import model_overrides, training_settings, validation_accuracy
 from toolchain.training.trial import KeepOrReject
 
 AUTO_MULTIPLIERS = (0.75, 0.5, 0.35, 0.25)
@@ -100,8 +100,6 @@ class DistillPass:
     name: ClassVar[str] = "distill"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        from toolchain.training.fit import model_overrides, training_settings
-
         compress = ctx.config.compress
         teacher: nn.Module = artifact.module.cpu().eval()
         base_overrides = model_overrides(ctx)
