@@ -74,16 +74,18 @@ def test_python_source(tmp_path: Path) -> None:
     assert data.labels == ["0", "1"]
 
 
-@pytest.mark.parametrize("arrays, shape, expected", [
-    ({"x": np.ones((30, 5)), "y": np.arange(30) % 3}, "[4]", "[model] input_shape [4] needs 4 values per sample, but x has 5"),
-    ({"x": np.full((30, 4), np.nan), "y": np.arange(30) % 3}, "[4]", "x contains 120 NaN or infinite value(s)"),
-    ({"x": np.ones((30, 4)), "y": np.arange(30) * 0.5}, "[4]", "y must be integers in [0, "),
-    ({"x": np.ones((30, 4))}, "[4]", "lacks array(s) ['y']"),
+@pytest.mark.parametrize("arrays, extra, expected", [
+    ({"x": np.ones((30, 5)), "y": np.arange(30) % 3}, "", "[model] input_shape [4] needs 4 values per sample, but x has 5"),
+    ({"x": np.full((30, 4), np.nan), "y": np.arange(30) % 3}, "", "x contains 120 NaN or infinite value(s)"),
+    ({"x": np.ones((30, 4)), "y": np.arange(30) * 0.5}, 'task = "classification"', "y must be integers in [0, "),
+    ({"x": np.ones((30, 4)), "y": np.arange(30) * 0.5}, 'labels = ["a", "b"]', "y must be integers in [0, 2)"),
+    ({"x": np.ones((30, 4)), "y": np.full(30, np.inf)}, 'task = "regression"', "y contains 30 NaN or infinite value(s)"),
+    ({"x": np.ones((30, 4))}, "", "lacks array 'y' (the labels a model is trained on)"),
 ])
-def test_bad_data_is_refused_with_the_reason(tmp_path: Path, arrays: dict, shape: str, expected: str) -> None:
+def test_bad_data_is_refused_with_the_reason(tmp_path: Path, arrays: dict, extra: str, expected: str) -> None:
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(ConfigError) as error:
-        load_dataset(config_for(tmp_path, "npz:d.npz", shape=shape), seed=0)
+        load_dataset(config_for(tmp_path, "npz:d.npz", extra=extra), seed=0)
     assert expected in str(error.value)
 
 

@@ -30,20 +30,63 @@ class ProjectSection(_Section):
     version: int = Field(default=1, ge=1)
 
 
+MODEL_FILE_SUFFIXES = (".onnx", ".tflite")
+TASKS = ("classification", "regression")
+
+
 class ModelSection(_Section):
-    entry: str = Field(pattern=r"^([^:]+\.py:[A-Za-z_][A-Za-z0-9_]*|zoo:[a-z0-9_]+)$")  # file.py:function or zoo:NAME
-    input_shape: list[int] = Field(min_length=1, max_length=4)
+    """Where the model comes from: `entry` (a function that builds a torch or Keras model, trained here,
+    optionally from pretrained `weights`) or `file` (an ONNX/.tflite model the user already has: the
+    FP32 reference, not trained). `input_shape` is one sample's shape without the batch axis; for a
+    file it fixes the dynamic dimensions (one list, or a table of lists by input name)."""
+
+    entry: str | None = Field(default=None, pattern=r"^([^:]+\.py:[A-Za-z_][A-Za-z0-9_]*|zoo:[a-z0-9_]+)$")  # file.py:function or zoo:NAME
+    file: str | None = None
+    weights: str | None = None  # a state_dict (or a checkpoint dict holding one) loaded into the entry's model
+    input_shape: list[int] | dict[str, list[int]] | None = None
     labels: list[str] | None = Field(default=None, min_length=2)
+    task: Literal["classification", "regression"] | None = None  # None: from the data (class labels -> classification)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # "auto": what the entry returns (a torch.nn.Module or a tf.keras.Model) decides the passes.
     framework: Literal["auto", "torch", "keras"] = "auto"
 
     @field_validator("input_shape")
     @classmethod
-    def _positive(cls, shape: list[int]) -> list[int]:
-        if any(d <= 0 for d in shape):
-            raise ValueError(f"every dimension must be > 0, got {shape}")
+    def _positive(cls, shape: list[int] | dict[str, list[int]] | None) -> list[int] | dict[str, list[int]] | None:
+        for name, dims in (shape.items() if isinstance(shape, dict) else [("", shape)] if shape is not None else []):
+            where = f"{name}: " if name else ""
+            if not 1 <= len(dims) <= 4:
+                raise ValueError(f"{where}one sample's shape has 1 to 4 dimensions (no batch axis), got {dims}")
+            if any(d <= 0 for d in dims):
+                raise ValueError(f"{where}every dimension must be > 0, got {dims}")
         return shape
+
+    @field_validator("file")
+    @classmethod
+    def _model_file(cls, file: str | None) -> str | None:
+        if file is not None and not file.lower().endswith(MODEL_FILE_SUFFIXES):
+            raise ValueError(f"a model file must be {' or '.join(MODEL_FILE_SUFFIXES)}, got {file!r}")
+        return file
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.entry is None) == (self.file is None):
+            raise ValueError("give exactly one of entry = \"model.py:function\" (a model trained here) "
+                             "or file = \"model.onnx\" (a model you already have)")
+        if self.file is not None:
+            if self.weights is not None:
+                raise ValueError("weights = ... goes with entry (torch weights for the entry's model); a model file carries its own")
+            if self.framework != "auto" or self.kwargs:
+                raise ValueError("framework and kwargs describe an entry function; remove them for a model file")
+        elif self.input_shape is None:
+            raise ValueError("input_shape is required with entry: one sample's shape, e.g. [1, 8, 8]")
+        elif isinstance(self.input_shape, dict):
+            raise ValueError("input_shape must be one list for an entry (entries take one input), e.g. [1, 8, 8]")
+        return self
+
+    @property
+    def from_file(self) -> bool:
+        return self.file is not None
 
 
 def _data_source(source: str) -> str:
@@ -69,7 +112,7 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: int | None = Field(default=None, ge=1, le=10_000)  # None: the budget decides
+    epochs: int | None = Field(default=None, ge=0, le=10_000)  # None: the budget decides; 0: keep pretrained weights as they are
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=3e-3, gt=0, lt=10)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -181,6 +224,39 @@ class RetrainSection(_Section):
     _scheme = field_validator("data")(classmethod(lambda cls, source: _data_source(source)))
 
 
+BUILTIN_METRICS = ("accuracy", "top5", "f1_macro", "mae", "rmse", "r2", "agreement")
+
+
+class EvalSection(_Section):
+    """What the gate measures. `metric` is a built-in name or `file.py:function` (called with the
+    model's outputs and the labels); None picks `accuracy` for class labels, `rmse` for regression and
+    `agreement` (closeness to the reference model's outputs) when the data has no labels. `max_drop`
+    is in the metric's units (None: `[compress] max_accuracy_drop` for fractions, 2% of the
+    reference value for error metrics)."""
+
+    metric: str | None = None
+    max_drop: float | None = Field(default=None, ge=0)
+    higher_is_better: bool | None = None  # required for a `file.py:function` metric
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, metric: str | None) -> str | None:
+        if metric is None or metric in BUILTIN_METRICS:
+            return metric
+        if ":" in metric and metric.rpartition(":")[0].endswith(".py") and metric.rpartition(":")[2].isidentifier():
+            return metric
+        raise ValueError(f"unknown metric; use one of {', '.join(BUILTIN_METRICS)} or \"file.py:function\"")
+
+    @model_validator(mode="after")
+    def _direction(self) -> "EvalSection":
+        custom = self.metric is not None and self.metric not in BUILTIN_METRICS
+        if custom and self.higher_is_better is None:
+            raise ValueError("a metric function needs higher_is_better = true or false")
+        if not custom and self.higher_is_better is not None:
+            raise ValueError("higher_is_better is only for a file.py:function metric (built-in metrics know their direction)")
+        return self
+
+
 class BuildConfig(_Section):
     project: ProjectSection
     model: ModelSection
@@ -189,10 +265,25 @@ class BuildConfig(_Section):
     search: SearchSection | None = None
     compress: CompressSection = Field(default_factory=CompressSection)
     retrain: RetrainSection | None = None
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     # Not part of the TOML: where the file was, for resolving paths, and its hash for provenance.
     path: Path = Field(default=Path("."), exclude=True)
     sha256: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _fits_the_model_source(self) -> "BuildConfig":
+        model = self.model
+        if model.from_file:
+            trains = [name for name, on in (("[search]", self.search is not None), ("[retrain]", self.retrain is not None),
+                                            ("[compress] distill", self.compress.distill), ("[compress] prune_ratio", self.compress.prunes))
+                      if on]
+            if trains:
+                raise ValueError(f"{', '.join(trains)} need{'s' if len(trains) == 1 else ''} a model trained here, and [model] file is used as it is; "
+                                 "remove them (or build from an entry function)")
+        if self.train.epochs == 0 and model.weights is None:
+            raise ValueError("[train] epochs = 0 keeps pretrained weights as they are, so it needs [model] weights = \"ckpt.pt\"")
+        return self
 
     @property
     def base_dir(self) -> Path:

@@ -1,7 +1,10 @@
 """Data sources named by `[data] source` and the seeded train/validation/test split.
 
-Every source ends as float32 arrays shaped `(n, *input_shape)` and int64 labels in `[0, n_labels)`,
-so the passes never care where the data came from. Problems (wrong sizes, NaN, unknown labels) are
+Every source ends as arrays shaped `(n, *input_shape)` in each input's dtype (float32 for a trained
+model; a dict of arrays by input name for a model file with several inputs), and targets `y` that
+are int64 class labels in `[0, n_labels)`, float32 values for regression, or absent (a model file
+with unlabelled data, judged by agreement with itself). The passes never care where the data came
+from. Problems (wrong sizes, NaN, unknown labels, arrays that do not match the model's inputs) are
 reported against the config key that caused them.
 """
 
@@ -19,34 +22,41 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from toolchain.core.config import BuildConfig
+from toolchain.core.tensors import Features, TensorSpec, count, first, take
 from toolchain.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm"}
 SKLEARN_BUNDLED = ("digits", "iris", "wine", "breast_cancer")
 
 
+TASKS = ("classification", "regression", "unlabelled")
+
+
 @dataclass(frozen=True)
 class Dataset:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    labels: list[str]
+    x_train: Features
+    y_train: np.ndarray | None
+    x_val: Features
+    y_val: np.ndarray | None
+    x_test: Features
+    y_test: np.ndarray | None
+    labels: list[str]  # class names; empty unless the task is classification
     sha256: str  # of the loaded arrays, before splitting: identifies the data in provenance
+    inputs: tuple[TensorSpec, ...] = ()
+    task: str = "classification"  # one of TASKS
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        """One sample's shape of the (first) input."""
+        return tuple(first(self.x_train).shape[1:])
 
 
 @dataclass(frozen=True)
 class RawData:
-    x: np.ndarray
-    y: np.ndarray
+    x: Features
+    y: np.ndarray | None
     labels: list[str] | None = None
-    x_test: np.ndarray | None = None
+    x_test: Features | None = None
     y_test: np.ndarray | None = None
 
 
@@ -54,7 +64,7 @@ def _fail(config: BuildConfig, message: str) -> ConfigError:
     return ConfigError(f"config {config.path}: [data] source: {message}")
 
 
-def _load_sklearn(name: str, config: BuildConfig) -> RawData:
+def _load_sklearn(name: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
     if name not in SKLEARN_BUNDLED:
         raise _fail(config, f"sklearn:{name} is not a data set bundled with scikit-learn; use one of {', '.join(SKLEARN_BUNDLED)}")
     import sklearn.datasets
@@ -71,20 +81,33 @@ def _existing(config: BuildConfig, relative: str) -> Path:
     return path
 
 
-def _load_npz(relative: str, config: BuildConfig) -> RawData:
+def _load_npz(relative: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
+    """`x` (or, for a model with several inputs, one array per input name), `y` unless the model is a
+    file judged by agreement, optionally the same with a `_test` suffix for a fixed test split."""
     path = _existing(config, relative)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (ValueError, OSError) as exc:
         raise _fail(config, f"{path} is not a readable .npz file ({exc})") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise _fail(config, f"{path} lacks array(s) {missing}; save it with numpy.savez(path, x=..., y=...)")
-    return RawData(x=arrays["x"], y=arrays["y"], x_test=arrays.get("x_test"), y_test=arrays.get("y_test"))
+    names = [spec.name for spec in inputs]
+    if len(names) > 1 or (names and names[0] in arrays and "x" not in arrays):
+        missing = [name for name in names if name not in arrays]
+        if missing:
+            raise _fail(config, f"{path} lacks array(s) {missing} for the model's inputs {names} (it has {sorted(arrays)}); "
+                                "save one array per input, named after it")
+        x: Features = {name: arrays[name] for name in names}
+        x_test = {name: arrays[f"{name}_test"] for name in names} if all(f"{name}_test" in arrays for name in names) else None
+    else:
+        if "x" not in arrays:
+            raise _fail(config, f"{path} lacks array 'x'; save it with numpy.savez(path, x=..., y=...)")
+        x, x_test = arrays["x"], arrays.get("x_test")
+    if "y" not in arrays and not config.model.from_file:
+        raise _fail(config, f"{path} lacks array 'y' (the labels a model is trained on); save it with numpy.savez(path, x=..., y=...)")
+    return RawData(x=x, y=arrays.get("y"), x_test=x_test, y_test=arrays.get("y_test"))
 
 
-def _load_csv(relative: str, config: BuildConfig) -> RawData:
+def _load_csv(relative: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
     path = _existing(config, relative)
     with path.open(newline="") as handle:
         rows = [row for row in csv.reader(handle) if row]
@@ -119,14 +142,14 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _load_images(relative: str, config: BuildConfig) -> RawData:
+def _load_images(relative: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
     from PIL import Image
 
     root = _existing(config, relative)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise _fail(config, f"{root} needs one sub-folder per class (found {len(classes)})")
-    shape = config.model.input_shape
+    shape = inputs[0].shape
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise ConfigError(f"config {config.path}: [model] input_shape: images need [channels(1|3), height, width], got {shape}")
     mode = "L" if shape[0] == 1 else "RGB"
@@ -164,59 +187,125 @@ def load_python_function(spec: str, base_dir: Path, key: str) -> Callable[..., A
     return function
 
 
-def _load_python(spec: str, config: BuildConfig) -> RawData:
+def _load_python(spec: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
     function = load_python_function(spec, config.base_dir, f"config {config.path}: [data] source")
     result = function()
     if not (isinstance(result, tuple) and len(result) == 2):
         raise _fail(config, f"python:{spec} must return a tuple (x, y), got {type(result).__name__}")
-    return RawData(x=np.asarray(result[0]), y=np.asarray(result[1]))
+    x = {k: np.asarray(v) for k, v in result[0].items()} if isinstance(result[0], dict) else np.asarray(result[0])
+    return RawData(x=x, y=None if result[1] is None else np.asarray(result[1]))
 
 
-LOADERS: dict[str, Callable[[str, BuildConfig], RawData]] = {
+LOADERS: dict[str, Callable[[str, BuildConfig, tuple[TensorSpec, ...]], RawData]] = {
     "sklearn": _load_sklearn, "npz": _load_npz, "csv": _load_csv, "images": _load_images, "python": _load_python,
 }
 
 
-def _as_inputs(x: np.ndarray, config: BuildConfig, what: str) -> np.ndarray:
-    shape = tuple(config.model.input_shape)
+def _as_input(x: np.ndarray, spec: TensorSpec, config: BuildConfig, what: str) -> np.ndarray:
+    shape = spec.shape
     per_sample = int(np.prod(shape))
+    x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] == 0:
         raise _fail(config, f"{what} is empty")
     if int(np.prod(x.shape[1:])) != per_sample:
-        raise ConfigError(f"config {config.path}: [model] input_shape {list(shape)} needs {per_sample} values per sample, "
+        key = "[model] input_shape" if not config.model.from_file else f"the model's input {spec.name!r} of shape"
+        raise ConfigError(f"config {config.path}: {key} {list(shape)} needs {per_sample} values per sample, "
                           f"but {what} has {int(np.prod(x.shape[1:]))} (shape {list(x.shape)})")
-    if not np.issubdtype(x.dtype, np.number):
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise _fail(config, f"{what} has dtype {x.dtype}; expected numbers")
-    x = x.reshape(x.shape[0], *shape).astype(np.float32)
-    if not np.isfinite(x).all():
+    want = np.dtype(spec.dtype)
+    if np.issubdtype(want, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        if not (np.isfinite(x).all() and np.array_equal(x, np.round(x))):
+            raise _fail(config, f"{what} holds non-integer values, but the model's input {spec.name!r} is {spec.dtype}")
+    x = x.reshape(x.shape[0], *shape).astype(want)
+    if np.issubdtype(want, np.floating) and not np.isfinite(x).all():
         raise _fail(config, f"{what} contains {int((~np.isfinite(x)).sum())} NaN or infinite value(s); clean them first")
     return x
 
 
+def _as_inputs(x: Features, inputs: tuple[TensorSpec, ...], config: BuildConfig, what: str) -> Features:
+    if isinstance(x, dict):
+        arrays = {spec.name: _as_input(x[spec.name], spec, config, f"{what} {spec.name!r}") for spec in inputs}
+        sizes = {name: len(array) for name, array in arrays.items()}
+        if len(set(sizes.values())) > 1:
+            raise _fail(config, f"the input arrays hold different numbers of samples: {sizes}")
+        return arrays
+    if len(inputs) > 1:
+        raise _fail(config, f"the model takes {len(inputs)} inputs ({', '.join(s.name for s in inputs)}); "
+                            "give one array per input, named after it (npz:) or a dict of them (python:)")
+    return _as_input(x, inputs[0], config, what)
+
+
+def _task(config: BuildConfig, y: np.ndarray | None) -> str:
+    if y is None:
+        if config.model.task is not None:
+            raise _fail(config, f"[model] task = {config.model.task!r} needs targets (an array y), and the data has none")
+        return "unlabelled"
+    if config.model.task is not None:
+        return config.model.task
+    if config.model.labels:
+        return "classification"
+    y = np.asarray(y)
+    integral = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.array_equal(y, np.round(y)))
+    return "classification" if integral and y.ndim == 1 else "regression"
+
+
 def _as_labels(y: np.ndarray, n_labels: int, config: BuildConfig, what: str) -> np.ndarray:
     y = np.asarray(y).reshape(-1)
+    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and np.array_equal(y, np.round(y)):
+        y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= n_labels:
         raise _fail(config, f"{what} must be integers in [0, {n_labels}) matching [model] labels, got {y.dtype} in [{y.min()}, {y.max()}]")
     return y.astype(np.int64)
 
 
-def load_dataset(config: BuildConfig, seed: int) -> Dataset:
+def _as_targets(y: np.ndarray, config: BuildConfig, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.number):
+        raise _fail(config, f"{what} has dtype {y.dtype}; regression targets must be numbers")
+    y = y.astype(np.float32)
+    if not np.isfinite(y).all():
+        raise _fail(config, f"{what} contains {int((~np.isfinite(y)).sum())} NaN or infinite value(s); clean them first")
+    return y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def default_inputs(config: BuildConfig) -> tuple[TensorSpec, ...]:
+    """An entry function's model takes one float32 input named `input` (the exporter's name)."""
+    return (TensorSpec("input", tuple(config.model.input_shape), "float32"),)
+
+
+def load_dataset(config: BuildConfig, seed: int, inputs: tuple[TensorSpec, ...] | None = None) -> Dataset:
+    """Load `[data] source` for a model taking `inputs` (default: the entry's one input) and split it."""
+    inputs = inputs or default_inputs(config)
     scheme, _, rest = config.data.source.partition(":")
-    raw = LOADERS[scheme](rest, config)
-    labels = config.model.labels or raw.labels or [str(i) for i in range(int(np.max(raw.y)) + 1)]
-    x = _as_inputs(raw.x, config, "x")
-    y = _as_labels(raw.y, len(labels), config, "y")
-    if len(x) != len(y):
-        raise _fail(config, f"x has {len(x)} samples but y has {len(y)}")
-    digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
-    stratify = y if np.bincount(y).min() >= 3 else None
-    if raw.x_test is not None and raw.y_test is not None:
-        x_test, y_test = _as_inputs(raw.x_test, config, "x_test"), _as_labels(raw.y_test, len(labels), config, "y_test")
-        x_rest, y_rest = x, y
+    raw = LOADERS[scheme](rest, config, inputs)
+    x = _as_inputs(raw.x, inputs, config, "x")
+    task = _task(config, raw.y)
+    labels: list[str] = []
+    if task == "classification":
+        labels = list(config.model.labels or raw.labels or [str(i) for i in range(int(np.max(raw.y)) + 1)])
+        y = _as_labels(raw.y, len(labels), config, "y")
+    elif task == "regression":
+        y = _as_targets(raw.y, config, "y")
     else:
-        x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=config.data.test, random_state=seed, stratify=stratify)
+        y = None
+    if y is not None and count(x) != len(y):
+        raise _fail(config, f"x has {count(x)} samples but y has {len(y)}")
+    arrays = [*(x.values() if isinstance(x, dict) else [x]), *([] if y is None else [y])]
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+    stratify = y if task == "classification" and np.bincount(y).min() >= 3 else None
+    everything = np.arange(count(x))
+    if raw.x_test is not None and (raw.y_test is not None or y is None):
+        x_test = _as_inputs(raw.x_test, inputs, config, "x_test")
+        y_test = None if y is None else (_as_labels(raw.y_test, len(labels), config, "y_test") if task == "classification"
+                                         else _as_targets(raw.y_test, config, "y_test"))
+        rest_index = everything
+    else:
+        rest_index, test_index = train_test_split(everything, test_size=config.data.test, random_state=seed, stratify=stratify)
+        x_test, y_test = take(x, test_index), None if y is None else y[test_index]
     val_fraction = config.data.validation / (1 - config.data.test)
-    stratify_rest = y_rest if stratify is not None else None
-    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val_fraction, random_state=seed,
-                                                      stratify=stratify_rest)
-    return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, labels=list(labels), sha256=digest)
+    train_index, val_index = train_test_split(rest_index, test_size=val_fraction, random_state=seed,
+                                              stratify=None if stratify is None else y[rest_index])
+    pick = (lambda index: None) if y is None else (lambda index: y[index])
+    return Dataset(take(x, train_index), pick(train_index), take(x, val_index), pick(val_index), x_test, y_test,
+                   labels=labels, sha256=digest, inputs=tuple(inputs), task=task)
