@@ -9,6 +9,7 @@ and never another pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import BuildConfig
 from toolchain.core.data import Dataset
+from toolchain.core.metrics import Metric, resolve_metric
 from toolchain.targets.profiles import Profile
 
 Budget = Literal["quick", "standard", "thorough"]
@@ -57,6 +59,11 @@ class BuildContext:
     @property
     def settings(self) -> BudgetSettings:
         return BUDGETS[self.budget]
+
+    @cached_property
+    def metric(self) -> Metric:
+        """What the gate and every quality decision measure: `[eval] metric` or the task's default."""
+        return resolve_metric(self.config, self.dataset.task)
 
     def work_path(self, name: str) -> Path:
         return self.work_dir / name

@@ -16,16 +16,19 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
-from toolchain.runtime.sessions import model_logits
+from toolchain.core.tensors import Features, as_feeds, count, take
+from toolchain.runtime.sessions import model_outputs
 
 FULL_INT8 = ("onnx-int8-qdq", "onnx-int8-qat")  # candidates with every layer quantized
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds calibration batches to onnxruntime's calibrator."""
+    """Feeds calibration batches to onnxruntime's calibrator (an array for one input, a dict by name for several)."""
 
-    def __init__(self, input_name: str, samples: np.ndarray, batch_size: int = 32) -> None:
-        self._batches = iter([{input_name: samples[i:i + batch_size]} for i in range(0, len(samples), batch_size)])
+    def __init__(self, input_names: str | list[str], samples: Features, batch_size: int = 32) -> None:
+        names = [input_names] if isinstance(input_names, str) else list(input_names)
+        self._batches = iter([as_feeds(take(samples, slice(i, i + batch_size)), names)
+                              for i in range(0, count(samples), batch_size)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -36,8 +39,8 @@ def representative_indices(n: int, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)[:count]
 
 
-def representative_samples(x_train: np.ndarray, count: int, seed: int) -> np.ndarray:
-    return x_train[representative_indices(len(x_train), count, seed)]
+def representative_samples(x_train: Features, samples: int, seed: int) -> Features:
+    return take(x_train, representative_indices(count(x_train), samples, seed))
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def quantize_int8(fp32: Path, output: Path, samples: np.ndarray, providers: tupl
     activations = activation_scheme(providers)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
     overrides = {name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in (ranges or {}).items()}
-    quantize_static(str(fp32), str(output), ArrayCalibrationReader("input", samples),
+    quantize_static(str(fp32), str(output), ArrayCalibrationReader(graph_input_names(fp32), samples),
                     quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=activations.type, nodes_to_exclude=list(exclude or []),
                     extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True,
@@ -78,20 +81,36 @@ def prepared_reference(artifact: Artifact, ctx: BuildContext) -> Path:
     return prepared
 
 
+def graph_input_names(path: Path) -> list[str]:
+    """The names of a model's real inputs (graph inputs that are not initializers)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
 def validation_accuracy(path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((model_logits(path, x).argmax(axis=1) == y).mean())
+    return float((model_outputs(path, x)[0].argmax(axis=1) == y).mean())
+
+
+def validation_metric(path: Path, ctx: BuildContext, reference: Path) -> float:
+    """The task's metric of a model file on the validation split (`reference`: the FP32 model whose
+    outputs `agreement` compares with)."""
+    x = ctx.dataset.x_val
+    reference_outputs = model_outputs(reference, x) if not ctx.metric.needs_labels else None
+    return ctx.metric.value(model_outputs(path, x), ctx.dataset.y_val, reference_outputs)
 
 
 def int8_validation_drops(artifact: Artifact, ctx: BuildContext) -> dict[str, float]:
-    """Validation accuracy lost vs FP32 by each full-INT8 candidate (static, QAT), by name; measured once
-    per file (QAT and mixed precision both ask)."""
-    cache = artifact.metrics.setdefault("validation_accuracy", {})
-    x, y = ctx.dataset.x_val, ctx.dataset.y_val
+    """The metric lost on validation vs FP32 by each full-INT8 candidate (static, QAT), by name, in the
+    metric's units; measured once per file (QAT and mixed precision both ask)."""
+    cache = artifact.metrics.setdefault("validation_metric", {})
 
-    def accuracy(candidate: Candidate) -> float:
+    def value(candidate: Candidate) -> float:
         if candidate.name not in cache:
-            cache[candidate.name] = validation_accuracy(candidate.path, x, y)
+            cache[candidate.name] = validation_metric(candidate.path, ctx, artifact.reference.path)
         return cache[candidate.name]
 
-    reference = accuracy(artifact.reference)
-    return {c.name: reference - accuracy(c) for c in artifact.candidates if c.name in FULL_INT8}
+    reference = value(artifact.reference)
+    return {c.name: ctx.metric.drop(reference, value(c)) for c in artifact.candidates if c.name in FULL_INT8}

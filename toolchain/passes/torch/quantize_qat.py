@@ -31,6 +31,7 @@ from toolchain.quantize.int8 import int8_validation_drops
 from toolchain.training.fit import finetune
 from toolchain.quantize.qat import prepare_qat, search_ranges, strip_qat
 from toolchain.core.contract import BuildContext
+from toolchain.core.metrics import allowed_drop
 
 QAT_LR_SCALE = 0.1  # the weights are already trained: small steps that adapt them to the grid
 SEARCH_SAMPLES = 256  # paired comparisons of candidates on the same samples: a few hundred tell them apart
@@ -79,7 +80,7 @@ class QuantizeQatPass:
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
         drops = int8_validation_drops(artifact, ctx)
-        limit = ctx.config.compress.max_accuracy_drop
+        limit, _ = allowed_drop(ctx.config, ctx.metric, artifact.metrics["validation_metric"][artifact.reference.name])
         report: dict[str, Any] = {"validation_int8_drop": drops.get("onnx-int8-qdq")}
         artifact.metrics["qat"] = report
         if "onnx-int8-qdq" not in drops or drops["onnx-int8-qdq"] <= limit:
