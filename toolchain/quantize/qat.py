@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import fusion, parametrize
 
+from toolchain.core.models import sample_losses
+
 QUANTIZED = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
 
@@ -212,7 +214,8 @@ def _run(chain: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 def search_ranges(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seconds: float = math.inf,
                   on_step: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Loss-aware initial ranges: for each activation quantizer in forward order, the clipping quantile
-    of its calibration inputs that gives the lowest cross-entropy on (x, y) with everything before it
+    of its calibration inputs that gives the lowest task loss on (x, y) (`sample_losses`: cross-entropy, or
+squared error for regression targets) with everything before it
     already quantized. Min/max (PTQ's choice) is a candidate, so the search never starts worse than PTQ;
     a range one outlier stretches (a channel 1000x larger than the rest) gets clipped instead.
 
@@ -272,7 +275,7 @@ def _search_one(chain: list[nn.Module], x: torch.Tensor, quantizer: ActivationFa
                 logits = _run(chain, x.repeat(len(group), *[1] * (x.dim() - 1)))
             finally:
                 hook.remove()
-            per_sample = nn.functional.cross_entropy(logits, y.repeat(len(group)), reduction="none")
+            per_sample = sample_losses(logits, y.repeat(len(group), *[1] * (y.dim() - 1)))
             losses += per_sample.view(len(group), len(y)).mean(1).tolist()
     best = min(range(len(candidates)), key=lambda i: (losses[i], -candidates[i][0])) if losses else 0
     quantile, (low, high) = candidates[best]

@@ -31,8 +31,8 @@ def _entry_key(config: BuildConfig) -> str:
 
 
 def call_entry(config: BuildConfig, num_classes: int) -> Any:
-    """Call the user's entry function as f(input_shape, num_classes, **kwargs)."""
-    from toolchain.core.models import model_factory
+    """Call the user's entry function with the arguments it declares (`toolchain.core.models.call_factory`)."""
+    from toolchain.core.models import call_factory, model_factory
 
     tensorflow_environment()  # the user's file may import TensorFlow
     try:
@@ -43,9 +43,9 @@ def call_entry(config: BuildConfig, num_classes: int) -> Any:
             raise ConfigError(f"{exc}; Keras models need the tflite extra: {INSTALL_HINT}") from None
         raise
     try:
-        return factory(list(config.model.input_shape), num_classes, **config.model.kwargs)
+        return call_factory(factory, list(config.model.input_shape), num_classes, config.model.kwargs, _entry_key(config))
     except TypeError as exc:
-        raise ConfigError(f"{_entry_key(config)}: calling it as f(input_shape, num_classes, **kwargs) failed: {exc}") from None
+        raise ConfigError(f"{_entry_key(config)}: calling it failed: {first_line(exc)}") from None
 
 
 def framework_of(config: BuildConfig, num_classes: int) -> Framework:

@@ -1,8 +1,9 @@
 """Keep or reject a compressed candidate: the skeleton that distillation and pruning share.
 
 Both passes make a smaller module (a narrower student, a pruned copy), fine-tune it, and let it
-replace the incumbent only if its validation accuracy is within `[compress] max_accuracy_drop` of a
-reference accuracy. Either way the decision and its numbers go into the report, and a rejected or
+replace the incumbent only if its validation metric (the build's: accuracy, rmse, ...) is within the
+allowed drop (`toolchain.core.metrics.allowed_drop`: `[eval] max_drop`, `[compress]
+max_accuracy_drop` for accuracy, 2% of the reference for an error metric) of a reference value. Either way the decision and its numbers go into the report, and a rejected or
 skipped candidate also becomes a build note, so a user sees why the model did not shrink. One copy
 of the rule (with its float tolerance) and of the report's shape makes the two passes judge and
 report alike; it lives in a library because a pass never imports another pass.
@@ -17,6 +18,7 @@ from torch import nn
 
 from toolchain.core.artifact import Artifact
 from toolchain.core.contract import BuildContext
+from toolchain.core.metrics import allowed_drop
 from toolchain.training.fit import FitResult, finetune
 
 TOLERANCE = 1e-9  # a drop exactly at the gate passes despite float rounding
@@ -24,11 +26,12 @@ TOLERANCE = 1e-9  # a drop exactly at the gate passes despite float rounding
 
 @dataclass(frozen=True)
 class Trial:
-    """A fine-tuned candidate judged against the reference accuracy."""
+    """A fine-tuned candidate judged against the reference value of the metric."""
 
     result: FitResult  # `result.module` is the fine-tuned candidate
     settings: dict[str, Any]  # what the fine-tune used, for the report
-    drop: float  # reference validation accuracy minus the candidate's
+    drop: float  # how much worse the candidate's validation metric is than the reference (metric units)
+    limit: float  # the allowed drop
     accepted: bool
 
 
@@ -46,8 +49,9 @@ class KeepOrReject:
         """Fine-tune `candidate` (`finetune`, showing `status`) and judge it against `reference`."""
         with ctx.console.status(status):
             result, settings = finetune(candidate, ctx, lr_scale=lr_scale, epochs=epochs, teacher=teacher)
-        drop = reference - result.val_accuracy
-        return Trial(result, settings, drop, drop <= ctx.config.compress.max_accuracy_drop + TOLERANCE)
+        drop = ctx.metric.drop(reference, result.val_metric)
+        limit, _ = allowed_drop(ctx.config, ctx.metric, reference)
+        return Trial(result, settings, drop, limit, drop <= limit + TOLERANCE)
 
     def record(self, artifact: Artifact, ctx: BuildContext, trial: Trial, summary: str, details: dict[str, Any]) -> None:
         """Write the decision, `summary` and the pass's `details` into the report; a rejection into the notes."""
@@ -57,8 +61,9 @@ class KeepOrReject:
             "decision": self.kept if trial.accepted else "rejected",
             "summary": summary,
             **details,
-            "accuracy_drop": round(trial.drop, 5),
-            "max_accuracy_drop": ctx.config.compress.max_accuracy_drop,
+            "metric": ctx.metric.name,
+            "metric_drop": round(trial.drop, 5),
+            "max_drop": round(trial.limit, 6),
             "history": trial.result.history,
         }
 

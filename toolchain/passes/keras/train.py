@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from toolchain.training import keras as keras_model
 from toolchain.core.artifact import Artifact
-from toolchain.errors import ToolchainError
+from toolchain.errors import ConfigError, ToolchainError
 from toolchain.training.fit import training_settings
 from toolchain.core.contract import BuildContext
 
@@ -22,6 +22,12 @@ class KerasTrainPass:
         if ctx.warm_start is not None:
             raise ToolchainError("--warm-start fine-tunes torch checkpoints; a Keras model trains from its entry function")
         data, config = ctx.dataset, ctx.config
+        if data.task != "classification":
+            raise ConfigError(f"config {config.path}: [model] entry returns a Keras model, and Keras models are trained for "
+                              f"classification only (this task is {data.task}); build a torch model for it")
+        if config.model.weights is not None:
+            raise ConfigError(f"config {config.path}: [model] weights loads torch weights, and the entry returns a Keras "
+                              "model; load Keras weights inside the entry function instead")
         tf = keras_model.require_keras(config)
         model = keras_model.build_keras_model(config, data.input_shape, len(data.labels))
         normalize = {"mean": float(data.x_train.mean()), "std": float(data.x_train.std()) or 1.0}

@@ -13,15 +13,15 @@ nothing about how small to go and 0.5 is used: half the channels is about a quar
 every layer between two scaled widths, the usual point where a distilled student still matches its
 teacher on small tasks.
 
-The student replaces the teacher only if its validation accuracy is within `max_accuracy_drop` of
-the teacher's; otherwise the teacher is kept and the report says why (the keep-or-reject rule pruning
+The student replaces the teacher only if its validation metric (the build's: accuracy, rmse, ...) is
+within the allowed drop of the teacher's (for regression the student learns the teacher's outputs by
+mean squared error, `training.fit.distillation_loss`); otherwise the teacher is kept and the report says why (the keep-or-reject rule pruning
 shares: `toolchain.training.trial`). The teacher stays on the artifact (`artifact.teacher`) so a later
 pruning fine-tune can distil from it too.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, ClassVar
 
@@ -30,9 +30,9 @@ from torch import nn
 
 from toolchain.core.artifact import Artifact
 from toolchain.core.contract import BuildContext
-from toolchain.core.models import build_normalized_model, model_factory
+from toolchain.core.models import build_normalized_model, factory_defaults, model_factory
 from toolchain.perf.module_cost import module_cost
-from toolchain.training.fit import model_overrides, training_settings, validation_accuracy
+from toolchain.training.fit import model_overrides, training_settings, validation_metric
 from toolchain.training.trial import KeepOrReject
 
 AUTO_MULTIPLIERS = (0.75, 0.5, 0.35, 0.25)
@@ -50,15 +50,7 @@ DECISION = KeepOrReject("distill", "distillation", kept="distilled")
 def entry_kwargs(ctx: BuildContext, overrides: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments the entry function is called with: its defaults, [model] kwargs, overrides."""
     config = ctx.config
-    factory = model_factory(config.model.entry, config, f"config {config.path}: [model] entry")
-    values: dict[str, Any] = {}
-    try:
-        parameters = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):
-        parameters = []
-    for param in parameters[2:]:  # after (input_shape, num_classes)
-        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.default is not param.empty:
-            values[param.name] = param.default
+    values = factory_defaults(model_factory(config.model.entry, config, f"config {config.path}: [model] entry"))
     values.update(config.model.kwargs)
     values.update(overrides)
     return values
@@ -114,7 +106,9 @@ class DistillPass:
         budget = profile.budget.latency_ms
         limit = LATENCY_MARGIN * budget
         teacher_cost = module_cost(teacher, shape, profile, ctx.work_path("distill-teacher.onnx"))
-        teacher_cost["val_accuracy"] = round(validation_accuracy(teacher, ctx.dataset), 5)
+        metric = ctx.metric
+        value_key, shown = f"val_{metric.name}", metric.format_value
+        teacher_cost[value_key] = round(validation_metric(teacher, ctx), 5)
 
         tried: list[dict[str, Any]] = []
         costs: dict[float, dict[str, Any]] = {}
@@ -159,25 +153,25 @@ class DistillPass:
 
         student = _build_student(ctx, {**base_overrides, **scaled})
         # a fresh student gets the teacher's full training budget and learning rate
-        trial = DECISION.trial(student, ctx, reference=teacher_cost["val_accuracy"], lr_scale=1.0,
+        trial = DECISION.trial(student, ctx, reference=teacher_cost[value_key], lr_scale=1.0,
                                epochs=int(training_settings(ctx)["epochs"]), teacher=teacher,
                                status=f"  distilling a {multiplier:g}x student ({', '.join(f'{n}={scaled[n]}' for n in names)})")
         result, drop = trial.result, trial.drop
         student = result.module
         student_metrics = dict(costs[multiplier]) if multiplier in costs else \
             module_cost(student, shape, profile, ctx.work_path("distill-student.onnx"))
-        student_metrics.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch,
-                               epochs_run=len(result.history))
+        student_metrics.update({value_key: round(result.val_metric, 5), "best_epoch": result.best_epoch,
+                                "epochs_run": len(result.history)})
         if trial.accepted:
             decision = (f"the {multiplier:g}x student replaces the teacher: {student_metrics['parameters']:,} vs "
-                        f"{teacher_cost['parameters']:,} parameters, validation accuracy {result.val_accuracy:.4f} vs "
-                        f"{teacher_cost['val_accuracy']:.4f} (drop {drop:+.4f} <= {compress.max_accuracy_drop:g})")
+                        f"{teacher_cost['parameters']:,} parameters, validation {metric.name} {shown(result.val_metric)} vs "
+                        f"{shown(teacher_cost[value_key])} (drop {metric.format_drop(drop)} <= {metric.format_drop(trial.limit)})")
             artifact.teacher = teacher
             artifact.module = student
         else:
-            decision = (f"the teacher is kept: the {multiplier:g}x student's validation accuracy {result.val_accuracy:.4f} "
-                        f"drops {drop:.4f} below the teacher's {teacher_cost['val_accuracy']:.4f}, more than "
-                        f"max_accuracy_drop = {compress.max_accuracy_drop:g}")
+            decision = (f"the teacher is kept: the {multiplier:g}x student's validation {metric.name} {shown(result.val_metric)} "
+                        f"is {metric.format_drop(drop)} worse than the teacher's {shown(teacher_cost[value_key])}, more "
+                        f"than the allowed {metric.format_drop(trial.limit)}")
         DECISION.record(artifact, ctx, trial, decision, {
             "multiplier": multiplier,
             "multiplier_choice": reason,
@@ -192,7 +186,7 @@ class DistillPass:
         })
         ctx.console.print(f"  {multiplier:g}x student ({reason.split(':')[0]}): {student_metrics['parameters']:,} params "
                           f"(teacher {teacher_cost['parameters']:,}), predicted {student_metrics['latency_ms_predicted']:.4g} ms "
-                          f"(teacher {teacher_cost['latency_ms_predicted']:.4g} ms), val accuracy "
-                          f"{result.val_accuracy:.4f} (teacher {teacher_cost['val_accuracy']:.4f}): "
+                          f"(teacher {teacher_cost['latency_ms_predicted']:.4g} ms), val {metric.name} "
+                          f"{shown(result.val_metric)} (teacher {shown(teacher_cost[value_key])}): "
                           f"{'accepted' if trial.accepted else 'rejected, teacher kept'}")
         return artifact

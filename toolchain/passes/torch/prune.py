@@ -10,7 +10,7 @@ Importance is the L2 norm of each channel's weights (`MagnitudeImportance(p=2)`)
 applied per layer (not globally), so no layer can be emptied and the predicted latency falls
 monotonically with the ratio. In wide models (median layer width >= 64) widths are rounded to
 multiples of 16, the block INT8/FP32 kernels work in (`channel_multiple`). The final classifier (the last Linear/Conv the forward pass runs) is
-never pruned: its outputs are the labels.
+never pruned: its outputs are the labels (or the regression targets).
 
 `prune_ratio = "auto"` searches the ratio from the latency budget: a binary search on a 0.05 grid
 up to 0.7 for the smallest ratio whose pruned model's *predicted* latency on the target (the
@@ -20,8 +20,8 @@ fine-tune); when even 0.7 misses it, 0.7 is used and a note says so.
 
 The fine-tune runs `fit` for `finetune_epochs` (default: a quarter of the budget's epochs, at least
 5) at a third of the training learning rate, distilling from `artifact.teacher` when the distill
-pass left one. The pruned model replaces the unpruned one only if its validation accuracy is within
-`max_accuracy_drop` of the reference (the teacher when there is one, so distillation and pruning
+pass left one. The pruned model replaces the unpruned one only if its validation metric (the
+build's: accuracy, rmse, ...) is within the allowed drop of the reference (the teacher when there is one, so distillation and pruning
 together never lose more than the gate allows); otherwise the unpruned model is kept and the report
 says why (the keep-or-reject rule distillation shares: `toolchain.training.trial`).
 """
@@ -37,7 +37,7 @@ from torch import nn
 
 from toolchain.core.artifact import Artifact
 from toolchain.perf.module_cost import module_cost
-from toolchain.training.fit import validation_accuracy
+from toolchain.training.fit import validation_metric
 from toolchain.training.trial import KeepOrReject
 from toolchain.core.contract import BuildContext
 
@@ -113,14 +113,16 @@ class PrunePass:
         profile = ctx.profile
         budget = profile.budget.latency_ms
 
+        metric = ctx.metric
+        value_key, shown = f"val_{metric.name}", metric.format_value
         distilled = artifact.metrics.get("distill", {})
         if distilled.get("decision") == "distilled" and \
                 distilled["student"]["parameters"] == sum(p.numel() for p in module.parameters()):
             # the distill pass has just measured this student on this profile: no second export
-            before = {k: distilled["student"][k] for k in ("parameters", "macs", "flops", "latency_ms_predicted", "val_accuracy")}
+            before = {k: distilled["student"][k] for k in ("parameters", "macs", "flops", "latency_ms_predicted", value_key)}
         else:
             before = module_cost(module, shape, profile, ctx.work_path("prune-before.onnx"))
-            before["val_accuracy"] = round(validation_accuracy(module, ctx.dataset), 5)
+            before[value_key] = round(validation_metric(module, ctx), 5)
         search: list[dict[str, Any]] = []
         candidates: dict[float, tuple[nn.Module, dict[str, Any]]] = {}
 
@@ -152,30 +154,30 @@ class PrunePass:
             return DECISION.skip(artifact, ctx, f"a ratio of {ratio:g} removes no channel (nothing prunable besides the "
                                  f"classifier {', '.join(ignored)}); the unpruned model is kept")
 
-        after["val_accuracy_before_finetune"] = round(validation_accuracy(pruned, ctx.dataset), 5)
+        after[f"{value_key}_before_finetune"] = round(validation_metric(pruned, ctx), 5)
         teacher = artifact.teacher
         if teacher is not None:
-            reference = round(validation_accuracy(teacher, ctx.dataset), 5)
+            reference = round(validation_metric(teacher, ctx), 5)
             reference_name = "the distillation teacher"
         else:
-            reference, reference_name = before["val_accuracy"], "the unpruned model"
+            reference, reference_name = before[value_key], "the unpruned model"
         trial = DECISION.trial(pruned, ctx, reference=reference, status=f"  fine-tuning the {ratio:g}-pruned model",
                                lr_scale=FINETUNE_LR_SCALE, teacher=teacher)
         result, drop = trial.result, trial.drop
         pruned = result.module
-        after.update(val_accuracy=round(result.val_accuracy, 5), best_epoch=result.best_epoch, epochs_run=len(result.history))
+        after.update({value_key: round(result.val_metric, 5), "best_epoch": result.best_epoch, "epochs_run": len(result.history)})
 
         if trial.accepted:
             summary = (f"pruned {ratio:g} of the channels per layer: {before['parameters']:,} -> {after['parameters']:,} "
                        f"parameters, {before['macs']:,} -> {after['macs']:,} MACs, predicted "
                        f"{before['latency_ms_predicted']:.4g} -> {after['latency_ms_predicted']:.4g} ms on {profile.id}; "
-                       f"validation accuracy {result.val_accuracy:.4f}, {reference_name} {reference:.4f} "
-                       f"(drop {drop:+.4f} <= {compress.max_accuracy_drop:g})")
+                       f"validation {metric.name} {shown(result.val_metric)}, {reference_name} {shown(reference)} "
+                       f"(drop {metric.format_drop(drop)} <= {metric.format_drop(trial.limit)})")
             artifact.module = pruned
         else:
-            summary = (f"the unpruned model is kept: after pruning {ratio:g} and fine-tuning, validation accuracy "
-                       f"{result.val_accuracy:.4f} is {drop:.4f} below {reference_name} ({reference:.4f}), more than "
-                       f"max_accuracy_drop = {compress.max_accuracy_drop:g}")
+            summary = (f"the unpruned model is kept: after pruning {ratio:g} and fine-tuning, validation {metric.name} "
+                       f"{shown(result.val_metric)} is {metric.format_drop(drop)} worse than {reference_name} "
+                       f"({shown(reference)}), more than the allowed {metric.format_drop(trial.limit)}")
         DECISION.record(artifact, ctx, trial, summary, {
             "ratio": ratio,
             "ratio_choice": reason,
@@ -185,13 +187,13 @@ class PrunePass:
             "search": sorted(search, key=lambda row: row["ratio"]),
             "before": before,
             "after": after,
-            "reference_val_accuracy": reference,
+            f"reference_{value_key}": reference,
             "finetune": trial.settings,
         })
         ctx.console.print(f"  ratio {ratio:g} ({reason.split(':')[0]}): params {before['parameters']:,} -> {after['parameters']:,}, "
                           f"MACs {before['macs']:,} -> {after['macs']:,}, predicted {before['latency_ms_predicted']:.4g} -> "
-                          f"{after['latency_ms_predicted']:.4g} ms, val accuracy {before['val_accuracy']:.4f} -> "
-                          f"{after['val_accuracy_before_finetune']:.4f} (pruned) -> {result.val_accuracy:.4f} (fine-tuned): "
+                          f"{after['latency_ms_predicted']:.4g} ms, val {metric.name} {shown(before[value_key])} -> "
+                          f"{shown(after[f'{value_key}_before_finetune'])} (pruned) -> {shown(result.val_metric)} (fine-tuned): "
                           f"{'accepted' if trial.accepted else 'rejected, unpruned model kept'}")
         return artifact
 

@@ -106,7 +106,7 @@ class QuantizeQatPass:
         artifact.candidates.append(candidate)
         drop = int8_validation_drops(artifact, ctx)["onnx-int8-qat"]
         report.update(validation_qat_drop=drop, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                      decision=f"static INT8 loses {100 * drops['onnx-int8-qdq']:.2f} pp on validation, "
-                               f"after QAT {100 * drop:.2f} pp")
+                      decision=f"static INT8 loses {ctx.metric.format_drop(drops['onnx-int8-qdq'])} of "
+                               f"{ctx.metric.name} on validation, after QAT {ctx.metric.format_drop(drop)}")
         ctx.console.print(f"  {report['decision']}")
         return artifact

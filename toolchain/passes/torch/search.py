@@ -1,13 +1,14 @@
 """Hyper-parameter search (`[search]`): an Optuna study over the config's space, before training.
 
 Each trial trains the user's model with `fit` (the one training loop) on a short budget and is scored
-by its objectives: `accuracy` (validation accuracy, maximised; with `cv_folds >= 2` the mean over
-stratified k folds of train+validation) and `latency` (the PREDICTED latency of the trial's FP32 ONNX
+by its objectives: `accuracy` (the build's metric on validation: accuracy maximised, or for regression
+rmse minimised, whichever `ctx.metric` is; with `cv_folds >= 2` the mean over k folds of
+train+validation, stratified for class labels) and `latency` (the PREDICTED latency of the trial's FP32 ONNX
 graph on the target profile, minimised: the search is device-aware, it never times this host). The
 chosen point's parameters land in `ctx.hparams`; the train pass then trains it on the full budget.
 
 Samplers and pruners are small factory tables, as in Optuna itself, so adding one is one line:
-tpe / random / grid / nsga2 and median / hyperband / none. Pruning reports the validation accuracy
+tpe / random / grid / nsga2 and median / hyperband / none. Pruning reports that validation metric
 after every epoch; multi-objective studies cannot prune in Optuna, so they run with `NopPruner` and
 the report says so.
 
@@ -56,14 +57,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import ParamRange, SearchSection
 from toolchain.errors import ConfigError, ToolchainError
+from toolchain.core.metrics import Metric
 from toolchain.core.models import build_normalized_model
+from toolchain.core.weights import load_weights
 from toolchain.training.fit import fit, model_overrides, training_settings
 from toolchain.core.contract import BuildContext
 
 DEFAULT_TRIALS = {"quick": 6, "standard": 20, "thorough": 60}
 HEARTBEAT_S, GRACE_S = 10, 60
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-DIRECTIONS = {"accuracy": "maximize", "latency": "minimize"}
+
+
+def directions(objectives: list[str], metric: Metric) -> list[str]:
+    """Optuna's direction of each objective: `accuracy` is the build's metric, whichever way it improves."""
+    better = "maximize" if metric.higher_is_better else "minimize"
+    return [better if objective == "accuracy" else "minimize" for objective in objectives]
 
 
 # ----------------------------------------------------------------------------- factories
@@ -169,7 +177,7 @@ def make_plan(ctx: BuildContext) -> SearchPlan:
         notes.append(f"pruner \"{pruner}\" is off: Optuna cannot prune multi-objective studies, every trial runs to the end")
         pruner = "none"
     elif "accuracy" not in search.objectives and pruner != "none":
-        notes.append("pruner is off: pruning watches validation accuracy, which is not an objective here")
+        notes.append(f"pruner is off: pruning watches the validation {ctx.metric.name}, which is not an objective here")
         pruner = "none"
     full = ctx.config.train.epochs or ctx.settings.max_epochs
     trial_epochs = min(full, max(3, math.ceil(full / 3)))
@@ -285,7 +293,9 @@ class _FoldData:
     """What `build_normalized_model` reads of a dataset: normalisation comes from the fold's own training part."""
 
     x_train: np.ndarray
+    y_train: np.ndarray
     labels: list[str]
+    task: str
 
 
 def _splits(ctx: BuildContext, folds: int) -> tuple[list[tuple[np.ndarray, ...]], str]:
@@ -296,10 +306,11 @@ def _splits(ctx: BuildContext, folds: int) -> tuple[list[tuple[np.ndarray, ...]]
 
     x = np.concatenate([data.x_train, data.x_val])
     y = np.concatenate([data.y_train, data.y_val])
-    if np.bincount(y, minlength=len(data.labels)).min() >= folds:
+    if data.task == "classification" and np.bincount(y, minlength=len(data.labels)).min() >= folds:
         splitter, kind = StratifiedKFold(n_splits=folds, shuffle=True, random_state=ctx.seed), "stratified"
     else:
-        splitter, kind = KFold(n_splits=folds, shuffle=True, random_state=ctx.seed), "plain (a class has fewer samples than folds)"
+        kind = "plain (a class has fewer samples than folds)" if data.task == "classification" else "plain"
+        splitter = KFold(n_splits=folds, shuffle=True, random_state=ctx.seed)
     return [(x[a], y[a], x[b], y[b]) for a, b in splitter.split(x, y)], f"{folds}-fold {kind} cross-validation of train+validation"
 
 
@@ -361,24 +372,29 @@ class _Trials:
             values["latency"] = self.predicted_latency(trial, overrides)
             trial.set_user_attr("latency_ms", values["latency"])
         prune = self.plan.pruner != "none"
+        metric, config, dataset = self.ctx.metric, self.ctx.config, self.ctx.dataset
         scores, epochs_run = [], 0
         for fold, (x_train, y_train, x_val, y_val) in enumerate(self.splits):
-            data = self.ctx.dataset if len(self.splits) == 1 else _FoldData(x_train, self.ctx.dataset.labels)
-            module, _ = build_normalized_model(self.ctx.config, data, **overrides)
+            data = dataset if len(self.splits) == 1 else _FoldData(x_train, y_train, dataset.labels, dataset.task)
+            module, _ = build_normalized_model(config, data, **overrides)
+            if config.model.weights is not None:  # trials fine-tune the pretrained weights, as the build will
+                load_weights(module, config)
 
-            def on_epoch(epoch: int, loss: float, acc: float, fold: int = fold) -> None:
+            def on_epoch(epoch: int, loss: float, value: float, fold: int = fold) -> None:
                 where = f"fold {fold + 1}/{len(self.splits)} " if len(self.splits) > 1 else ""
-                self.progress.update(self.task, status=f"trial {trial.number}: {where}epoch {epoch} val acc {acc:.3f}")
+                self.progress.update(self.task, status=f"trial {trial.number}: {where}epoch {epoch} "
+                                                       f"val {metric.name} {metric.format_value(value)}")
                 if prune:
-                    trial.report(acc, fold * self.stride + epoch)
+                    trial.report(value, fold * self.stride + epoch)
                     if trial.should_prune():
-                        trial.set_user_attr("pruned_at", {"fold": fold + 1, "epoch": epoch, "val_accuracy": round(acc, 5)})
-                        raise optuna.TrialPruned(f"val accuracy {acc:.4f} at epoch {epoch} is below the pruner's bar")
+                        trial.set_user_attr("pruned_at", {"fold": fold + 1, "epoch": epoch, f"val_{metric.name}": round(value, 5)})
+                        raise optuna.TrialPruned(f"val {metric.name} {metric.format_value(value)} at epoch {epoch} "
+                                                 "is worse than the pruner's bar")
 
-            result = fit(module, x_train, y_train, x_val, y_val, lr=float(settings["lr"]),
+            result = fit(module, x_train, y_train, x_val, y_val, metric=metric, lr=float(settings["lr"]),
                          weight_decay=float(settings["weight_decay"]), batch_size=int(settings["batch_size"]),
                          max_epochs=epochs, patience=self.plan.patience, seed=self.ctx.seed, on_epoch=on_epoch)
-            scores.append(result.val_accuracy)
+            scores.append(result.val_metric)
             epochs_run += len(result.history)
         trial.set_user_attr("epochs_run", epochs_run)
         values["accuracy"] = float(np.mean(scores))
@@ -387,7 +403,7 @@ class _Trials:
             trial.set_user_attr("cv_mean", round(float(np.mean(scores)), 5))
             trial.set_user_attr("cv_sd", round(float(np.std(scores, ddof=1)), 5))
         else:
-            trial.set_user_attr("val_accuracy", round(scores[0], 5))
+            trial.set_user_attr(f"val_{metric.name}", round(scores[0], 5))
         out = tuple(values[name] for name in self.plan.objectives)
         return out[0] if len(out) == 1 else out
 
@@ -424,7 +440,7 @@ def open_study(ctx: BuildContext, plan: SearchPlan, storage: optuna.storages.Bas
                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, SearchPlan]:
     """Create or load the study; a study run for a different setup is never silently reused."""
     digest, setup = fingerprint(ctx, plan)
-    directions = [DIRECTIONS[o] for o in plan.objectives]
+    wanted = directions(plan.objectives, ctx.metric)
     existing = set(optuna.study.get_all_study_names(storage))
     if plan.study_name in existing:
         old = optuna.load_study(study_name=plan.study_name, storage=storage).user_attrs.get("fingerprint")
@@ -437,8 +453,8 @@ def open_study(ctx: BuildContext, plan: SearchPlan, storage: optuna.storages.Bas
             plan = replace(plan, study_name=renamed, notes=(*plan.notes, f"the study {plan.study_name!r} in the output "
                            f"folder was run for a different setup; this build uses the study {renamed!r}"))
     study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=plan.study_name,
-                                directions=directions, load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != directions:
+                                directions=wanted, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != wanted:
         raise ToolchainError(f"[search] the study {plan.study_name!r} optimises other objectives; set another study_name")
     if "fingerprint" not in study.user_attrs:
         study.set_user_attr("fingerprint", digest)
@@ -470,7 +486,8 @@ def _trial_row(trial: FrozenTrial, objectives: list[str]) -> dict[str, Any]:
 
 
 def choose(study: optuna.Study, plan: SearchPlan, ctx: BuildContext) -> tuple[FrozenTrial, list[FrozenTrial], str]:
-    """Single objective: the best trial. Two: the most accurate Pareto point within the latency budget, else the fastest."""
+    """Single objective: the best trial. Two: the Pareto point with the best metric within the latency budget,
+    else the fastest."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         raise ToolchainError(f"[search] no trial completed ({len(study.trials)} in the study were pruned or failed); "
@@ -481,22 +498,25 @@ def choose(study: optuna.Study, plan: SearchPlan, ctx: BuildContext) -> tuple[Fr
         if objective == "latency":
             return best, [], (f"trial {best.number} has the lowest predicted latency on {ctx.profile.id} "
                               f"({best.value:.4g} ms) of {len(complete)} completed trials.")
-        measure = (f"mean {plan.cv_folds}-fold accuracy {best.user_attrs.get('cv_mean', best.value):.4f} "
-                   f"± {best.user_attrs.get('cv_sd', 0.0):.4f}") if plan.cv_folds >= 2 else f"validation accuracy {best.value:.4f}"
+        name, shown = ctx.metric.name, ctx.metric.format_value
+        measure = (f"mean {plan.cv_folds}-fold {name} {shown(best.user_attrs.get('cv_mean', best.value))} "
+                   f"± {best.user_attrs.get('cv_sd', 0.0):.4g}") if plan.cv_folds >= 2 else f"validation {name} {shown(best.value)}"
         return best, [], f"trial {best.number} has the best {measure} of {len(complete)} completed trials."
     a, l = plan.objectives.index("accuracy"), plan.objectives.index("latency")
-    front = sorted(study.best_trials, key=lambda t: (t.values[l], -t.values[a]))
+    sign = 1.0 if ctx.metric.higher_is_better else -1.0
+    front = sorted(study.best_trials, key=lambda t: (t.values[l], -sign * t.values[a]))
     budget = ctx.profile.budget.latency_ms
     within = [t for t in front if t.values[l] <= budget]
+    name, shown = ctx.metric.name, ctx.metric.format_value
     if within:
-        chosen = max(within, key=lambda t: (t.values[a], -t.values[l]))
-        reason = (f"trial {chosen.number} is the most accurate ({chosen.values[a]:.4f}) of the {len(within)} Pareto-optimal "
+        chosen = max(within, key=lambda t: (sign * t.values[a], -t.values[l]))
+        reason = (f"trial {chosen.number} has the best {name} ({shown(chosen.values[a])}) of the {len(within)} Pareto-optimal "
                   f"trials whose predicted latency on {ctx.profile.id} meets its {budget:g} ms budget "
                   f"({chosen.values[l]:.4g} ms).")
     else:
-        chosen = min(front, key=lambda t: (t.values[l], -t.values[a]))
+        chosen = min(front, key=lambda t: (t.values[l], -sign * t.values[a]))
         reason = (f"no Pareto-optimal trial meets the {budget:g} ms latency budget of {ctx.profile.id}, so the fastest "
-                  f"one was chosen: trial {chosen.number} ({chosen.values[l]:.4g} ms, accuracy {chosen.values[a]:.4f}).")
+                  f"one was chosen: trial {chosen.number} ({chosen.values[l]:.4g} ms, {name} {shown(chosen.values[a])}).")
     return chosen, front, reason
 
 
@@ -515,6 +535,12 @@ class SearchPass:
         if ctx.warm_start is not None:
             ctx.console.print("  skipped: a warm start keeps the architecture and settings of the model it continues")
             artifact.metrics["search"] = {"skipped": f"warm start from {ctx.warm_start}"}
+            return artifact
+        if ctx.config.train.epochs == 0:
+            reason = "[train] epochs = 0 keeps the pretrained weights as they are: there is no training to tune"
+            ctx.console.print(f"  skipped: {reason}")
+            ctx.notes.append(f"search skipped: {reason}")
+            artifact.metrics["search"] = {"skipped": reason}
             return artifact
         started = time.perf_counter()
         space = _check_space(ctx.config.search)
@@ -542,7 +568,8 @@ class SearchPass:
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         artifact.metrics["search"] = {
             "sampler": plan.sampler, "pruner": plan.pruner, "pruner_requested": ctx.config.search.pruner,
-            "objectives": plan.objectives, "directions": [DIRECTIONS[o] for o in plan.objectives],
+            "objectives": plan.objectives, "directions": directions(plan.objectives, ctx.metric),
+            "metric": ctx.metric.name,
             "n_trials": plan.n_trials, "trial_epochs": plan.trial_epochs, "patience": plan.patience,
             "cv_folds": plan.cv_folds, "validation": validation,
             "storage": public_url(plan.storage_url), "study_name": plan.study_name,
