@@ -31,7 +31,8 @@ def _monitor(n_features: int, seed: int) -> DriftMonitor:
         raise ValueError(f"n_features must be <= {MAX_RAW_FEATURES} (raw features are monitored up to that), got {n_features}")
     rng = np.random.default_rng(seed)
     train = rng.standard_normal((5000, n_features))
-    return DriftMonitor(build_reference(train, rng.integers(0, N_CLASSES, len(train)), N_CLASSES), (n_features,))
+    scores = np.eye(N_CLASSES)[rng.integers(0, N_CLASSES, len(train))]
+    return DriftMonitor(build_reference(train, scores, "classification", N_CLASSES), (n_features,))
 
 
 def measure_drift_cost(n_features: int = 64, samples: int = 20000, batch_size: int = 1, repeats: int = 3,

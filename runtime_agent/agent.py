@@ -26,6 +26,7 @@ from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
+from runtime_agent.reference import Features, concat
 from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ONLINE, SCHEMAS, STATUS, TELEMETRY,
                                     ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
@@ -70,14 +71,17 @@ class Active:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shape)
-        self.stats = ModelStats(len(model.labels))
+        self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shapes)
+        predictions = model.bundle.manifest["reference"]["predictions"]
+        edges = tuple(predictions["edges"]) if "edges" in predictions else None
+        self.stats = ModelStats(self.monitor.n_prediction_bins, edges)
 
-    def account(self, latencies_ms: list[float], batches: list[np.ndarray], classes: list[np.ndarray]) -> None:
-        """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation."""
-        predicted = np.concatenate(classes)
-        self.monitor.update(np.concatenate(batches), predicted)
-        self.stats.record_many(latencies_ms, predicted)
+    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray]) -> None:
+        """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation.
+        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values)."""
+        predicted = np.concatenate(drift_values)
+        self.monitor.update(concat(batches), predicted)
+        self.stats.record_many(latencies_ms, self.monitor.prediction_bins(predicted))
 
 
 class Agent:
@@ -90,7 +94,7 @@ class Agent:
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
-        self._served: deque[tuple[Active, float, np.ndarray, np.ndarray]] = deque()  # not yet accounted
+        self._served: deque[tuple[Active, float, Features, np.ndarray]] = deque()  # not yet accounted
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
@@ -134,15 +138,16 @@ class Agent:
                 active.stats.errors += 1
             raise
         prediction = active.model.predict_batch(samples)
-        self.record((time.perf_counter() - started) * 1000, samples, prediction.classes, active)
+        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active)
         return prediction
 
     ACCOUNT_EVERY = 64  # requests: accounting runs in vectorised batches, off the typical request's path
 
-    def record(self, latency_ms: float, batch: np.ndarray, classes: np.ndarray, active: Active | None = None) -> None:
-        """Account one served request. Only queued here (a deque append is atomic); every
-        `ACCOUNT_EVERY` requests, and before a window closes, `account` does the work for all of them."""
-        self._served.append((active or self._active, latency_ms, batch, classes))
+    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None) -> None:
+        """Account one served request (`drift_values`: its `Prediction.drift_values`). Only queued here (a
+        deque append is atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account`
+        does the work for all of them."""
+        self._served.append((active or self._active, latency_ms, batch, drift_values))
         if len(self._served) >= self.ACCOUNT_EVERY:
             self.account()
 
@@ -150,21 +155,21 @@ class Agent:
         """Add the queued requests to the window (latency sketch, counts) and to their model's drift and
         probation statistics; end the probation when it is due."""
         with self._lock:
-            runs: dict[int, tuple[Active, list[float], list[np.ndarray], list[np.ndarray]]] = {}
+            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray]]] = {}
             latencies: list[float] = []
             window = self._window
             for _ in range(len(self._served)):  # only what is queued now; later appends wait for the next call
-                active, latency_ms, batch, classes = self._served.popleft()
+                active, latency_ms, batch, drift_values = self._served.popleft()
                 latencies.append(latency_ms)
-                window.samples += len(classes)
+                window.samples += len(drift_values)
                 run = runs.setdefault(id(active), (active, [], [], []))
                 run[1].append(latency_ms)
                 run[2].append(batch)
-                run[3].append(classes)
+                run[3].append(drift_values)
             window.sketch.add_many(latencies)
             window.requests += len(latencies)
-            for active, run_latencies, batches, classes in runs.values():
-                active.account(run_latencies, batches, classes)
+            for active, run_latencies, batches, values in runs.values():
+                active.account(run_latencies, batches, values)
             probation = self._probation
         if probation is not None and probation.due():
             self.end_probation(probation)

@@ -17,26 +17,39 @@ from runtime_agent.model import LoadedModel
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir, load_public_key
 
 
-def _load_input(path: Path) -> np.ndarray:
+def _load_input(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """A .npy array (a one-input model), or a .npz holding one array per input name."""
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise AgentError(f"input file {path} does not exist") from None
     except (ValueError, OSError) as exc:
-        raise AgentError(f"input file {path} is not a .npy array ({exc}); save it with numpy.save") from None
+        raise AgentError(f"input file {path} is not a .npy or .npz file ({exc}); save it with numpy.save or numpy.savez") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    return loaded
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     bundle = read_bundle(args.bundle, load_public_key(args.pubkey))
     model = LoadedModel.from_bundle(bundle)
     prediction = model.predict(_load_input(args.input))
-    if args.json:
+    if prediction.classes is not None:  # a classifier: one line per sample with its label
+        if args.json:
+            print(json.dumps({"model": bundle.manifest["name"], "version": bundle.version,
+                              "labels": prediction.labels, "classes": prediction.classes.tolist(),
+                              "scores": prediction.scores.round(6).tolist()}))
+        else:
+            for index, (label, scores) in enumerate(zip(prediction.labels, prediction.scores)):
+                print(f"{index}\t{label}\t{scores.max():.4f}")
+    elif args.json:
         print(json.dumps({"model": bundle.manifest["name"], "version": bundle.version,
-                          "labels": prediction.labels, "classes": prediction.classes.tolist(),
-                          "scores": prediction.scores.round(6).tolist()}))
-    else:
-        for index, (label, scores) in enumerate(zip(prediction.labels, prediction.scores)):
-            print(f"{index}\t{label}\t{scores.max():.4f}")
+                          "outputs": {name: array.tolist() for name, array in prediction.outputs.items()}}))
+    else:  # one line per sample and output: its values, flattened
+        for index in range(len(prediction.logits)):
+            for name, array in prediction.outputs.items():
+                print(f"{index}\t{name}\t{' '.join(f'{v:.6g}' for v in np.ravel(array[index]).tolist())}")
     return 0
 
 
@@ -70,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    predict = commands.add_parser("predict", help="verify a bundle and run it once on a .npy input")
+    predict = commands.add_parser("predict", help="verify a bundle and run it once on a .npy (or .npz) input")
     predict.add_argument("--bundle", type=Path, required=True, help="signed .bundle file")
-    predict.add_argument("--input", type=Path, required=True, help=".npy array: one sample or a batch")
+    predict.add_argument("--input", type=Path, required=True,
+                         help=".npy array: one sample or a batch; for a model with several inputs, a .npz with one array per input name")
     predict.add_argument("--pubkey", type=Path, default=default_key_dir() / PUBLIC_KEY_NAME,
                          help="trusted public key (default: %(default)s)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")

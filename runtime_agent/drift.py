@@ -7,14 +7,15 @@ host by ``runtime_agent.reference.build_reference`` from the training inputs):
   edges (exactly as ``reference.bin_counts`` does) and the window's histogram is compared with the
   expected fractions. Convention: PSI < 0.1 stable, 0.1 - 0.25 moderate shift, >= 0.25 significant.
 * **Prediction PSI**: the same index on the predicted-class histogram (a model whose answers collapse
-  onto one class is drifting even when no single input feature is).
+  onto one class is drifting even when no single input feature is); for a model that is not a
+  classifier, on the histogram of its per-sample output mean in the reference's quantile bins.
 * **Page-Hinkley** (``PageHinkley``): a sequential two-sided CUSUM on the per-sample *monitored
   statistic* (the mean of the summary features, standardised with the reference's mean and std). It
   alarms within a dozen samples of a 1-sigma shift, with about 1 false alarm per 12,700 stable samples.
 * **Drifting score** (``DriftingScore``): an exponentially weighted mean of the same standardised
   statistic, expressed as a z-score; a smooth level to plot and to threshold.
 
-``DriftMonitor`` combines them for the agent: ``update(batch, predicted_classes)`` per request (constant
+``DriftMonitor`` combines them for the agent: ``update(batch, predictions)`` per request (constant
 cost per sample, vectorised over features) and ``window_report()`` per window.
 
 Detector convention (river's): ``update(x)`` then read ``drift_detected``; it is True right after the
@@ -30,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from runtime_agent.reference import feature_names, summary_features
+from runtime_agent.reference import Features, Shapes, feature_names, summary_features
 
 PSI_MODERATE = 0.1
 """PSI at or above this: a moderate shift (worth a look)."""
@@ -323,6 +324,22 @@ class DriftingScore(_StandardisedDetector):
         return sum(1 for x in values if update(x))
 
 
+def _shape_text(shape: tuple[int, ...] | dict[str, tuple[int, ...]]) -> str:
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{name}: {list(s)}" for name, s in shape.items()) + "}"
+    return str(list(shape))
+
+
+def _as_batch(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """`array` as a batch of `shape`: one sample gets a batch axis; anything else is a ValueError."""
+    if array.shape == shape:
+        return array[None]
+    if array.shape[1:] != shape:
+        raise ValueError(f"drift monitor: {what} shape {list(array.shape)} does not match the input shape "
+                         f"{list(shape)} (or a batch of it)")
+    return array
+
+
 def alarm(report: Mapping[str, Any], *, min_samples: int = MIN_PSI_SAMPLES) -> bool:
     """Whether a ``DriftMonitor.window_report`` calls for a ``drift_alarm`` event.
 
@@ -341,27 +358,33 @@ class DriftMonitor:
     """Per-window drift statistics of what the device serves, against the bundle's ``reference``.
 
     ``reference``: the manifest's ``reference`` section (``features`` [{name, edges, fractions}],
-    ``predictions`` {fractions}, ``monitored`` {name: "feature_mean", mean, std}). ``input_shape``: one
-    sample's shape (without the batch axis), which fixes the summary features (``reference.feature_names``).
+    ``predictions`` {fractions} per class, or {name: "output_mean", edges, fractions} for a model that is
+    not a classifier, ``monitored`` {name: "feature_mean", mean, std}). ``input_shape``: one sample's shape
+    (without the batch axis), or one per input name (in the manifest's order) for a model with several
+    inputs; it fixes the summary features (``reference.feature_names``, prefixed by input name).
 
-    ``update(batch, predicted_classes)``: ``batch`` is (n, *input_shape) or one sample (*input_shape).
-    Each sample's summary features are binned with ``np.searchsorted(edges, v, side="left")``
-    semantics (bin i holds ``edges[i-1] < v <= edges[i]``, exactly ``reference.bin_counts``), vectorised
-    over features and samples by comparing against a padded edge matrix; predicted classes are counted;
-    the per-sample mean of the summary features feeds a ``PageHinkley`` and a ``DriftingScore`` built
-    with the reference's mean and std (estimated online if the reference has no ``monitored`` section).
-    Cost per sample is constant: O(features x bins) vectorised, plus two O(1) scalar updates.
+    ``update(batch, predictions)``: ``batch`` is (n, *input_shape) or one sample (*input_shape), or a dict
+    of those by input name. Each sample's summary features are binned with
+    ``np.searchsorted(edges, v, side="left")`` semantics (bin i holds ``edges[i-1] < v <= edges[i]``,
+    exactly ``reference.bin_counts``), vectorised over features and samples by comparing against a padded
+    edge matrix; the predictions (``reference.prediction_values``: classes, or per-sample output means
+    binned with the reference's edges) are counted; the per-sample mean of the summary features feeds a
+    ``PageHinkley`` and a ``DriftingScore`` built with the reference's mean and std (estimated online if
+    the reference has no ``monitored`` section). Cost per sample is constant: O(features x bins)
+    vectorised, plus two O(1) scalar updates.
     """
 
-    def __init__(self, reference: Mapping[str, Any], input_shape: Sequence[int], *,
+    def __init__(self, reference: Mapping[str, Any], input_shape: Shapes, *,
                  ph_params: Mapping[str, Any] | None = None, score_params: Mapping[str, Any] | None = None) -> None:
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] = (
+            {name: tuple(int(d) for d in shape) for name, shape in input_shape.items()}
+            if isinstance(input_shape, Mapping) else tuple(int(d) for d in input_shape))
         names = feature_names(self.input_shape)
         table = list(reference.get("features", []))
         ref_names = [f.get("name") for f in table]
         if ref_names != names:
             raise ValueError(f"reference features {ref_names[:4]}{'...' if len(ref_names) > 4 else ''} "
-                             f"({len(ref_names)}) do not match input shape {list(self.input_shape)} "
+                             f"({len(ref_names)}) do not match input shape {_shape_text(self.input_shape)} "
                              f"({len(names)} features: {names[:4]}{'...' if len(names) > 4 else ''})")
         self.feature_names = names
         self.n_features = k = len(names)
@@ -385,8 +408,15 @@ class DriftMonitor:
             self._expected_table[j, :expected.size] = np.maximum(expected / expected.sum(), PSI_EPSILON)
         self._valid_bins = np.arange(self._n_bins)[None, :] <= self._n_edges[:, None]
         self._offsets = np.arange(k, dtype=np.int64) * self._n_bins
-        self._expected_predictions = np.asarray(reference.get("predictions", {}).get("fractions", []), dtype=np.float64)
-        self.n_classes = int(self._expected_predictions.size)
+        predictions = reference.get("predictions", {})
+        self._expected_predictions = np.asarray(predictions.get("fractions", []), dtype=np.float64)
+        edges = predictions.get("edges")
+        self._prediction_edges = None if edges is None else np.asarray(edges, dtype=np.float64)
+        if edges is not None and self._expected_predictions.size != len(edges) + 1:
+            raise ValueError(f"reference predictions: {len(edges)} edges need {len(edges) + 1} fractions, "
+                             f"got {self._expected_predictions.size}")
+        self.n_prediction_bins = int(self._expected_predictions.size)
+        """Classes of a classifier, or bins of the continuous prediction values."""
         monitored = reference.get("monitored") or {}
         mean, std = monitored.get("mean"), monitored.get("std")
         if mean is None or std is None:
@@ -395,21 +425,26 @@ class DriftMonitor:
         self.drifting_score = DriftingScore(mean, std, **dict(score_params or {}))
         self._reset_window()
 
+    @property
+    def continuous(self) -> bool:
+        """Whether predictions are continuous values binned by the reference (not classes)."""
+        return self._prediction_edges is not None
+
     def _reset_window(self) -> None:
         self._counts = np.zeros(self.n_features * self._n_bins, dtype=np.int64)
-        self._prediction_counts = np.zeros(self.n_classes, dtype=np.int64)
+        self._prediction_counts = np.zeros(self.n_prediction_bins, dtype=np.int64)
         self._n = 0
         self._ph_alarm = False
         self._score_alarm = False
 
-    def _features(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch)
-        if batch.shape == self.input_shape:
-            batch = batch[None]
-        if batch.shape[1:] != self.input_shape:
-            raise ValueError(f"drift monitor: batch shape {list(batch.shape)} does not match the input shape "
-                             f"{list(self.input_shape)} (or a batch of it)")
-        return summary_features(batch)
+    def _features(self, batch: Features) -> np.ndarray:
+        if isinstance(self.input_shape, dict):
+            if not isinstance(batch, Mapping) or list(batch) != list(self.input_shape):
+                given = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+                raise ValueError(f"drift monitor: inputs {given} do not match the model's {list(self.input_shape)}")
+            return summary_features({name: _as_batch(np.asarray(batch[name]), shape, f"input {name!r}")
+                                     for name, shape in self.input_shape.items()})
+        return summary_features(_as_batch(np.asarray(batch), self.input_shape, "batch"))
 
     def bins(self, features: np.ndarray) -> np.ndarray:
         """(n, k) summary features -> (n, k) bin indices, identical to ``np.searchsorted(edges_j, v, "left")``."""
@@ -421,26 +456,31 @@ class DriftMonitor:
             index = np.where(np.isnan(features), self._n_edges[None, :], index)
         return index
 
-    def update(self, batch: np.ndarray, predicted_classes: np.ndarray | Sequence[int] | None = None) -> None:
-        """Account one request's samples (and the model's predicted classes for them, if given)."""
+    def prediction_bins(self, predictions: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Each sample's prediction bin: its class (checked to lie in range), or the reference bin of its
+        continuous value (``reference.bin_counts``'s semantics)."""
+        if self._prediction_edges is not None:
+            values = np.asarray(predictions, dtype=np.float64).ravel()
+            return np.searchsorted(self._prediction_edges, values, side="left")
+        classes = np.asarray(predictions, dtype=np.int64).ravel()
+        if classes.size and (classes.min() < 0 or classes.max() >= self.n_prediction_bins):
+            raise ValueError(f"predicted classes must lie in [0, {self.n_prediction_bins}), "
+                             f"got {int(classes.min())}..{int(classes.max())}")
+        return classes
+
+    def update(self, batch: Features, predictions: np.ndarray | Sequence[float] | None = None) -> None:
+        """Account one request's samples (and the model's ``reference.prediction_values`` for them, if given)."""
         features = self._features(batch)
         n = features.shape[0]
         if n == 0:
             return
-        if predicted_classes is not None:
-            classes = np.asarray(predicted_classes, dtype=np.int64).ravel()
-            try:
-                counted = np.bincount(classes, minlength=self.n_classes)
-            except ValueError:  # a negative class
-                counted = None
-            if counted is None or counted.size != self.n_classes:
-                raise ValueError(f"predicted classes must lie in [0, {self.n_classes}), "
-                                 f"got {int(classes.min())}..{int(classes.max())}")
+        counted = None if predictions is None else np.bincount(self.prediction_bins(predictions),
+                                                               minlength=self.n_prediction_bins)
         monitored = (features.sum(axis=1) / self.n_features).tolist()  # the per-sample feature mean
         has_nan = not all(map(math.isfinite, monitored)) and bool(np.isnan(features).any())
         flat = (self._bins(features, has_nan) + self._offsets[None, :]).ravel()
         self._counts += np.bincount(flat, minlength=self._counts.size)
-        if predicted_classes is not None:
+        if counted is not None:
             self._prediction_counts += counted
         self._n += n
         if self.page_hinkley.update_many(monitored):
@@ -474,7 +514,7 @@ class DriftMonitor:
         detection during the window), "n" (samples in the window)}``. Empty window: every PSI is 0.0.
         """
         values = dict(zip(self.feature_names, self._feature_psi(self._counts.reshape(self.n_features, self._n_bins))))
-        prediction_psi = psi(self._expected_predictions, self._prediction_counts) if self.n_classes else 0.0
+        prediction_psi = psi(self._expected_predictions, self._prediction_counts) if self.n_prediction_bins else 0.0
         report = {"psi": values, "psi_max": max(values.values(), default=0.0), "prediction_psi": prediction_psi,
                   "ph_alarm": self._ph_alarm, "drifting_score": float(self.drifting_score.score),
                   "drifting_alarm": self._score_alarm, "n": self._n}

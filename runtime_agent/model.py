@@ -2,13 +2,19 @@
 
 Only a `Bundle` (which exists only after verification) can become a `LoadedModel`, so an unverified
 file can never be run by accident.
+
+A model takes one input (fed a plain array, as every bundle before `inputs` existed) or several (fed a
+dict of arrays by input name), and gives one or more outputs, all of which a `Prediction` carries. The
+manifest's `task` says what the first output means: a classifier's scores (then classes, labels and
+softmax scores are derived from it), a regressor's values, or anything else (`unlabelled`). A manifest
+without `task`, `inputs` or `outputs` describes a one-input classifier whose first output is its logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +22,9 @@ import onnxruntime as ort
 from runtime_agent.bundle import Bundle
 from runtime_agent.errors import BundleError, InputError
 from runtime_agent.litert import LiteRtSession, LiteRtUnavailable
+from runtime_agent.reference import TASKS, Features, prediction_values
+
+CLASSIFICATION = "classification"
 
 
 def _providers(preferred: Sequence[str]) -> list[str]:
@@ -25,35 +34,109 @@ def _providers(preferred: Sequence[str]) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-class Prediction:
-    """One request's answer. Softmax scores are computed only when asked for (serving rarely needs them)."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the manifest declares it: one sample's shape (no batch axis; -1 where an
+    output's dim varies) and dtype."""
 
-    def __init__(self, logits: np.ndarray, label_names: list[str]) -> None:
-        self.logits = logits  # the model's raw outputs
-        self.classes = logits.argmax(axis=1)
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def from_manifest(cls, entry: Any, field: str) -> "TensorSpec":
+        try:
+            return cls(name=str(entry["name"]), shape=tuple(int(d) for d in entry["shape"]), dtype=np.dtype(entry["dtype"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest field '{field}': {entry!r} is not a {{name, shape, dtype}} tensor ({exc})") from None
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.dtype} {list(self.shape)})"
+
+
+def _specs(manifest: dict[str, Any]) -> tuple[str, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The manifest's task, inputs and outputs, with the defaults of a bundle that predates them."""
+    task = manifest.get("task", CLASSIFICATION)
+    if task not in TASKS:
+        raise BundleError(f"manifest task {task!r} is not one this agent serves ({', '.join(TASKS)}); upgrade the agent")
+    inputs = tuple(TensorSpec.from_manifest(entry, "inputs") for entry in manifest.get("inputs") or [manifest["input"]])
+    default_output = [{"name": "logits", "shape": [len(manifest["labels"])], "dtype": "float32"}]
+    outputs = tuple(TensorSpec.from_manifest(entry, "outputs") for entry in manifest.get("outputs") or default_output)
+    return task, inputs, outputs
+
+
+def _feed_names(session: ort.InferenceSession | LiteRtSession, inputs: Sequence[TensorSpec]) -> tuple[str, ...]:
+    """The session input each manifest input feeds: by name when the manifest names the graph's inputs,
+    else by position (a one-input bundle calls its input "input" whatever the graph calls it)."""
+    names = tuple(i.name for i in session.get_inputs())
+    if len(names) != len(inputs):
+        raise BundleError(f"the model has {len(names)} input(s) ({', '.join(names)}) but the manifest lists {len(inputs)}")
+    declared = tuple(spec.name for spec in inputs)
+    return declared if set(declared) == set(names) else names
+
+
+def _output_count(session: ort.InferenceSession | LiteRtSession) -> int:
+    return len(session.get_outputs()) if isinstance(session, ort.InferenceSession) else 1  # LiteRT: one output
+
+
+class Prediction:
+    """One request's answer: every output by name (`outputs`, in the manifest's order; `logits` is the
+    first). A classifier's answer also has `classes`, `labels` and (computed only when asked for: serving
+    rarely needs them) softmax `scores`; for other tasks they are None."""
+
+    def __init__(self, outputs: Mapping[str, np.ndarray], task: str, label_names: list[str]) -> None:
+        self.outputs = dict(outputs)
+        self.logits = next(iter(self.outputs.values()))  # the first output
+        self.task = task
+        self.classes = self.logits.argmax(axis=-1) if task == CLASSIFICATION else None
         self._label_names = label_names
 
     @cached_property
-    def labels(self) -> list[str]:
+    def labels(self) -> list[str] | None:
         """The class names of the predictions."""
-        return [self._label_names[i] for i in self.classes]
+        return None if self.classes is None else [self._label_names[i] for i in self.classes]
 
     @cached_property
-    def scores(self) -> np.ndarray:
+    def scores(self) -> np.ndarray | None:
         """Softmax probabilities, one row per sample."""
+        if self.classes is None:
+            return None
         logits = self.logits.astype(np.float64)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    @property
+    def drift_values(self) -> np.ndarray:
+        """What prediction drift and probation count per sample (`reference.prediction_values`)."""
+        return self.classes if self.classes is not None else prediction_values(self.logits, self.task)
+
+
+def _check(spec: TensorSpec, x: Any, what: str) -> np.ndarray:
+    """`x` as a batch `(n, *spec.shape)` (a single sample gets a batch axis); `what` names it in the reason."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{what} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != spec.dtype:
+        raise InputError(f"{what} dtype is {x.dtype}, the model expects {spec.dtype}; convert it with .astype('{spec.dtype}')")
+    if x.shape == spec.shape:
+        x = x[np.newaxis]
+    if x.ndim != len(spec.shape) + 1 or x.shape[1:] != spec.shape or x.shape[0] == 0:
+        raise InputError(f"{what} shape is {list(x.shape)}, the model expects {list(spec.shape)} "
+                         f"or a batch [n, {', '.join(map(str, spec.shape))}]")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.size(x) - np.isfinite(x).sum())
+        raise InputError(f"{what} has {bad} NaN or infinite value(s); clean the data before sending it")
+    return x
 
 
 @dataclass
 class LoadedModel:
     bundle: Bundle
-    session: ort.InferenceSession | LiteRtSession  # both answer run(None, {name: batch})[0]
-    input_name: str
-    input_shape: tuple[int, ...]  # one sample, without the batch dimension
-    dtype: np.dtype
-    labels: list[str] = field(default_factory=list)
+    session: ort.InferenceSession | LiteRtSession  # both answer run(None, {name: batch}) and get_inputs()
+    task: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    feed_names: tuple[str, ...]  # the session's name for each input, in the manifest's order
+    labels: list[str]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0) -> "LoadedModel":
@@ -77,33 +160,69 @@ class LoadedModel:
         else:
             raise BundleError(f"model format {artifact['format']!r} needs a runtime this agent does not have "
                               f"(it runs 'onnx' and, with ai-edge-litert, 'tflite')")
-        spec = bundle.manifest["input"]
-        return cls(bundle=bundle, session=session, input_name=session.get_inputs()[0].name,
-                   input_shape=tuple(int(d) for d in spec["shape"]), dtype=np.dtype(spec["dtype"]),
-                   labels=[str(label) for label in bundle.manifest["labels"]])
+        task, inputs, outputs = _specs(bundle.manifest)
+        if "outputs" in bundle.manifest and len(outputs) != _output_count(session):
+            raise BundleError(f"the model has {_output_count(session)} output(s) but the manifest lists {len(outputs)}")
+        return cls(bundle=bundle, session=session, task=task, inputs=inputs, outputs=outputs,
+                   feed_names=_feed_names(session, inputs), labels=[str(label) for label in bundle.manifest["labels"]])
 
-    def validate(self, x: Any) -> np.ndarray:
-        """Return a batch `(n, *input_shape)`; a single sample gets a batch axis. Raise on anything else."""
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"input must be a numpy array, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise InputError(f"input dtype is {x.dtype}, the model expects {self.dtype}; convert it with .astype('{self.dtype}')")
-        if x.shape == self.input_shape:
-            x = x[np.newaxis]
-        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape or x.shape[0] == 0:
-            raise InputError(f"input shape is {list(x.shape)}, the model expects {list(self.input_shape)} "
-                             f"or a batch [n, {', '.join(map(str, self.input_shape))}]")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            bad = int(np.size(x) - np.isfinite(x).sum())
-            raise InputError(f"input has {bad} NaN or infinite value(s); clean the data before sending it")
-        return x
+    @property
+    def input_name(self) -> str:
+        """The session's name of the first input."""
+        return self.feed_names[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample of the first input, without the batch dimension."""
+        return self.inputs[0].shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.inputs[0].dtype
+
+    @property
+    def input_shapes(self) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        """One sample's shape, or one per input name for several inputs (what `validate` returns is shaped so)."""
+        return self.input_shape if len(self.inputs) == 1 else {spec.name: spec.shape for spec in self.inputs}
+
+    def _expected(self) -> str:
+        return ", ".join(spec.describe() for spec in self.inputs)
+
+    def validate(self, x: Any) -> Features:
+        """Every input as a batch `(n, *shape)`: an array for a one-input model (given as an array, or as
+        a dict holding it by name), a dict by input name (the manifest's order) for several inputs. Raise
+        `InputError` with the reason, naming the input, on anything else."""
+        if isinstance(x, Mapping):
+            names = [spec.name for spec in self.inputs]
+            if unknown := [name for name in x if name not in names]:
+                raise InputError(f"unknown input(s) {unknown}; the model's inputs are {self._expected()}")
+            if missing := [name for name in names if name not in x]:
+                raise InputError(f"missing input(s) {missing}; the model's inputs are {self._expected()}")
+        if len(self.inputs) == 1:
+            spec = self.inputs[0]
+            return _check(spec, x[spec.name] if isinstance(x, Mapping) else x, "input")
+        if not isinstance(x, Mapping):
+            raise InputError(f"the model takes {len(self.inputs)} inputs ({self._expected()}); "
+                             f"pass a dict of arrays by input name, got {type(x).__name__}")
+        batches = {spec.name: _check(spec, x[spec.name], f"input {spec.name!r}") for spec in self.inputs}
+        sizes = {name: len(batch) for name, batch in batches.items()}
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"the inputs hold different numbers of samples ({', '.join(f'{k}: {v}' for k, v in sizes.items())}); "
+                             f"send the same number for every input")
+        return batches
+
+    def _run(self, batch: Features) -> list[np.ndarray]:
+        arrays = batch.values() if isinstance(batch, Mapping) else (batch,)
+        return self.session.run(None, dict(zip(self.feed_names, arrays)))[:len(self.outputs)]
 
     def logits(self, x: Any) -> np.ndarray:
-        return self.session.run(None, {self.input_name: self.validate(x)})[0]
+        """The first output on `x` (validated)."""
+        return self._run(self.validate(x))[0]
 
     def predict(self, x: Any) -> Prediction:
         return self.predict_batch(self.validate(x))
 
-    def predict_batch(self, batch: np.ndarray) -> Prediction:
+    def predict_batch(self, batch: Features) -> Prediction:
         """Predict on a batch that `validate` already returned."""
-        return Prediction(self.session.run(None, {self.input_name: batch})[0], self.labels)
+        names = (spec.name for spec in self.outputs)
+        return Prediction(dict(zip(names, self._run(batch))), self.task, self.labels)

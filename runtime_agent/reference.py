@@ -2,33 +2,60 @@
 
 The host stores bin edges and expected fractions in the bundle; the device bins what it serves with
 the same edges. Wide inputs (images) are summarised per channel (mean and spread) so the number of
-monitored features stays small and the per-sample cost constant.
+monitored features stays small and the per-sample cost constant. A model with several inputs gets
+each input's features under the input's name (`"{input}.x0"`), so PSI is kept per input.
+
+What a model answers is watched too, by one value per sample (`prediction_values`): the predicted
+class of a classifier, else the mean of the sample's first output (a regressor's predicted value),
+binned by quantiles of the reference like an input feature, so a continuous output drifts by the
+same PSI.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
 MAX_RAW_FEATURES = 256
 N_BINS = 10
+TASKS = ("classification", "regression", "unlabelled")
+
+Features = Union[np.ndarray, Mapping[str, np.ndarray]]
+"""A batch: one array `(n, *shape)` for a one-input model, or one such array per input name (in order)."""
+Shapes = Union[Sequence[int], Mapping[str, Sequence[int]]]
+"""One sample's shape, or one per input name (in order), matching `Features`."""
 
 
-def feature_names(input_shape: tuple[int, ...]) -> list[str]:
-    if int(np.prod(input_shape)) <= MAX_RAW_FEATURES:
-        return [f"x{i}" for i in range(int(np.prod(input_shape)))]
+def concat(batches: Sequence[Features]) -> Features:
+    """Batches of the same model joined along the sample axis, of the same kind as each batch."""
+    if isinstance(batches[0], Mapping):
+        return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return np.concatenate(batches)
+
+
+def feature_names(input_shape: Shapes) -> list[str]:
+    """The monitored features' names; with several inputs, each input's are prefixed by its name."""
+    if isinstance(input_shape, Mapping):
+        return [f"{name}.{feature}" for name, shape in input_shape.items() for feature in feature_names(shape)]
+    size = int(np.prod(input_shape))
+    if size <= MAX_RAW_FEATURES:
+        return [f"x{i}" for i in range(size)]
     channels = input_shape[0] if len(input_shape) > 1 else 1
     return [f"c{c}_{stat}" for c in range(channels) for stat in ("mean", "std")]
 
 
-def summary_features(batch: np.ndarray) -> np.ndarray:
+def summary_features(batch: Features) -> np.ndarray:
     """(n, *input_shape) -> (n, k) monitored features, matching `feature_names`."""
+    if isinstance(batch, Mapping):
+        return np.concatenate([summary_features(array) for array in batch.values()], axis=1)
     n = batch.shape[0]
     if int(np.prod(batch.shape[1:])) <= MAX_RAW_FEATURES:
         return batch.reshape(n, -1).astype(np.float64)
     # Images: per-channel mean and spread from one pass of float32 sums (no float64 copy of the pixels;
-    # this runs on every served request).
+    # this runs on every served request). Narrow types (uint8, float16, bool) would overflow the squares.
+    if batch.dtype not in (np.float32, np.float64):
+        batch = batch.astype(np.float32)
     channels = batch.reshape(n, batch.shape[1] if batch.ndim > 2 else 1, -1)
     pixels = channels.shape[2]
     total = channels.sum(axis=2, dtype=np.float64)
@@ -36,6 +63,15 @@ def summary_features(batch: np.ndarray) -> np.ndarray:
     mean = total / pixels
     spread = np.sqrt(np.maximum(squares / pixels - mean * mean, 0.0))
     return np.stack([mean, spread], axis=2).reshape(n, -1)
+
+
+def prediction_values(first_output: np.ndarray, task: str) -> np.ndarray:
+    """One value per sample that prediction drift watches: a classifier's predicted class (the argmax of
+    its scores over the last axis), else the mean of the sample's first output (for a regressor with
+    one output: the predicted value itself)."""
+    if task == "classification":
+        return first_output.argmax(axis=-1)
+    return first_output.reshape(len(first_output), -1).mean(axis=1, dtype=np.float64)
 
 
 def bin_edges(values: np.ndarray, n_bins: int = N_BINS) -> list[float]:
@@ -49,20 +85,34 @@ def bin_counts(values: np.ndarray, edges: list[float]) -> np.ndarray:
     return np.bincount(np.searchsorted(np.asarray(edges), values, side="left"), minlength=len(edges) + 1)
 
 
-def build_reference(batch: np.ndarray, predicted_classes: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """The bundle's `reference` section from training inputs and the shipped model's predictions."""
-    features = summary_features(batch)
-    names = feature_names(tuple(batch.shape[1:]))
-    table = []
-    for name, column in zip(names, features.T):
-        edges = bin_edges(column)
-        counts = bin_counts(column, edges)
-        table.append({"name": name, "edges": edges, "fractions": (counts / counts.sum()).round(6).tolist()})
+def _binned(values: np.ndarray) -> dict[str, Any]:
+    edges = bin_edges(values)
+    counts = bin_counts(values, edges)
+    return {"edges": edges, "fractions": (counts / counts.sum()).round(6).tolist()}
+
+
+def build_reference(inputs: Features, first_output: np.ndarray, task: str, n_classes: int) -> dict[str, Any]:
+    """The bundle's `reference` section from training inputs and the shipped model's first output on them.
+
+    `inputs`: an array for a one-input model, or a dict of arrays by input name in the manifest's order.
+    `first_output`: the model's first output `(n, ...)`. Classification keeps the predicted-class
+    fractions (`n_classes` of them); other tasks get quantile bins of `prediction_values` under
+    `predictions` (`{"name": "output_mean", "edges", "fractions"}`)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    features = summary_features(inputs)
+    shapes = {name: array.shape[1:] for name, array in inputs.items()} if isinstance(inputs, Mapping) else inputs.shape[1:]
+    table = [{"name": name, **_binned(column)} for name, column in zip(feature_names(shapes), features.T)]
+    predicted = prediction_values(np.asarray(first_output), task)
+    if task == "classification":
+        counts = np.bincount(predicted, minlength=n_classes)
+        predictions: dict[str, Any] = {"fractions": (counts / counts.sum()).round(6).tolist()}
+    else:
+        predictions = {"name": "output_mean", **_binned(predicted)}
     monitored = features.mean(axis=1)
-    prediction_counts = np.bincount(predicted_classes, minlength=n_classes)
     return {
-        "n": int(batch.shape[0]),
+        "n": len(features),
         "features": table,
-        "predictions": {"fractions": (prediction_counts / prediction_counts.sum()).round(6).tolist()},
+        "predictions": predictions,
         "monitored": {"name": "feature_mean", "mean": float(monitored.mean()), "std": float(monitored.std())},
     }

@@ -5,6 +5,9 @@ Standard clients of that protocol (Triton's and KServe's HTTP clients) work unch
 `GET /v2/models/{name}/ready`, `POST /v2/models/{name}[/versions/{v}]/infer`.
 Bad requests get a 400 with `{"error": reason}` and the server keeps serving. The standard library's
 threading HTTP server is enough for a board's local clients and adds no dependency.
+
+Every model input is sent by name (all of them, once each); the answer holds every model output by
+name, and for a classifier also `class` and `label` (a client may ask for a subset with `outputs`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import numpy as np
 
 from runtime_agent import __version__
 from runtime_agent.errors import AgentError
-from runtime_agent.model import LoadedModel, Prediction
+from runtime_agent.model import CLASSIFICATION, LoadedModel, Prediction
+from runtime_agent.reference import Features
 
 MAX_BODY_BYTES = 32 << 20
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
-             "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+             "INT16": np.int16, "INT8": np.int8, "UINT64": np.uint64, "UINT32": np.uint32, "UINT16": np.uint16,
+             "UINT8": np.uint8, "BOOL": np.bool_}  # every numeric datatype of the protocol: a model may output any
 DATATYPE_OF = {np.dtype(v): k for k, v in DATATYPES.items()}
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
 
@@ -35,7 +40,7 @@ class Servable(Protocol):
     @property
     def model(self) -> LoadedModel | None: ...
 
-    def infer(self, batch: np.ndarray) -> Prediction: ...
+    def infer(self, batch: Features) -> Prediction: ...
 
 
 class RequestError(AgentError):
@@ -46,25 +51,17 @@ class RequestError(AgentError):
 
 def model_metadata(model: LoadedModel) -> dict[str, Any]:
     manifest = model.bundle.manifest
+    classifier = [{"name": "class", "datatype": "INT64", "shape": [-1]}, {"name": "label", "datatype": "BYTES", "shape": [-1]}]
     return {
         "name": manifest["name"], "versions": [str(manifest["version"])], "platform": "onnxruntime_onnx",
-        "inputs": [{"name": manifest["input"]["name"], "datatype": DATATYPE_OF[model.dtype], "shape": [-1, *model.input_shape]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(model.labels)]},
-                    {"name": "class", "datatype": "INT64", "shape": [-1]},
-                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": spec.name, "datatype": DATATYPE_OF[spec.dtype], "shape": [-1, *spec.shape]} for spec in model.inputs],
+        "outputs": [{"name": spec.name, "datatype": DATATYPE_OF[spec.dtype], "shape": [-1, *spec.shape]} for spec in model.outputs]
+        + (classifier if model.task == CLASSIFICATION else []),
     }
 
 
-def decode_input(request: Any, model: LoadedModel) -> np.ndarray:
-    """The request's single input tensor as a numpy array of its declared datatype and shape."""
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or len(request["inputs"]) != 1:
-        raise RequestError("request must be a JSON object with 'inputs': a list of exactly one tensor")
-    tensor = request["inputs"][0]
-    if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= set(tensor):
-        raise RequestError("each input needs 'name', 'shape', 'datatype' and 'data'")
-    expected_name = model.bundle.manifest["input"]["name"]
-    if tensor["name"] != expected_name:
-        raise RequestError(f"unknown input {tensor['name']!r}; the model's input is {expected_name!r}")
+def _decode_tensor(tensor: dict[str, Any]) -> np.ndarray:
+    """One request tensor as a numpy array of its declared datatype and shape."""
     if tensor["datatype"] not in DATATYPES:
         raise RequestError(f"unsupported datatype {tensor['datatype']!r}; use one of {', '.join(DATATYPES)}")
     shape = tensor["shape"]
@@ -79,12 +76,39 @@ def decode_input(request: Any, model: LoadedModel) -> np.ndarray:
     return array.reshape(shape)
 
 
-def encode_outputs(prediction: Prediction, logits_shape: tuple[int, ...], requested: Any) -> list[dict[str, Any]]:
-    available = {
-        "logits": {"datatype": "FP32", "shape": list(logits_shape), "data": prediction.logits.ravel().tolist()},
-        "class": {"datatype": "INT64", "shape": [len(prediction.classes)], "data": prediction.classes.tolist()},
-        "label": {"datatype": "BYTES", "shape": [len(prediction.labels)], "data": prediction.labels},
-    }
+def decode_inputs(request: Any, model: LoadedModel) -> Features:
+    """The request's tensors: an array for a one-input model, a dict by input name for several.
+    Every input of the model must be there exactly once; dtypes and shapes are `LoadedModel.validate`'s."""
+    names = [spec.name for spec in model.inputs]
+    expected = f"the model's input is {names[0]!r}" if len(names) == 1 else \
+        f"the model's inputs are {', '.join(map(repr, names))}"
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise RequestError(f"request must be a JSON object with 'inputs': a list of tensors, one per model input ({expected})")
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in request["inputs"]:
+        if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= set(tensor):
+            raise RequestError("each input needs 'name', 'shape', 'datatype' and 'data'")
+        name = tensor["name"]
+        if name not in names:
+            raise RequestError(f"unknown input {name!r}; {expected}")
+        if name in arrays:
+            raise RequestError(f"input {name!r} is sent twice; send each input once")
+        arrays[name] = _decode_tensor(tensor)
+    if missing := [name for name in names if name not in arrays]:
+        raise RequestError(f"missing input(s) {', '.join(map(repr, missing))}; {expected}")
+    return arrays[names[0]] if len(names) == 1 else {name: arrays[name] for name in names}
+
+
+def _tensor(array: np.ndarray) -> dict[str, Any]:
+    return {"datatype": DATATYPE_OF[array.dtype], "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def encode_outputs(prediction: Prediction, requested: Any) -> list[dict[str, Any]]:
+    """Every model output by name (a classifier's also `class` and `label`), or the subset `requested`."""
+    available = {name: _tensor(array) for name, array in prediction.outputs.items()}
+    if prediction.classes is not None and prediction.labels is not None:
+        available["class"] = {"datatype": "INT64", "shape": [len(prediction.classes)], "data": prediction.classes.tolist()}
+        available["label"] = {"datatype": "BYTES", "shape": [len(prediction.labels)], "data": prediction.labels}
     names = list(available)
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
@@ -158,9 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length))
         except (ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"request body is not valid JSON ({exc})") from None
-        batch = decode_input(request, model)
-        prediction = self.server.servable.infer(batch)
-        outputs = encode_outputs(prediction, prediction.logits.shape, request.get("outputs"))
+        prediction = self.server.servable.infer(decode_inputs(request, model))
+        outputs = encode_outputs(prediction, request.get("outputs"))
         manifest = model.bundle.manifest
         body = {"model_name": manifest["name"], "model_version": str(manifest["version"]), "outputs": outputs}
         if "id" in request:

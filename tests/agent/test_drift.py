@@ -86,7 +86,7 @@ def reference() -> dict:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5000, 8))
     classes = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)  # 4 roughly balanced classes
-    return build_reference(x, classes, 4)
+    return build_reference(x, np.eye(4)[classes], "classification", 4)
 
 
 def window(seed: int, shift: float = 0.0, n: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ def test_monitor_bins_exactly_like_reference_bin_counts() -> None:
     train = np.concatenate([rng.integers(0, 4, (2000, 2)).astype(float),  # ties: collapsed edges
                             np.zeros((2000, 1)),                           # constant: a single edge
                             rng.standard_normal((2000, 3))], axis=1)
-    reference = build_reference(train, rng.integers(0, 3, 2000), 3)
+    reference = build_reference(train, np.eye(3)[rng.integers(0, 3, 2000)], "classification", 3)
     monitor = DriftMonitor(reference, (6,))
     served = np.concatenate([rng.integers(-1, 5, (300, 2)).astype(float), rng.integers(-1, 2, (300, 1)).astype(float),
                              rng.standard_normal((300, 3)) * 2], axis=1)
@@ -292,7 +292,7 @@ def test_window_psi_of_every_feature_equals_psi_of_its_histogram() -> None:
     rng = np.random.default_rng(8)
     train = np.concatenate([rng.integers(0, 4, (2000, 2)).astype(float), np.zeros((2000, 1)),  # ties, constant
                             rng.standard_normal((2000, 3))], axis=1)
-    reference = build_reference(train, rng.integers(0, 3, 2000), 3)
+    reference = build_reference(train, np.eye(3)[rng.integers(0, 3, 2000)], "classification", 3)
     monitor = DriftMonitor(reference, (6,))
     for shift in (0.0, 0.7, 3.0):
         monitor.update(train[:400] + shift)
