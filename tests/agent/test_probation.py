@@ -34,3 +34,26 @@ def test_a_collapsed_model_matches_neither_and_is_rolled_back() -> None:
     reason = Probation(ProbationLimits(), collapsed, previous, UNIFORM).regression()
     assert reason is not None and reason.startswith("predictions shifted: PSI ")
     assert "vs the bundle's reference" in reason and "vs the previous model" in reason and "100% of answers are class 2" in reason
+
+
+EDGES = (-1.0, 0.0, 1.0)  # a regressor's reference: four bins of its predicted values, a quarter each
+
+
+def value_stats(bins: list[int], edges: tuple[float, ...] = EDGES) -> ModelStats:
+    recorded = ModelStats(len(edges) + 1, edges)
+    recorded.record_many([1.0] * 100, np.asarray(bins, dtype=np.int64))
+    return recorded
+
+
+def test_a_regressor_that_collapses_onto_one_value_is_rolled_back_naming_the_values() -> None:
+    collapsed = value_stats([3] * 100)
+    reason = Probation(ProbationLimits(), collapsed, value_stats([0, 1, 2, 3] * 25), UNIFORM).regression()
+    assert reason is not None and reason.endswith("100% of answers are predicted values in (1, inf])")
+    assert Probation(ProbationLimits(), value_stats([0, 1, 2, 3] * 25), None, UNIFORM).regression() is None
+
+
+def test_a_previous_model_with_other_bins_does_not_vouch() -> None:
+    """Bins of another reference hold other values: only the new bundle's own reference can judge."""
+    previous = value_stats([3] * 100, edges=(-5.0, -4.0, -3.0))
+    reason = Probation(ProbationLimits(), value_stats([3] * 100), previous, UNIFORM).regression()
+    assert reason is not None and "vs the previous model" not in reason
