@@ -26,36 +26,58 @@ def plan_passes(config: BuildConfig, profile: Profile, framework: str = "torch")
     """The pipeline for this profile: quantizers only for precisions the board accelerates."""
     if framework == "keras":
         return plan_keras_passes(config, profile)
+    if config.model.from_file:
+        return plan_file_passes(config, profile)
     from toolchain.passes.torch.export_onnx import ExportOnnxPass
+    from toolchain.passes.torch.search import SearchPass
+    from toolchain.passes.torch.distill import DistillPass
+    from toolchain.passes.torch.prune import PrunePass
+    from toolchain.passes.torch.train import TrainPass
+
+    compress: list[Pass] = [DistillPass()] if config.compress.distill else []
+    if config.compress.prunes:
+        compress.append(PrunePass())
+    return [*([SearchPass()] if config.search else []), TrainPass(), *compress, ExportOnnxPass(),
+            *onnx_candidate_passes(config, profile, trained=True), *shipping_passes()]
+
+
+def plan_file_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
+    """A model file: an ONNX file is the FP32 reference the usual candidates are made from (no training,
+    so no QAT); a `.tflite` file is shipped as it is."""
+    if config.model.file.lower().endswith(".tflite"):
+        from toolchain.passes.tflite.import_tflite import ImportTflitePass
+
+        return [ImportTflitePass(), *shipping_passes()]
+    from toolchain.passes.onnx.import_onnx import ImportOnnxPass
+
+    return [ImportOnnxPass(), *onnx_candidate_passes(config, profile, trained=False), *shipping_passes()]
+
+
+def onnx_candidate_passes(config: BuildConfig, profile: Profile, trained: bool) -> list[Pass]:
+    """The candidates made from an FP32 ONNX reference: the quantizers the board accelerates, QAT when
+    the model was trained here (it fine-tunes the torch module), mixed precision when INT8 is tried,
+    and `.tflite` files (last) when the board runs them."""
     from toolchain.passes.onnx.export_tflite import ExportTflitePass
     from toolchain.passes.onnx.quantize_dynamic import QuantizeDynamicPass
     from toolchain.passes.onnx.quantize_fp16 import QuantizeFp16Pass
     from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
     from toolchain.passes.onnx.quantize_mixed import MixedPrecisionPass
     from toolchain.passes.torch.quantize_qat import QuantizeQatPass
-    from toolchain.passes.torch.search import SearchPass
-    from toolchain.passes.torch.distill import DistillPass
-    from toolchain.passes.torch.prune import PrunePass
-    from toolchain.passes.torch.train import TrainPass
 
     # config name -> (pass, the precision the board must accelerate for it to be worth trying)
     quantizers = {"int8": (QuantizeInt8Pass, "int8"), "dynamic": (QuantizeDynamicPass, "int8"), "fp16": (QuantizeFp16Pass, "fp16")}
     # ONNX quantizers only for boards that run ONNX; a .tflite-only board still needs the FP32 ONNX
-    # export, which is the reference and the source of its .tflite files.
+    # reference, which is the source of its .tflite files.
     chosen = [key for key in config.compress.quantize
               if quantizers[key][1] in profile.precisions and "onnx" in profile.formats]
     quantize: list[Pass] = [quantizers[key][0]() for key in chosen]
-    if "int8" in chosen and config.compress.qat:
+    if "int8" in chosen and config.compress.qat and trained:
         quantize.append(QuantizeQatPass())
     if "int8" in chosen and config.compress.mixed:
         quantize.append(MixedPrecisionPass())
     if "tflite" in profile.formats:
         quantize.append(ExportTflitePass())
-    compress: list[Pass] = [DistillPass()] if config.compress.distill else []
-    if config.compress.prunes:
-        compress.append(PrunePass())
-    return [*([SearchPass()] if config.search else []), TrainPass(), *compress, ExportOnnxPass(), *quantize,
-            *shipping_passes()]
+    return quantize
 
 
 def shipping_passes() -> list[Pass]:
@@ -117,6 +139,21 @@ def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     return published
 
 
+def model_file_inputs(config: BuildConfig) -> tuple | None:
+    """The inputs (`TensorSpec`s) a `[model] file` takes, which the data must supply; None for an entry
+    (its one float32 input is the data's shape)."""
+    if not config.model.from_file:
+        return None
+    path = config.resolve(config.model.file)
+    if path.suffix.lower() == ".tflite":
+        from toolchain.runtime.files import tflite_inputs
+
+        return tflite_inputs(path)
+    from toolchain.runtime.files import onnx_inputs
+
+    return onnx_inputs(path, config.model.input_shape)
+
+
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
           key_path: Path | None = None, console: Console | None = None,
           warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
@@ -128,12 +165,12 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
     seed_everything(seed)
     console = console or Console(stderr=True)
     with console.status("loading data"):
-        dataset = load_dataset(config, seed)
+        dataset = load_dataset(config, seed, model_file_inputs(config))
     with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
                            warm_start=warm_start)
-        framework = framework_of(config, len(dataset.labels))
+        framework = "file" if config.model.from_file else framework_of(config, len(dataset.labels))
         artifact = run_passes(plan_passes(config, profile, framework), ctx)
         artifact.outputs = publish(artifact.outputs, Path(out_dir))
     return artifact, ctx

@@ -26,9 +26,16 @@ def build(
     key: Annotated[Optional[Path], typer.Option(help="ed25519 private key (default: created on first use in the key folder)")] = None,
     warm_start: Annotated[Optional[Path], typer.Option(help="fine-tune the model of an earlier build (its NAME-VERSION-TARGET.pt) "
                                                            "instead of training from scratch")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="your own model file (.onnx or .tflite) instead of --config: "
+                                                      "the FP32 reference, not trained")] = None,
+    data: Annotated[Optional[str], typer.Option(help="with --model: the data source (npz:FILE, csv:FILE, images:DIR, "
+                                                     "python:FILE.py:FN, sklearn:NAME)")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="with --model: one sample's shape fixing dynamic dims, e.g. 3,48,192")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="with --model: the gate's metric (default: accuracy with class labels, "
+                                                       "agreement without)")] = None,
 ) -> None:
-    """Train, compress, verify, benchmark and sign a model for a device profile."""
-    from toolchain.core.config import load_config
+    """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
+    from toolchain.core.config import command_line_config, load_config
     from toolchain.targets.profiles import resolve_target
     from toolchain.core.contract import BUDGETS
     from toolchain.build.workflow import build as run_build
@@ -36,14 +43,24 @@ def build(
     if budget not in BUDGETS:
         raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     profile = resolve_target(target)
-    build_config = load_config(config)
+    if model is not None:
+        if config is not None:
+            raise ToolchainError("give --model (with --data) or --config, not both; a config file names its model in [model] file")
+        if data is None:
+            raise ToolchainError("--model needs --data SOURCE (e.g. npz:samples.npz): the samples to quantize and evaluate on")
+        build_config = command_line_config(model, data, input_shape, metric)
+    elif data is not None or input_shape is not None or metric is not None:
+        raise ToolchainError("--data, --input-shape and --metric go with --model; with --config, set them in the config file")
+    else:
+        build_config = load_config(config)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
     artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err,
                               warm_start=warm_start)
-    shipped = artifact.shipped
-    err.print(f"[bold green]shipped {shipped.name}[/]: accuracy {shipped.metrics['accuracy']:.4f} "
-              f"(FP32 {artifact.reference.metrics['accuracy']:.4f}), host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "
+    shipped, metric = artifact.shipped, ctx.metric
+    err.print(f"[bold green]shipped {shipped.name}[/]: {metric.name} {metric.format_value(shipped.metrics['metric_value'])} "
+              f"(reference {metric.format_value(artifact.reference.metrics['metric_value'])}), "
+              f"host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "
               f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}")
     for note in ctx.notes:
         err.print(f"[yellow]note:[/] {note}")

@@ -43,14 +43,16 @@ class Artifact:
     outputs: dict[str, Path] = field(default_factory=dict)  # staged files to publish: role -> path
     teacher: Any = None  # the trained model a distilled student learned from (pruning fine-tunes from it too)
     trained_state: dict[str, Any] | None = None  # the trained module's weights before compression: the build's checkpoint
+    reference_name: str | None = None  # set when the yardstick is not the first FP32 candidate (an imported .tflite)
 
     @property
     def reference(self) -> Candidate:
-        """The FP32 ONNX export, the yardstick every other candidate is measured against."""
+        """The yardstick every other candidate is measured against: the FP32 ONNX model (exported or
+        imported), or the user's `.tflite` file when that is all there is."""
         for candidate in self.candidates:
-            if candidate.precision == "fp32":
+            if candidate.name == self.reference_name or (self.reference_name is None and candidate.precision == "fp32"):
                 return candidate
-        raise LookupError("no FP32 reference candidate; the export pass must run first")
+        raise LookupError("no reference candidate; the export or import pass must run first")
 
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)

@@ -8,6 +8,8 @@ expected. Paths are resolved relative to the config file so a project can live a
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -339,3 +341,20 @@ def load_config(path: Path | None) -> BuildConfig:
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} cannot be read as a TOML file ({exc})") from None
     return parse_config(text, path)
+
+
+def command_line_config(model: Path, data: str, input_shape: str | None, metric: str | None) -> BuildConfig:
+    """The config `toolchain build --model FILE --data SOURCE [--input-shape 3,48,192] [--metric M]`
+    stands for: the project is named after the file, paths are relative to the current folder."""
+    name = re.sub(r"[^A-Za-z0-9_.]", "_", model.stem).lstrip("_.") or "model"
+    lines = ["[project]", f"name = {json.dumps(name[:64])}", "[model]", f"file = {json.dumps(str(model))}"]
+    if input_shape is not None:
+        try:
+            dims = [int(d) for d in input_shape.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise ConfigError(f"--input-shape {input_shape!r}: expected sizes separated by commas, e.g. 3,48,192") from None
+        lines.append(f"input_shape = {json.dumps(dims)}")
+    lines += ["[data]", f"source = {json.dumps(data)}"]
+    if metric is not None:
+        lines += ["[eval]", f"metric = {json.dumps(metric)}"]
+    return parse_config("\n".join(lines) + "\n", Path.cwd() / "command line")

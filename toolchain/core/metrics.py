@@ -11,9 +11,10 @@ for data without labels:
 * score outputs (`N x C` or sequences `N x T x C`, C >= 2): the share of positions whose arg-max
   over the last axis equals the reference's;
 * class maps `N x C x H x W` (C >= 2): the share of pixels whose arg-max over channels agrees;
-* anything else (values, one-channel maps such as a detector's probability map): 1 - mean |a - r| /
-  range(r), i.e. one minus the mean error as a share of the reference's range over the split (for a
-  probability map: one minus the mean absolute error in probability);
+* anything else (values, one-channel maps such as a detector's probability map): one minus the mean
+  absolute error as a share of the output's scale: 1 for outputs that lie in [0, 1] (probabilities:
+  the error is in probability, so a map that is nearly all zeros is not judged by its tiny range),
+  else the reference's range over the split;
 and with several outputs, the worst of them (the promise must hold for every output).
 """
 
@@ -120,7 +121,9 @@ def output_agreement(candidate: np.ndarray, reference: np.ndarray) -> float:
     if reference.ndim == 4 and reference.shape[1] >= 2:
         return float((candidate.argmax(axis=1) == reference.argmax(axis=1)).mean())
     a, r = candidate.astype(np.float64), reference.astype(np.float64)
-    scale = float(r.max() - r.min()) if r.size else 0.0
+    if not r.size:
+        return 1.0
+    scale = 1.0 if 0.0 <= r.min() and r.max() <= 1.0 else float(r.max() - r.min())
     if scale == 0.0:
         return float(np.array_equal(a, r))
     return float(np.clip(1.0 - np.abs(a - r).mean() / scale, 0.0, 1.0))

@@ -205,24 +205,44 @@ def targets_section(rows: list[dict[str, Any]] | None) -> str:
             + f'<div class="charts">{targets_chart(rows)}</div>')
 
 
+def training_section(report: dict[str, Any]) -> str:
+    """How the reference came to be: trained here (epochs, validation accuracy), or imported from a file."""
+    train, imported = report.get("train"), report.get("import")
+    if imported is not None:
+        shapes = ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in imported.get("inputs", []))
+        opset = (f"; opset {imported['opset_converted_from']} raised to 13" if imported.get("opset_converted_from") else "")
+        return (f'<h2>Model file</h2><p id="model-file">Imported <code>{escape(imported["file"])}</code> (not trained here): '
+                f'inputs {escape(shapes)}{escape(opset)}.</p>')
+    if train is None:
+        return ""
+    validation = (f"validation accuracy {train['val_accuracy']:.4f}" if "val_accuracy" in train
+                  else ", ".join(f"{k.removeprefix('val_')} {v:.4g}" for k, v in train.items() if k.startswith("val_")))
+    return (f"<h2>Training</h2><p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, "
+            f"patience {train['patience']}), {escape(validation)}, {train['parameters']:,} parameters.</p>")
+
+
 def render(report: dict[str, Any]) -> str:
     candidates = report["candidates"]
     shipped = report["shipped"]["name"]
-    candidate_rows = [[c["name"], c["precision"], c["accuracy"], 100 * c["accuracy_drop"], c["latency_ms_p50_host"],
+    gate = report["gate"]
+    metric, fraction = gate["metric"], gate["fraction"]
+    scale = 100 if fraction else 1
+    drop_unit = "pp" if fraction else metric
+    candidate_rows = [[c["name"], c["precision"], c["metric_value"], scale * c["metric_drop"], c["latency_ms_p50_host"],
                        c["latency_ms_p90_host"], c["latency_ms_predicted"], c["bytes"] / 1024, c["verdict"]] for c in candidates]
     classes = ["ship" if c["name"] == shipped else ("" if c["accepted"] else "reject") for c in candidates]
     charts = "".join([
-        bar_chart("Accuracy (test split, device runtime)", "", [(c["name"], c["precision"], c["accuracy"]) for c in candidates], "chart-accuracy"),
+        bar_chart(f"{metric} (test split, device runtime)", "", [(c["name"], c["precision"], c["metric_value"]) for c in candidates], "chart-metric"),
         bar_chart("Latency p50 on this host", "ms", [(c["name"], c["precision"], c["latency_ms_p50_host"]) for c in candidates], "chart-latency"),
         bar_chart(f"Predicted latency on {report['target']['id']}", "ms", [(c["name"], c["precision"], c["latency_ms_predicted"]) for c in candidates], "chart-predicted"),
         bar_chart("Size", "KiB", [(c["name"], c["precision"], c["bytes"] / 1024) for c in candidates], "chart-size"),
     ])
     budget = report["shipped"]["budget"]
     budget_rows = [[key, v["value"], v["budget"], _verdict(v["met"])] for key, v in budget.items()]
-    train = report["train"]
     stage_rows = [[s["name"], s["seconds"]] for s in report["stages"]]
     notes = "".join(f"<li>{escape(n)}</li>" for n in report.get("notes", []))
     target = report["target"]
+    direction = "higher" if gate["higher_is_better"] else "lower"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(report['project'])} v{report['version']} for {escape(target['id'])}</title>
 <meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>
@@ -232,16 +252,16 @@ def render(report: dict[str, Any]) -> str:
  &middot; bundle <code id="bundle-file">{escape(report['bundle']['file'])}</code></p>
 <h2>Decision</h2>
 <p id="decision">Shipped <strong>{escape(shipped)}</strong> ({escape(report['shipped']['precision'])}):
-accuracy {report['shipped']['accuracy']:.4f} vs FP32 {report['reference']['accuracy']:.4f},
+{escape(metric)} {report['shipped']['metric_value']:.4f} vs reference {report['reference']['metric_value']:.4f},
 host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape(target['id'])} {report['shipped']['latency_ms_predicted']:.4f} ms,
 {report['shipped']['bytes']:,} bytes.</p>
-{table(["candidate", "precision", "accuracy", "drop (pp)", "host p50 ms", "host p90 ms", "predicted ms", "KiB", "gate verdict"], candidate_rows, classes, "candidates")}
+<p id="gate-rule">Gate: {escape(metric)} ({direction} is better, task {escape(report['task'])}) may drop by at most
+{scale * gate['max_drop']:.4g} {escape(drop_unit)} ({escape(gate['max_drop_from'])}) on the test split.</p>
+{table(["candidate", "precision", metric, f"drop ({drop_unit})", "host p50 ms", "host p90 ms", "predicted ms", "KiB", "gate verdict"], candidate_rows, classes, "candidates")}
 <div class="charts">{charts}</div>
 <h2>Budgets of {escape(target['id'])} (shipped model)</h2>
 {table(["budget", "value", "limit", "verdict"], budget_rows, table_id="budgets")}
-<h2>Training</h2>
-<p>{train['epochs_run']} epochs on {escape(train['device'])} (best {train['best_epoch']}, patience {train['patience']}),
-validation accuracy {train['val_accuracy']:.4f}, {train['parameters']:,} parameters.</p>
+{training_section(report)}
 {targets_section(report.get("targets"))}
 {search_section(report.get("search"))}
 {compression_section(report)}

@@ -1,9 +1,11 @@
-"""Choose what ships: the least precise candidate that keeps accuracy and is really faster.
+"""Choose what ships: the least precise candidate that keeps the task's metric and is really faster.
 
-Walk from FP32 towards lower precision. A candidate is accepted when its accuracy drop vs FP32 is
-within `max_accuracy_drop` AND it beats the currently accepted, more precise candidate by at least
-`min_speedup` both measured on this host (p50) and predicted on the target. Otherwise it is
-rejected and the more precise one stays. FP32 is always the fallback. Every verdict keeps its numbers.
+Walk from FP32 towards lower precision. A candidate is accepted when its metric drop vs FP32 is
+within the allowed drop (`[eval] max_drop` in the metric's units; by default `[compress]
+max_accuracy_drop` for shares such as accuracy, 2% of the reference for errors such as RMSE) AND it
+beats the currently accepted, more precise candidate by at least `min_speedup` both measured on this
+host (p50) and predicted on the target. Otherwise it is rejected and the more precise one stays. FP32
+is always the fallback. Every verdict keeps its numbers.
 
 Candidates of one precision (plain INT8, its latency-aware variant, dynamic INT8, QAT) are walked in
 the order the passes made them. `min_speedup` is the price of giving up precision; between two of one
@@ -19,14 +21,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 from toolchain.core.artifact import PRECISION_ORDER, Artifact, Candidate
-from toolchain.errors import ToolchainError
 from toolchain.core.contract import BuildContext
+from toolchain.core.metrics import Metric, allowed_drop
+from toolchain.errors import ToolchainError
 
 
-def judge(candidate: Candidate, incumbent: Candidate, max_drop: float, min_speedup: float) -> tuple[bool, str]:
-    drop = candidate.metrics["accuracy_drop"]
+def judge(candidate: Candidate, incumbent: Candidate, metric: Metric, max_drop: float, min_speedup: float) -> tuple[bool, str]:
+    drop = candidate.metrics["metric_drop"]
+    quality = f"{metric.name} drop {metric.format_drop(drop)}"
     if drop > max_drop:
-        return False, f"accuracy drop {100 * drop:.2f} pp > allowed {100 * max_drop:.2f} pp"
+        return False, f"{quality} > allowed {metric.format_drop(max_drop)}"
     host = incumbent.metrics["latency_ms_p50_host"] / candidate.metrics["latency_ms_p50_host"]
     target = incumbent.metrics["latency_ms_predicted"] / candidate.metrics["latency_ms_predicted"]
     if candidate.format != incumbent.format and candidate.precision == incumbent.precision:
@@ -35,26 +39,34 @@ def judge(candidate: Candidate, incumbent: Candidate, max_drop: float, min_speed
         speed = f"{host:.2f}x on host vs {incumbent.name} (same precision, other format: compared on host)"
         if host < min_speedup:
             return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x)"
-        return True, f"accuracy drop {100 * drop:.2f} pp within {100 * max_drop:.2f} pp; {speed}"
+        return True, f"{quality} within {metric.format_drop(max_drop)}; {speed}"
     speed = f"{host:.2f}x on host, {target:.2f}x predicted on target vs {incumbent.name}"
     if host < min_speedup or target < min_speedup:
         return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x on both)"
-    return True, f"accuracy drop {100 * drop:.2f} pp within {100 * max_drop:.2f} pp; {speed}"
+    return True, f"{quality} within {metric.format_drop(max_drop)}; {speed}"
 
 
 class GatePass:
     name: ClassVar[str] = "gate"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        compress, formats = ctx.config.compress, ctx.profile.formats
+        compress, formats, metric = ctx.config.compress, ctx.profile.formats, ctx.metric
+        max_drop, source = allowed_drop(ctx.config, metric, artifact.reference.metrics["metric_value"])
+        artifact.metrics["gate"] = {"metric": metric.name, "higher_is_better": metric.higher_is_better, "fraction": metric.fraction,
+                                    "max_drop": max_drop, "max_drop_from": source}
         shippable = [c for c in artifact.candidates if c.format in formats]
         fallbacks = sorted((c for c in shippable if c.precision == "fp32"), key=lambda c: formats.index(c.format))
-        if not fallbacks:
-            raise ToolchainError(f"no FP32 candidate in a format {ctx.profile.id} runs ({', '.join(formats)})")
-        incumbent = artifact.reference if artifact.reference in shippable else fallbacks[0]
-        incumbent.accepted, incumbent.verdict = True, "reference (always acceptable fallback)"
-        if incumbent is not artifact.reference:
+        if artifact.reference in shippable:
+            incumbent = artifact.reference
+            incumbent.verdict = "reference (always acceptable fallback)"
+            if len(artifact.candidates) == 1:
+                incumbent.verdict = "imported as it is: the only candidate, nothing to compare it against"
+        elif fallbacks:
+            incumbent = fallbacks[0]
             incumbent.verdict = f"fallback: {ctx.profile.id} runs {', '.join(formats)} only"
+        else:
+            raise ToolchainError(f"no FP32 candidate in a format {ctx.profile.id} runs ({', '.join(formats)})")
+        incumbent.accepted = True
         for candidate in sorted(artifact.candidates, key=lambda c: PRECISION_ORDER[c.precision]):
             if candidate is incumbent:
                 continue
@@ -62,7 +74,7 @@ class GatePass:
                 candidate.accepted, candidate.verdict = False, f"{ctx.profile.id} does not run {candidate.format} models"
                 continue
             needed = 1.0 if candidate.precision == incumbent.precision else compress.min_speedup
-            candidate.accepted, candidate.verdict = judge(candidate, incumbent, compress.max_accuracy_drop, needed)
+            candidate.accepted, candidate.verdict = judge(candidate, incumbent, metric, max_drop, needed)
             if candidate.accepted:
                 incumbent.verdict += f"; superseded by {candidate.name}"
                 incumbent = candidate

@@ -22,7 +22,10 @@ def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
         "budget": ctx.budget, "seed": ctx.seed,
         "config": str(ctx.config.path),
         "target": ctx.profile.to_dict(),
-        "train": artifact.metrics["train"],
+        "task": ctx.dataset.task,
+        "gate": artifact.metrics["gate"],
+        "train": artifact.metrics.get("train"),  # None for a model file (not trained here)
+        "import": artifact.metrics.get("import"),  # None for a model trained here
         "export": artifact.metrics["export"],
         "benchmark": artifact.metrics["benchmark"],
         "bundle": artifact.metrics["bundle"],

@@ -1,0 +1,1 @@
+"""Passes for `.tflite` files that did not come from this build's own ONNX reference (a user's file)."""
