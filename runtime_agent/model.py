@@ -84,9 +84,9 @@ class Prediction:
     first). A classifier's answer also has `classes`, `labels` and (computed only when asked for: serving
     rarely needs them) softmax `scores`; for other tasks they are None."""
 
-    def __init__(self, outputs: Mapping[str, np.ndarray], task: str, label_names: list[str]) -> None:
-        self.outputs = dict(outputs)
-        self.logits = next(iter(self.outputs.values()))  # the first output
+    def __init__(self, outputs: dict[str, np.ndarray], task: str, label_names: list[str]) -> None:
+        self.outputs = outputs
+        self.logits = next(iter(outputs.values()))  # the first output
         self.task = task
         self.classes = self.logits.argmax(axis=-1) if task == CLASSIFICATION else None
         self._label_names = label_names
@@ -198,9 +198,10 @@ class LoadedModel:
                 raise InputError(f"unknown input(s) {unknown}; the model's inputs are {self._expected()}")
             if missing := [name for name in names if name not in x]:
                 raise InputError(f"missing input(s) {missing}; the model's inputs are {self._expected()}")
+            if len(names) == 1:
+                x = x[names[0]]
         if len(self.inputs) == 1:
-            spec = self.inputs[0]
-            return _check(spec, x[spec.name] if isinstance(x, Mapping) else x, "input")
+            return _check(self.inputs[0], x, "input")
         if not isinstance(x, Mapping):
             raise InputError(f"the model takes {len(self.inputs)} inputs ({self._expected()}); "
                              f"pass a dict of arrays by input name, got {type(x).__name__}")
@@ -212,8 +213,8 @@ class LoadedModel:
         return batches
 
     def _run(self, batch: Features) -> list[np.ndarray]:
-        arrays = batch.values() if isinstance(batch, Mapping) else (batch,)
-        return self.session.run(None, dict(zip(self.feed_names, arrays)))[:len(self.outputs)]
+        feeds = dict(zip(self.feed_names, batch.values())) if isinstance(batch, dict) else {self.feed_names[0]: batch}
+        return self.session.run(None, feeds)[:len(self.outputs)]
 
     def logits(self, x: Any) -> np.ndarray:
         """The first output on `x` (validated)."""
