@@ -2,17 +2,21 @@
 representative samples that fix its activation ranges.
 
 "Representative samples" (TFLite's term) are the seeded training inputs a quantizer observes; this
-project keeps "calibration" for fitting the latency predictor (`toolchain.perf.calibration`).
+project keeps "calibration" alone for fitting the latency predictor (`toolchain.perf.calibration`), and
+says "calibration method" for how onnxruntime turns the samples into activation ranges (`Calibration`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                      quantize_static)
 
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
@@ -58,18 +62,48 @@ def activation_scheme(providers: tuple[str, ...]) -> ActivationScheme:
     return ActivationScheme(QuantType.QUInt8, False, "asymmetric uint8")
 
 
-def quantize_int8(fp32: Path, output: Path, samples: np.ndarray, providers: tuple[str, ...],
-                  exclude: list[str] | None = None, ranges: dict[str, tuple[float, float]] | None = None) -> ActivationScheme:
+@dataclass(frozen=True)
+class Calibration:
+    """How onnxruntime turns the representative samples into activation ranges: min/max of what it saw,
+    the range that keeps the histogram's entropy (KL divergence), or a percentile of the histogram (both
+    clip rare outliers, which gives the common values finer steps)."""
+
+    method: str = "minmax"  # minmax | entropy | percentile
+    percentile: float = 99.999  # of |x|, for "percentile" only
+
+    @property
+    def label(self) -> str:
+        return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+
+    def options(self) -> tuple[CalibrationMethod, dict[str, float]]:
+        """onnxruntime's calibrate_method and the extra_options it reads."""
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[self.method]
+        return method, ({"CalibPercentile": self.percentile} if self.method == "percentile" else {})
+
+
+MINMAX = Calibration()
+
+
+def quantize_int8(fp32: Path, output: Path, samples: Features, providers: tuple[str, ...],
+                  exclude: list[str] | None = None, ranges: dict[str, tuple[float, float]] | None = None,
+                  calibration: Calibration = MINMAX, cache: Path | None = None) -> ActivationScheme:
     """Static QDQ INT8 of `fp32` (already pre-processed) into `output`; `exclude` nodes stay float;
-    `ranges` fixes the float range of named tensors instead of calibrating it (learned by QAT)."""
+    `ranges` fixes the float range of named tensors instead of calibrating it (learned by QAT).
+    `cache`: a JSON file of this model's calibrated ranges (for these samples and this calibration):
+    written by the first call, read by the next ones, which then skip the calibration runs (the
+    ranges do not depend on `exclude`, so variants of one model share them)."""
     activations = activation_scheme(providers)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
     overrides = {name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in (ranges or {}).items()}
-    quantize_static(str(fp32), str(output), ArrayCalibrationReader(graph_input_names(fp32), samples),
-                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=activations.type, nodes_to_exclude=list(exclude or []),
-                    extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True,
-                                   "TensorQuantOverrides": overrides})
+    method, options = calibration.options()
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+        quantize_static(str(fp32), str(output), ArrayCalibrationReader(graph_input_names(fp32), samples),
+                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=activations.type, nodes_to_exclude=list(exclude or []),
+                        calibrate_method=method, calibration_cache_path=cache,
+                        extra_options={"ActivationSymmetric": activations.symmetric, "WeightSymmetric": True,
+                                       "TensorQuantOverrides": overrides, **options})
     return activations
 
 
