@@ -26,10 +26,10 @@ from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
-from runtime_agent.reference import Features, concat
 from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ONLINE, SCHEMAS, STATUS, TELEMETRY,
                                     ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
+from runtime_agent.reference import Features, concat
 from runtime_agent.signing import load_public_key
 from runtime_agent.sketch import LatencySketch
 from runtime_agent.slots import Slots
@@ -72,9 +72,7 @@ class Active:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shapes)
-        predictions = model.bundle.manifest["reference"]["predictions"]
-        edges = tuple(predictions["edges"]) if "edges" in predictions else None
-        self.stats = ModelStats(self.monitor.n_prediction_bins, edges)
+        self.stats = ModelStats(self.monitor.n_prediction_bins, self.monitor.prediction_edges)
 
     def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray]) -> None:
         """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation.

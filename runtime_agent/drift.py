@@ -411,7 +411,8 @@ class DriftMonitor:
         predictions = reference.get("predictions", {})
         self._expected_predictions = np.asarray(predictions.get("fractions", []), dtype=np.float64)
         edges = predictions.get("edges")
-        self._prediction_edges = None if edges is None else np.asarray(edges, dtype=np.float64)
+        self.prediction_edges: tuple[float, ...] | None = None if edges is None else tuple(float(e) for e in edges)
+        """The bin edges of continuous predictions (None for a classifier: its bins are its classes)."""
         if edges is not None and self._expected_predictions.size != len(edges) + 1:
             raise ValueError(f"reference predictions: {len(edges)} edges need {len(edges) + 1} fractions, "
                              f"got {self._expected_predictions.size}")
@@ -424,11 +425,6 @@ class DriftMonitor:
         self.page_hinkley = PageHinkley(mean, std, **dict(ph_params or {}))
         self.drifting_score = DriftingScore(mean, std, **dict(score_params or {}))
         self._reset_window()
-
-    @property
-    def continuous(self) -> bool:
-        """Whether predictions are continuous values binned by the reference (not classes)."""
-        return self._prediction_edges is not None
 
     def _reset_window(self) -> None:
         self._counts = np.zeros(self.n_features * self._n_bins, dtype=np.int64)
@@ -459,9 +455,9 @@ class DriftMonitor:
     def prediction_bins(self, predictions: np.ndarray | Sequence[float]) -> np.ndarray:
         """Each sample's prediction bin: its class (checked to lie in range), or the reference bin of its
         continuous value (``reference.bin_counts``'s semantics)."""
-        if self._prediction_edges is not None:
+        if self.prediction_edges is not None:
             values = np.asarray(predictions, dtype=np.float64).ravel()
-            return np.searchsorted(self._prediction_edges, values, side="left")
+            return np.searchsorted(self.prediction_edges, values, side="left")
         classes = np.asarray(predictions, dtype=np.int64).ravel()
         if classes.size and (classes.min() < 0 or classes.max() >= self.n_prediction_bins):
             raise ValueError(f"predicted classes must lie in [0, {self.n_prediction_bins}), "

@@ -345,7 +345,7 @@ def test_build_reference_round_trips_for_a_regressor() -> None:
     assert np.allclose(predictions["fractions"], 0.1)  # quantile bins of the predicted values
     assert [f["name"] for f in reference["features"]] == [f"x{i}" for i in range(5)]
     monitor = DriftMonitor(reference, (5,))
-    assert monitor.continuous and monitor.n_prediction_bins == 10
+    assert monitor.prediction_edges == tuple(predictions["edges"]) and monitor.n_prediction_bins == 10
     monitor.update(train, prediction_values(values, "regression"))
     assert monitor.window_report()["prediction_psi"] < 1e-6
     monitor.update(train, prediction_values(values + 3, "regression"))  # every answer above the last edge
