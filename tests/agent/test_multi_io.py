@@ -26,7 +26,7 @@ from runtime_agent.reference import build_reference, prediction_values
 from runtime_agent.signing import load_private_key, load_public_key, write_keypair
 from runtime_agent.updates import self_test
 from tests.agent_helpers import http, running_agent
-from tests.conftest import Build, Recorder, provision_device
+from tests.conftest import Build, Recorder, provision_device, run_cli
 from toolchain.deploy.broker import ManagedBroker
 
 RNG_SEED = 14
@@ -363,3 +363,25 @@ def test_an_unlabelled_model_bins_the_mean_of_its_first_output() -> None:
     assert np.array_equal(prediction_values(maps, "unlabelled"), means)
     assert reference["predictions"]["name"] == "output_mean" and np.allclose(reference["predictions"]["fractions"], 0.1)
     assert np.array_equal(edges, np.quantile(means, np.linspace(0, 1, 11)[1:-1]))
+
+
+def test_predict_cli_takes_an_npz_by_input_name_and_prints_every_output(tmp_path: Path) -> None:
+    build = two_input_bundle(tmp_path / "b")
+    x = two_input_data(2, seed=17)
+    np.savez(tmp_path / "x.npz", **x)
+    result = run_cli("edge-agent", "predict", "--bundle", str(build.bundle), "--input", str(tmp_path / "x.npz"),
+                     "--pubkey", str(build.pubkey), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["classes"] == bare_outputs(two_input_model(), x)[0].argmax(axis=1).tolist()
+
+    regressor = regression_bundle(tmp_path / "r")
+    samples = regression_data(2, seed=18)
+    np.save(tmp_path / "r.npy", samples)
+    [values] = bare_outputs(regression_model(), {"x": samples})
+    result = run_cli("edge-agent", "predict", "--bundle", str(regressor.bundle), "--input", str(tmp_path / "r.npy"),
+                     "--pubkey", str(regressor.pubkey), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"] == {"value": values.tolist()}
+    table = run_cli("edge-agent", "predict", "--bundle", str(regressor.bundle), "--input", str(tmp_path / "r.npy"),
+                    "--pubkey", str(regressor.pubkey))
+    assert table.stdout.splitlines() == [f"{i}\tvalue\t{values[i, 0]:.6g}" for i in range(2)]
