@@ -55,7 +55,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toolchain.core.artifact import Artifact
-from toolchain.core.config import ParamRange, SearchSection
+from toolchain.core.config import BuildConfig, ParamRange, SearchSection
 from toolchain.errors import ConfigError, ToolchainError
 from toolchain.core.metrics import Metric
 from toolchain.core.models import build_normalized_model
@@ -191,21 +191,27 @@ def make_plan(ctx: BuildContext) -> SearchPlan:
                       storage_url=_storage_url(ctx), study_name=name, default_name=default_name, notes=tuple(notes))
 
 
+def _file_digest(config: BuildConfig, relative: str | None) -> str | None:
+    """The sha256 of a file the config names (None when it names none): trials depend on its content."""
+    if relative is None:
+        return None
+    try:
+        return hashlib.sha256(config.resolve(relative).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
 def fingerprint(ctx: BuildContext, plan: SearchPlan) -> tuple[str, dict[str, Any]]:
     """What the trials of a study depend on; n_trials, sampler and pruner may change between runs."""
     config = ctx.config
-    model_code = ""
-    if not config.model.entry.startswith("zoo:"):
-        try:
-            model_code = hashlib.sha256(config.resolve(config.model.entry.rsplit(":", 1)[0]).read_bytes()).hexdigest()
-        except OSError:
-            model_code = "unreadable"
+    model_code = "" if config.model.entry.startswith("zoo:") else _file_digest(config, config.model.entry.rsplit(":", 1)[0])
     setup = {
         "space": {k: (v.model_dump() if isinstance(v, ParamRange) else v) for k, v in _check_space(config.search).items()},
         "objectives": plan.objectives, "cv_folds": plan.cv_folds, "trial_epochs": plan.trial_epochs,
         "patience": plan.patience, "seed": ctx.seed, "data": ctx.dataset.sha256,
         "model": {"entry": config.model.entry, "kwargs": config.model.kwargs, "input_shape": config.model.input_shape,
-                  "code": model_code},
+                  "code": model_code, "weights": _file_digest(config, config.model.weights)},
+        "metric": ctx.metric.name,
         "train": config.train.model_dump(), "splits": [config.data.validation, config.data.test],
         "target": ctx.profile.id if "latency" in plan.objectives else None,
     }
