@@ -1,6 +1,7 @@
-"""The latency-aware INT8 variant (`onnx-int8-fast`) on a small MobileNetV2, and how the gate judges
-two INT8 candidates. Whether the variant is added depends on this host's timing, so the tests check
-structure and consistency (the recorded timings support the decision), never a timing threshold."""
+"""The latency-aware INT8 variant (`onnx-int8-fast`, the layers profiled slower in INT8 on this host
+kept in float) on a small MobileNetV2, and how the gate judges two INT8 candidates. Whether the
+variant is added depends on this host's timing, so the tests check structure and consistency (the
+recorded timings support the decision), never a timing threshold."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import onnx
 import pytest
 
 from tests.passes.test_gate import candidate, gate
+from tests.passes.test_quantize_int8_calibration import trial_calibration
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
 from toolchain.passes.torch.export_onnx import ExportOnnxPass
-from toolchain.passes.onnx.quantize_int8 import exclusion_sets, FAST_MIN_GAIN, float_conv_groups, QuantizeInt8Pass
-from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples
-from toolchain.quantize.int8 import validation_accuracy
+from toolchain.passes.onnx.quantize_int8 import FAST_MIN_GAIN, QuantizeInt8Pass
+from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples, validation_accuracy
+from toolchain.quantize.profiling import OTHER, leading_nodes, node_times, profile_kernels, slower_in_int8
 from toolchain.passes.torch.train import TrainPass
 from toolchain.targets.profiles import resolve_target
 from toolchain.core.contract import BuildContext
@@ -55,43 +57,47 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artifact, BuildCont
     return run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass()], ctx), ctx
 
 
-def float_and_int8_convs(path: Path) -> tuple[set[str], set[str]]:
-    """Conv nodes by how they run: data and weight from DequantizeLinear (INT8 kernel) or plain float."""
+def float_and_int8_layers(path: Path) -> tuple[set[str], set[str]]:
+    """Conv/Gemm nodes by how they run: data and weight from DequantizeLinear (INT8 kernel) or plain float."""
     graph = onnx.load(str(path)).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    int8 = {n.name for n in convs if n.input[0] in dequantized and n.input[1] in dequantized}
-    return {n.name for n in convs} - int8, int8
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    int8 = {n.name for n in layers if n.input[0] in dequantized and n.input[1] in dequantized}
+    return {n.name for n in layers} - int8, int8
 
 
-def test_groups_are_the_stem_and_the_depthwise_convs(built) -> None:
+def test_the_profile_covers_every_layer_and_finds_the_slower_ones(built, tmp_path: Path) -> None:
+    """Independent of this host's speed: every Conv/Gemm of MobileNetV2 gets a time in FP32 and in INT8,
+    and the slower set is exactly those whose INT8 time is the larger."""
     artifact, ctx = built
     prepared = prepared_reference(artifact, ctx)
-    groups = float_conv_groups(prepared)
-    graph = onnx.load(str(prepared)).graph
-    nodes = {n.name: n for n in graph.node}
-    dims = {w.name: list(w.dims) for w in graph.initializer}
-    assert len(groups["stem"]) == 1 and nodes[groups["stem"][0]].op_type == "Conv"
-    assert dims[nodes[groups["stem"][0]].input[1]][1:] == [3, 3, 3]  # RGB in, 3x3
-    assert len(groups["depthwise"]) == 17  # one per inverted-residual block of MobileNetV2
-    for name in groups["depthwise"]:
-        group = next(a.i for a in nodes[name].attribute if a.name == "group")
-        assert nodes[name].op_type == "Conv" and dims[nodes[name].input[1]][1] == 1 and group == dims[nodes[name].input[1]][0]
-    assert list(exclusion_sets(groups)) == ["float stem", "float depthwise", "float stem+depthwise"]
-
-
-def test_a_variant_keeps_exactly_the_claimed_convs_in_float_and_its_accuracy(built) -> None:
-    """Independent of timing: build the stem+depthwise variant and check its graph and validation accuracy."""
-    artifact, ctx = built
-    prepared = prepared_reference(artifact, ctx)
-    groups = float_conv_groups(prepared)
-    samples = representative_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
-    variant = ctx.work_path("test-variant.onnx")
-    quantize_int8(prepared, variant, samples, ctx.profile.providers, exclude=exclusion_sets(groups)["float stem+depthwise"])
-    floats, int8 = float_and_int8_convs(variant)
-    assert floats == set(groups["stem"]) | set(groups["depthwise"]) and int8  # the 1x1 convs stay INT8
-    x, y = ctx.dataset.x_val, ctx.dataset.y_val
     plain = artifact.candidate("onnx-int8-qdq")
+    layers = {n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Conv", "Gemm")}
+    assert len(layers) == 53 and float_and_int8_layers(plain.path) == (set(), layers)  # 52 convs and the head
+    fp32 = node_times(prepared, profile_kernels(prepared, ctx.dataset.input_shape, tmp_path))
+    int8 = node_times(plain.path, profile_kernels(plain.path, ctx.dataset.input_shape, tmp_path))
+    assert set(fp32) - {OTHER} == set(int8) - {OTHER} == layers
+    slower = slower_in_int8(fp32, int8)
+    assert set(slower) == {name for name in layers if int8[name] > fp32[name]}
+    assert all(slower[name] == {"fp32_us": fp32[name], "int8_us": int8[name]} for name in slower)
+
+
+def test_a_variant_keeps_exactly_the_claimed_layers_in_float_and_its_accuracy(built) -> None:
+    """Independent of timing: the stem, the first depthwise conv and a later one given as slower, the
+    variant from the input keeps the first two in float, and its accuracy stays."""
+    artifact, ctx = built
+    prepared = prepared_reference(artifact, ctx)
+    convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    leading = leading_nodes(prepared, [convs[0], convs[1], convs[7]])
+    assert leading == convs[:2]
+    plain = artifact.candidate("onnx-int8-qdq")
+    chosen = next(t for t in artifact.metrics["int8_calibration"]["trials"] if t["label"] == plain.metrics["calibration"])
+    samples = representative_samples(ctx.dataset.x_train, chosen["samples"], ctx.seed)
+    variant = ctx.work_path("test-variant.onnx")
+    quantize_int8(prepared, variant, samples, ctx.profile.providers, exclude=leading, calibration=trial_calibration(chosen))
+    floats, int8 = float_and_int8_layers(variant)
+    assert floats == set(leading) and len(int8) == 51
+    x, y = ctx.dataset.x_val, ctx.dataset.y_val
     assert abs(validation_accuracy(variant, x, y) - validation_accuracy(plain.path, x, y)) <= 0.01
 
 
@@ -100,30 +106,38 @@ def test_the_recorded_timings_support_the_decision(built) -> None:
     report = artifact.metrics["int8_fast"]
     assert any(note.startswith("latency-aware INT8: ") for note in ctx.notes)
     timings = report["int8_vs_fp32_p50_ms"]
-    if timings["onnx-int8-qdq"] >= timings["fp32"]:
-        assert report["decision"].startswith("skipped") and "p50_ms" not in report
-        assert "onnx-int8-fast" not in [c.name for c in artifact.candidates]
-        return
-    p50 = report["p50_ms"]
-    assert set(p50) == {"onnx-int8-qdq", *exclusion_sets(report["groups"])}
-    assert report["best"] == min((k for k in p50 if k != "onnx-int8-qdq"), key=p50.__getitem__)
-    assert report["gain"] == pytest.approx(1 - p50[report["best"]] / p50["onnx-int8-qdq"], abs=1e-4)
     names = [c.name for c in artifact.candidates]
+    if timings["onnx-int8-qdq"] >= timings["fp32"]:
+        assert report["decision"].startswith("skipped") and "p50_ms" not in report and "onnx-int8-fast" not in names
+        return
+    profile = report["profile_us"]
+    assert report["slower_in_int8"] == [name for name, us in profile.items() if us["int8"] > us["fp32"]]
+    if not report["slower_in_int8"]:
+        assert report["variants"] == {} and report["decision"].startswith("not added: no layer") and "onnx-int8-fast" not in names
+        return
+    assert report["variants"]["slower in INT8"] == report["slower_in_int8"]
+    leading = leading_nodes(prepared_reference(artifact, ctx), report["slower_in_int8"])
+    assert report["variants"].get("slower in INT8, from the input", report["slower_in_int8"]) == (leading or report["slower_in_int8"])
+    p50 = report["p50_ms"]
+    assert set(p50) == {"onnx-int8-qdq", *report["variants"]}
+    assert report["best"] == min(report["variants"], key=p50.__getitem__)
+    assert report["gain"] == pytest.approx(1 - p50[report["best"]] / p50["onnx-int8-qdq"], abs=1e-4)
     if report["gain"] < FAST_MIN_GAIN:
         assert report["decision"].startswith("not added") and "onnx-int8-fast" not in names
         return
     assert report["decision"].startswith("added") and names == ["onnx-fp32", "onnx-int8-qdq", "onnx-int8-fast"]
     fast = artifact.candidate("onnx-int8-fast")
-    assert fast.precision == "int8" and fast.metrics["float_convs"] == report["float_convs"]
-    floats, _ = float_and_int8_convs(fast.path)
-    assert floats == {name for names in report["float_convs"].values() for name in names}
+    assert fast.precision == "int8" and fast.metrics["float_layers"] == report["float_layers"] == report["variants"][report["best"]]
+    floats, _ = float_and_int8_layers(fast.path)
+    assert floats == set(report["float_layers"])
     x, y = ctx.dataset.x_val, ctx.dataset.y_val
     plain = artifact.candidate("onnx-int8-qdq")
     assert abs(validation_accuracy(fast.path, x, y) - validation_accuracy(plain.path, x, y)) <= 0.01
 
 
-def test_models_without_stem_or_depthwise_convs_are_skipped(tmp_path: Path) -> None:
-    """An MLP has nothing to keep in float: no timing, no variant, and the reason is recorded."""
+def test_an_mlp_is_profiled_like_any_model(tmp_path: Path) -> None:
+    """No stem, no depthwise conv: its Gemm layers are profiled all the same when INT8 is faster here;
+    either way the decision and the calibration choice are recorded, and no final activation is tried in float."""
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(200, 5)).astype(np.float32), y=np.arange(200) % 2)
     (tmp_path / "model.py").write_text("from torch import nn\ndef build_model(input_shape, num_classes):\n"
@@ -135,9 +149,11 @@ def test_models_without_stem_or_depthwise_convs_are_skipped(tmp_path: Path) -> N
                        out_dir=tmp_path / "out", work_dir=tmp_path)
     ctx.console.quiet = True
     artifact = run_passes([TrainPass(), ExportOnnxPass(), QuantizeInt8Pass()], ctx)
-    assert artifact.metrics["int8_fast"] == {"groups": {}, "min_gain": FAST_MIN_GAIN,
-                                             "decision": "skipped: no stem or depthwise convolution to keep in float"}
-    assert [c.name for c in artifact.candidates] == ["onnx-fp32", "onnx-int8-qdq"]
+    calibration, report = artifact.metrics["int8_calibration"], artifact.metrics["int8_fast"]
+    assert calibration["final_activations"] == [] and len(calibration["trials"]) == 3
+    assert report["decision"].startswith(("skipped", "not added", "added"))
+    if not report["decision"].startswith("skipped"):
+        assert set(report["profile_us"]) == {n.name for n in onnx.load(str(artifact.reference.path)).graph.node if n.op_type == "Gemm"}
 
 
 def test_the_faster_of_two_int8_candidates_ships() -> None:
