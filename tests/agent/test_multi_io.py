@@ -305,14 +305,13 @@ def test_self_test_checks_every_output(tmp_path: Path) -> None:
     self_test(loaded(regression_bundle(tmp_path / "r")))
     bundle = read_bundle(build.bundle, load_public_key(build.pubkey))
     samples = dict(np.load(io.BytesIO(bundle.files["samples.npz"])))
+    fields = {k: v for k, v in bundle.manifest.items() if k not in ("format", "key_id", "artifacts")}
     samples["output__1"] = samples["output__1"] + 1  # the second output no longer matches
-    broken = signed_bundle(tmp_path / "broken", two_input_model(),
-                           {k: v for k, v in bundle.manifest.items() if k not in ("format", "key_id", "artifacts")}, samples)
+    broken = signed_bundle(tmp_path / "broken", two_input_model(), fields, samples)
     with pytest.raises(AgentError, match=r"self-test failed: output 'total' on the bundle's 8 sample inputs differ"):
         self_test(loaded(broken))
     del samples["x__ids"]
-    missing = signed_bundle(tmp_path / "missing", two_input_model(),
-                            {k: v for k, v in bundle.manifest.items() if k not in ("format", "key_id", "artifacts")}, samples)
+    missing = signed_bundle(tmp_path / "missing", two_input_model(), fields, samples)
     with pytest.raises(AgentError, match="self-test impossible: samples.npz lacks x__ids"):
         self_test(loaded(missing))
 
