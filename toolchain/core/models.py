@@ -37,8 +37,7 @@ from toolchain.core.config import BuildConfig
 from toolchain.core.data import load_python_function
 from toolchain.errors import ConfigError, first_line
 
-OUTPUT_NAMES = ("num_classes", "num_outputs")  # the output width, under the names an entry may declare
-FILLED = ("input_shape", *OUTPUT_NAMES)
+FILLED = ("input_shape", "num_classes", "num_outputs")  # what the toolchain passes by name (the last two: the output width)
 
 
 class Standardize(nn.Module):
