@@ -53,6 +53,12 @@ def built(config_path: Path, **overrides) -> tuple[nn.Sequential, object]:
     return model, dataset
 
 
+def train_ctx(config_path: Path, tmp_path: Path) -> BuildContext:
+    config = load_config(config_path)
+    return BuildContext(config=config, profile=resolve_target("rpi5"), dataset=load_dataset(config, 0),
+                        out_dir=tmp_path / "out", work_dir=tmp_path, console=Console(file=io.StringIO()))
+
+
 # ----------------------------------------------------------------------------- calling the entry
 
 
@@ -166,11 +172,9 @@ def test_epochs_0_keeps_the_weights_bit_identical_through_the_train_pass(tmp_pat
     torch.manual_seed(1)
     source = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     torch.save(source.state_dict(), tmp_path / "ckpt.pt")
-    config = load_config(project(tmp_path, MODEL.replace("num_classes", "num_outputs"),
-                                 'weights = "ckpt.pt"\n[train]\nepochs = 0', task="regression"))
-    dataset = load_dataset(config, 0)
-    ctx = BuildContext(config=config, profile=resolve_target("rpi5"), dataset=dataset, out_dir=tmp_path / "out",
-                       work_dir=tmp_path, console=Console(file=io.StringIO()))
+    ctx = train_ctx(project(tmp_path, MODEL.replace("num_classes", "num_outputs"),
+                            'weights = "ckpt.pt"\n[train]\nepochs = 0', task="regression"), tmp_path)
+    dataset = ctx.dataset
     artifact = TrainPass().run(Artifact(), ctx)
     body = artifact.module[1]
     assert all(torch.equal(body.state_dict()[k], v) for k, v in source.state_dict().items())
@@ -179,3 +183,24 @@ def test_epochs_0_keeps_the_weights_bit_identical_through_the_train_pass(tmp_pat
     expected = np.sqrt(((source(torch.from_numpy(dataset.x_val)).detach().numpy()[:, 0] - dataset.y_val) ** 2).mean())
     assert train["metric"] == "rmse" and train["val_rmse"] == pytest.approx(expected, rel=1e-4)
     assert train["normalize"] == {"mean": 0.0, "std": 1.0, "target_mean": 0.0, "target_std": 1.0}
+
+
+def test_without_epochs_0_training_fine_tunes_from_the_weights(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict(), tmp_path / "ckpt.pt")
+    ctx = train_ctx(project(tmp_path, extra='weights = "ckpt.pt"\n[train]\nepochs = 2'), tmp_path)
+    train = TrainPass().run(Artifact(), ctx).metrics["train"]
+    assert train["pretrained"]["use"] == "fine-tuned for up to 2 epochs" and train["epochs_run"] == 2
+    assert [sorted(epoch) for epoch in train["history"]] == [["epoch", "val_accuracy", "val_loss"]] * 2
+
+
+def test_a_keras_entry_for_regression_or_with_torch_weights_is_one_clear_error(tmp_path: Path) -> None:
+    from toolchain.passes.keras.train import KerasTrainPass
+
+    ctx = train_ctx(project(tmp_path / "r", task="regression"), tmp_path)
+    with pytest.raises(ConfigError, match=r"Keras models are trained for classification only \(this task is regression\)"):
+        KerasTrainPass().run(Artifact(), ctx)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "ckpt.pt")
+    ctx = train_ctx(project(tmp_path / "w", extra='weights = "../ckpt.pt"'), tmp_path)
+    with pytest.raises(ConfigError, match=r"\[model\] weights loads torch weights, and the entry returns a Keras model"):
+        KerasTrainPass().run(Artifact(), ctx)
