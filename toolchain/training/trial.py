@@ -2,9 +2,10 @@
 
 Both passes make a smaller module (a narrower student, a pruned copy), fine-tune it, and let it
 replace the incumbent only if its validation metric (the build's: accuracy, rmse, ...) is within the
-allowed drop (`toolchain.core.metrics.allowed_drop`: `[eval] max_drop`, `[compress]
-max_accuracy_drop` for accuracy, 2% of the reference for an error metric) of a reference value. Either way the decision and its numbers go into the report, and a rejected or
-skipped candidate also becomes a build note, so a user sees why the model did not shrink. One copy
+allowed drop of a reference value (`toolchain.core.metrics.allowed_drop`: `[eval] max_drop`, else
+`[compress] max_accuracy_drop` for accuracy, 2% of the reference for an error metric). Either way
+the decision and its numbers go into the report (`metric`, `metric_drop`, `max_drop`), and a
+rejected or skipped candidate also becomes a build note, so a user sees why the model did not shrink. One copy
 of the rule (with its float tolerance) and of the report's shape makes the two passes judge and
 report alike; it lives in a library because a pass never imports another pass.
 """
