@@ -107,7 +107,8 @@ def test_a_make_hidden_factory_builds_for_classification_and_regression(tmp_path
 
 
 def test_a_regression_model_with_the_wrong_output_width_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"outputs shape \[2, 3\] for a batch of 2, expected \[2, 1\] \(one value per regression target\)"):
+    expected = r"outputs shape \[2, 3\] for a batch of 2, expected \[2, 1\] \(one value per regression target\)"
+    with pytest.raises(ConfigError, match=expected):
         built(project(tmp_path, MODEL.replace("num_classes)", "3)"), task="regression"))
 
 
@@ -154,7 +155,8 @@ def test_a_checkpoint_of_the_whole_model_keeps_its_constants(tmp_path: Path) -> 
      r"does not fit the entry's model: missing keys 0\.bias, 2\.weight, 2\.bias; unexpected keys 9\.weight; build the model"),
     (lambda path: torch.save(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).state_dict(), path),
      r"shapes differ: 0\.weight \[5, 4\] vs the model's \[8, 4\], 0\.bias \[5\] vs the model's \[8\], 2\.weight \[3, 5\]"),
-    (lambda path: path.write_bytes(b"PK\x03\x04 not really a zip"), r"cannot be read as torch weights \(\w+\): it is not a torch.save file"),
+    (lambda path: path.write_bytes(b"PK\x03\x04 not really a zip"),
+     r"cannot be read as torch weights \(\w+\): it is not a torch.save file"),
     (lambda path: torch.save(nn.Linear(4, 3), path), r"cannot be read as torch weights \(\w+\): it holds pickled objects beyond tensors"),
     (lambda path: torch.save({"epoch": 3, "step": 9}, path), r"holds a dict with keys epoch, step, not a state_dict"),
     (lambda path: None, r"ckpt\.pt does not exist"),

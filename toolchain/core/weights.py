@@ -44,7 +44,8 @@ def read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
     state = content if _is_state_dict(content) else next(
         (content[h] for h in HOLDERS if isinstance(content, dict) and _is_state_dict(content.get(h))), None)
     if state is None:
-        found = f"a dict with keys {', '.join(map(str, list(content)[:SHOWN]))}" if isinstance(content, dict) else type(content).__name__
+        found = (f"a dict with keys {', '.join(map(str, list(content)[:SHOWN]))}" if isinstance(content, dict)
+                 else type(content).__name__)
         raise ConfigError(f"{key}: {path} holds {found}, not a state_dict (names -> tensors) nor a checkpoint dict "
                           f"with one under {', '.join(HOLDERS)}")
     if all(k.startswith("module.") for k in state):

@@ -15,9 +15,9 @@ teacher on small tasks.
 
 The student replaces the teacher only if its validation metric (the build's: accuracy, rmse, ...) is
 within the allowed drop of the teacher's (for regression the student learns the teacher's outputs by
-mean squared error, `training.fit.distillation_loss`); otherwise the teacher is kept and the report says why (the keep-or-reject rule pruning
-shares: `toolchain.training.trial`). The teacher stays on the artifact (`artifact.teacher`) so a later
-pruning fine-tune can distil from it too.
+mean squared error, `training.fit.distillation_loss`); otherwise the teacher is kept and the report
+says why (the keep-or-reject rule pruning shares: `toolchain.training.trial`). The teacher stays on
+the artifact (`artifact.teacher`) so a later pruning fine-tune can distil from it too.
 """
 
 from __future__ import annotations
