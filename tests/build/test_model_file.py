@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime_agent.bundle import read_bundle
 from runtime_agent.signing import load_public_key
-from tests.conftest import run_cli
+from tests.agent_helpers import http, running_agent
+from tests.conftest import Build, provision_device, run_cli
+from toolchain.deploy.broker import ManagedBroker
 
 pytestmark = pytest.mark.slow
 
@@ -48,23 +51,45 @@ def text_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     return ((np.repeat(images[:, None], 3, axis=1) - 0.5) / 0.5).astype(np.float32)
 
 
+def signing_pubkey() -> Path:
+    """The key the builds sign with: the isolated test home's (conftest's `isolated_home`)."""
+    return Path(os.environ["EDGE_TOOLCHAIN_KEYS"]) / "signing.pub"
+
+
 def build(tmp_path: Path, *args: str) -> tuple[Path, dict, dict]:
     out = tmp_path / "dist"
     result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(out), *args, check=True)
     bundle_path = Path(result.stdout.strip().splitlines()[-1])
-    bundle = read_bundle(bundle_path, load_public_key(Path.home() / "keys" / "signing.pub"))
+    bundle = read_bundle(bundle_path, load_public_key(signing_pubkey()))
     report = json.loads((out / "report.json").read_text())
     return bundle_path, bundle.manifest, report
 
 
+DATATYPES = {"float32": "FP32", "int64": "INT64"}
+
+
+def served_outputs(broker: ManagedBroker, tmp_path: Path, bundle_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flash the bundle onto a device folder, run the real agent and ask its KServe v2 REST endpoint,
+    every input by name; returns every output it answers with, by name."""
+    build = Build(out=bundle_path.parent, bundle=bundle_path, pubkey=signing_pubkey(), stdout="", stderr="")
+    device = provision_device(tmp_path / "device", build, broker.url, window_s=3600)
+    tensors = [{"name": name, "shape": list(a.shape), "datatype": DATATYPES[str(a.dtype)], "data": a.ravel().tolist()}
+               for name, a in feeds.items()]
+    name = read_bundle(bundle_path, load_public_key(signing_pubkey())).manifest["name"]
+    with running_agent(device) as (_, base):
+        status, answer = http("POST", f"{base}/v2/models/{name}/infer", {"id": "r", "inputs": tensors})
+    assert status == 200, answer
+    return {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+
+
 def shipped_model(bundle_path: Path, tmp_path: Path) -> Path:
-    bundle = read_bundle(bundle_path, load_public_key(Path.home() / "keys" / "signing.pub"))
+    bundle = read_bundle(bundle_path, load_public_key(signing_pubkey()))
     path = tmp_path / bundle.model_artifact["path"]
     path.write_bytes(bundle.model_bytes)
     return path
 
 
-def test_dense_map_detector_from_the_command_line(tmp_path: Path) -> None:
+def test_dense_map_detector_from_the_command_line(tmp_path: Path, broker: ManagedBroker) -> None:
     np.savez(tmp_path / "det.npz", x=text_images(120, 64, 64))
     source = rapidocr_model("ch_PP-OCRv4_det_infer.onnx")
     bundle_path, manifest, report = build(tmp_path, "--model", str(source), "--data", f"npz:{tmp_path / 'det.npz'}",
@@ -84,6 +109,10 @@ def test_dense_map_detector_from_the_command_line(tmp_path: Path) -> None:
     theirs = ort.InferenceSession(str(source)).run(None, {"x": x})[0]
     assert ours.shape == theirs.shape == (24, 1, 64, 64)
     assert np.abs(ours - theirs).mean() <= max(0.02, 2 * manifest["metrics"]["shipped"]["metric_drop"])
+    # The agent serves the map as the model's own output: no class or label for a model without labels.
+    served = served_outputs(broker, tmp_path, bundle_path, {"x": x[:2]})
+    assert list(served) == ["sigmoid_0.tmp_0"]
+    np.testing.assert_allclose(served["sigmoid_0.tmp_0"], ours[:2], atol=1e-6)
 
 
 def test_sequence_recogniser_with_a_config_file(tmp_path: Path) -> None:
@@ -135,13 +164,13 @@ def two_input_model(path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     return w, v, table
 
 
-def test_two_inputs_float_and_int64_by_name(tmp_path: Path) -> None:
+def test_two_inputs_float_and_int64_by_name(tmp_path: Path, broker: ManagedBroker) -> None:
     w, v, table = two_input_model(tmp_path / "two.onnx")
     rng = np.random.default_rng(1)
     features, ids = rng.normal(size=(400, 4)).astype(np.float32), rng.integers(0, 10, size=(400, 3))
     y = (features @ w + table[ids].mean(axis=1) @ v).argmax(axis=1)  # labels the model gets right
     np.savez(tmp_path / "two.npz", features=features, ids=ids, y=y)
-    _, manifest, report = build(tmp_path, "--model", str(tmp_path / "two.onnx"), "--data", f"npz:{tmp_path / 'two.npz'}")
+    bundle_path, manifest, report = build(tmp_path, "--model", str(tmp_path / "two.onnx"), "--data", f"npz:{tmp_path / 'two.npz'}")
     assert manifest["task"] == "classification"
     assert manifest["inputs"] == [{"name": "features", "shape": [4], "dtype": "float32"},
                                   {"name": "ids", "shape": [3], "dtype": "int64"}]
@@ -149,6 +178,13 @@ def test_two_inputs_float_and_int64_by_name(tmp_path: Path) -> None:
     reference = manifest["metrics"]["reference"]
     assert reference["metric"] == "accuracy" and reference["metric_value"] == reference["accuracy"] == 1.0
     assert "onnx-int8-qdq" in [c["name"] for c in report["candidates"]]
+    feeds = {"features": features[:3], "ids": ids[:3]}
+    served = served_outputs(broker, tmp_path, bundle_path, feeds)
+    assert list(served) == ["scores", "probabilities", "class", "label"]
+    expected = ort.InferenceSession(str(shipped_model(bundle_path, tmp_path))).run(None, feeds)
+    np.testing.assert_allclose(served["scores"], expected[0], atol=1e-5)
+    np.testing.assert_allclose(served["probabilities"], expected[1], atol=1e-6)
+    assert served["class"].tolist() == expected[0].argmax(axis=1).tolist()
 
 
 def digits_classifier(path: Path) -> None:
