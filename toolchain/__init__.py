@@ -14,7 +14,8 @@ Packages, top to bottom; an import may only point down this list (checked by imp
   quantize  ONNX INT8 quantization and torch QAT
   report    the HTML report
   runtime   measurement (latency, RSS), model outputs and files, through the device agent's session code
-  core      the build's vocabulary: config, data, models, artifact, the pass contract, checkpoints
+  core      the build's vocabulary: config, data, tensors, metrics, models, weights, artifact, the pass
+            contract, checkpoints
   targets   device profiles (package data) and the host probe
   (resources: the files the package ships; errors: what a user can fix)
 """

@@ -159,6 +159,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
           warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
     """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
     from toolchain.core.data import load_dataset
+    from toolchain.core.models import output_width
     from toolchain.training.keras import framework_of
     from toolchain.core.seeding import seed_everything
 
@@ -170,7 +171,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
                            warm_start=warm_start)
-        framework = "file" if config.model.from_file else framework_of(config, len(dataset.labels))
+        framework = "file" if config.model.from_file else framework_of(config, output_width(dataset))
         artifact = run_passes(plan_passes(config, profile, framework), ctx)
         artifact.outputs = publish(artifact.outputs, Path(out_dir))
     return artifact, ctx

@@ -140,12 +140,13 @@ def search_section(search: dict[str, Any] | None) -> str:
             + (f'<div class="charts">{pareto_chart(search)}</div>' if latency else ""))
 
 
-COMPARED = ("parameters", "macs", "latency_ms_predicted", "val_accuracy")
+COMPARED = ("parameters", "macs", "latency_ms_predicted")  # and the validation metric, named after the build's
 
 
 def compression_section(report: dict[str, Any]) -> str:
     """Distillation, pruning and mixed precision: each decision in one sentence, with before/after numbers."""
     parts = []
+    compared = (*COMPARED, f"val_{(report.get('train') or {}).get('metric', 'accuracy')}")
     steps = (("distill", "Distillation", "teacher", "student"), ("prune", "Structured pruning", "before", "after"))
     for key, title, old, new in steps:
         step = report.get(key)
@@ -153,7 +154,7 @@ def compression_section(report: dict[str, Any]) -> str:
             continue
         parts.append(f'<h3>{escape(step.get("title", title))}: {escape(step["decision"])}</h3><p>{escape(step["summary"])}</p>')
         if isinstance(step.get(old), dict) and isinstance(step.get(new), dict):
-            rows = [[metric, step[old].get(metric, ""), step[new].get(metric, "")] for metric in COMPARED]
+            rows = [[metric, step[old].get(metric, ""), step[new].get(metric, "")] for metric in compared]
             parts.append(table(["", old, new], rows, table_id=f"{key}-numbers"))
     mixed = report.get("mixed")
     if mixed:
