@@ -9,18 +9,22 @@ Side by side, timed interleaved round by round in one run:
 - `toolchain int8 after`: what the quantize-int8 pass makes now and the gate would take on speed:
   `onnx-int8-fast` when the pass added it (the layers profiled slower in INT8 on this host kept in
   float), else `onnx-int8-qdq` (the calibration chosen on validation).
-Speed does not depend on the weights' values, so the network has its initial random weights, with
-batch-norm statistics taken from the images (so activations have realistic ranges for calibration);
-the images are the synthetic gratings of the other MobileNetV2 benchmarks (benchmarks/_gratings.py)
-at 224x224. Accuracy cannot mean anything for an untrained network, so each INT8 file's top-1
-agreement with FP32 on the test split is reported instead (the build's metric here is `agreement`).
+Speed does not depend on the weights' values and training MobileNetV2 at 224x224 takes far longer
+than this benchmark may, so the network keeps its initial random weights, with batch-norm statistics
+taken from the images (so activations have realistic ranges for calibration); the images are the
+synthetic gratings of the other MobileNetV2 benchmarks (benchmarks/_gratings.py) at 224x224. An
+untrained network has no accuracy to keep (tried: a head trained on its frozen features reached 0.17,
+chance 0.10, and its near-tied logits flip under any quantization), so accuracy is checked on trained
+models elsewhere (tests/passes/test_quantize_int8_*.py, benchmarks/compression.py); here each file's
+mean absolute logit error vs FP32 as a share of their range (`logit_error`) and top-1 agreement on
+the test split are reported (the untrained network predicts one class: `fp32_classes_predicted`).
 
 Target (issue 14): toolchain INT8 / FP32 p50 latency <= 0.45. The load of the shared machine during
 the timing is printed and stored (`other_cpu_pct`: what other processes used, 100 = one core).
 
     python benchmarks/int8_speed.py [--quick]
 
-`--quick`: 300 images, 64 representative samples, 30 s of timing (about 2 minutes on two cores);
+`--quick`: 200 images, 32 representative samples, 30 s of timing (about 2 minutes on two cores);
 the full run: 600 images, 256 samples, 120 s of timing.
 """
 
@@ -95,15 +99,18 @@ def mobilenet(x_train: np.ndarray) -> torch.nn.Module:
     return model.eval()
 
 
-def agreement(path: Path, reference: np.ndarray, x: np.ndarray) -> float:
-    return float((model_outputs(path, x)[0].argmax(axis=1) == reference).mean())
+def fidelity(path: Path, reference: np.ndarray, x: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement with the FP32 logits `reference`, and the mean absolute logit error as a share of their range."""
+    logits = model_outputs(path, x)[0]
+    return {"top1_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+            "logit_error": float(np.abs(logits - reference).mean() / (reference.max() - reference.min()))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and samples, 30 s of timing (about 2 minutes)")
     args = parser.parse_args()
-    images, samples, seconds = (300, 64, 30.0) if args.quick else (600, 256, 120.0)
+    images, samples, seconds = (200, 32, 30.0) if args.quick else (600, 256, 120.0)
     torch.set_num_threads(os.cpu_count() or 1)
     logging.getLogger("root").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as scratch:
@@ -116,7 +123,8 @@ def main() -> None:
                            out_dir=root / "out", work_dir=root / "work", seed=0, budget="quick")
         ctx.work_dir.mkdir()
         ctx.console.quiet = True
-        log(f"{images} gratings at {SIZE}x{SIZE}; exporting MobileNetV2 1.0")
+        log(f"{len(data.x_train)} training, {len(data.x_val)} validation and {len(data.x_test)} test gratings at "
+            f"{SIZE}x{SIZE}; exporting MobileNetV2 1.0")
         fp32 = ctx.work_path("model-fp32.onnx")
         export_module(mobilenet(data.x_train), (3, SIZE, SIZE), fp32)
         artifact = Artifact(candidates=[Candidate(name="onnx-fp32", precision="fp32", path=fp32)])
@@ -143,16 +151,17 @@ def main() -> None:
         stats = measure_latencies(models, (3, SIZE, SIZE), threads=1, max_seconds=seconds, min_runs=20)
         wall = time.perf_counter() - wall
         other_cpu_pct = round(100 * ((busy_cpu_seconds() - busy) - (time.process_time() - cpu)) / wall, 1)
-        fp32_top1 = model_outputs(fp32, data.x_test)[0].argmax(axis=1)
+        reference = model_outputs(fp32, data.x_test)[0]
         rows = [{"variant": name, "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "runs": s.runs,
                  "vs_fp32": s.p50_ms / stats["fp32"].p50_ms, "bytes": path.stat().st_size,
-                 "top1_agreement": agreement(path, fp32_top1, data.x_test)} for (name, path), s in zip(models.items(), stats.values())]
+                 **fidelity(path, reference, data.x_test)} for (name, path), s in zip(models.items(), stats.values())]
     print(f"\nMobileNetV2 1.0 at {SIZE}x{SIZE}, batch 1, onnxruntime CPU, one thread; other processes used "
           f"{other_cpu_pct}% of a core meanwhile; load average {os.getloadavg()[0]:.2f}")
-    print_table(rows, ["variant", "p50_ms", "p90_ms", "vs_fp32", "runs", "bytes", "top1_agreement"])
+    print_table(rows, ["variant", "p50_ms", "p90_ms", "vs_fp32", "runs", "bytes", "top1_agreement", "logit_error"])
     ratio = next(r["vs_fp32"] for r in rows if r["variant"].startswith("toolchain int8 after ("))
     write_results("int8_speed", rows, {"int8_over_fp32": target(ratio, "<=", 0.45)},
                   quick=args.quick, other_cpu_pct=other_cpu_pct, quantize_pass_seconds=round(pass_seconds, 1),
+                  fp32_classes_predicted=len(np.unique(reference.argmax(axis=1))),
                   int8_calibration=calibration, int8_fast=fast)
 
 

@@ -17,7 +17,7 @@ from toolchain.core.artifact import Artifact
 from toolchain.core.config import load_config
 from toolchain.core.data import load_dataset
 from toolchain.passes.torch.export_onnx import ExportOnnxPass
-from toolchain.passes.onnx.quantize_int8 import FAST_MIN_GAIN, QuantizeInt8Pass
+from toolchain.passes.onnx.quantize_int8 import EVERY_SLOWER, FAST_MIN_GAIN, LEADING_SLOWER, QuantizeInt8Pass
 from toolchain.quantize.int8 import prepared_reference, quantize_int8, representative_samples, validation_accuracy
 from toolchain.quantize.profiling import OTHER, leading_nodes, node_times, profile_kernels, slower_in_int8
 from toolchain.passes.torch.train import TrainPass
@@ -115,9 +115,9 @@ def test_the_recorded_timings_support_the_decision(built) -> None:
     if not report["slower_in_int8"]:
         assert report["variants"] == {} and report["decision"].startswith("not added: no layer") and "onnx-int8-fast" not in names
         return
-    assert report["variants"]["slower in INT8"] == report["slower_in_int8"]
+    assert report["variants"][EVERY_SLOWER] == report["slower_in_int8"]
     leading = leading_nodes(prepared_reference(artifact, ctx), report["slower_in_int8"])
-    assert report["variants"].get("slower in INT8, from the input", report["slower_in_int8"]) == (leading or report["slower_in_int8"])
+    assert report["variants"].get(LEADING_SLOWER, report["slower_in_int8"]) == (leading or report["slower_in_int8"])
     p50 = report["p50_ms"]
     assert set(p50) == {"onnx-int8-qdq", *report["variants"]}
     assert report["best"] == min(report["variants"], key=p50.__getitem__)

@@ -37,6 +37,7 @@ from toolchain.runtime.measure import measure_latencies
 FAST_MIN_GAIN = 0.03  # a float-layer variant must beat the plain INT8 by this much on host p50 to become a candidate
 INT8_TIMING = {"max_seconds": 1.0, "max_runs": 200}  # is INT8 faster than FP32 here at all?
 VARIANT_TIMING = {"max_seconds": 2.5, "max_runs": 300}  # tiny models stop at max_runs in milliseconds
+EVERY_SLOWER, LEADING_SLOWER = "every slower layer", "the slower layers from the input"  # the variants' labels
 
 
 def float_layer_sets(artifact: Artifact, ctx: BuildContext, plain: Candidate, report: dict[str, Any]) -> dict[str, list[str]]:
@@ -51,10 +52,10 @@ def float_layer_sets(artifact: Artifact, ctx: BuildContext, plain: Candidate, re
     report["profile_other_us"] = {"fp32": round(fp32.get(OTHER, 0.0), 1), "int8": round(int8.get(OTHER, 0.0), 1)}
     slower = list(slower_in_int8(fp32, int8))
     report["slower_in_int8"] = slower
-    sets = {"slower in INT8": slower} if slower else {}
+    sets = {EVERY_SLOWER: slower} if slower else {}
     leading = leading_nodes(prepared, slower)
     if leading and leading != slower:
-        sets["slower in INT8, from the input"] = leading
+        sets[LEADING_SLOWER] = leading
     return sets
 
 
@@ -95,9 +96,9 @@ def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate, 
         artifact.candidates.append(Candidate(
             name="onnx-int8-fast", precision="int8", path=output,
             metrics={"calibration_samples": trial.samples, "calibration": trial.label, "float_layers": sets[best],
-                     "method": f"{plain.metrics['method']}; {len(sets[best])} layers kept in FP32 ({best}, profiled on this host)"}))
+                     "method": f"{plain.metrics['method']}; {best} ({len(sets[best])}, profiled on this host) kept in FP32"}))
         report.update(float_layers=sets[best],
-                      decision=f"added onnx-int8-fast: {len(sets[best])} layers {best} in float, {100 * gain:.1f}% faster than {plain.name} ({numbers} p50)")
+                      decision=f"added onnx-int8-fast: {best} ({len(sets[best])}) in FP32, {100 * gain:.1f}% faster than {plain.name} ({numbers} p50)")
     for path in variants.values():
         path.unlink(missing_ok=True)
     return report
