@@ -1,4 +1,4 @@
-"""The gate ships the least precise candidate that keeps accuracy and is really faster, else falls back."""
+"""The gate ships the least precise candidate that keeps the task's metric and is really faster, else falls back."""
 
 from __future__ import annotations
 
@@ -6,20 +6,27 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from toolchain.core.artifact import Artifact, Candidate
+from toolchain.core.metrics import BUILTIN
 from toolchain.passes.shipping.gate import GatePass
 
 
-def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float, fmt: str = "onnx") -> Candidate:
+def candidate(name: str, precision: str, drop: float, host_ms: float, predicted_ms: float, fmt: str = "onnx",
+              reference_value: float = 0.9) -> Candidate:
+    """A candidate `drop` worse than the reference (whose metric value is `reference_value`)."""
+    metric_value = reference_value - drop  # accuracy: higher is better
     return Candidate(name=name, precision=precision, path=Path(f"/nonexistent/{name}.{fmt}"), format=fmt,
-                     metrics={"accuracy_drop": drop, "latency_ms_p50_host": host_ms, "latency_ms_predicted": predicted_ms})
+                     metrics={"metric_value": metric_value, "metric_drop": drop, "latency_ms_p50_host": host_ms,
+                              "latency_ms_predicted": predicted_ms})
 
 
 def gate(*candidates: Candidate, max_drop: float = 0.01, min_speedup: float = 1.05,
-         formats: tuple[str, ...] = ("onnx", "tflite")) -> Artifact:
-    ctx = SimpleNamespace(config=SimpleNamespace(compress=SimpleNamespace(max_accuracy_drop=max_drop, min_speedup=min_speedup)),
-                          profile=SimpleNamespace(id="board", formats=formats),
+         formats: tuple[str, ...] = ("onnx", "tflite"), metric: str = "accuracy", eval_max_drop: float | None = None,
+         reference_name: str | None = None) -> Artifact:
+    config = SimpleNamespace(compress=SimpleNamespace(max_accuracy_drop=max_drop, min_speedup=min_speedup),
+                             eval=SimpleNamespace(max_drop=eval_max_drop))
+    ctx = SimpleNamespace(config=config, metric=BUILTIN[metric], profile=SimpleNamespace(id="board", formats=formats),
                           console=SimpleNamespace(print=lambda *a, **k: None))
-    return GatePass().run(Artifact(candidates=list(candidates)), ctx)
+    return GatePass().run(Artifact(candidates=list(candidates), reference_name=reference_name), ctx)
 
 
 def test_int8_ships_when_accurate_and_faster() -> None:
@@ -72,3 +79,25 @@ def test_the_same_precision_in_another_format_is_judged_on_the_host_measurement_
     assert "same precision, other format: compared on host" in result.candidate("tflite-int8").verdict
     slower = gate(fp32(), candidate("onnx-int8", "int8", 0, 1.0, 1.0), candidate("tflite-int8", "int8", 0, 1.01, 0.5, "tflite"))
     assert slower.shipped.name == "onnx-int8"
+
+
+def test_an_error_metric_is_gated_in_its_own_units_relative_to_the_reference_by_default() -> None:
+    def regression(name: str, precision: str, rmse: float, ms: float) -> Candidate:
+        return Candidate(name=name, precision=precision, path=Path(f"/nonexistent/{name}.onnx"),
+                         metrics={"metric_value": rmse, "metric_drop": rmse - 50.0, "latency_ms_p50_host": ms,
+                                  "latency_ms_predicted": ms})
+
+    # RMSE 50 for FP32: 2% of it (1.0) may be lost; 50.9 passes, 51.2 does not.
+    kept = gate(regression("fp32", "fp32", 50.0, 1.0), regression("int8", "int8", 50.9, 0.4), metric="rmse")
+    lost = gate(regression("fp32", "fp32", 50.0, 1.0), regression("int8", "int8", 51.2, 0.4), metric="rmse")
+    assert kept.shipped.name == "int8" and "rmse drop 0.9 within 1" in kept.candidate("int8").verdict
+    assert lost.shipped.name == "fp32" and lost.candidate("int8").verdict == "rmse drop 1.2 > allowed 1"
+    assert kept.metrics["gate"]["max_drop_from"] == "2% of the reference rmse"
+    explicit = gate(regression("fp32", "fp32", 50.0, 1.0), regression("int8", "int8", 51.2, 0.4), metric="rmse", eval_max_drop=1.5)
+    assert explicit.shipped.name == "int8" and explicit.metrics["gate"]["max_drop_from"] == "[eval] max_drop"
+
+
+def test_an_imported_tflite_file_is_the_only_candidate_and_ships_as_it_is() -> None:
+    result = gate(candidate("tflite-int8", "int8", 0, 1.0, 1.0, "tflite"), formats=("tflite",), reference_name="tflite-int8")
+    assert result.shipped.name == "tflite-int8"
+    assert result.candidate("tflite-int8").verdict == "imported as it is: the only candidate, nothing to compare it against"
