@@ -19,15 +19,18 @@ under a second.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from toolchain.core.artifact import Artifact
 from toolchain.core.contract import BuildContext
 from toolchain.core.tensors import count
-from toolchain.quantize.int8 import Calibration, quantize_int8, representative_samples, validation_metric
+from toolchain.quantize.int8 import (Calibration, prepared_reference, quantize_int8, representative_samples,
+                                     validation_metric)
 
 FINAL_ACTIVATIONS = ("Softmax", "Sigmoid", "LogSoftmax")
 HISTOGRAM_SAMPLES = {"quick": 16, "standard": 64, "thorough": 128}  # at most, for entropy and percentile
@@ -50,6 +53,23 @@ class Trial:
     def cache_name(self) -> str:
         """The file of its calibrated ranges: one per method and sample count (float nodes do not change them)."""
         return f"calibration-{self.calibration.label.replace(' ', '-')}-{self.samples}.json"
+
+    def record(self) -> dict[str, Any]:
+        percentile = self.calibration.percentile if self.calibration.method == "percentile" else None
+        return {"label": self.label, "method": self.calibration.method, "percentile": percentile,
+                "samples": self.samples, "float_nodes": list(self.float_nodes)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Trial:
+        calibration = Calibration(record["method"], record["percentile"] or Calibration().percentile)
+        return cls(calibration, record["samples"], tuple(record["float_nodes"]))
+
+    def quantize(self, prepared: Path, output: Path, ctx: BuildContext, exclude: Sequence[str] = ()) -> None:
+        """Quantize `prepared` this way into `output`, `exclude` in float too; the calibrated ranges are
+        computed once per build and reused (`cache_name` in the work directory)."""
+        samples = representative_samples(ctx.dataset.x_train, self.samples, ctx.seed)
+        quantize_int8(prepared, output, samples, ctx.profile.providers, exclude=[*self.float_nodes, *exclude],
+                      calibration=self.calibration, cache=ctx.work_path(self.cache_name()))
 
 
 def final_activations(path: Path) -> list[str]:
@@ -89,15 +109,10 @@ def choose_calibration(prepared: Path, reference: Path, ctx: BuildContext, refer
     def run(trial: Trial) -> None:
         started = time.perf_counter()
         path = ctx.work_path(f"model-int8-trial-{len(tried)}.onnx")
-        samples = representative_samples(ctx.dataset.x_train, trial.samples, ctx.seed)
-        quantize_int8(prepared, path, samples, ctx.profile.providers, exclude=list(trial.float_nodes),
-                      calibration=trial.calibration, cache=ctx.work_path(trial.cache_name()))
+        trial.quantize(prepared, path, ctx)
         value = validation_metric(path, ctx, reference)
         tried.append((trial, path, value))
-        rows.append({"label": trial.label, "method": trial.calibration.method,
-                     "percentile": trial.calibration.percentile if trial.calibration.method == "percentile" else None,
-                     "samples": trial.samples, "float_nodes": list(trial.float_nodes),
-                     "validation_value": value, "validation_drop": metric.drop(reference_value, value),
+        rows.append({**trial.record(), "validation_value": value, "validation_drop": metric.drop(reference_value, value),
                      "seconds": round(time.perf_counter() - started, 3)})
 
     def best() -> tuple[Trial, Path, float]:  # smallest drop; min() keeps the earliest of equal ones
@@ -116,7 +131,15 @@ def choose_calibration(prepared: Path, reference: Path, ctx: BuildContext, refer
             other.unlink(missing_ok=True)
     drop = metric.drop(reference_value, value)
     report = {"metric": metric.name, "validation_fp32": reference_value, "final_activations": list(finals),
-              "trials": rows, "chosen": chosen.label,
+              "trials": rows, "chosen": chosen.label, "chosen_trial": chosen.record(),
               "decision": (f"{chosen.label}: {metric.name} drop {metric.format_drop(drop)} on validation, the smallest of "
                            f"{len(tried)} tried (ties go to the simplest)")}
     return CalibrationChoice(chosen, path, value, report)
+
+
+def quantize_as_chosen(artifact: Artifact, ctx: BuildContext, output: Path, exclude: Sequence[str]) -> None:
+    """The prepared reference quantized the way the quantize-int8 pass chose (method, samples, final
+    activations in float), with `exclude` in float too: what mixed precision and the latency-aware
+    variants vary, so they differ from `onnx-int8-qdq` only in the layers they name."""
+    trial = Trial.from_record(artifact.metrics["int8_calibration"]["chosen_trial"])
+    trial.quantize(prepared_reference(artifact, ctx), output, ctx, exclude)

@@ -28,9 +28,8 @@ from typing import Any, ClassVar
 
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
-from toolchain.quantize.calibration_choice import Trial, choose_calibration
-from toolchain.quantize.int8 import (activation_scheme, prepared_reference, quantize_int8, representative_samples,
-                                     validation_metric)
+from toolchain.quantize.calibration_choice import choose_calibration, quantize_as_chosen
+from toolchain.quantize.int8 import activation_scheme, prepared_reference, validation_metric
 from toolchain.quantize.profiling import OTHER, leading_nodes, node_times, profile_kernels, slower_in_int8
 from toolchain.runtime.measure import measure_latencies
 
@@ -59,7 +58,7 @@ def float_layer_sets(artifact: Artifact, ctx: BuildContext, plain: Candidate, re
     return sets
 
 
-def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate, trial: Trial) -> dict[str, Any]:
+def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate) -> dict[str, Any]:
     """Time the plain INT8 against variants with the layers profiled slower in INT8 kept in FP32 and add
     the fastest as `onnx-int8-fast` when it wins by `FAST_MIN_GAIN`; returns the decision with its numbers."""
     report: dict[str, Any] = {"min_gain": FAST_MIN_GAIN}
@@ -76,12 +75,9 @@ def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate, 
     if not sets:
         report["decision"] = "not added: no layer ran slower in INT8 than in FP32 on this host (profiled)"
         return report
-    prepared = prepared_reference(artifact, ctx)
-    samples = representative_samples(ctx.dataset.x_train, trial.samples, ctx.seed)
     variants = {label: ctx.work_path(f"model-int8-variant-{index}.onnx") for index, label in enumerate(sets)}
     for label, nodes in sets.items():
-        quantize_int8(prepared, variants[label], samples, ctx.profile.providers, exclude=[*trial.float_nodes, *nodes],
-                      calibration=trial.calibration, cache=ctx.work_path(trial.cache_name()))
+        quantize_as_chosen(artifact, ctx, variants[label], nodes)
     timed = measure_latencies({plain.name: plain.path, **variants}, shape, threads=1, **VARIANT_TIMING)
     p50 = {name: round(stats.p50_ms, 5) for name, stats in timed.items()}
     report["p50_ms"] = p50
@@ -95,7 +91,8 @@ def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate, 
         output = variants.pop(best).replace(ctx.work_path("model-int8-fast.onnx"))
         artifact.candidates.append(Candidate(
             name="onnx-int8-fast", precision="int8", path=output,
-            metrics={"calibration_samples": trial.samples, "calibration": trial.label, "float_layers": sets[best],
+            metrics={"calibration_samples": plain.metrics["calibration_samples"], "calibration": plain.metrics["calibration"],
+                     "float_layers": sets[best],
                      "method": f"{plain.metrics['method']}; {best} ({len(sets[best])}, profiled on this host) kept in FP32"}))
         report.update(float_layers=sets[best],
                       decision=f"added onnx-int8-fast: {best} ({len(sets[best])}) in FP32, {100 * gain:.1f}% faster than {plain.name} ({numbers} p50)")
@@ -127,7 +124,7 @@ class QuantizeInt8Pass:
         measured[candidate.name] = choice.value
         ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / reference.bytes:.2f}x FP32)")
         with ctx.console.status("  profiling INT8 layer by layer; timing the slower ones kept in float"):
-            fast = latency_aware_int8(artifact, ctx, candidate, choice.trial)
+            fast = latency_aware_int8(artifact, ctx, candidate)
         artifact.metrics["int8_fast"] = fast
         ctx.notes.append(f"latency-aware INT8: {fast['decision']}")
         ctx.console.print(f"  latency-aware INT8: {fast['decision']}")

@@ -15,8 +15,8 @@ import onnx
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
 from toolchain.core.metrics import allowed_drop
-from toolchain.quantize.int8 import (int8_validation_drops, prepared_reference, quantize_int8, representative_samples,
-                                     validation_metric)
+from toolchain.quantize.calibration_choice import quantize_as_chosen
+from toolchain.quantize.int8 import int8_validation_drops, prepared_reference, validation_metric
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 MAX_LAYERS = 64  # beyond this the per-layer scan costs more than it saves; larger models use the first 64
@@ -42,19 +42,18 @@ class MixedPrecisionPass:
             return artifact
         prepared = prepared_reference(artifact, ctx)
         layers = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in QUANTIZABLE][:MAX_LAYERS]
-        samples = representative_samples(ctx.dataset.x_train, ctx.config.compress.calibration_samples, ctx.seed)
         probe = ctx.work_path("model-mixed-probe.onnx")
         sensitivity = {}
         with ctx.console.status(f"  sensitivity of {len(layers)} layers"):
             for layer in layers:
-                quantize_int8(prepared, probe, samples, ctx.profile.providers, exclude=[n for n in layers if n != layer])
+                quantize_as_chosen(artifact, ctx, probe, exclude=[n for n in layers if n != layer])
                 sensitivity[layer] = metric.drop(fp32_value, validation_metric(probe, ctx, reference))
         ranked = sorted(layers, key=lambda name: sensitivity[name], reverse=True)
         report["sensitivity"] = {name: round(sensitivity[name], 5) for name in ranked}
         output = ctx.work_path("model-mixed.onnx")
         for count in range(1, len(ranked)):
             kept_float = ranked[:count]
-            quantize_int8(prepared, output, samples, ctx.profile.providers, exclude=kept_float)
+            quantize_as_chosen(artifact, ctx, output, exclude=kept_float)
             drop = metric.drop(fp32_value, validation_metric(output, ctx, reference))
             if drop <= limit:
                 report.update(float_layers=kept_float, validation_drop=drop,
