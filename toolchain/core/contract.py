@@ -31,12 +31,16 @@ class BudgetSettings:
     bench_seconds: float  # total measuring time shared by all candidates, interleaved
     bench_min_runs: int
     qat_search_seconds: float  # QAT's loss-aware range search stops here; the quantizers left keep min/max
+    mixed_search_seconds: float  # mixed precision's layer scan and bisection (each step is a full quantization)
 
 
 BUDGETS: dict[str, BudgetSettings] = {
-    "quick": BudgetSettings(max_epochs=40, patience=6, bench_seconds=6.0, bench_min_runs=300, qat_search_seconds=20.0),
-    "standard": BudgetSettings(max_epochs=120, patience=12, bench_seconds=20.0, bench_min_runs=1000, qat_search_seconds=60.0),
-    "thorough": BudgetSettings(max_epochs=400, patience=25, bench_seconds=60.0, bench_min_runs=3000, qat_search_seconds=240.0),
+    "quick": BudgetSettings(max_epochs=40, patience=6, bench_seconds=6.0, bench_min_runs=300,
+                            qat_search_seconds=20.0, mixed_search_seconds=30.0),
+    "standard": BudgetSettings(max_epochs=120, patience=12, bench_seconds=20.0, bench_min_runs=1000,
+                               qat_search_seconds=60.0, mixed_search_seconds=120.0),
+    "thorough": BudgetSettings(max_epochs=400, patience=25, bench_seconds=60.0, bench_min_runs=3000,
+                               qat_search_seconds=240.0, mixed_search_seconds=600.0),
 }
 
 
