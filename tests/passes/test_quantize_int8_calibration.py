@@ -4,6 +4,7 @@ on small models with real onnxruntime, every recorded number recomputed here wit
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from toolchain.core.contract import BuildContext
 from toolchain.core.data import load_dataset
 from toolchain.export.onnx import export_module
 from toolchain.passes.onnx.quantize_int8 import QuantizeInt8Pass
-from toolchain.quantize.calibration_choice import final_activations
+from toolchain.quantize.calibration_choice import choose_calibration, final_activations
 from toolchain.quantize.int8 import Calibration, quantize_int8, representative_samples
 from toolchain.quantize.profiling import OTHER, leading_nodes, node_times, profile_kernels
 from toolchain.targets.profiles import resolve_target
@@ -177,3 +178,17 @@ def test_leading_layers_are_those_reached_from_the_input_through_float_layers_on
     assert leading_nodes(prepared, [stem, depthwise, head]) == [stem, depthwise]
     assert leading_nodes(prepared, [depthwise, pointwise]) == []  # the stem before them stays INT8
     assert leading_nodes(prepared, convs) == convs
+
+
+def test_the_thorough_budget_crosses_every_method_with_the_final_activation_in_float(softmax_build, tmp_path: Path) -> None:
+    artifact, ctx = softmax_build
+    thorough = dataclasses.replace(ctx, budget="thorough", work_dir=tmp_path, notes=[])
+    fp32 = artifact.metrics["int8_calibration"]["validation_fp32"]
+    choice = choose_calibration(ctx.work_path("model-fp32-prepared.onnx"), artifact.reference.path, thorough, fp32)
+    trials = choice.report["trials"]
+    methods = [(t["method"], t["percentile"], t["samples"]) for t in trials]
+    assert methods[:4] == [("minmax", None, 256), ("percentile", 99.99, 128), ("percentile", 99.999, 128), ("entropy", None, 128)]
+    assert methods[4:] == methods[:4] and [t["float_nodes"] for t in trials] == [[]] * 4 + [artifact.metrics["int8_calibration"]["final_activations"]] * 4
+    best = min(range(len(trials)), key=lambda i: round(trials[i]["validation_drop"], 9))
+    assert choice.report["chosen"] == trials[best]["label"] and choice.path.exists()
+    assert [p.name for p in tmp_path.glob("model-int8-trial-*")] == [choice.path.name]
