@@ -48,7 +48,7 @@ def profile_kernels(path: Path, input_shape: tuple[int, ...], work_dir: Path, th
     options.profile_file_prefix = str(work_dir / f"profile-{path.stem}")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = make_feeds(session, input_shape)
-    session.run(None, feeds)  # warm-up: first-run allocations
+    session.run(None, feeds)  # warm-up (first-run allocations): profiled too, the median outweighs it
     deadline = time.perf_counter() + PROFILE_SECONDS
     for run in range(PROFILE_RUNS):
         if run >= MIN_PROFILE_RUNS and time.perf_counter() > deadline:
