@@ -202,7 +202,7 @@ def timing_files(ctx: BuildContext, root: Path, size: int, teacher: torch.nn.Mod
             "ort one-liner int8 (teacher)": ort_one_liner(alone.reference.path, root / f"timing-{size}-ort.onnx", big.dataset.x_train),
             "ort quantize_dynamic (teacher)": alone.candidate("onnx-int8-dynamic").path,
             "toolchain int8 (teacher)": best_int8(alone),
-            "pipeline onnx-fp32": final.reference.path, "pipeline onnx-int8-qdq": final.candidate("onnx-int8-qdq").path}
+            "pipeline onnx-fp32": final.source.path, "pipeline onnx-int8-qdq": final.candidate("onnx-int8-qdq").path}
 
 
 def compare(section: str, ctx: BuildContext, root: Path, pipeline_passes: list, seconds: float,

@@ -119,7 +119,7 @@ def test_pruning_removes_channels_and_keeps_accuracy(teacher, tmp_path: Path) ->
     assert report["ignored_layers"] == ["1.11"]  # the classifier keeps its 10 outputs
     # It still exports, and onnxruntime gives the same output shape as before.
     x_test, y_test = dataset.x_test, dataset.y_test
-    logits = model_logits(artifact.reference.path, x_test)
+    logits = model_logits(artifact.source.path, x_test)
     assert logits.shape == (len(x_test), 10)
     with torch.no_grad():
         unpruned = trained.module.eval()(torch.from_numpy(x_test)).numpy()
@@ -156,13 +156,17 @@ def test_distilled_student_is_smaller_faster_and_within_the_gate(teacher, tmp_pa
     # The shipped module is the student (also per the real export), the teacher stays for later passes.
     assert sum(p.numel() for p in artifact.module.parameters()) == student["parameters"]
     assert artifact.teacher is not None and sum(p.numel() for p in artifact.teacher.parameters()) == teacher_numbers["parameters"]
-    exported = predict(analyze(artifact.reference.path), profile).latency_ms
+    exported = predict(analyze(artifact.source.path), profile).latency_ms
     assert exported == pytest.approx(student["latency_ms_predicted"], rel=1e-4)
+    # The model as trained is exported too, as the yardstick of the gate's drops (and its fallback).
+    assert artifact.reference.name == "onnx-fp32-trained" and artifact.source.name == "onnx-fp32"
+    assert predict(analyze(artifact.reference.path), profile).latency_ms == pytest.approx(
+        teacher_numbers["latency_ms_predicted"], rel=1e-4)
     # The default accuracy gate (0.01 on validation) holds.
     assert ctx.config.compress.max_accuracy_drop == 0.01
     assert teacher_numbers["val_accuracy"] - student["val_accuracy"] <= 0.01
     assert student["val_accuracy"] == pytest.approx(
-        (model_logits(artifact.reference.path, dataset.x_val).argmax(1) == dataset.y_val).mean(), abs=1e-4)
+        (model_logits(artifact.source.path, dataset.x_val).argmax(1) == dataset.y_val).mean(), abs=1e-4)
 
 
 def test_auto_ratio_meets_a_tight_latency_budget(teacher, tmp_path: Path) -> None:
@@ -177,7 +181,7 @@ def test_auto_ratio_meets_a_tight_latency_budget(teacher, tmp_path: Path) -> Non
     assert report["before"]["latency_ms_predicted"] > budget
     assert 0 < ratio <= 0.7 and report["ratio_choice"].startswith("auto: the smallest ratio")
     # The model that was exported (after fine-tuning) meets the budget on the custom profile...
-    assert predict(analyze(artifact.reference.path), profile).latency_ms <= budget
+    assert predict(analyze(artifact.source.path), profile).latency_ms <= budget
     # ...and it is the smallest ratio on the 0.05 grid that does.
     example = torch.from_numpy(dataset.x_train[:2])
     smaller = prune_module(trained.module, round(ratio - 0.05, 2), example)

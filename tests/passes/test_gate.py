@@ -101,3 +101,16 @@ def test_an_imported_tflite_file_is_the_only_candidate_and_ships_as_it_is() -> N
     result = gate(candidate("tflite-int8", "int8", 0, 1.0, 1.0, "tflite"), formats=("tflite",), reference_name="tflite-int8")
     assert result.shipped.name == "tflite-int8"
     assert result.candidate("tflite-int8").verdict == "imported as it is: the only candidate, nothing to compare it against"
+
+
+def test_drops_add_up_against_the_trained_model_and_it_ships_when_compression_lost_too_much() -> None:
+    # The distilled FP32 lost 0.8 pp against the model as trained, its INT8 another 0.4: 1.2 pp in all.
+    trained = candidate("onnx-fp32-trained", "fp32", 0, 2.0, 2.0)
+    result = gate(trained, candidate("onnx-fp32", "fp32", 0.008, 1.0, 1.0), candidate("onnx-int8-qdq", "int8", 0.012, 0.4, 0.4),
+                  reference_name="onnx-fp32-trained")
+    assert result.shipped.name == "onnx-fp32"
+    assert result.candidate("onnx-int8-qdq").verdict == "accuracy drop 1.20 pp > allowed 1.00 pp"
+    assert "superseded by onnx-fp32" in result.candidate("onnx-fp32-trained").verdict
+    lost = gate(candidate("onnx-fp32-trained", "fp32", 0, 2.0, 2.0), candidate("onnx-fp32", "fp32", 0.015, 1.0, 1.0),
+                reference_name="onnx-fp32-trained")
+    assert lost.shipped.name == "onnx-fp32-trained"

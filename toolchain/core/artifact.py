@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "mixed": 2, "int8": 3}  # higher = less precise: the gate's walk
+SOURCE = "onnx-fp32"  # the FP32 ONNX candidate every other candidate is made from
 
 
 @dataclass
@@ -43,16 +44,29 @@ class Artifact:
     outputs: dict[str, Path] = field(default_factory=dict)  # staged files to publish: role -> path
     teacher: Any = None  # the trained model a distilled student learned from (pruning fine-tunes from it too)
     trained_state: dict[str, Any] | None = None  # the trained module's weights before compression: the build's checkpoint
-    reference_name: str | None = None  # set when the yardstick is not the first FP32 candidate (an imported .tflite)
+    reference_name: str | None = None  # set when the yardstick is not the source (the trained model, an imported .tflite)
+    trained: Any = None  # the module as trained, before distillation or pruning replaced it
+
+    @property
+    def source(self) -> Candidate:
+        """The FP32 ONNX file the other candidates are made from (exported or imported; after
+        distillation and pruning, the compressed model's)."""
+        for candidate in self.candidates:
+            if candidate.name == SOURCE:
+                return candidate
+        raise LookupError("no FP32 ONNX source; the export or import pass must run first")
 
     @property
     def reference(self) -> Candidate:
-        """The yardstick every other candidate is measured against: the FP32 ONNX model (exported or
-        imported), or the user's `.tflite` file when that is all there is."""
-        for candidate in self.candidates:
-            if candidate.name == self.reference_name or (self.reference_name is None and candidate.precision == "fp32"):
-                return candidate
-        raise LookupError("no reference candidate; the export or import pass must run first")
+        """The yardstick every candidate's metric drop is measured against: the model as trained (so
+        the drops of distillation, pruning and quantization add up in one number the gate bounds),
+        the imported file, or the user's `.tflite` file when that is all there is. Without a name set:
+        the source, else the first FP32 candidate (a Keras build's FP32 `.tflite`)."""
+        named = [c for c in self.candidates if c.name == (self.reference_name or SOURCE)]
+        fallback = [c for c in self.candidates if c.precision == "fp32" and self.reference_name is None]
+        if not named + fallback:
+            raise LookupError("no reference candidate; the export or import pass must run first")
+        return (named + fallback)[0]
 
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)

@@ -111,7 +111,7 @@ def prepared_reference(artifact: Artifact, ctx: BuildContext) -> Path:
     """The FP32 model after onnxruntime's quantization pre-processing (shape inference, fusions), made once."""
     prepared = ctx.work_path("model-fp32-prepared.onnx")
     if not prepared.exists():
-        quant_pre_process(str(artifact.reference.path), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(artifact.source.path), str(prepared), skip_symbolic_shape=True)
     return prepared
 
 

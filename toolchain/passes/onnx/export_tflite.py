@@ -42,12 +42,17 @@ class ExportTflitePass:
             ctx.notes.append(note)
             ctx.console.print(f"  [yellow]{note}[/]")
             return artifact
-        reference = artifact.reference
+        source, inputs = artifact.source, ctx.dataset.inputs
+        if len(inputs) > 1:  # the agent's LiteRT session serves one input and one output
+            note = f"no .tflite candidates: the model takes {len(inputs)} inputs, and a .tflite model is served with one"
+            ctx.notes.append(note)
+            ctx.console.print(f"  [yellow]{note}[/]")
+            return artifact
         with ctx.console.status("  translating the FP32 ONNX model to TensorFlow (onnx2tf)"):
-            saved_model = onnx_to_saved_model(reference.path, ctx.work_path("saved_model"), INPUT_NAME)
+            saved_model = onnx_to_saved_model(source.path, ctx.work_path("saved_model"), inputs[0].name if inputs else INPUT_NAME)
         candidates = convert_candidates(saved_model, ctx, METHODS)
         fp32, check = candidates[0], ctx.dataset.x_val[:CHECK_SAMPLES]
-        difference = float(np.abs(model_logits(fp32.path, check) - model_logits(reference.path, check)).max())
+        difference = float(np.abs(model_logits(fp32.path, check) - model_logits(source.path, check)).max())
         if difference > TOLERANCE:
             raise ToolchainError(f"the TFLite translation changes the model's outputs by up to {difference:.2g} "
                                  f"(allowed {TOLERANCE:g}); report the model to onnx2tf or build for ONNX")

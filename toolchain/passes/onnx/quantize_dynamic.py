@@ -24,5 +24,5 @@ class QuantizeDynamicPass:
         candidate = Candidate(name="onnx-int8-dynamic", precision="int8", path=output,
                               metrics={"method": "dynamic INT8 (weights per-channel, activations at run time)"})
         artifact.candidates.append(candidate)
-        ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / artifact.reference.bytes:.2f}x FP32)")
+        ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / artifact.source.bytes:.2f}x FP32)")
         return artifact

@@ -20,14 +20,14 @@ class QuantizeFp16Pass:
     name: ClassVar[str] = "quantize-fp16"
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
-        reference = artifact.reference
+        source = artifact.source
         output = ctx.work_path("model-fp16.onnx")
-        converted = onnx_ir.from_proto(convert_float_to_float16(onnx.load(str(reference.path)), keep_io_types=True))
+        converted = onnx_ir.from_proto(convert_float_to_float16(onnx.load(str(source.path)), keep_io_types=True))
         converted.graph.sort()  # the converter appends its input Casts last; the ONNX spec wants topological order
         model = onnx_ir.to_proto(converted)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(output))
         candidate = Candidate(name="onnx-fp16", precision="fp16", path=output, metrics={"method": "float16, fp32 I/O"})
         artifact.candidates.append(candidate)
-        ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / reference.bytes:.2f}x FP32)")
+        ctx.console.print(f"  {output.name}: {candidate.bytes:,} bytes ({candidate.bytes / source.bytes:.2f}x FP32)")
         return artifact

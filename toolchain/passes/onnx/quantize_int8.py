@@ -63,7 +63,7 @@ def latency_aware_int8(artifact: Artifact, ctx: BuildContext, plain: Candidate) 
     the fastest as `onnx-int8-fast` when it wins by `FAST_MIN_GAIN`; returns the decision with its numbers."""
     report: dict[str, Any] = {"min_gain": FAST_MIN_GAIN}
     shape = ctx.dataset.input_shape
-    first = measure_latencies({"fp32": artifact.reference.path, plain.name: plain.path}, shape, threads=1, **INT8_TIMING)
+    first = measure_latencies({"fp32": artifact.source.path, plain.name: plain.path}, shape, threads=1, **INT8_TIMING)
     p50 = {name: round(stats.p50_ms, 5) for name, stats in first.items()}
     report["int8_vs_fp32_p50_ms"] = p50  # its own interleaved run: compare within one dict only
     if p50[plain.name] >= p50["fp32"]:

@@ -12,6 +12,11 @@ the order the passes made them. `min_speedup` is the price of giving up precisio
 precision nothing is given up, so a later one replaces the incumbent when it is within the accuracy
 gate and not slower on either measure (>= 1.00x): the faster of two INT8 files ships.
 
+The yardstick of every drop is the model as trained (`onnx-fp32-trained`) when distillation or
+pruning replaced it, so their losses and quantization's add up in the one number the gate bounds,
+measured on the test split that none of the earlier keep-or-reject decisions saw; the compressed
+FP32 model is then a candidate like the others and the trained one the fallback.
+
 Only formats the profile's runtime runs can ship (`[runtime] formats`). The FP32 ONNX reference stays
 the accuracy yardstick either way; on a `.tflite`-only board the walk starts from the FP32 `.tflite`.
 """

@@ -11,10 +11,13 @@ from typing import ClassVar
 
 import onnx
 
-from toolchain.core.artifact import Artifact, Candidate
+from toolchain.core.artifact import SOURCE, Artifact, Candidate
 from toolchain.core.contract import BuildContext
 from toolchain.errors import ToolchainError
 from toolchain.export.onnx import TOLERANCE, export_module, max_abs_difference
+
+
+TRAINED = "onnx-fp32-trained"
 
 
 class ExportOnnxPass:
@@ -33,6 +36,24 @@ class ExportOnnxPass:
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         artifact.metrics["export"] = {"opset": opset, "max_abs_difference_vs_torch": difference,
                                       "nodes": len(model.graph.node)}
-        artifact.candidates.append(Candidate(name="onnx-fp32", precision="fp32", path=path))
+        artifact.candidates.append(Candidate(name=SOURCE, precision="fp32", path=path))
         ctx.console.print(f"  opset {opset}, {len(model.graph.node)} nodes, max |onnx - torch| = {difference:.1e}")
+        if artifact.trained is not None and artifact.trained is not artifact.module:
+            self.export_trained(artifact, ctx)
         return artifact
+
+    @staticmethod
+    def export_trained(artifact: Artifact, ctx: BuildContext) -> None:
+        """Distillation or pruning replaced the trained model: export it too, as the yardstick. Their
+        keep-or-reject decisions were made on validation data; the gate then bounds the *total* drop
+        (compression and quantization together) against the model as trained, on the test split that
+        none of those decisions saw, and can still ship the trained model if the compressed one
+        loses too much there."""
+        path = ctx.work_path("model-fp32-trained.onnx")
+        with ctx.console.status("  exporting the model as trained (the gate's yardstick)"):
+            export_module(artifact.trained, ctx.dataset.input_shape, path)
+        artifact.candidates.append(Candidate(name=TRAINED, precision="fp32", path=path,
+                                             metrics={"method": "the model as trained, before distillation and pruning"}))
+        artifact.reference_name = TRAINED
+        artifact.metrics["export"]["reference"] = f"{TRAINED}: the model as trained, before distillation and pruning"
+        ctx.console.print(f"  {TRAINED}: the uncompressed model, the yardstick of every drop")

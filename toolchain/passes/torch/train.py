@@ -57,7 +57,7 @@ class TrainPass:
                          on_epoch=lambda epoch, loss, value: progress.update(
                              task, completed=epoch, status=f"val {metric.name} {metric.format_value(value)}"))
         _, train_value = evaluate_torch(result.module, torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), metric)
-        artifact.module = result.module
+        artifact.module = artifact.trained = result.module
         artifact.trained_state = {k: v.detach().clone() for k, v in result.module.state_dict().items()}
         artifact.metrics["train"] = {
             "warm_start": str(ctx.warm_start) if ctx.warm_start else None, "pretrained": pretrained,
