@@ -27,12 +27,17 @@ def test_report_renders_candidates_charts_and_decision(default_build: Build, tmp
     assert [name for _, name in rows[:3]] == [c["name"] for c in report["candidates"]]
     assert [cls for cls, name in rows[:3] if cls == "ship"] == ["ship"]
     assert dict((name, cls) for cls, name in rows[:3])[report["shipped"]["name"]] == "ship"
-    for chart in ("chart-accuracy", "chart-latency", "chart-predicted", "chart-size"):
+    for chart in ("chart-metric", "chart-latency", "chart-predicted", "chart-size"):
         assert f'id="{chart}"' in dom
         svg = dom.split(f'id="{chart}"')[1].split("</svg>")[0]
         assert svg.count("<rect") == len(report["candidates"])
     assert f"Shipped <strong>{report['shipped']['name']}</strong>" in dom
     assert 'id="budgets"' in dom and "latency_ms" in dom
+    # The gate's rule names its metric and limit; the INT8 calibration trials are listed, the chosen one marked.
+    assert re.search(r"Gate: accuracy \(higher is better, task classification\) may drop by at most\s+1 pp", dom)
+    trials = report["int8_calibration"]["trials"]
+    calibration = dom.split('id="calibration-trials"')[1].split("</table>")[0]
+    assert calibration.count("<tr") == len(trials) + 1 and calibration.count('class="ship"') == 1
 
 
 def test_report_screenshot_is_not_blank(default_build: Build, tmp_path: Path) -> None:

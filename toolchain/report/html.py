@@ -156,14 +156,38 @@ def compression_section(report: dict[str, Any]) -> str:
         if isinstance(step.get(old), dict) and isinstance(step.get(new), dict):
             rows = [[metric, step[old].get(metric, ""), step[new].get(metric, "")] for metric in compared]
             parts.append(table(["", old, new], rows, table_id=f"{key}-numbers"))
+    gate = report["gate"]
+    scale, unit = (100, "pp") if gate["fraction"] else (1, gate["metric"])
+    parts.append(int8_section(report, scale, unit))
     mixed = report.get("mixed")
     if mixed:
         parts.append(f'<h3>Mixed precision</h3><p>{escape(mixed["decision"])}</p>')
         if mixed.get("sensitivity"):
             kept = set(mixed.get("float_layers", []))
-            rows = [[layer, 100 * drop, "float" if layer in kept else "int8"] for layer, drop in mixed["sensitivity"].items()]
-            parts.append(table(["layer", "validation drop when only it is INT8 (pp)", "kept as"], rows, table_id="sensitivity"))
-    return f"<h2>Compression</h2>{''.join(parts)}" if parts else ""
+            rows = [[layer, scale * drop, "float" if layer in kept else "int8"] for layer, drop in mixed["sensitivity"].items()]
+            parts.append(table(["layer", f"validation drop when only it is INT8 ({unit})", "kept as"], rows, table_id="sensitivity"))
+    return f"<h2>Compression</h2>{''.join(parts)}" if any(parts) else ""
+
+
+def int8_section(report: dict[str, Any], scale: float, unit: str) -> str:
+    """How static INT8 was calibrated (every method tried, by the metric on validation) and which
+    layers the latency-aware variant keeps in float (from the per-layer profile)."""
+    parts = []
+    calibration = report.get("int8_calibration")
+    if calibration and calibration.get("trials"):
+        rows = [[t["label"], t["samples"], ", ".join(t["float_nodes"]) or "-", t["validation_value"], scale * t["validation_drop"],
+                 t["seconds"]] for t in calibration["trials"]]
+        classes = ["ship" if t["label"] == calibration["chosen"] else "" for t in calibration["trials"]]
+        parts.append(f'<h3>INT8 calibration</h3><p id="int8-calibration">{escape(calibration["decision"])}</p>'
+                     + table(["calibration", "samples", "kept in float", f"validation {calibration['metric']}",
+                              f"drop ({unit})", "seconds"], rows, classes, "calibration-trials"))
+    fast = report.get("int8_fast")
+    if fast and fast.get("decision"):
+        slower = fast.get("slower_in_int8") or []
+        parts.append(f'<h3>Latency-aware INT8</h3><p id="int8-fast">{escape(fast["decision"])}</p>'
+                     + (f"<p>Slower in INT8 than in FP32 on this host (onnxruntime's profile): {escape(', '.join(slower))}.</p>"
+                        if slower else ""))
+    return "".join(parts)
 
 
 def targets_chart(rows: list[dict[str, Any]], chart_id: str = "chart-targets") -> str:

@@ -37,7 +37,7 @@ def build_report(artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
         # the shipped model predicted on every shipped profile, to see which boards it fits
         "targets": compare_targets(shipped.path, list_profiles()),
         # what the optional passes did, with their numbers (None when the pass did not run)
-        **{name: artifact.metrics.get(name) for name in ("search", "distill", "prune", "mixed")},
+        **{name: artifact.metrics.get(name) for name in ("search", "distill", "prune", "mixed", "int8_calibration", "int8_fast")},
     }
 
 
