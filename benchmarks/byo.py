@@ -74,7 +74,7 @@ def mobilenet_by_file(work: Path, quick: bool) -> tuple[list[dict], dict]:
     export_module(model, (3, TIMING_SIZE, TIMING_SIZE), onnx_path)
     # 224x224 images the 32x32-trained model recognises: its own task's images tiled 7 x 7 (same pixel
     # frequencies, so its predictions vary as they do at 32 and agreement measures something).
-    small, _ = gratings(TRAIN_SIZE, 160 if quick else 400, seed=1)
+    small, _ = gratings(TRAIN_SIZE, 300 if quick else 1000, seed=1)
     x = np.tile(small, (1, 1, TIMING_SIZE // TRAIN_SIZE, TIMING_SIZE // TRAIN_SIZE))
     np.savez(work / "images.npz", x=x)  # no y: judged by agreement with the imported model
     with torch.no_grad():

@@ -264,3 +264,59 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, case: st
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert expected in errors[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def mlp_opset9_with_external_data(folder: Path) -> Path:
+    """A 64 -> 32 -> 10 MLP saved at opset 9 with its weights in a separate file, as older exporters
+    and models over 2 GB write them."""
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.normal(0, 0.2, (64, 32)).astype(np.float32), np.zeros(32, np.float32)
+    w2, b2 = rng.normal(0, 0.2, (32, 10)).astype(np.float32), np.zeros(10, np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Add", ["o", "b2"], ["scores"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    path = folder / "mlp9.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="mlp9.weights", size_threshold=0)
+    assert (folder / "mlp9.weights").stat().st_size > 8000
+    return path
+
+
+def test_an_opset_9_file_with_external_data_is_imported_self_contained(tmp_path: Path) -> None:
+    source = mlp_opset9_with_external_data(tmp_path)
+    x = np.random.default_rng(4).normal(size=(300, 64)).astype(np.float32)
+    np.savez(tmp_path / "mlp.npz", x=x)
+    bundle_path, manifest, report = build(tmp_path, "--model", str(source), "--data", f"npz:{tmp_path / 'mlp.npz'}")
+    assert report["import"]["opset"] == 9 and report["import"]["opset_converted_from"] == 9
+    assert report["import"]["external_data"] is True
+    assert "onnx-int8-qdq" in [c["name"] for c in manifest["metrics"]["candidates"]]
+    shipped = shipped_model(bundle_path, tmp_path)  # one file, no weights beside it: the bundle carries everything
+    reference = ort.InferenceSession(str(source)).run(None, {"x": x[:50]})[0]
+    ours = ort.InferenceSession(str(shipped)).run(None, {"x": x[:50]})[0]
+    assert (ours.argmax(1) == reference.argmax(1)).mean() >= 1 - manifest["metrics"]["shipped"]["metric_drop"] - 0.05
+
+
+def test_a_tflite_file_is_measured_and_bundled_as_it_is(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra (bash scripts/setup.sh --tflite) converts the test's model")
+    from toolchain.export.tflite import convert, onnx_to_saved_model
+
+    source = mlp_opset9_with_external_data(tmp_path)
+    single = tmp_path / "mlp.onnx"
+    onnx.save_model(onnx.load(str(source)), str(single))
+    x = np.random.default_rng(5).normal(size=(200, 64)).astype(np.float32)
+    tflite = tmp_path / "mlp.tflite"
+    tflite.write_bytes(convert(onnx_to_saved_model(single, tmp_path / "saved", "x"), "int8", x[:64]))
+    np.savez(tmp_path / "mlp.npz", x=x)
+    out = tmp_path / "dist"
+    result = run_cli("toolchain", "build", "--target", "rpi5", "--out", str(out), "--model", str(tflite),
+                     "--data", f"npz:{tmp_path / 'mlp.npz'}", check=True)
+    bundle = read_bundle(Path(result.stdout.strip().splitlines()[-1]), load_public_key(signing_pubkey()))
+    (candidate,) = bundle.manifest["metrics"]["candidates"]
+    assert candidate["name"] == "tflite-int8" and candidate["precision"] == "int8" and candidate["accepted"]
+    assert candidate["verdict"] == "imported as it is: the only candidate, nothing to compare it against"
+    assert bundle.model_bytes == tflite.read_bytes()  # shipped byte for byte
+    assert candidate["latency_ms_p50_host"] > 0 and candidate["latency_ms_predicted"] > 0
+    assert "bundled as it is" in json.loads((out / "report.json").read_text())["notes"][0]

@@ -173,7 +173,8 @@ def import_onnx(path: Path, input_shape: list[int] | dict[str, list[int]] | None
     """Check a user's ONNX file, fix its input dims, raise an old opset to `MIN_OPSET`, infer shapes and
     save it self-contained (external data inlined) at `output`. Returns what was done, for the report."""
     model = check_onnx_file(path)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     model, fixed = fix_input_dims(model, input_shape, path)
     converted_from = None
