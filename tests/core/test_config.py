@@ -95,3 +95,18 @@ def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path: Path)
     assert result.stderr.strip().splitlines() == [
         f"error: config {tmp_path / 'toolchain.toml'}: [compress] max_accuracy_drop: Input should be greater than or equal to 0 (got -0.5)"]
     assert not out.exists()
+
+
+def test_the_command_line_form_names_the_options_in_its_errors(tmp_path: Path) -> None:
+    from toolchain.core.config import command_line_config
+
+    config = command_line_config(Path("models/det.onnx"), "npz:images.npz", "3,64,64", "agreement")
+    assert (config.project.name, config.model.file, config.model.input_shape) == ("det", "models/det.onnx", [3, 64, 64])
+    assert config.data.source == "npz:images.npz" and config.eval.metric == "agreement"
+    for args, expected in ((("m.pt", "npz:d.npz", None, None), "--model: a model file must be .onnx or .tflite (got 'm.pt')"),
+                           (("m.onnx", "s3://d", None, None), "--data: expected one of sklearn:..."),
+                           (("m.onnx", "npz:d.npz", "3,a", None), "--input-shape '3,a': expected sizes separated by commas"),
+                           (("m.onnx", "npz:d.npz", None, "accurasy"), "--metric: unknown metric")):
+        with pytest.raises(ConfigError) as error:
+            command_line_config(Path(args[0]), *args[1:])
+        assert str(error.value).startswith(expected), str(error.value)

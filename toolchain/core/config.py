@@ -67,7 +67,7 @@ class ModelSection(_Section):
     @classmethod
     def _model_file(cls, file: str | None) -> str | None:
         if file is not None and not file.lower().endswith(MODEL_FILE_SUFFIXES):
-            raise ValueError(f"a model file must be {' or '.join(MODEL_FILE_SUFFIXES)}, got {file!r}")
+            raise ValueError(f"a model file must be {' or '.join(MODEL_FILE_SUFFIXES)}")
         return file
 
     @model_validator(mode="after")
@@ -94,7 +94,7 @@ class ModelSection(_Section):
 def _data_source(source: str) -> str:
     scheme, sep, rest = source.partition(":")
     if not sep or scheme not in DATA_SCHEMES or not rest:
-        raise ValueError(f"expected one of {', '.join(s + ':...' for s in DATA_SCHEMES)}, got {source!r}")
+        raise ValueError(f"expected one of {', '.join(s + ':...' for s in DATA_SCHEMES)}")
     return source
 
 
@@ -357,4 +357,12 @@ def command_line_config(model: Path, data: str, input_shape: str | None, metric:
     lines += ["[data]", f"source = {json.dumps(data)}"]
     if metric is not None:
         lines += ["[eval]", f"metric = {json.dumps(metric)}"]
-    return parse_config("\n".join(lines) + "\n", Path.cwd() / "command line")
+    where = Path.cwd() / "command line"
+    try:
+        return parse_config("\n".join(lines) + "\n", where)
+    except ConfigError as exc:  # name the options the user typed, not the config they stand for
+        message = str(exc).replace(f"config {where}: ", "")
+        for key, option in (("[model] file", "--model"), ("[data] source", "--data"), ("[model] input_shape", "--input-shape"),
+                            ("[eval] metric", "--metric")):
+            message = message.replace(key, option)
+        raise ConfigError(message) from None
