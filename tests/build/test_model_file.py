@@ -232,7 +232,7 @@ def test_labelled_classifier_by_file_keeps_its_accuracy(tmp_path: Path) -> None:
     ("corrupt", "is not a valid ONNX model"),
     ("dynamic", "with sizes that are not fixed after the batch axis; fix them with [model] input_shape (or --input-shape)"),
     ("arrays", "lacks array(s) ['ids'] for the model's inputs ['features', 'ids']"),
-    ("metric", "[eval] metric: unknown metric"),
+    ("metric", "--metric: unknown metric"),
     ("metric_raises", "[eval] metric metric:broken: computing it failed: ZeroDivisionError"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, case: str, expected: str) -> None:

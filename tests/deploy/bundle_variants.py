@@ -52,7 +52,7 @@ def variant(source: Path, key_dir: Path, out_dir: Path, *, version: int | None =
     return write_bundle(path, manifest, files, load_private_key(signing_key or key_dir / "signing.key"))
 
 
-def slower(width: int = 768, depth: int = 6) -> Transform:
+def slower(width: int = 1024, depth: int = 8) -> Transform:
     """Add a heavy branch (a chain of MatMuls) whose result is multiplied by zero into the logits:
     same answers, much more work (onnxruntime cannot fold it away, the input is dynamic)."""
     def apply(model: onnx.ModelProto) -> onnx.ModelProto:
