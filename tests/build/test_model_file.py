@@ -115,7 +115,7 @@ def test_dense_map_detector_from_the_command_line(tmp_path: Path, broker: Manage
     np.testing.assert_allclose(served["sigmoid_0.tmp_0"], ours[:2], atol=1e-6)
 
 
-def test_sequence_recogniser_with_a_config_file(tmp_path: Path) -> None:
+def test_sequence_recogniser_with_a_config_file(tmp_path: Path, broker: ManagedBroker) -> None:
     np.savez(tmp_path / "rec.npz", x=text_images(100, 48, 192))
     source = rapidocr_model("ch_PP-OCRv4_rec_infer.onnx")
     (tmp_path / "toolchain.toml").write_text(f"""
@@ -141,6 +141,9 @@ calibration_samples = 32
     ours = ort.InferenceSession(str(shipped_model(bundle_path, tmp_path))).run(None, {"x": x})[0]
     theirs = ort.InferenceSession(str(source)).run(None, {"x": x})[0]
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+    served = served_outputs(broker, tmp_path, bundle_path, {"x": x[:1]})
+    assert list(served) == ["softmax_11.tmp_0"] and served["softmax_11.tmp_0"].shape == (1, 24, 6625)
+    np.testing.assert_allclose(served["softmax_11.tmp_0"], ours[:1], atol=1e-5)
 
 
 def two_input_model(path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
