@@ -7,6 +7,7 @@ a reason (HTTP 400, an `error` event) and the agent keeps serving.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -243,13 +244,14 @@ class Agent:
             self.receiver.offer(command)
             return
         if command["type"] == "rollback":
-            if not self.roll_back(f"manual rollback (cmd {command['id']})"):
+            if not self.roll_back(f"manual rollback (cmd {command['id']})", cmd_id=command["id"]):
                 raise AgentError(f"cmd {command['id']}: no previous model to roll back to")
             return
         window_s = command.get("telemetry", {}).get("window_s") if isinstance(command.get("telemetry"), dict) else None
         if not isinstance(window_s, (int, float)) or isinstance(window_s, bool) or not 0.05 <= window_s <= 86400:
             raise AgentError(f"cmd {command['id']}: config needs telemetry.window_s between 0.05 and 86400")
         self.window_s = float(window_s)
+        log.info("telemetry window set to %g s (cmd %s)", self.window_s, command["id"])
         self.emit_event("config", cmd_id=command["id"], telemetry={"window_s": self.window_s})
 
     # -- updates -------------------------------------------------------------------------------
@@ -262,6 +264,7 @@ class Agent:
         threading.Thread(target=self.install, args=(transfer, path), name=f"install-{transfer.transfer}", daemon=True).start()
 
     def _reject(self, transfer: Transfer, reason: str) -> None:
+        log.warning("rejected push %s: %s", transfer.transfer, reason)
         self.emit_event("rejected", transfer=transfer.transfer, reason=reason)
         self.receiver.set_state(transfer, "rejected", reason)
 
@@ -286,6 +289,8 @@ class Agent:
             except AgentError as exc:
                 self._reject(transfer, str(exc))
                 return
+            log.info("installed %s v%s (was v%s) from push %s; probation started", bundle.manifest["name"],
+                     bundle.version, running["version"], transfer.transfer)
             self.emit_event("installed", transfer=transfer.transfer, version=bundle.version,
                             previous_version=running["version"])
             self.receiver.set_state(transfer, "installed")
@@ -308,14 +313,17 @@ class Agent:
         reason = probation.regression()
         if reason is None:
             self._probation_state = {"version": self._version(), "state": "passed"}
+            log.info("probation passed: v%s after %d requests", self._version(), probation.stats.requests)
             self.emit_event("probation_passed", version=self._version(), requests=probation.stats.requests)
             if self._link is not None:
                 self._link.announce()
         else:
+            log.warning("probation failed: v%s: %s", self._version(), reason)
             self.roll_back(f"probation failed: {reason}", refuse=True)
 
-    def roll_back(self, reason: str, refuse: bool = False) -> bool:
-        """Swap back to the previous model (pointer and memory); False when there is none."""
+    def roll_back(self, reason: str, refuse: bool = False, cmd_id: str | None = None) -> bool:
+        """Swap back to the previous model (pointer and memory); False when there is none. `cmd_id`: the
+        command that asked for it, echoed in the event so the sender can match the answer."""
         with self._update_lock:
             with self._lock:
                 old, previous = self._active, self._previous
@@ -329,20 +337,34 @@ class Agent:
                 tmp = self._refused_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(sorted(refused)))
                 os.replace(tmp, self._refused_path)
+        log.warning("rolled back v%s -> v%s: %s", old.model.bundle.version, previous.model.bundle.version, reason)
         self.emit_event("rollback", from_version=old.model.bundle.version, to_version=previous.model.bundle.version,
-                        reason=reason)
+                        reason=reason, **({"cmd_id": cmd_id} if cmd_id else {}))
         if self._link is not None:
             self._link.announce()
         return True
 
     # -- main loop -----------------------------------------------------------------------------
+    def _serve(self) -> Any:
+        """The REST server, started; a port another process holds is a one-line AgentError saying how to
+        pick another (two device folders on one host each need their own)."""
+        from runtime_agent.server import InferenceServer
+
+        config = self.config
+        try:
+            return InferenceServer(self, config.serve_host, config.serve_port).start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise AgentError(f"port {config.serve_port} on {config.serve_host} is already in use (another agent?); "
+                             f"set another in [serve] port of {config.device_dir / 'agent.toml'}") from None
+
     def run(self, stop: threading.Event, on_ready: Callable[[int], None] | None = None) -> None:
         """Serve REST and MQTT until `stop` is set; closes a telemetry window every `window_s`."""
         from runtime_agent.mqtt_link import MqttLink
-        from runtime_agent.server import InferenceServer
 
         self.load()
-        server = InferenceServer(self, self.config.serve_host, self.config.serve_port).start()
+        server = self._serve()
         link = self._link = MqttLink(self.config, self.outbox, self.birth, self.handle_command, self.receiver.chunk).start()
         if on_ready is not None:
             on_ready(server.port)

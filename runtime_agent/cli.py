@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime_agent.agent import Agent
     from runtime_agent.config import load_agent_config
 
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+    # INFO: one line per connect, install, rejection, probation verdict and rollback (the device's own log).
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_agent_config(args.device_dir)
     agent = Agent(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -44,6 +45,7 @@ class MqttLink:
         # (a late ack of a message re-sent by paho after a reconnect must not match a reused mid).
         self._early: dict[int, tuple[float, Any]] = {}
         self.rejected_by_broker = 0
+        self.connections = 0  # successful connects: the second and later are reconnects
         self.client = self._make_client()
         self._pump = threading.Thread(target=self._pump_loop, name="mqtt-pump", daemon=True)
 
@@ -58,12 +60,30 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
-        client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s (TLS or network); retrying with backoff",
-                                                          config.broker_host, config.broker_port)
+        client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s: %s; retrying with backoff",
+                                                          config.broker_host, config.broker_port, self._why_unreachable())
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
+
+    def _why_unreachable(self, timeout_s: float = 2.0) -> str:
+        """paho does not hand the failed dial's error to `on_connect_fail`: dial once more with a plain
+        socket to name the real cause (refused, unresolvable, no answer, or TLS/MQTT on a live port)."""
+        address = (self.config.broker_host, self.config.broker_port)
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+        except ConnectionRefusedError:
+            return "connection refused (is the broker running on that port?)"
+        except socket.gaierror as exc:
+            return f"cannot resolve the host name ({exc.strerror})"
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s (broker unreachable: host down or firewalled)"
+        except OSError as exc:
+            return f"broker unreachable ({exc.strerror or exc})"
+        if self.config.tls:
+            return "the port answers but the TLS handshake failed (check [mqtt] ca_file and the broker's certificate)"
+        return "the port answers but the MQTT connection failed (is it an MQTT broker?)"
 
     def prepare(self) -> None:
         """Set the connection up without dialling: a clean start and no session kept on the broker, since
@@ -100,6 +120,9 @@ class MqttLink:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
+        self.connections += 1
+        log.info("%s the broker at %s:%s", "reconnected to" if self.connections > 1 else "connected to",
+                 self.config.broker_host, self.config.broker_port)
         client.publish(self.config.topic(STATUS), json.dumps(self.birth()), qos=1, retain=True)
         own = SubscribeOptions(qos=1, noLocal=True)  # not our own acks back
         client.subscribe([(self.config.topic(CMD), own), (self.config.topic(f"{PUSH}/+/+"), own)])
@@ -110,6 +133,9 @@ class MqttLink:
         self.wake()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if self.connected.is_set() and not self._stopping.is_set():
+            log.warning("lost the broker at %s:%s (%s); reconnecting with backoff", self.config.broker_host,
+                        self.config.broker_port, reason_code)
         self.connected.clear()
         with self._lock:
             self._inflight.clear()  # unacknowledged messages stay in the outbox and are sent again
