@@ -18,7 +18,9 @@ def flash(
     fleet: Annotated[str, typer.Option(help="fleet name")] = "default",
     pubkey: Annotated[Path, typer.Option(help="trusted public key")] = DEFAULT_PUBKEY,
     broker_dir: Annotated[Optional[Path], typer.Option(help="a `toolchain broker` folder: add the device's credentials there")] = None,
-    port: Annotated[int, typer.Option(help="the agent's local REST port")] = 8080,
+    port: Annotated[Optional[int], typer.Option(
+        help="the agent's local REST port (default: the device's own on a re-flash, else the lowest free one from "
+             "8080 up that no other device folder beside it uses)")] = None,
     window: Annotated[float, typer.Option(help="telemetry window, seconds")] = 10.0,
     force: Annotated[bool, typer.Option(help="re-flash an existing device (new credentials, new model)")] = False,
 ) -> None:
@@ -27,4 +29,8 @@ def flash(
 
     path = provision(device_dir, device_id, bundle, broker, fleet=fleet, pubkey=pubkey, broker_dir=broker_dir,
                      serve_port=port, window_s=window, force=force)
-    print(f"provisioned {device_id} (fleet {fleet}) in {path}; start it with: edge-agent run --device-dir {path}")
+    from runtime_agent.config import load_agent_config
+
+    serving = load_agent_config(path)
+    print(f"provisioned {device_id} (fleet {fleet}) in {path}, REST on {serving.serve_host}:{serving.serve_port}; "
+          f"start it with: edge-agent run --device-dir {path}")

@@ -1,4 +1,4 @@
-"""`toolchain fleet monitor|dashboard|status`: watch a fleet over MQTT into a SQLite file, and read that file.
+"""`toolchain fleet monitor|dashboard|status` (and `rollback|config`, `toolchain.commands.operate`): watch a fleet over MQTT into a SQLite file, and read that file.
 
 `monitor` keeps a persistent MQTT session (the broker queues for it while it is down) and writes every
 status, telemetry window and event into the database; it prints one line per device status change and
@@ -25,14 +25,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.autopilot import autopilot
+from toolchain.commands.operate import config, rollback
 from toolchain.commands.options import read_password
 from toolchain.commands.tables import print_table, print_value
 from toolchain.commands.simulate import simulate
 from toolchain.errors import ToolchainError
 
-app = typer.Typer(help="Monitor a fleet of devices: status, latency and drift over MQTT.", no_args_is_help=True)
+app = typer.Typer(help="Monitor and operate a fleet of devices: status, latency and drift over MQTT; rollback, config.",
+                  no_args_is_help=True)
 app.command()(simulate)
 app.command()(autopilot)
+app.command()(rollback)
+app.command("config")(config)
 DEFAULT_DB = Path("fleet.sqlite")
 DASHBOARD_PORT = 8765
 

@@ -24,3 +24,10 @@ def read_password(password_file: Optional[Path], username: Optional[str]) -> Opt
         return password_file.read_text().strip()
     except OSError as exc:
         raise ToolchainError(f"cannot read --password-file {password_file}: {exc.strerror}") from None
+
+
+# How an operator command logs in to the broker (`fleet rollback`, `fleet config`).
+BrokerOption = Annotated[str, typer.Option(help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT")]
+UsernameOption = Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")]
+PasswordFileOption = Annotated[Optional[Path], typer.Option(help="file holding the broker password")]
+CaFileOption = Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from runtime_agent.bundle import read_bundle
 from runtime_agent.config import load_agent_config
+from runtime_agent.errors import AgentError
 from runtime_agent.signing import load_public_key
 from runtime_agent.slots import Slots
 from toolchain.deploy.broker import ManagedBroker
@@ -23,6 +25,7 @@ from toolchain.errors import ToolchainError
 from toolchain.resources import agent_sources, lock_file
 
 AGENT_PACKAGES = ("numpy", "onnxruntime", "paho-mqtt", "cryptography")
+FIRST_SERVE_PORT = 8080
 
 INSTALL_SH = """#!/bin/sh
 # Install this device folder as a service: a venv with only the agent's dependencies and a systemd unit.
@@ -78,9 +81,43 @@ def agent_toml(device_id: str, fleet: str, broker_url: str, mqtt_lines: list[str
         "", "[telemetry]", f"window_s = {window_s}", ""])
 
 
+def _configured_port(device_dir: Path) -> int | None:
+    try:
+        return load_agent_config(device_dir).serve_port
+    except (AgentError, OSError):
+        return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_serve_port(device_dir: Path) -> int:
+    """The REST port of a device folder: the one it already has (a re-flash keeps it; its agent may be
+    running), else the lowest from 8080 up that no sibling device folder uses and nothing listens on, so
+    device folders side by side on one host can all run."""
+    own = _configured_port(device_dir)
+    if own:
+        return own
+    siblings = device_dir.parent.iterdir() if device_dir.parent.is_dir() else ()
+    taken = {_configured_port(sibling) for sibling in siblings if sibling.is_dir() and sibling != device_dir}
+    port = FIRST_SERVE_PORT
+    while port in taken or not _bindable(port):
+        port += 1
+        if port > 65535:
+            raise ToolchainError("no free TCP port from 8080 up for the agent's REST endpoint; pass --port")
+    return port
+
+
 def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet: str = "default",
-          pubkey: Path | None = None, broker_dir: Path | None = None, serve_port: int = 8080,
+          pubkey: Path | None = None, broker_dir: Path | None = None, serve_port: int | None = None,
           window_s: float = 10.0, force: bool = False) -> Path:
+    """Provision `device_dir`; `serve_port` None: `pick_serve_port`."""
     device_dir = Path(device_dir).resolve()
     if (device_dir / "agent.toml").exists() and not force:
         raise ToolchainError(f"{device_dir} is already provisioned; re-flashing replaces its model and credentials: add --force")
@@ -88,6 +125,8 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
         raise ToolchainError("flash needs the trusted public key (--pubkey)")
     verified = read_bundle(bundle, load_public_key(pubkey))
     managed = ManagedBroker.load(broker_dir) if broker_dir is not None else None
+    if serve_port is None:
+        serve_port = pick_serve_port(device_dir)
     device_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{device_dir.name}.flash-", dir=device_dir.parent))
     try:
