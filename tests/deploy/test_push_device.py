@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import signal
 import threading
 import time
@@ -61,6 +63,11 @@ def pusher(broker: ManagedBroker) -> Iterator[RawPusher]:
     raw = RawPusher(broker)
     yield raw
     raw.close()
+
+
+def agent_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the agent logged (the device's own log: one line per install, rejection, verdict, rollback)."""
+    return [r.getMessage() for r in caplog.records if r.name == "runtime_agent.agent"]
 
 
 def final_ack(recorder: Recorder, transfer: str) -> dict:
@@ -127,7 +134,8 @@ def test_install_swaps_atomically_with_no_failed_request(default_build: Build, b
 ])
 def test_bad_updates_are_rejected_and_the_old_model_keeps_serving(case: str, reason: str, default_build: Build,
                                                                  broker: ManagedBroker, pusher: RawPusher, tmp_path: Path,
-                                                                 digits) -> None:
+                                                                 digits, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runtime_agent")
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url)
     keys = default_build.pubkey.parent
@@ -152,13 +160,15 @@ def test_bad_updates_are_rejected_and_the_old_model_keeps_serving(case: str, rea
     assert ack["state"] == "rejected" and reason in ack["reason"]
     [event] = [e for e in recorder.payloads("/events") if e["type"] == "rejected"]
     assert reason in event["reason"] and event["transfer"] == transfer
+    assert [m for m in agent_log(caplog) if m.startswith(f"rejected push {transfer}: ") and reason in m]
     assert statuses and set(statuses) == {200}
     assert not (device / "current.bundle").is_symlink()  # nothing was installed
 
 
 @pytest.mark.parametrize("transform, reason", [(slower(), "latency p90"), (collapse(3), "predictions shifted")])
 def test_probation_rolls_back_a_worse_model(transform, reason: str, default_build: Build, broker: ManagedBroker,
-                                            pusher: RawPusher, tmp_path: Path, digits) -> None:
+                                            pusher: RawPusher, tmp_path: Path, digits, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runtime_agent")
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url, extra=PROBATION)
     worse = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2, transform=transform)
@@ -177,10 +187,16 @@ def test_probation_rolls_back_a_worse_model(transform, reason: str, default_buil
     assert (device / "current.bundle").resolve().name == "digits-1.bundle"
     again = json.loads((device / "refused-versions.json").read_text())
     assert again == [2]
+    logged = agent_log(caplog)
+    assert [m for m in logged if m.startswith(f"installed digits v2 (was v1) from push {transfer}")]
+    assert [m for m in logged if m.startswith("probation failed: v2: ") and reason in m]
+    assert [m for m in logged if m.startswith("rolled back v2 -> v1: probation failed: ") and reason in m]
 
 
 def test_a_good_model_passes_probation_and_manual_rollback_works(default_build: Build, broker: ManagedBroker,
-                                                                 pusher: RawPusher, tmp_path: Path, digits) -> None:
+                                                                 pusher: RawPusher, tmp_path: Path, digits,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runtime_agent")
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url, extra=PROBATION)
     v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2)
@@ -196,7 +212,10 @@ def test_a_good_model_passes_probation_and_manual_rollback_works(default_build: 
         rollback = recorder.wait_for(lambda r: [e for e in r.payloads("/events") if e["type"] == "rollback"], what="rollback")
         assert agent.model.bundle.version == 1
     recorder.close()
-    assert rollback[0]["reason"] == "manual rollback (cmd rb-1)"
+    assert rollback[0]["reason"] == "manual rollback (cmd rb-1)" and rollback[0]["cmd_id"] == "rb-1"
+    logged = agent_log(caplog)
+    assert [m for m in logged if re.fullmatch(r"probation passed: v2 after \d+ requests", m)]
+    assert "rolled back v2 -> v1: manual rollback (cmd rb-1)" in logged
     assert (device / "current.bundle").resolve().name == "digits-1.bundle"
 
 
