@@ -7,12 +7,12 @@ what was expected; paths are relative to the device folder so a provisioned fold
 device_id = "cam-17"                # [A-Za-z0-9_-], also the MQTT client id and username by default
 fleet = "factory-a"
 broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
-[mqtt]       username = "cam-17"; password_file = "mqtt.password"; ca_file = "ca.pem"; keepalive_s = 30
-[serve]      host = "127.0.0.1"; port = 8080; threads = 0   # onnxruntime intra-op threads, 0 = one per core
-[telemetry]  window_s = 10
-[model]      bundle = "current.bundle"; pubkey = "trusted.pub"
-[queue]      path = "outbox.sqlite"; max_messages = 10000
-[probation]  requests = 500; seconds = 60; max_latency_ratio = 2.0; max_error_rate_increase = 0.05; max_prediction_psi = 0.25
+mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem", keepalive_s = 30 }
+serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
+telemetry = { window_s = 10 }
+model = { bundle = "current.bundle", pubkey = "trusted.pub" }
+queue = { path = "outbox.sqlite", max_messages = 10000 }
+probation = { requests = 500, seconds = 60, max_latency_ratio = 2.0, max_error_rate_increase = 0.05, max_prediction_psi = 0.25 }
 ```
 """
 
