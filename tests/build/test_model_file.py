@@ -269,8 +269,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path: Path, case: st
         extra = ["--metric", "accurasy"]
     out = tmp_path / "dist"
     if case == "metric_raises":  # a metric function needs its direction, which only a config file gives
-        (tmp_path / "toolchain.toml").write_text(f'[project]\nname = "two"\n[model]\nfile = "two.onnx"\n[data]\nsource = "npz:two.npz"\n'
-                                                 f'[eval]\nmetric = "metric.py:broken"\nhigher_is_better = true\n')
+        (tmp_path / "toolchain.toml").write_text('[project]\nname = "two"\n[model]\nfile = "two.onnx"\n[data]\nsource = "npz:two.npz"\n'
+                                                 '[eval]\nmetric = "metric.py:broken"\nhigher_is_better = true\n')
         result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(out), "--config", str(tmp_path / "toolchain.toml"))
     else:
         result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(out), "--model", model, "--data", data, *extra)

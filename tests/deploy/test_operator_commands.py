@@ -10,12 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from runtime_agent.config import load_agent_config
 from runtime_agent.slots import Slots
 from tests.agent_helpers import start_agent
-from tests.conftest import BIN, Build, run_cli
+from tests.conftest import Build, run_cli
 from tests.deploy.bundle_variants import variant
 from toolchain.deploy.broker import ManagedBroker, free_port
 

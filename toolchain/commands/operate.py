@@ -27,7 +27,7 @@ def _send(kind: str, fields: dict[str, Any], device: Optional[list[str]], fleet:
     from runtime_agent.protocol import ONLINE
     from toolchain.deploy.control import send_command
     from toolchain.deploy.mqtt import BrokerLogin
-    from toolchain.deploy.push import PushClient, device_statuses, find_fleet
+    from toolchain.deploy.push import PushClient, device_statuses, fleet_of_devices
 
     if not device and not fleet:
         raise ToolchainError("say which devices: --device ID (repeatable) or --fleet NAME")
@@ -38,11 +38,7 @@ def _send(kind: str, fields: dict[str, Any], device: Optional[list[str]], fleet:
     with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
-            fleets = {fleet} if fleet else {find_fleet(client, name) for name in targets}
-            if len(fleets) > 1:
-                raise ToolchainError(f"the devices report in different fleets ({', '.join(sorted(fleets))}); "
-                                     "name one with --fleet")
-            fleet = fleets.pop()
+            fleet = fleet_of_devices(client, targets, fleet)
         else:
             statuses = device_statuses(client, fleet)
             if not statuses:

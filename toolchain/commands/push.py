@@ -47,7 +47,7 @@ def push(
 ) -> None:
     """Push a bundle to devices: chunked, resumable, verified on the device; canaries first, then waves."""
     from toolchain.deploy.mqtt import BrokerLogin
-    from toolchain.deploy.push import (PushClient, RolloutSettings, discover_devices, find_fleet, load_push_bundle,
+    from toolchain.deploy.push import (PushClient, RolloutSettings, discover_devices, fleet_of_devices, load_push_bundle,
                                        plan_stages, rollout)
 
     err = Console(stderr=True)
@@ -72,12 +72,7 @@ def push(
     with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
-            if fleet is None:
-                fleets = {find_fleet(client, name) for name in targets}
-                if len(fleets) > 1:
-                    raise ToolchainError(f"the devices report in different fleets ({', '.join(sorted(fleets))}); "
-                                         "push to one fleet at a time with --fleet")
-                fleet = fleets.pop()
+            fleet = fleet_of_devices(client, targets, fleet)
         else:
             targets = discover_devices(client, fleet)
             if not targets:

@@ -61,6 +61,17 @@ def discover_devices(broker: PushClient | BrokerLogin | str, fleet: str, timeout
             if status.get("state") == ONLINE]
 
 
+def fleet_of_devices(client: PushClient, devices: list[str], fleet: str | None) -> str:
+    """The one fleet the named devices report in (`fleet` when given): commands go to one fleet at a time."""
+    if fleet is not None:
+        return fleet
+    fleets = {find_fleet(client, name) for name in devices}
+    if len(fleets) > 1:
+        raise ToolchainError(f"the devices report in different fleets ({', '.join(sorted(fleets))}); "
+                             "address one fleet at a time with --fleet")
+    return fleets.pop()
+
+
 def find_fleet(broker: PushClient | BrokerLogin | str, device: str, timeout_s: float = 2.0) -> str:
     """The fleet a device reports in, from its retained status; a clear error when none or several."""
     with borrowed_client(broker) as client:
