@@ -21,6 +21,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
 from toolchain.core.tensors import Features, as_feeds, count, take
+from toolchain.runtime.files import graph_input_names
 from toolchain.runtime.sessions import model_outputs
 
 FULL_INT8 = ("onnx-int8-qdq", "onnx-int8-qat")  # candidates with every layer quantized
@@ -113,15 +114,6 @@ def prepared_reference(artifact: Artifact, ctx: BuildContext) -> Path:
     if not prepared.exists():
         quant_pre_process(str(artifact.source.path), str(prepared), skip_symbolic_shape=True)
     return prepared
-
-
-def graph_input_names(path: Path) -> list[str]:
-    """The names of a model's real inputs (graph inputs that are not initializers)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    return [i.name for i in graph.input if i.name not in initializers]
 
 
 def validation_accuracy(path, x: np.ndarray, y: np.ndarray) -> float:

@@ -48,9 +48,7 @@ def sample_input_shape(path: Path) -> tuple[int, ...]:
     """Shape of one sample of the first input (the leading batch axis dropped)."""
     if path.suffix == ".tflite":
         return tflite_input_shape(path)
-    model = check_onnx_file(path)
-    initializers = {i.name for i in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    graph_input = _graph_inputs(check_onnx_file(path))[0]
     dims = graph_input.type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
     if not dims or any(d is None or d <= 0 for d in shape):
@@ -85,8 +83,13 @@ BATCH = "batch"
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's real inputs: graph inputs that are not initializers (old exporters list weights too)."""
     initializers = {i.name for i in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in initializers]
+
+
+def graph_input_names(path: Path) -> list[str]:
+    return [i.name for i in _graph_inputs(onnx.load(str(path), load_external_data=False))]
 
 
 def graph_output_names(path: Path) -> list[str]:

@@ -18,7 +18,7 @@ from toolchain.core.artifact import Artifact, Candidate
 from toolchain.core.contract import BuildContext
 from toolchain.core.tensors import take
 from toolchain.errors import ToolchainError, first_line
-from toolchain.runtime.files import import_onnx
+from toolchain.runtime.files import MIN_OPSET, import_onnx
 from toolchain.runtime.sessions import model_outputs
 
 CHECK_SAMPLES = 8
@@ -44,11 +44,11 @@ class ImportOnnxPass:
                                  "model and that the data is preprocessed the way it expects")
         info["output_shapes_on_data"] = {spec["name"]: list(out.shape[1:]) for spec, out in zip(info["outputs"], outputs)}
         artifact.metrics["import"] = info
-        artifact.metrics["export"] = {"opset": max(info["opset"] or 0, 13 if info["opset_converted_from"] else 0),
-                                      "source": "model file", "nodes": None}
+        artifact.metrics["export"] = {"opset": MIN_OPSET if info["opset_converted_from"] else info["opset"],
+                                      "source": "model file"}
         artifact.candidates.append(Candidate(name="onnx-fp32", precision="fp32", path=path,
                                              metrics={"method": f"imported from {source.name}"}))
-        converted = f", opset {info['opset_converted_from']} raised to 13" if info["opset_converted_from"] else ""
+        converted = f", opset {info['opset_converted_from']} raised to {MIN_OPSET}" if info["opset_converted_from"] else ""
         ctx.console.print(f"  {source.name}: inputs {info['fixed_input_dims']}, outputs "
                           f"{info['output_shapes_on_data']}{converted}")
         return artifact
