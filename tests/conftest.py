@@ -97,6 +97,8 @@ from paho.mqtt.properties import Properties  # noqa: E402
 
 from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port  # noqa: E402
 
+from tests.postgres import postgres_server, postgres_url  # noqa: E402,F401  (a real PostgreSQL: tests/postgres.py)
+
 
 @pytest.fixture()
 def broker(tmp_path: Path):
