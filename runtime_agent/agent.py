@@ -7,7 +7,6 @@ a reason (HTTP 400, an `error` event) and the agent keeps serving.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from runtime_agent import __version__
 from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.config import AgentConfig
-from runtime_agent.drift import DriftMonitor, alarm
+from runtime_agent.drift import COVARIATE, DriftMonitor
 from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
@@ -75,11 +74,14 @@ class Active:
         self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shapes)
         self.stats = ModelStats(self.monitor.n_prediction_bins, self.monitor.prediction_edges)
 
-    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray]) -> None:
+    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray],
+                expected_correct: list[np.ndarray | None]) -> None:
         """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation.
-        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values)."""
+        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values);
+        `expected_correct`: each request's calibrated confidences (`DriftMonitor.expected_correct`), or None."""
         predicted = np.concatenate(drift_values)
-        self.monitor.update(concat(batches), predicted)
+        known = [values for values in expected_correct if values is not None]
+        self.monitor.update(concat(batches), predicted, np.concatenate(known) if known else None)
         self.stats.record_many(latencies_ms, self.monitor.prediction_bins(predicted))
 
 
@@ -93,13 +95,14 @@ class Agent:
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
-        self._served: deque[tuple[Active, float, Features, np.ndarray]] = deque()  # not yet accounted
+        self._served: deque[tuple[Active, float, Features, np.ndarray, np.ndarray | None]] = deque()  # not yet accounted
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
         self._probation_state: dict[str, Any] | None = None  # in the retained status: {version, state}
         self._refused_path = config.device_dir / "refused-versions.json"
         self._link = None  # the MqttLink once running: acks go out directly, not through the outbox
+        self._last_drift: dict[str, Any] = {}  # the last closed window's, for /metrics
 
     # -- model -------------------------------------------------------------------------------
     def _load_model(self, bundle: Bundle) -> LoadedModel:
@@ -137,16 +140,25 @@ class Agent:
                 active.stats.errors += 1
             raise
         prediction = active.model.predict_batch(samples)
-        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active)
+        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active,
+                    self.expected_correct(prediction, active))
         return prediction
+
+    def expected_correct(self, prediction: Prediction, active: Active | None = None) -> np.ndarray | None:
+        """A classifier's calibrated confidence per sample (None without a calibration in the bundle)."""
+        active = active or self._active
+        if active is None or prediction.classes is None:
+            return None
+        return active.monitor.expected_correct(prediction.logits)
 
     ACCOUNT_EVERY = 64  # requests: accounting runs in vectorised batches, off the typical request's path
 
-    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None) -> None:
-        """Account one served request (`drift_values`: its `Prediction.drift_values`). Only queued here (a
-        deque append is atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account`
-        does the work for all of them."""
-        self._served.append((active or self._active, latency_ms, batch, drift_values))
+    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None,
+               expected_correct: np.ndarray | None = None) -> None:
+        """Account one served request (`drift_values`: its `Prediction.drift_values`; `expected_correct`: its
+        calibrated confidences, for the label-free accuracy estimate). Only queued here (a deque append is
+        atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account` does the work for all."""
+        self._served.append((active or self._active, latency_ms, batch, drift_values, expected_correct))
         if len(self._served) >= self.ACCOUNT_EVERY:
             self.account()
 
@@ -154,21 +166,22 @@ class Agent:
         """Add the queued requests to the window (latency sketch, counts) and to their model's drift and
         probation statistics; end the probation when it is due."""
         with self._lock:
-            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray]]] = {}
+            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray], list[np.ndarray | None]]] = {}
             latencies: list[float] = []
             window = self._window
             for _ in range(len(self._served)):  # only what is queued now; later appends wait for the next call
-                active, latency_ms, batch, drift_values = self._served.popleft()
+                active, latency_ms, batch, drift_values, expected_correct = self._served.popleft()
                 latencies.append(latency_ms)
                 window.samples += len(drift_values)
-                run = runs.setdefault(id(active), (active, [], [], []))
+                run = runs.setdefault(id(active), (active, [], [], [], []))
                 run[1].append(latency_ms)
                 run[2].append(batch)
                 run[3].append(drift_values)
+                run[4].append(expected_correct)
             window.sketch.add_many(latencies)
             window.requests += len(latencies)
-            for active, run_latencies, batches, values in runs.values():
-                active.account(run_latencies, batches, values)
+            for active, *run in runs.values():
+                active.account(*run)
             probation = self._probation
         if probation is not None and probation.due():
             self.end_probation(probation)
@@ -202,12 +215,16 @@ class Agent:
                    "model_version": self._version(), "n": window.samples, "requests": window.requests,
                    "errors": window.errors, "latency": latency, "drift": drift, "rss_mb": round(rss_mb(), 2),
                    "queue": {"pending": len(self.outbox), "dropped_telemetry": self.outbox.dropped_telemetry}}
-        if drift:
-            drift["alarm"] = alarm(drift)  # the device's verdict, so every consumer applies the same rule
         self.outbox.put(self.config.topic(TELEMETRY), payload, kind="telemetry")
-        if drift and drift["alarm"]:
-            self.emit_event("drift_alarm", psi_max=drift.get("psi_max"), prediction_psi=drift.get("prediction_psi"),
-                            ph_alarm=drift.get("ph_alarm"), window=payload["window"])
+        self._last_drift = drift
+        for kind, in_drift in (("drift_alarm", drift.get("alarm")), ("prediction_drift", drift.get("prediction_drift"))):
+            if in_drift:  # the device's verdict (`runtime_agent.drift.crossings`): every consumer reads the same rule
+                crossed = [c for c in drift["crossings"] if (c["kind"] == COVARIATE) == (kind == "drift_alarm")]
+                log.info("%s: %s", kind.replace("_", " "), "; ".join(
+                    f"{c['statistic']} {c['value']:g} >= {c['threshold']:g}" for c in crossed))
+                self.emit_event(kind, crossings=crossed, psi_max=drift.get("psi_max"),
+                                prediction_psi=drift.get("prediction_psi"), ph_alarm=drift.get("ph_alarm"),
+                                window=payload["window"])
         return payload
 
     # -- commands ------------------------------------------------------------------------------
@@ -345,29 +362,21 @@ class Agent:
         return True
 
     # -- main loop -----------------------------------------------------------------------------
-    def _serve(self) -> Any:
-        """The REST server, started; a port another process holds is a one-line AgentError saying how to
-        pick another (two device folders on one host each need their own)."""
-        from runtime_agent.server import InferenceServer
-
-        config = self.config
-        try:
-            return InferenceServer(self, config.serve_host, config.serve_port).start()
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise AgentError(f"port {config.serve_port} on {config.serve_host} is already in use (another agent?); "
-                             f"set another in [serve] port of {config.device_dir / 'agent.toml'}") from None
+    def metrics_state(self) -> dict[str, Any]:
+        """What `GET /metrics` reads at scrape time (runtime_agent.metrics)."""
+        return {"drift": self._last_drift, "outbox_pending": len(self.outbox), "outbox_dropped_telemetry": self.outbox.dropped_telemetry,
+                "transfers": self.receiver.states(), "probation": self._probation_state, "rss_bytes": rss_mb() * (1 << 20)}
 
     def run(self, stop: threading.Event, on_ready: Callable[[int], None] | None = None) -> None:
-        """Serve REST and MQTT until `stop` is set; closes a telemetry window every `window_s`."""
+        """Serve REST (and gRPC) and MQTT until `stop` is set; closes a telemetry window every `window_s`."""
+        from runtime_agent.endpoints import start_endpoints
         from runtime_agent.mqtt_link import MqttLink
 
         self.load()
-        server = self._serve()
+        servers = start_endpoints(self, self.config)
         link = self._link = MqttLink(self.config, self.outbox, self.birth, self.handle_command, self.receiver.chunk).start()
         if on_ready is not None:
-            on_ready(server.port)
+            on_ready(servers[0].port)
         try:
             next_close = time.monotonic() + self.window_s
             while not stop.wait(max(0.0, next_close - time.monotonic())):
@@ -377,7 +386,8 @@ class Agent:
                 if next_close < time.monotonic():  # fell behind (suspended): skip, don't burst
                     next_close = time.monotonic() + self.window_s
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
             link.stop()
             self._link = None
             self.outbox.close()

@@ -9,6 +9,7 @@ fleet = "factory-a"
 broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
 mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem", keepalive_s = 30 }
 serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
+# serve.grpc_port = 8081: also KServe v2 over gRPC on that port (needs grpcio and protobuf: the agent-grpc extra)
 telemetry = { window_s = 10 }
 model = { bundle = "current.bundle", pubkey = "trusted.pub" }
 queue = { path = "outbox.sqlite", max_messages = 10000 }
@@ -31,7 +32,7 @@ from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
-             "serve": {"host", "port", "threads"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey"},
+             "serve": {"host", "port", "grpc_port", "threads"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey"},
              "queue": {"path", "max_messages"},
              "probation": {"requests", "seconds", "max_latency_ratio", "max_error_rate_increase", "max_prediction_psi"}}
 _TOP = {"device_id", "fleet", "broker", *_SECTIONS}
@@ -51,6 +52,7 @@ class AgentConfig:
     keepalive_s: int
     serve_host: str
     serve_port: int
+    grpc_port: int | None
     serve_threads: int
     window_s: float
     bundle_path: Path
@@ -135,6 +137,7 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         keepalive_s=mqtt.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, expected="an integer 5..3600"),
         serve_host=serve.get("host", str, "127.0.0.1"),
         serve_port=serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
+        grpc_port=serve.get("grpc_port", int, None, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
         serve_threads=serve.get("threads", int, 0, check=lambda v: 0 <= v <= 256,
                                 expected="an integer 0..256 (0: onnxruntime's choice, one per core)"),
         window_s=float(telemetry.get("window_s", (int, float), 10, check=lambda v: 0.05 <= v <= 86400,

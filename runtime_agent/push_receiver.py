@@ -13,6 +13,7 @@ import json
 import os
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -85,6 +86,11 @@ class PushReceiver:
         self.send_ack, self.on_complete, self.ack_every = send_ack, on_complete, ack_every
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
+
+    def states(self) -> dict[str, int]:
+        """How many transfers this agent has seen in each state (receiving, installed, rejected, ...)."""
+        with self._lock:
+            return dict(Counter(item.state for item in self._transfers.values()))
 
     def _paths(self, transfer: str) -> tuple[Path, Path]:
         return self.dir / f"{transfer}.part", self.dir / f"{transfer}.json"
