@@ -199,7 +199,7 @@ def encode_outputs(prediction: Prediction, requested: Any, binary_output: bool =
     `binary_data_output`) is set; its JSON then carries `parameters.binary_data_size` instead of `data`."""
     entries: list[dict[str, Any]] = []
     if requested is not None:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
             raise RequestError("'outputs' must be a list of {\"name\": ...} objects")
         entries = requested
     answer = []
@@ -225,7 +225,8 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; with Nagle on, a keep-alive client's delayed ACK stalls
     # the second one for ~40 ms. KServe/Triton clients keep connections alive.
     disable_nagle_algorithm = True
-    status: HTTPStatus  # of the answer sent, for the metrics
+    endpoint, started = "other", 0.0  # of the request being answered, for the metrics
+    body_pending = False  # a POST answered before its body was read: the connection cannot be reused
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logs
         return
@@ -235,10 +236,15 @@ class _Handler(BaseHTTPRequestHandler):
         """A JSON answer; with `binary`, the JSON header followed by binary data (its length in
         `Inference-Header-Content-Length`); or plain `text` (the metrics)."""
         data = text.encode() if text is not None else json.dumps(body).encode() if body is not None else b""
-        self.status = status
+        # counted before the answer leaves, so a client that scrapes right after its answer sees its request
+        self.server.metrics.observe("rest", self.endpoint, str(int(status)), status < 400,
+                                    time.perf_counter() - self.started if self.endpoint == "infer" else None)
         self.send_response(status)
         self.send_header("Content-Type", CONTENT_TYPE if text is not None else
                          "application/octet-stream" if binary else "application/json")
+        if self.body_pending:  # the unread body would be taken for the next request: close instead
+            self.send_header("Connection", "close")
+            self.close_connection = True
         if binary:
             self.send_header(HEADER_LENGTH, str(len(data)))
         self.send_header("Content-Length", str(len(data) + len(binary)))
@@ -256,28 +262,27 @@ class _Handler(BaseHTTPRequestHandler):
         return model
 
     def _route(self, method: str) -> None:
-        started, endpoint = time.perf_counter(), "other"
-        self.status = HTTPStatus.INTERNAL_SERVER_ERROR  # until an answer is sent
+        self.started, self.endpoint, self.body_pending = time.perf_counter(), "other", method == "POST"
         try:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             if method == "GET" and path == "/metrics":
-                endpoint = "metrics"
+                self.endpoint = "metrics"
                 return self._send(HTTPStatus.OK, text=self.server.metrics.exposition(self.server.servable))
             if method == "GET" and path == "/v2/health/live":
-                endpoint = "live"
+                self.endpoint = "live"
                 return self._send(HTTPStatus.OK, {"live": True})
             if method == "GET" and path == "/v2/health/ready":
-                endpoint = "ready"
+                self.endpoint = "ready"
                 ready = self.server.servable.model is not None
                 return self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {"ready": ready})
             if method == "GET" and path == "/v2":
-                endpoint = "server_metadata"
+                self.endpoint = "server_metadata"
                 return self._send(HTTPStatus.OK, {"name": "edge-agent", "version": __version__, "extensions": ["binary_tensor_data"]})
             match = _MODEL_PATH.match(path)
             if not match:
                 raise RequestError(f"no route for {method} {path}", HTTPStatus.NOT_FOUND)
             rest = match["rest"]
-            endpoint = {None: "model_metadata", "/ready": "model_ready", "/infer": "infer"}[rest]
+            self.endpoint = {None: "model_metadata", "/ready": "model_ready", "/infer": "infer"}[rest]
             model = self._model(match["name"], match["version"])
             if method == "GET" and rest is None:
                 return self._send(HTTPStatus.OK, model_metadata(model))
@@ -290,19 +295,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(exc.status, {"error": str(exc)})
         except AgentError as exc:  # input validation: wrong shape, dtype, NaN
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-        finally:
-            self.server.metrics.observe("rest", endpoint, str(int(self.status)), self.status < 400,
-                                        time.perf_counter() - started if endpoint == "infer" else None)
 
     def _body(self) -> tuple[Any, bytes]:
         """The request's JSON and the binary data after it (the binary tensor extension: the JSON is the
         first `Inference-Header-Content-Length` bytes of the body)."""
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = self.headers.get("Content-Length") or "0"
+        length = int(declared) if declared.isdigit() else 0
         if length <= 0 or length > MAX_BODY_BYTES:
-            raise RequestError(f"request body must be 1..{MAX_BODY_BYTES} bytes of JSON, got {length}")
+            raise RequestError(f"request body must be 1..{MAX_BODY_BYTES} bytes of JSON, got {declared}")
         if self.headers.get("Content-Encoding", "identity").lower() != "identity":
             raise RequestError(f"Content-Encoding {self.headers['Content-Encoding']!r} is not supported; send the body uncompressed")
         body = self.rfile.read(length)
+        self.body_pending = False
         header = self.headers.get(HEADER_LENGTH)
         if header is None:
             json_length = length

@@ -17,7 +17,8 @@ from runtime_agent.signing import load_public_key
 from tests.conftest import REPO, Build, run_cli
 
 AGENT_DIR = REPO / "runtime_agent"
-ALLOWED = {"numpy", "onnxruntime", "paho", "cryptography", "ai_edge_litert", "runtime_agent"} | set(sys.stdlib_module_names)
+ALLOWED = {"numpy", "onnxruntime", "paho", "cryptography", "ai_edge_litert", "runtime_agent",
+           "grpc", "google"} | set(sys.stdlib_module_names)  # grpc, google.protobuf: the optional gRPC endpoint
 FORBIDDEN = ("torch", "tensorflow", "toolchain", "onnx", "sklearn", "optuna")
 
 
