@@ -72,7 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def announce(port: int) -> None:
         manifest = agent.model.bundle.manifest
-        print(f"serving {manifest['name']} v{manifest['version']} on http://{config.serve_host}:{port} as "
+        grpc = f" and grpc://{config.serve_host}:{config.grpc_port}" if config.grpc_port is not None else ""
+        print(f"serving {manifest['name']} v{manifest['version']} on http://{config.serve_host}:{port}{grpc} as "
               f"{config.device_id} (fleet {config.fleet}); reporting to {config.broker_host}:{config.broker_port}", flush=True)
 
     agent.run(stop, on_ready=announce)

@@ -137,7 +137,7 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         keepalive_s=mqtt.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, expected="an integer 5..3600"),
         serve_host=serve.get("host", str, "127.0.0.1"),
         serve_port=serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
-        grpc_port=serve.get("grpc_port", int, None, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
+        grpc_port=serve.get("grpc_port", int, None, check=lambda v: 1 <= v <= 65535, expected="a port 1..65535"),
         serve_threads=serve.get("threads", int, 0, check=lambda v: 0 <= v <= 256,
                                 expected="an integer 0..256 (0: onnxruntime's choice, one per core)"),
         window_s=float(telemetry.get("window_s", (int, float), 10, check=lambda v: 0.05 <= v <= 86400,

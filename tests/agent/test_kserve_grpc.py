@@ -11,6 +11,7 @@ The agent runs as its own process: Triton's client and the agent's stubs both de
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from runtime_agent.errors import AgentError
 from tests.agent.test_kserve_rest_metrics import scrape
 from tests.agent.test_multi_io import bare_outputs, two_input_bundle, two_input_data, two_input_model
 from tests.agent_helpers import http, start_agent
-from tests.conftest import REPO, provision_device
+from tests.conftest import REPO, provision_device, run_cli
 from toolchain.deploy.broker import ManagedBroker, free_port
 
 WITHOUT_GRPC = "import sys; sys.modules['grpc'] = None; from runtime_agent.cli import main; raise SystemExit(main(sys.argv[1:]))"
@@ -48,6 +49,7 @@ def grpc_agent(broker: ManagedBroker, tmp_path: Path) -> Iterator[tuple[str, str
     device = provision_device(tmp_path / "dev", two_input_bundle(tmp_path / "b"), broker.url, window_s=3600)
     port = with_grpc_port(device)
     process = start_agent(device, tmp_path / "agent.log")
+    assert f"and grpc://127.0.0.1:{port} as dev-1" in (tmp_path / "agent.log").read_text()
     try:
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{load_agent_config(device).serve_port}"
     finally:
@@ -190,7 +192,18 @@ def test_without_grpcio_rest_serves_and_a_grpc_port_is_one_line(broker: ManagedB
         "pip install 'edge-toolchain[agent-grpc]' (grpcio>=1.85.1 and protobuf>=7.35.1)"]
 
 
-def test_a_bad_grpc_port_is_one_line(tmp_path: Path) -> None:
+def test_a_bad_or_taken_grpc_port_is_one_line(broker: ManagedBroker, tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text('device_id = "d"\nbroker = "mqtt://h:1"\n[serve]\ngrpc_port = 70000\n')
-    with pytest.raises(AgentError, match=r"\[serve\]: 'grpc_port' must be a port 0..65535, got 70000"):
+    with pytest.raises(AgentError, match=r"\[serve\]: 'grpc_port' must be a port 1..65535, got 70000"):
         load_agent_config(tmp_path)
+
+    device = provision_device(tmp_path / "dev", two_input_bundle(tmp_path / "b"), broker.url, window_s=3600)
+    port = with_grpc_port(device)
+    with socket.socket() as taken:  # another process holds the port
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run_cli("edge-agent", "run", "--device-dir", str(device), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: port {port} on 127.0.0.1 is already in use (another agent?); set another in [serve] grpc_port of "
+        f"{device.resolve() / 'agent.toml'}")
