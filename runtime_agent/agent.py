@@ -21,7 +21,7 @@ import numpy as np
 from runtime_agent import __version__
 from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.config import AgentConfig
-from runtime_agent.drift import COVARIATE, DriftMonitor
+from runtime_agent.drift import DriftMonitor, alarm
 from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
@@ -74,14 +74,11 @@ class Active:
         self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shapes)
         self.stats = ModelStats(self.monitor.n_prediction_bins, self.monitor.prediction_edges)
 
-    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray],
-                expected_correct: list[np.ndarray | None]) -> None:
+    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray]) -> None:
         """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation.
-        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values);
-        `expected_correct`: each request's calibrated confidences (`DriftMonitor.expected_correct`), or None."""
+        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values)."""
         predicted = np.concatenate(drift_values)
-        known = [values for values in expected_correct if values is not None]
-        self.monitor.update(concat(batches), predicted, np.concatenate(known) if known else None)
+        self.monitor.update(concat(batches), predicted)
         self.stats.record_many(latencies_ms, self.monitor.prediction_bins(predicted))
 
 
@@ -95,7 +92,7 @@ class Agent:
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
-        self._served: deque[tuple[Active, float, Features, np.ndarray, np.ndarray | None]] = deque()  # not yet accounted
+        self._served: deque[tuple[Active, float, Features, np.ndarray]] = deque()  # not yet accounted
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
@@ -140,25 +137,16 @@ class Agent:
                 active.stats.errors += 1
             raise
         prediction = active.model.predict_batch(samples)
-        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active,
-                    self.expected_correct(prediction, active))
+        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active)
         return prediction
-
-    def expected_correct(self, prediction: Prediction, active: Active | None = None) -> np.ndarray | None:
-        """A classifier's calibrated confidence per sample (None without a calibration in the bundle)."""
-        active = active or self._active
-        if active is None or prediction.classes is None:
-            return None
-        return active.monitor.expected_correct(prediction.logits)
 
     ACCOUNT_EVERY = 64  # requests: accounting runs in vectorised batches, off the typical request's path
 
-    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None,
-               expected_correct: np.ndarray | None = None) -> None:
-        """Account one served request (`drift_values`: its `Prediction.drift_values`; `expected_correct`: its
-        calibrated confidences, for the label-free accuracy estimate). Only queued here (a deque append is
-        atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account` does the work for all."""
-        self._served.append((active or self._active, latency_ms, batch, drift_values, expected_correct))
+    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None) -> None:
+        """Account one served request (`drift_values`: its `Prediction.drift_values`). Only queued here (a
+        deque append is atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account`
+        does the work for all of them."""
+        self._served.append((active or self._active, latency_ms, batch, drift_values))
         if len(self._served) >= self.ACCOUNT_EVERY:
             self.account()
 
@@ -166,22 +154,21 @@ class Agent:
         """Add the queued requests to the window (latency sketch, counts) and to their model's drift and
         probation statistics; end the probation when it is due."""
         with self._lock:
-            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray], list[np.ndarray | None]]] = {}
+            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray]]] = {}
             latencies: list[float] = []
             window = self._window
             for _ in range(len(self._served)):  # only what is queued now; later appends wait for the next call
-                active, latency_ms, batch, drift_values, expected_correct = self._served.popleft()
+                active, latency_ms, batch, drift_values = self._served.popleft()
                 latencies.append(latency_ms)
                 window.samples += len(drift_values)
-                run = runs.setdefault(id(active), (active, [], [], [], []))
+                run = runs.setdefault(id(active), (active, [], [], []))
                 run[1].append(latency_ms)
                 run[2].append(batch)
                 run[3].append(drift_values)
-                run[4].append(expected_correct)
             window.sketch.add_many(latencies)
             window.requests += len(latencies)
-            for active, *run in runs.values():
-                active.account(*run)
+            for active, run_latencies, batches, values in runs.values():
+                active.account(run_latencies, batches, values)
             probation = self._probation
         if probation is not None and probation.due():
             self.end_probation(probation)
@@ -215,16 +202,13 @@ class Agent:
                    "model_version": self._version(), "n": window.samples, "requests": window.requests,
                    "errors": window.errors, "latency": latency, "drift": drift, "rss_mb": round(rss_mb(), 2),
                    "queue": {"pending": len(self.outbox), "dropped_telemetry": self.outbox.dropped_telemetry}}
+        if drift:
+            drift["alarm"] = alarm(drift)  # the device's verdict, so every consumer applies the same rule
         self.outbox.put(self.config.topic(TELEMETRY), payload, kind="telemetry")
         self._last_drift = drift
-        for kind, in_drift in (("drift_alarm", drift.get("alarm")), ("prediction_drift", drift.get("prediction_drift"))):
-            if in_drift:  # the device's verdict (`runtime_agent.drift.crossings`): every consumer reads the same rule
-                crossed = [c for c in drift["crossings"] if (c["kind"] == COVARIATE) == (kind == "drift_alarm")]
-                log.info("%s: %s", kind.replace("_", " "), "; ".join(
-                    f"{c['statistic']} {c['value']:g} >= {c['threshold']:g}" for c in crossed))
-                self.emit_event(kind, crossings=crossed, psi_max=drift.get("psi_max"),
-                                prediction_psi=drift.get("prediction_psi"), ph_alarm=drift.get("ph_alarm"),
-                                window=payload["window"])
+        if drift and drift["alarm"]:
+            self.emit_event("drift_alarm", psi_max=drift.get("psi_max"), prediction_psi=drift.get("prediction_psi"),
+                            ph_alarm=drift.get("ph_alarm"), window=payload["window"])
         return payload
 
     # -- commands ------------------------------------------------------------------------------
