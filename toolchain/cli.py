@@ -7,6 +7,7 @@ line and exit 2; `--debug` (anywhere on the command line) shows the traceback to
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Annotated
@@ -52,8 +53,14 @@ def main() -> None:
     except (ToolchainError, AgentError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank()}{exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _rank() -> str:
+    """Under torchrun, which rank failed ("rank 1/2: "): any rank's failure fails the build."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '0')}/{size}: " if size != "1" else ""
 
 
 if __name__ == "__main__":

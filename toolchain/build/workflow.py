@@ -156,22 +156,33 @@ def model_file_inputs(config: BuildConfig) -> tuple | None:
 
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
           key_path: Path | None = None, console: Console | None = None,
-          warm_start: Path | None = None) -> tuple[Artifact, BuildContext]:
-    """Load the data, run the profile's passes, publish bundle and report into `out_dir`."""
+          warm_start: Path | None = None) -> tuple[Artifact, BuildContext] | None:
+    """Load the data, run the profile's passes, publish bundle and report into `out_dir`. Under torchrun
+    only rank 0 does that; the other ranks train its `fit`s with it and return None (`training.distributed`)."""
     from toolchain.core.data import load_dataset
     from toolchain.core.models import output_width
+    from toolchain.training import distributed
     from toolchain.training.keras import framework_of
     from toolchain.core.seeding import seed_everything
 
+    here = distributed.start()
     seed_everything(seed)
     console = console or Console(stderr=True)
     with console.status("loading data"):
         dataset = load_dataset(config, seed, model_file_inputs(config))
+    if here.spread:
+        distributed.share_arrays(x_train=dataset.x_train, y_train=dataset.y_train)
+    if not here.leader:
+        from toolchain.training.fit import serve
+
+        serve(config)
+        return None
     with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
                            warm_start=warm_start)
         framework = "file" if config.model.from_file else framework_of(config, output_width(dataset))
         artifact = run_passes(plan_passes(config, profile, framework), ctx)
+        distributed.send_done()
         artifact.outputs = publish(artifact.outputs, Path(out_dir))
     return artifact, ctx

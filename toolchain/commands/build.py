@@ -1,10 +1,12 @@
 """`toolchain build`: train, compress, verify, benchmark and sign a model for a device profile.
 
 The work is `toolchain.build.workflow.build`; this prints what was decided and, last, the bundle's path
-(scripts read the last line)."""
+(scripts read the last line). `--nproc N` runs the same command under torchrun, N ranks training
+data-parallel on this machine; under torchrun only rank 0 prints and writes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +35,8 @@ def build(
     input_shape: Annotated[Optional[str], typer.Option(help="with --model: one sample's shape fixing dynamic dims, e.g. 3,48,192")] = None,
     metric: Annotated[Optional[str], typer.Option(help="with --model: the gate's metric (default: accuracy with class labels, "
                                                        "agreement without)")] = None,
+    nproc: Annotated[int, typer.Option(help="train data-parallel with N processes on this machine (torchrun); "
+                                            "several machines: torchrun ... -m toolchain build ...")] = 1,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
     from toolchain.core.config import command_line_config, load_config
@@ -40,6 +44,10 @@ def build(
     from toolchain.core.contract import BUDGETS
     from toolchain.build.workflow import build as run_build
 
+    if nproc != 1:
+        from toolchain.training.distributed import launch
+
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
     if budget not in BUDGETS:
         raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     profile = resolve_target(target)
@@ -55,8 +63,10 @@ def build(
         build_config = load_config(config)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
-    artifact, ctx = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err,
-                              warm_start=warm_start)
+    built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start)
+    if built is None:  # a follower rank under torchrun: rank 0 reports
+        return
+    artifact, ctx = built
     shipped, metric = artifact.shipped, ctx.metric
     err.print(f"[bold green]shipped {shipped.name}[/]: {metric.name} {metric.format_value(shipped.metrics['metric_value'])} "
               f"(reference {metric.format_value(artifact.reference.metrics['metric_value'])}), "

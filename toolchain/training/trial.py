@@ -49,7 +49,8 @@ class KeepOrReject:
               epochs: int | None = None, teacher: nn.Module | None = None) -> Trial:
         """Fine-tune `candidate` (`finetune`, showing `status`) and judge it against `reference`."""
         with ctx.console.status(status):
-            result, settings = finetune(candidate, ctx, lr_scale=lr_scale, epochs=epochs, teacher=teacher)
+            result, settings = finetune(candidate, ctx, lr_scale=lr_scale, epochs=epochs, teacher=teacher,
+                                        label=self.key)
         drop = ctx.metric.drop(reference, result.val_metric)
         limit, _ = allowed_drop(ctx.config, ctx.metric, reference)
         return Trial(result, settings, drop, limit, drop <= limit + TOLERANCE)

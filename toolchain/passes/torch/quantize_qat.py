@@ -92,7 +92,8 @@ class QuantizeQatPass:
         module = prepare_qat(copy.deepcopy(artifact.module).cpu(), symmetric)
         report["ranges"], report["range_search"] = choose_ranges(module, ctx)
         with ctx.console.status("  quantization-aware fine-tuning"):
-            result, report["finetune"] = finetune(module, ctx, lr_scale=QAT_LR_SCALE, epochs=ctx.config.compress.qat_epochs)
+            result, report["finetune"] = finetune(module, ctx, lr_scale=QAT_LR_SCALE, epochs=ctx.config.compress.qat_epochs,
+                                                label="qat")
         exported, prepared = ctx.work_path("model-qat-fp32.onnx"), ctx.work_path("model-qat-prepared.onnx")
         export_module(strip_qat(result.module), data.input_shape, exported)
         quant_pre_process(str(exported), str(prepared), skip_symbolic_shape=True)

@@ -399,7 +399,8 @@ class _Trials:
 
             result = fit(module, x_train, y_train, x_val, y_val, metric=metric, lr=float(settings["lr"]),
                          weight_decay=float(settings["weight_decay"]), batch_size=int(settings["batch_size"]),
-                         max_epochs=epochs, patience=self.plan.patience, seed=self.ctx.seed, on_epoch=on_epoch)
+                         max_epochs=epochs, patience=self.plan.patience, seed=self.ctx.seed, on_epoch=on_epoch,
+                         label=f"trial {trial.number}")
             scores.append(result.val_metric)
             epochs_run += len(result.history)
         trial.set_user_attr("epochs_run", epochs_run)

@@ -53,7 +53,7 @@ class TrainPass:
             task = progress.add_task("train", total=epochs, status="")
             result = fit(module, data.x_train, data.y_train, data.x_val, data.y_val, metric=metric, lr=settings["lr"],
                          weight_decay=settings["weight_decay"], batch_size=int(settings["batch_size"]),
-                         max_epochs=epochs, patience=patience, seed=ctx.seed,
+                         max_epochs=epochs, patience=patience, seed=ctx.seed, label="train",
                          on_epoch=lambda epoch, loss, value: progress.update(
                              task, completed=epoch, status=f"val {metric.name} {metric.format_value(value)}"))
         _, train_value = evaluate_torch(result.module, torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), metric)
