@@ -18,6 +18,10 @@
    short bursts round-robin (order rotated each round) so the machine's noise lands on both alike.
    A third variant, the agent's own session object called directly, isolates the Python wrapper's cost
    from any session-to-session difference; a per-component breakdown says where the overhead goes.
+   gRPC: a second agent on the same bundle with `[serve] grpc_port` (same threads) answers KServe v2
+   `ModelInfer` calls (raw_input_contents, batch 1, every output) from a client in a child process
+   (the agent's own generated stubs), interleaved there in bursts with a bare `session.run` of the same
+   model file and options: the end-to-end round trip a client sees against the bare runtime.
 3. Drift accounting cost: `measure_drift_cost` of benchmarks/drift_cost.py (64 features, batch 1).
 4. Memory: peak RSS (VmHWM) of a clean child process running the full agent (`Agent.run`: REST + MQTT +
    outbox) serving N KServe v2 REST requests from this process, minus that of a clean child that only
@@ -29,7 +33,7 @@
    `runtime_agent` package copied in; smoke-tested by `edge-agent predict` on the bundle from that venv;
    measured as disk usage (st_blocks, hard links once, symlinks not followed), largest distributions listed.
 
-Targets: agent p50 overhead vs session.run <= 5 %, drift update <= 10 us per feature per sample, agent RSS
+Targets: agent p50 overhead vs session.run <= 5 %, gRPC round trip p50 vs session.run <= 10 %, drift update <= 10 us per feature per sample, agent RSS
 beyond the runtime's <= 50 MiB, agent-only venv <= 300 MiB.
 
     python benchmarks/agent.py [--quick] [--image-size 64] [--keep]
@@ -169,6 +173,48 @@ print(json.dumps({"vmhwm_kb": status("VmHWM"), "vmrss_kb": status("VmRSS"), "mod
 '''
 
 
+GRPC_CHILD = '''\
+import json, sys
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from agent import interleaved
+from runtime_agent.kserve_grpc import grpc_predict_v2_pb2 as pb
+from runtime_agent.kserve_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+path, address, model, threads, seconds, samples = sys.argv[1:7]
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(threads)
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+feed = session.get_inputs()[0].name
+inputs = list(np.load(samples))
+stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+
+def model_infer(x, raw=True):
+    """What a client does: build the request, call, read the first output back as an array."""
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    if raw:
+        request.raw_input_contents.append(x.tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    response = stub.ModelInfer(request)
+    out = response.outputs[0]
+    values = np.frombuffer(response.raw_output_contents[0], np.float32) if raw else np.array(out.contents.fp32_contents, np.float32)
+    return values.reshape(list(out.shape))
+
+for raw in (True, False):  # the agent answers what the runtime computes
+    assert np.array_equal(model_infer(inputs[0], raw), session.run(None, {feed: inputs[0]})[0])
+runners = {"bare session.run": lambda x: session.run(None, {feed: x}), "gRPC ModelInfer (raw)": model_infer,
+           "gRPC ModelInfer (contents)": lambda x: model_infer(x, raw=False)}
+latencies, rounds = interleaved(runners, inputs, float(seconds))
+print(json.dumps({"rounds": rounds, "calls": {k: len(v) for k, v in latencies.items()},
+                  "p50_us": {k: float(np.percentile(v, 50)) for k, v in latencies.items()},
+                  "p90_us": {k: float(np.percentile(v, 90)) for k, v in latencies.items()}}))
+'''
+
 class Rows:
     """The benchmark's table: one measurement per row, with its value, unit and notes."""
 
@@ -306,14 +352,17 @@ def load_data(root: Path) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
 
 # -- a running agent connected to a real broker ---------------------------------------------------
 
-def provision(device_dir: Path, bundle: Path, pubkey: Path, broker: ManagedBroker, device_id: str, threads: int = 0) -> Path:
-    """A device folder as `toolchain flash` lays it out (tests/conftest.py provision_device), window_s = 1."""
+def provision(device_dir: Path, bundle: Path, pubkey: Path, broker: ManagedBroker, device_id: str, threads: int = 0,
+              grpc: bool = False) -> Path:
+    """A device folder as `toolchain flash` lays it out (tests/conftest.py provision_device), window_s = 1;
+    `grpc`: with a `[serve] grpc_port` too."""
     device_dir.mkdir(parents=True)
     shutil.copyfile(bundle, device_dir / "current.bundle")
     shutil.copyfile(pubkey, device_dir / "trusted.pub")
+    grpc_port = f"grpc_port = {free_port()}\n" if grpc else ""
     (device_dir / "agent.toml").write_text(
         f'device_id = "{device_id}"\nfleet = "{FLEET}"\nbroker = "{broker.url}"\n'
-        f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\nthreads = {threads}\n[telemetry]\nwindow_s = 1\n')
+        f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\n{grpc_port}threads = {threads}\n[telemetry]\nwindow_s = 1\n')
     return device_dir
 
 
@@ -550,6 +599,45 @@ def overhead_breakdown(agent: Agent, inputs: list[np.ndarray], calls: int = 400)
     parts["  of which reference.summary_features, per request"] = per_call_us(
         lambda: summary_features(np.concatenate(run_of[1])), runs, before=run) / every
     return parts
+
+
+def measure_grpc(agent: Agent, model_path: Path, inputs: list[np.ndarray], seconds: float, scratch: Path,
+                 listener: Listener, rows: Rows) -> dict[str, Any]:
+    """The KServe v2 gRPC round trip against a bare session.run, both timed by a client child process
+    (GRPC_CHILD) on the same inputs, interleaved; the agent serves from this process."""
+    script, samples = scratch / "grpc_client.py", scratch / "grpc_inputs.npy"
+    script.write_text(GRPC_CHILD)
+    np.save(samples, np.stack(inputs))
+    threads = agent.model.session.get_session_options().intra_op_num_threads
+    device, served_before = agent.config.device_id, listener.served(agent.config.device_id)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(REPO)])}
+    started = time.perf_counter()
+    child = subprocess.run([sys.executable, str(script), str(model_path), f"127.0.0.1:{agent.config.grpc_port}",
+                            agent.model.bundle.manifest["name"], str(threads), str(seconds), str(samples)],
+                           capture_output=True, text=True, env=env, cwd=str(scratch), timeout=seconds * 4 + 120)
+    if child.returncode != 0:
+        raise SystemExit(f"the gRPC client child failed ({child.returncode}):\n{child.stdout[-2000:]}\n{child.stderr[-3000:]}")
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - started
+    time.sleep(1.3)  # let the window in progress close and publish
+    served = listener.served(device) - served_before
+    grpc_calls = sum(n for variant, n in measured["calls"].items() if variant.startswith("gRPC"))
+    if served < grpc_calls:
+        raise SystemExit(f"the agent's telemetry counted {served} requests for {grpc_calls} gRPC calls")
+    p50, p90 = measured["p50_us"], measured["p90_us"]
+    overhead = p50["gRPC ModelInfer (raw)"] / p50["bare session.run"] - 1
+    for variant in p50:
+        rows.add("overhead: grpc", f"{variant} p50", p50[variant], "us", f"p90 {p90[variant]:.1f} us, {measured['calls'][variant]} calls")
+    rows.add("overhead: grpc", "gRPC (raw) p50 / bare p50 - 1", overhead, "fraction",
+             f"batch 1, {measured['rounds']} interleaved rounds x {BURST} calls per variant in a client child process over "
+             f"{wall:.0f} s (incl. start): request built, ModelInfer over loopback to the agent (Agent.run with [serve] "
+             f"grpc_port, threads {threads}), first output read back; bare = InferenceSession on the same file and options "
+             f"in the child; the agent's telemetry counted {served} requests")
+    rows.add("overhead: grpc", "gRPC (raw) p50 - bare p50", p50["gRPC ModelInfer (raw)"] - p50["bare session.run"], "us",
+             "the absolute cost of the protocol (client and server protobuf, HTTP/2 on loopback, two thread hand-offs) and "
+             "of the agent's own per-request work")
+    return {"p50_us": p50, "p90_us": p90, "overhead": overhead, "rounds": measured["rounds"], "calls": measured["calls"],
+            "served_by_agent": served, "intra_op_num_threads": threads}
 
 
 # -- 3. memory --------------------------------------------------------------------------------------
@@ -806,6 +894,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: overhead {results[name]['overhead']:+.3f} (agent p50 {results[name]['p50_us']['agent.infer']:.1f} us, "
                 f"bare {results[name]['p50_us']['bare session.run']:.1f} us)")
 
+        grpc_dir = provision(scratch / "devices" / "grpc", builds["mobilenetv2"]["bundle"], pubkey, broker, "bench-grpc",
+                             args.threads, grpc=True)
+        with running_agent(grpc_dir, listener) as agent:
+            log(f"mobilenetv2: gRPC ModelInfer vs session.run in a client process for {overhead_s:.0f} s")
+            grpc_result = measure_grpc(agent, models["mobilenetv2"][0], inputs["mobilenetv2"], overhead_s, scratch, listener, rows)
+        log(f"mobilenetv2: gRPC overhead {grpc_result['overhead']:+.3f} (p50 {grpc_result['p50_us']['gRPC ModelInfer (raw)']:.1f} us, "
+            f"bare {grpc_result['p50_us']['bare session.run']:.1f} us)")
+
         log("drift update cost")
         drift_us = measure_drift_cost(n_features=64, samples=drift_samples, batch_size=1)
         rows.add("drift", "DriftMonitor.update per feature per sample", drift_us, "us",
@@ -843,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     mnv2 = results["mobilenetv2"]
     write_results("agent", rows.rows, {
         "agent_p50_overhead_vs_session_run": target(mnv2["overhead"], "<=", 0.05),
+        "agent_grpc_p50_overhead_vs_session_run": target(grpc_result["overhead"], "<=", 0.10),
         "drift_update_us_per_feature_per_sample": target(drift_us, "<=", 10.0),
         "agent_rss_beyond_runtime_mb": target(memory["agent_vmhwm_mb"] - memory["bare_vmhwm_mb"], "<=", 50.0),
         "agent_venv_mb": target(venv["disk_mb"], "<=", 300.0),
@@ -859,6 +956,11 @@ def main(argv: list[str] | None = None) -> int:
                 "subscriber checked; the bare session is a separate InferenceSession on the bundle's model file (sha256 "
                 "checked) with the agent session's own SessionOptions (get_session_options(): the agent's [serve] threads, "
                 "--threads, default 1) and providers",
+            "agent_grpc_p50_overhead_vs_session_run":
+                "p50(KServe v2 gRPC ModelInfer round trip, raw_input_contents, batch 1, every output) / p50(bare "
+                "InferenceSession.run) - 1, both timed in one client child process, interleaved round-robin in bursts of 20 "
+                "calls (order rotated per round) over the same 256 inputs; the agent (Agent.run with [serve] grpc_port, the "
+                "same threads) serves from the benchmark process; the bare session has the same file and intra-op threads",
             "drift_update_us_per_feature_per_sample": "benchmarks/drift_cost.measure_drift_cost, 64 features, batch 1",
             "agent_rss_beyond_runtime_mb":
                 "VmHWM of a `python -I` child running Agent.run (REST + MQTT + outbox) that served N KServe v2 REST requests, "
@@ -868,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
                              "requirements.lock numpy onnxruntime paho-mqtt cryptography, runtime_agent copied in; MiB "
                              "(pip and setuptools included)",
         },
-        overhead={name: {k: v for k, v in r.items()} for name, r in results.items()}, memory=memory, venv=venv)
+        overhead={name: {k: v for k, v in r.items()} for name, r in results.items()}, grpc=grpc_result, memory=memory, venv=venv)
     return 0
 
 
