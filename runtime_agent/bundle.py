@@ -21,7 +21,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from runtime_agent.errors import BundleError
-from runtime_agent.signing import key_id, verify_signature
+from runtime_agent.keyring import Keyring
+from runtime_agent.signing import key_id
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -93,8 +94,10 @@ def write_bundle(path: Path, manifest: dict[str, Any], files: dict[str, bytes], 
     return path
 
 
-def read_bundle(path: Path, public_key: Ed25519PublicKey) -> Bundle:
-    """Verify and load a bundle: structure, signature, format, then every artifact's hash."""
+def read_bundle(path: Path, trusted: Ed25519PublicKey | Keyring, *, installed: bool = False) -> Bundle:
+    """Verify and load a bundle: structure, signature, format, then every artifact's hash. `trusted`: one
+    key or a device's keyring; `installed`: the bundle is already on this device's disk, verified when it
+    came in, so a key revoked since still verifies it (a revocation must not leave a device without a model)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -110,24 +113,24 @@ def read_bundle(path: Path, public_key: Ed25519PublicKey) -> Bundle:
         if required not in members:
             raise BundleError(f"bundle {path} has no {required}; it was not made by `toolchain build`")
     body, signature = members.pop(MANIFEST), members.pop(SIGNATURE)
-    if not verify_signature(public_key, signature, body):
-        raise BundleError(f"bundle {path}: {_signature_failure(body, public_key)}")
-    manifest = json.loads(body)
+    keyring = trusted if isinstance(trusted, Keyring) else Keyring.of(trusted)
+    if keyring.signer_of(signature, body, installed=installed) is None:
+        raise BundleError(f"bundle {path}: {keyring.refusal(_claimed_signer(body))}")
+    try:
+        manifest = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # signed, yet not JSON: a broken build or a misused key
+        raise BundleError(f"bundle {path}: the signed manifest is not JSON ({type(exc).__name__})") from None
     _check_manifest(manifest)
     _check_artifacts(manifest, members, path)
     return Bundle(path=path, manifest=manifest, files=members)
 
 
-def _signature_failure(body: bytes, public_key: Ed25519PublicKey) -> str:
+def _claimed_signer(body: bytes) -> Any:
+    """The key id an unverified manifest names (only to word the refusal)."""
     try:
-        signer = json.loads(body).get("key_id")
-    except (ValueError, AttributeError):
-        signer = None
-    trusted = key_id(public_key)
-    if signer and signer != trusted:
-        return (f"signature check failed: signed by key {signer} but the trusted public key is {trusted} "
-                "(wrong --pubkey, or the manifest was altered)")
-    return "signature check failed: the manifest was altered after signing (or the signature is corrupt)"
+        return json.loads(body).get("key_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
 
 
 def _read_members(data: bytes, path: Path) -> dict[str, bytes]:

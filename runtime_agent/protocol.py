@@ -42,6 +42,7 @@ ACK_EVERY = 16
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TEXT_MAX = 256
+MAX_INT = (1 << 63) - 1  # a report's counters and sequence numbers: what a 64-bit store column holds
 
 
 # -- topics --------------------------------------------------------------------------------------
@@ -143,7 +144,9 @@ def _int(payload: Mapping[str, Any], key: str, *, minimum: int = 0, optional: bo
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise Malformed(f"'{key}' must be an integer >= {minimum}, got {value!r}")
+        raise Malformed(f"'{key}' must be an integer >= {minimum}, got {value!r:.80}")
+    if value > MAX_INT:
+        raise Malformed(f"'{key}' is over {MAX_INT}, the largest integer a report may carry")
     return value
 
 

@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -39,7 +39,7 @@ def _load_key(path: Path, what: str, load, key_type: type, missing_hint: str):
         key = load(Path(path).read_bytes())
     except FileNotFoundError:
         raise BundleError(f"{what} {path} does not exist; {missing_hint}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise BundleError(f"{what} {path} is not a readable PEM key ({exc})") from None
     if not isinstance(key, key_type):
         raise BundleError(f"{what} {path} is not an Ed25519 key")

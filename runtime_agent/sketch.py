@@ -44,6 +44,7 @@ Only numpy and the standard library are used (device side).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -231,7 +232,9 @@ class LatencySketch:
         for key in ("relative_accuracy", "count", "buckets"):
             if key not in data:
                 raise ValueError(f"latency sketch is missing {key!r}")
-        sketch = cls(data["relative_accuracy"], data.get("min_value", MIN_VALUE))
+        sketch = cls(_finite(data["relative_accuracy"], "relative_accuracy"),
+                     _finite(data.get("min_value", MIN_VALUE), "min_value"))
+        highest = math.floor(math.log(sys.float_info.max) / sketch._log_gamma) - 1  # value_of() stays finite
         raw = data["buckets"]
         if not isinstance(raw, Mapping):
             raise ValueError("latency sketch 'buckets' must be an object {index: count}")
@@ -240,7 +243,9 @@ class LatencySketch:
             try:
                 index = int(key)
             except (TypeError, ValueError):
-                raise ValueError(f"latency sketch bucket key {key!r} is not an integer") from None
+                raise ValueError(f"latency sketch bucket key {key!r:.40} is not an integer") from None
+            if not sketch._min_index <= index <= highest:
+                raise ValueError(f"latency sketch bucket {index} is outside [{sketch._min_index}, {highest}]")
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"latency sketch bucket {key!r} has a bad count {count!r}")
             if count:
@@ -250,14 +255,28 @@ class LatencySketch:
             raise ValueError(f"latency sketch count {count!r} != the sum of its buckets ({sum(buckets.values())})")
         sketch._buckets = buckets
         sketch._count = count
-        sketch._sum = float(data.get("sum", 0.0))
+        sketch._sum = _finite(data.get("sum", 0.0), "sum")
         if count:
             low, high = data.get("min"), data.get("max")
             # Without min/max (an older or foreign sender), fall back to the bucket edges.
-            sketch._min = float(low) if low is not None else sketch.value_of(min(buckets))
-            sketch._max = float(high) if high is not None else sketch.value_of(max(buckets))
+            sketch._min = _finite(low, "min") if low is not None else sketch.value_of(min(buckets))
+            sketch._max = _finite(high, "max") if high is not None else sketch.value_of(max(buckets))
         return sketch
 
     def __repr__(self) -> str:
         return (f"LatencySketch(relative_accuracy={self.relative_accuracy}, count={self._count}, "
                 f"buckets={len(self._buckets)})")
+
+
+def _finite(value: Any, what: str) -> float:
+    """A JSON number of a sketch as a finite float; ValueError for anything else (an integer too large
+    for a float included), so a malformed report is refused with the field's name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"latency sketch '{what}' must be a number, got {value!r:.40}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"latency sketch '{what}' must be finite, got {value!r:.40}")
+    return number

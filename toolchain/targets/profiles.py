@@ -175,6 +175,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise TargetError(f"profile {path}: not valid TOML ({exc})") from None
     except OSError as exc:
         raise TargetError(f"profile {path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise TargetError(f"profile {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_profile_file(path: Path) -> Profile:
