@@ -21,7 +21,7 @@ import numpy as np
 from runtime_agent import __version__
 from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.config import AgentConfig
-from runtime_agent.drift import DriftMonitor, alarm
+from runtime_agent.drift import COVARIATE, DriftMonitor
 from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
@@ -30,7 +30,7 @@ from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ON
                                     ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
 from runtime_agent.reference import Features, concat
-from runtime_agent.signing import load_public_key
+from runtime_agent.keyring import Keyring, load_keyring, rotate
 from runtime_agent.sketch import LatencySketch
 from runtime_agent.slots import Slots
 from runtime_agent.updates import check_update, self_test
@@ -74,11 +74,14 @@ class Active:
         self.monitor = DriftMonitor(model.bundle.manifest["reference"], model.input_shapes)
         self.stats = ModelStats(self.monitor.n_prediction_bins, self.monitor.prediction_edges)
 
-    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray]) -> None:
+    def account(self, latencies_ms: list[float], batches: list[Features], drift_values: list[np.ndarray],
+                expected_correct: list[np.ndarray | None]) -> None:
         """Feed a run of requests, in arrival order (Page-Hinkley is sequential), to drift and probation.
-        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values)."""
+        `drift_values`: each request's `Prediction.drift_values` (classes, or continuous values);
+        `expected_correct`: each request's calibrated confidences (`DriftMonitor.expected_correct`), or None."""
         predicted = np.concatenate(drift_values)
-        self.monitor.update(concat(batches), predicted)
+        known = [values for values in expected_correct if values is not None]
+        self.monitor.update(concat(batches), predicted, np.concatenate(known) if known else None)
         self.stats.record_many(latencies_ms, self.monitor.prediction_bins(predicted))
 
 
@@ -92,7 +95,7 @@ class Agent:
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
         self._window = Window()
-        self._served: deque[tuple[Active, float, Features, np.ndarray]] = deque()  # not yet accounted
+        self._served: deque[tuple[Active, float, Features, np.ndarray, np.ndarray | None]] = deque()  # not yet accounted
         self._active: Active | None = None
         self._previous: Active | None = None
         self._probation: Probation | None = None
@@ -107,17 +110,33 @@ class Agent:
 
     def load(self) -> LoadedModel:
         """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified."""
-        key = load_public_key(self.config.pubkey_path)
-        active = Active(self._load_model(read_bundle(self.config.bundle_path, key)))
+        key = self.keyring()
+        active = Active(self._load_model(read_bundle(self.config.bundle_path, key, installed=True)))
         previous = None
         if self.slots.previous.exists():
             try:
-                previous = Active(self._load_model(read_bundle(self.slots.previous, key)))
+                previous = Active(self._load_model(read_bundle(self.slots.previous, key, installed=True)))
             except AgentError as exc:
                 log.warning("previous bundle unusable, rollback disabled: %s", exc)
         with self._lock:
             self._active, self._previous = active, previous
         return active.model
+
+    def keyring(self) -> Keyring:
+        """The keys that may sign a bundle now (`trusted/` and the older single `trusted.pub`)."""
+        return load_keyring(self.config.keyring_path, self.config.pubkey_path)
+
+    def rotate_keys(self, command: dict[str, Any]) -> None:
+        """Apply a `rotate_keys` chain (each signed rotation once, in order); answer unless it is a replay."""
+        with self._update_lock:  # never while a push is being verified against the keyring
+            keyring, applied, answer = rotate(self.config.keyring_path, self.config.pubkey_path,
+                                              command.get("rotations"), command["id"])
+        if applied:
+            log.warning("key rotation(s) %s applied: trusted %s, revoked %s", applied, sorted(keyring.trusted),
+                        sorted(keyring.revoked))
+        if answer:
+            self.emit_event("keys_rotated", cmd_id=command["id"], seq=keyring.seq, applied=applied,
+                            trusted=sorted(keyring.trusted), revoked=sorted(keyring.revoked))
 
     @property
     def model(self) -> LoadedModel | None:
@@ -137,16 +156,25 @@ class Agent:
                 active.stats.errors += 1
             raise
         prediction = active.model.predict_batch(samples)
-        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active)
+        self.record((time.perf_counter() - started) * 1000, samples, prediction.drift_values, active,
+                    self.expected_correct(prediction, active))
         return prediction
+
+    def expected_correct(self, prediction: Prediction, active: Active | None = None) -> np.ndarray | None:
+        """A classifier's calibrated confidence per sample (None without a calibration in the bundle)."""
+        active = active or self._active
+        if active is None or prediction.classes is None:
+            return None
+        return active.monitor.expected_correct(prediction.logits)
 
     ACCOUNT_EVERY = 64  # requests: accounting runs in vectorised batches, off the typical request's path
 
-    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None) -> None:
-        """Account one served request (`drift_values`: its `Prediction.drift_values`). Only queued here (a
-        deque append is atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account`
-        does the work for all of them."""
-        self._served.append((active or self._active, latency_ms, batch, drift_values))
+    def record(self, latency_ms: float, batch: Features, drift_values: np.ndarray, active: Active | None = None,
+               expected_correct: np.ndarray | None = None) -> None:
+        """Account one served request (`drift_values`: its `Prediction.drift_values`; `expected_correct`: its
+        calibrated confidences, for the label-free accuracy estimate). Only queued here (a deque append is
+        atomic); every `ACCOUNT_EVERY` requests, and before a window closes, `account` does the work for all."""
+        self._served.append((active or self._active, latency_ms, batch, drift_values, expected_correct))
         if len(self._served) >= self.ACCOUNT_EVERY:
             self.account()
 
@@ -154,21 +182,22 @@ class Agent:
         """Add the queued requests to the window (latency sketch, counts) and to their model's drift and
         probation statistics; end the probation when it is due."""
         with self._lock:
-            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray]]] = {}
+            runs: dict[int, tuple[Active, list[float], list[Features], list[np.ndarray], list[np.ndarray | None]]] = {}
             latencies: list[float] = []
             window = self._window
             for _ in range(len(self._served)):  # only what is queued now; later appends wait for the next call
-                active, latency_ms, batch, drift_values = self._served.popleft()
+                active, latency_ms, batch, drift_values, expected_correct = self._served.popleft()
                 latencies.append(latency_ms)
                 window.samples += len(drift_values)
-                run = runs.setdefault(id(active), (active, [], [], []))
+                run = runs.setdefault(id(active), (active, [], [], [], []))
                 run[1].append(latency_ms)
                 run[2].append(batch)
                 run[3].append(drift_values)
+                run[4].append(expected_correct)
             window.sketch.add_many(latencies)
             window.requests += len(latencies)
-            for active, run_latencies, batches, values in runs.values():
-                active.account(run_latencies, batches, values)
+            for active, *run in runs.values():
+                active.account(*run)
             probation = self._probation
         if probation is not None and probation.due():
             self.end_probation(probation)
@@ -202,13 +231,16 @@ class Agent:
                    "model_version": self._version(), "n": window.samples, "requests": window.requests,
                    "errors": window.errors, "latency": latency, "drift": drift, "rss_mb": round(rss_mb(), 2),
                    "queue": {"pending": len(self.outbox), "dropped_telemetry": self.outbox.dropped_telemetry}}
-        if drift:
-            drift["alarm"] = alarm(drift)  # the device's verdict, so every consumer applies the same rule
         self.outbox.put(self.config.topic(TELEMETRY), payload, kind="telemetry")
         self._last_drift = drift
-        if drift and drift["alarm"]:
-            self.emit_event("drift_alarm", psi_max=drift.get("psi_max"), prediction_psi=drift.get("prediction_psi"),
-                            ph_alarm=drift.get("ph_alarm"), window=payload["window"])
+        for kind, in_drift in (("drift_alarm", drift.get("alarm")), ("prediction_drift", drift.get("prediction_drift"))):
+            if in_drift:  # the device's verdict (`runtime_agent.drift.crossings`): every consumer reads the same rule
+                crossed = [c for c in drift["crossings"] if (c["kind"] == COVARIATE) == (kind == "drift_alarm")]
+                log.info("%s: %s", kind.replace("_", " "), "; ".join(
+                    f"{c['statistic']} {c['value']:g} >= {c['threshold']:g}" for c in crossed))
+                self.emit_event(kind, crossings=crossed, psi_max=drift.get("psi_max"),
+                                prediction_psi=drift.get("prediction_psi"), ph_alarm=drift.get("ph_alarm"),
+                                window=payload["window"])
         return payload
 
     # -- commands ------------------------------------------------------------------------------
@@ -230,7 +262,7 @@ class Agent:
             raise AgentError(f"message is {len(raw)} bytes, over the {MAX_COMMAND_BYTES}-byte limit")
         try:
             command = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise AgentError(f"not UTF-8 JSON ({type(exc).__name__})") from None
         if not isinstance(command, dict):
             raise AgentError(f"expected a JSON object, got {type(command).__name__}")
@@ -243,6 +275,9 @@ class Agent:
     def _apply(self, command: dict[str, Any]) -> None:
         if command["type"] == "push_offer":
             self.receiver.offer(command)
+            return
+        if command["type"] == "rotate_keys":
+            self.rotate_keys(command)
             return
         if command["type"] == "rollback":
             if not self.roll_back(f"manual rollback (cmd {command['id']})", cmd_id=command["id"]):
@@ -281,7 +316,7 @@ class Agent:
             try:
                 self.receiver.check_hash(transfer, path)
                 running = self.model.bundle.manifest
-                bundle = check_update(path, load_public_key(self.config.pubkey_path), running, self._refused())
+                bundle = check_update(path, self.keyring(), running, self._refused())
                 model = self._load_model(bundle)
                 self_test(model)
                 slot = self.slots.store(path, bundle.manifest["name"], bundle.version)

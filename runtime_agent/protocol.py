@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from runtime_agent.drift import COVARIATE, PREDICTION
 from runtime_agent.sketch import LatencySketch
 
 TOPIC_ROOT = "edge/v1"
@@ -27,7 +28,7 @@ REPORT_KINDS = (STATUS, TELEMETRY, EVENTS)  # what a device reports and the moni
 SCHEMAS = {STATUS: "status/1", TELEMETRY: "telemetry/1", EVENTS: "events/1", CMD: "cmd/1", ACK: "push-ack/1"}
 ONLINE, OFFLINE = "online", "offline"
 STATUS_OFFLINE = {"schema": SCHEMAS[STATUS], "state": OFFLINE}  # the LWT and a stopping agent's last word
-COMMAND_TYPES = ("push_offer", "rollback", "config")
+COMMAND_TYPES = ("push_offer", "rollback", "config", "rotate_keys")
 FINAL_STATES = ("installed", "rejected")  # a transfer's last ack state
 
 # Size limits: a push offer's chunk size (its bundle is at most `bundle.MAX_BUNDLE_BYTES`), a command, a report.
@@ -211,11 +212,35 @@ def _drift(value: Any) -> dict[str, Any]:
     drift = dict(value)
     drift["psi_max"] = _number(value.get("psi_max", max(psi.values(), default=0.0)), "drift.psi_max", minimum=0.0)
     drift["prediction_psi"] = _number(value.get("prediction_psi", 0.0), "drift.prediction_psi", minimum=0.0)
-    if not isinstance(value.get("ph_alarm", False), bool):
-        raise Malformed(f"'drift.ph_alarm' must be true or false, got {value.get('ph_alarm')!r}")
+    for flag in ("ph_alarm", "alarm", "prediction_drift"):
+        if not isinstance(value.get(flag, False), bool):
+            raise Malformed(f"'drift.{flag}' must be true or false, got {value.get(flag)!r:.80}")
     if "n" in value:
         _int(value, "n")
+    for key in ("psi_threshold", "prediction_psi_threshold"):
+        drift[key] = _number(value.get(key), f"drift.{key}", optional=True, minimum=0.0)
+    accuracy = _number(value.get("estimated_accuracy"), "drift.estimated_accuracy", optional=True, minimum=0.0)
+    if accuracy is not None and accuracy > 1.0:
+        raise Malformed(f"'drift.estimated_accuracy' must be a share in [0, 1], got {accuracy!r}")
+    drift["estimated_accuracy"] = accuracy
+    if "crossings" in value:
+        drift["crossings"] = _crossings(value["crossings"])
     return drift
+
+
+def _crossings(value: Any) -> list[dict[str, Any]]:
+    """`drift.crossings`: what crossed which threshold (`runtime_agent.drift.crossings`)."""
+    if not isinstance(value, list) or len(value) > 8:
+        raise Malformed(f"'drift.crossings' must be a list of at most 8 objects, got {value!r:.80}")
+    checked = []
+    for i, crossing in enumerate(value):
+        if not isinstance(crossing, dict) or crossing.get("kind") not in (COVARIATE, PREDICTION):
+            raise Malformed(f"'drift.crossings[{i}]' must be an object with kind {COVARIATE!r} or {PREDICTION!r}, "
+                            f"got {crossing!r:.80}")
+        checked.append({"kind": crossing["kind"], "statistic": _text(crossing, "statistic") or "",
+                        "value": _number(crossing.get("value"), f"drift.crossings[{i}].value"),
+                        "threshold": _number(crossing.get("threshold"), f"drift.crossings[{i}].threshold")})
+    return checked
 
 
 def parse_telemetry(raw: bytes, device: str) -> TelemetryReport:

@@ -9,6 +9,12 @@ What a model answers is watched too, by one value per sample (`prediction_values
 class of a classifier, else the mean of the sample's first output (a regressor's predicted value),
 binned by quantiles of the reference like an input feature, so a continuous output drifts by the
 same PSI.
+
+A classifier's reference is also kept **per predicted class** (`by_class`: the monitored statistic's mean
+and std, and each feature's bin counts), so the device can tell a change of the input distribution from
+a change of the class mix (a camera that sees one product for an hour): see `runtime_agent.drift`. And
+when labelled validation samples are given, the model's confidences are calibrated on them
+(`confidence`, see `runtime_agent.confidence`) for the label-free accuracy estimate.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from runtime_agent.confidence import fit_calibration
+
 MAX_RAW_FEATURES = 256
 N_BINS = 10
 TASKS = ("classification", "regression", "unlabelled")
+MAX_CONDITIONAL_CLASSES = 100
+"""Classifiers with more classes keep no per-class reference (its size grows as classes x features x bins;
+at 100 classes and 64 features about 64,000 counts)."""
 
 Features = Union[np.ndarray, Mapping[str, np.ndarray]]
 """A batch: one array `(n, *shape)` for a one-input model, or one such array per input name (in order)."""
@@ -91,13 +102,34 @@ def _binned(values: np.ndarray) -> dict[str, Any]:
     return {"edges": edges, "fractions": (counts / counts.sum()).round(6).tolist()}
 
 
-def build_reference(inputs: Features, first_output: np.ndarray, task: str, n_classes: int) -> dict[str, Any]:
+def _by_class(features: np.ndarray, monitored: np.ndarray, table: list[dict[str, Any]], predicted: np.ndarray,
+              n_classes: int) -> dict[str, Any]:
+    """The per-predicted-class reference: samples per class, the monitored statistic's mean and std per
+    class (0 for a class never predicted), and, into each feature of `table`, its bin counts per class."""
+    counts = np.bincount(predicted, minlength=n_classes)
+    means, stds = np.zeros(n_classes), np.zeros(n_classes)
+    for c in np.flatnonzero(counts):
+        values = monitored[predicted == c]
+        means[c], stds[c] = values.mean(), values.std()
+    for j, entry in enumerate(table):
+        edges = np.asarray(entry["edges"])
+        bins = np.searchsorted(edges, features[:, j], side="left")
+        joint = np.bincount(predicted * (len(edges) + 1) + bins, minlength=n_classes * (len(edges) + 1))
+        entry["class_counts"] = joint.reshape(n_classes, len(edges) + 1).tolist()
+    return {"n": counts.tolist(), "mean": [round(float(v), 9) for v in means], "std": [round(float(v), 9) for v in stds]}
+
+
+def build_reference(inputs: Features, first_output: np.ndarray, task: str, n_classes: int,
+                    validation: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, Any]:
     """The bundle's `reference` section from training inputs and the shipped model's first output on them.
 
     `inputs`: an array for a one-input model, or a dict of arrays by input name in the manifest's order.
     `first_output`: the model's first output `(n, ...)`. Classification keeps the predicted-class
-    fractions (`n_classes` of them); other tasks get quantile bins of `prediction_values` under
-    `predictions` (`{"name": "output_mean", "edges", "fractions"}`)."""
+    fractions (`n_classes` of them) and, up to `MAX_CONDITIONAL_CLASSES`, the per-class reference
+    (`by_class`, and `class_counts` per feature); other tasks get quantile bins of `prediction_values`
+    under `predictions` (`{"name": "output_mean", "edges", "fractions"}`). `validation`: the model's first
+    output on the validation split and its labels; a classifier with labels gets its `confidence`
+    calibration from them."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     features = summary_features(inputs)
@@ -110,9 +142,16 @@ def build_reference(inputs: Features, first_output: np.ndarray, task: str, n_cla
     else:
         predictions = {"name": "output_mean", **_binned(predicted)}
     monitored = features.mean(axis=1)
-    return {
+    reference = {
         "n": len(features),
         "features": table,
         "predictions": predictions,
         "monitored": {"name": "feature_mean", "mean": float(monitored.mean()), "std": float(monitored.std())},
     }
+    if task == "classification" and n_classes <= MAX_CONDITIONAL_CLASSES:
+        reference["by_class"] = _by_class(features, monitored, table, predicted, n_classes)
+    if task == "classification" and validation is not None and validation[1] is not None:
+        calibration = fit_calibration(*validation)
+        if calibration is not None:
+            reference["confidence"] = calibration
+    return reference

@@ -17,9 +17,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
+from runtime_agent.drift import COVARIATE, PREDICTION, crossings, psi_threshold
 from tests.conftest import BIN, Build, provision_device
 from toolchain.deploy.broker import ManagedBroker
 from toolchain.fleet.monitor import FleetMonitor
+
+REFERENCE_SAMPLES = 1000
+"""About the default build's training split: what `telemetry()`'s PSI thresholds rest on."""
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
@@ -72,16 +76,22 @@ def agent_payloads(build: Build, folder: Path) -> dict[str, dict]:
 
 def telemetry(template: dict, device: str, seq: int, psi: float = 0.02, n: int = 500, stream: str | None = None,
               **drift: Any) -> dict:
-    """The real payload with this device, seq and drift statistics (PSI `psi` on feature x5, 0.01 elsewhere);
-    ``stream`` None: no stream field, as from an agent older than outbox streams."""
+    """The real payload with this device, seq and drift statistics (PSI `psi` on feature x5, 0.01 elsewhere,
+    judged by the agent's rule for a window of `n` samples); ``stream`` None: no stream field, as from an agent
+    older than outbox streams."""
     payload = copy.deepcopy(template)
     values = {name: 0.01 for name in payload["drift"]["psi"]}
     values["x5"] = psi
     payload.update(device_id=device, seq=seq, n=n, stream=stream)
     if stream is None:
         del payload["stream"]
-    payload["drift"].update({"psi": values, "psi_max": max(values.values()), "prediction_psi": 0.01, "ph_alarm": False,
-                             "n": n, **drift})
+    report = payload["drift"]
+    report.update({"psi": values, "psi_max": max(values.values()), "prediction_psi": 0.01, "ph_alarm": False,
+                   "n": n, "psi_threshold": psi_threshold(n, REFERENCE_SAMPLES, 10, len(values)),
+                   "prediction_psi_threshold": psi_threshold(n, REFERENCE_SAMPLES, 10), **drift})
+    report["crossings"] = crossings(report)  # the agent's own rule on these statistics
+    report["alarm"] = any(c["kind"] == COVARIATE for c in report["crossings"])
+    report["prediction_drift"] = any(c["kind"] == PREDICTION for c in report["crossings"])
     return payload
 
 

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from runtime_agent.drift import (MIN_PSI_SAMPLES, PSI_EPSILON, PSI_MODERATE, PSI_SIGNIFICANT, DriftingScore,
+from runtime_agent.drift import (MIN_PSI_SAMPLES, PREDICTION, half_sample, PSI_EPSILON, PSI_MODERATE, PSI_SIGNIFICANT, DriftingScore,
                                  DriftMonitor, PageHinkley, alarm, psi)
 from runtime_agent.reference import bin_counts, build_reference, summary_features
 
@@ -129,19 +129,30 @@ def test_monitor_bins_exactly_like_reference_bin_counts() -> None:
         assert counts[spec["name"]].tolist() == bin_counts(features[:, j], spec["edges"]).tolist()
 
 
-def test_prediction_psi_rises_when_predictions_collapse_to_one_class(reference: dict) -> None:
+def test_a_class_mix_change_alone_is_prediction_drift_not_covariate_drift(reference: dict) -> None:
     monitor = DriftMonitor(reference, (8,))
-    x, classes = window(seed=5)
-    monitor.update(x, classes)
+    x, classes = window(seed=5, n=4000)
+    monitor.update(x[:500], classes[:500])
     normal = monitor.window_report()
-    monitor.update(x, np.full(len(x), 3))
-    collapsed = monitor.window_report()
-    assert normal["prediction_psi"] < PSI_MODERATE
-    assert collapsed["prediction_psi"] > PSI_SIGNIFICANT and collapsed["psi_max"] < PSI_MODERATE
-    assert alarm(collapsed) and not collapsed["ph_alarm"]
+    one_class = classes == 3  # the traffic now shows one class only: its inputs are that class's, unchanged
+    monitor.update(x[one_class], classes[one_class])
+    mix = monitor.window_report()
+    assert normal["prediction_psi"] < PSI_MODERATE and not normal["crossings"]
+    assert mix["prediction_psi"] > mix["prediction_psi_threshold"] >= PSI_SIGNIFICANT and mix["prediction_drift"]
+    assert mix["psi_max"] < mix["psi_threshold"] and not mix["ph_alarm"] and not alarm(mix)
+    assert [c["kind"] for c in mix["crossings"]] == [PREDICTION]
+    assert mix["crossings"][0]["statistic"] == "prediction_psi"
+    # judged against the overall reference instead, the same window looks like a large covariate shift
+    overall = DriftMonitor({k: v for k, v in reference.items() if k != "by_class"}, (8,))
+    overall.update(x[one_class], classes[one_class])
+    unconditional = overall.window_report()
+    assert unconditional["psi_max"] > 1.0 and alarm(unconditional)
+    # answers that contradict the inputs (everything predicted as class 3) are covariate drift: the inputs
+    # no longer look like the class they are predicted as
+    monitor.update(x[:500], np.full(500, 3))
+    assert alarm(monitor.window_report())
     with pytest.raises(ValueError, match=r"predicted classes must lie in \[0, 4\)"):
         monitor.update(x[:2], np.array([0, 4]))
-
 
 def test_window_report_resets_the_window_but_not_the_detectors(reference: dict) -> None:
     monitor = DriftMonitor(reference, (8,))
@@ -167,7 +178,7 @@ def test_monitor_refuses_mismatched_shapes(reference: dict) -> None:
         monitor.update(np.zeros((2, 7)))
 
 
-def test_alarm_needs_enough_samples_for_psi_but_not_for_page_hinkley() -> None:
+def test_an_older_agents_report_without_crossings_is_judged_by_the_old_rule() -> None:
     report = {"psi_max": 0.4, "prediction_psi": 0.0, "ph_alarm": False, "n": MIN_PSI_SAMPLES - 1}
     assert not alarm(report) and alarm(report, min_samples=0)
     assert alarm({**report, "n": MIN_PSI_SAMPLES})
@@ -288,7 +299,8 @@ def test_page_hinkley_beats_rivers_page_hinkley_and_adwin_on_the_same_streams() 
 
 
 def test_window_psi_of_every_feature_equals_psi_of_its_histogram() -> None:
-    """The report computes all features' PSI in one vectorised pass; each must be `psi` of that feature's counts."""
+    """The report computes all features' PSI in one vectorised pass; each must be `psi` of that feature's counts
+    (with the window's half-sample floor; without predictions the overall reference is the expectation)."""
     rng = np.random.default_rng(8)
     train = np.concatenate([rng.integers(0, 4, (2000, 2)).astype(float), np.zeros((2000, 1)),  # ties, constant
                             rng.standard_normal((2000, 3))], axis=1)
@@ -299,7 +311,7 @@ def test_window_psi_of_every_feature_equals_psi_of_its_histogram() -> None:
         counts = monitor.counts()
         report = monitor.window_report()
         for spec in reference["features"]:
-            expected = psi(spec["fractions"], counts[spec["name"]])
+            expected = psi(spec["fractions"], counts[spec["name"]], half_sample(400))
             assert report["psi"][spec["name"]] == pytest.approx(expected, rel=1e-12, abs=1e-15)
         assert report["psi_max"] == max(report["psi"].values()) and (shift < 3 or report["psi_max"] > PSI_SIGNIFICANT)
     assert set(monitor.window_report()["psi"].values()) == {0.0}  # an empty window

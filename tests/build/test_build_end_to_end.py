@@ -19,9 +19,10 @@ def test_build_prints_report_then_bundle_path_last(default_build: Build) -> None
     lines = default_build.stdout.strip().splitlines()
     assert default_build.bundle == default_build.out / "digits-1-jetson-orin-nano.bundle"
     assert default_build.bundle.is_file()
-    assert lines[-2] == f"report: {default_build.out / 'report.html'}"
-    assert sorted(p.name for p in default_build.out.iterdir()) == ["digits-1-jetson-orin-nano.bundle", "digits-1-jetson-orin-nano.pt",
-                                                                    "report.html", "report.json"]
+    assert lines[-2] == f"report: {default_build.out / 'digits-1-jetson-orin-nano.report.html'}"
+    assert sorted(p.name for p in default_build.out.iterdir()) == [
+        "digits-1-jetson-orin-nano.bundle", "digits-1-jetson-orin-nano.pt", "digits-1-jetson-orin-nano.report.html",
+        "digits-1-jetson-orin-nano.report.json", "report.html", "report.json"]
     assert "created a new signing key" in default_build.stderr
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,8 +29,15 @@ def test_a_build_writes_a_checkpoint_that_a_later_build_continues(default_build:
     assert saved["format"] == 1 and saved["project"] == "digits" and saved["model_kwargs"] == {}
     assert any(key.endswith("mean") for key in saved["state_dict"])  # the normalisation comes along
     out = tmp_path / "dist"
+    shutil.copytree(default_build.out, out)  # the second build of the same project into the same folder
     result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(out), "--warm-start", str(checkpoint), check=True)
     report = json.loads((out / "report.json").read_text())
+    # each bundle keeps its own report: the first build's is still there, untouched; report.json is the latest
+    first_report, second_report = (out / f"digits-{v}-jetson-orin-nano.report.json" for v in (1, 2))
+    assert first_report.read_bytes() == (default_build.out / "digits-1-jetson-orin-nano.report.json").read_bytes()
+    assert json.loads(second_report.read_text()) == report and report["version"] == 2
+    assert (out / "digits-2-jetson-orin-nano.report.html").read_text() == (out / "report.html").read_text()
+    assert result.stdout.strip().splitlines()[-2] == f"report: {out / 'digits-2-jetson-orin-nano.report.html'}"
     train = report["train"]
     assert train["warm_start"] == str(checkpoint)
     # Continued, not restarted: the first fine-tune epoch is already as good as the finished model was.

@@ -37,10 +37,12 @@ app.command()(simulate)
 app.command()(autopilot)
 app.command()(rollback)
 app.command("config")(config)
-DEFAULT_DB = Path("fleet.sqlite")
+DEFAULT_DB = "fleet.sqlite"
 DASHBOARD_PORT = 8765
 
-DbOption = Annotated[Path, typer.Option("--db", help="the fleet database (SQLite) the monitor writes")]
+DbOption = Annotated[str, typer.Option("--db", help=(
+    "the fleet database the monitor writes: a SQLite file, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
+    "(needs pip install 'edge-toolchain[postgres]')"))]
 
 
 def _stamp() -> str:
@@ -72,12 +74,20 @@ def monitor(
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")] = None,
     fleet: Annotated[str, typer.Option(help="fleet name, or + for every fleet")] = "+",
     threshold: Annotated[float, typer.Option(help="fleet drift alarm: share of reporting devices in alarm")] = 0.3,
+    workers_group: Annotated[Optional[str], typer.Option(
+        help="run as one of several monitor workers sharing the fleet's messages (MQTT v5 shared subscription "
+             "$share/NAME/...; one PostgreSQL --db for all)")] = None,
+    worker: Annotated[Optional[str], typer.Option(
+        help="this worker's name in --workers-group (default: the host name); keep it across restarts")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every connection and event")] = False,
     host: Annotated[str, typer.Option(help="dashboard: address to serve the web page on")] = "127.0.0.1",
     port: Annotated[Optional[int], typer.Option(
         "--port", "--dashboard-port",
         help=f"dashboard: port of the web page (0: any free one). `fleet dashboard`: {DASHBOARD_PORT} unless given; "
              "`fleet monitor`: serves the dashboard only when given")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="Prometheus metrics on http://HOST:PORT/metrics (also at /metrics on the dashboard's port); "
+             "needs prometheus-client (the metrics extra)")] = None,
 ) -> None:
     """Listen to the fleet until Ctrl-C; one line per status change and per fleet drift alarm."""
     from toolchain.fleet.dashboard import FleetDashboard
@@ -88,20 +98,26 @@ def monitor(
     password = read_password(password_file, username)
     if ctx.info_name == "dashboard" and port is None:
         port = DASHBOARD_PORT
+    metrics = _fleet_metrics(db, fleet, lambda: dict(watcher.stats), metrics_port, port)
     # The dashboard binds its port first: a port in use fails before the database is created.
-    page = None if port is None else FleetDashboard(db, host, port, stats=lambda: dict(watcher.stats))
+    page = None if port is None else FleetDashboard(db, host, port, stats=lambda: dict(watcher.stats), metrics=metrics)
 
     def notice(kind: str, info: dict[str, Any]) -> None:
         print(_notice_line(kind, info), flush=True)
 
     try:
+        metrics_url = None if metrics_port is None else metrics.serve(host, metrics_port)
         watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
-                               on_notice=notice, on_stored=page.notify if page else None)
+                               group=workers_group, worker=worker,
+                               on_notice=notice, on_stored=page.notify if page else None,
+                               on_telemetry=metrics.observe_ingest if metrics else None)
         if page is not None:
             page.start()
     except BaseException:
         if page is not None:
             page.stop()
+        if metrics is not None:
+            metrics.close()
         raise
 
     def terminate(*_: object) -> None:
@@ -111,10 +127,12 @@ def monitor(
     try:
         if page is not None:
             print(f"{_stamp()} dashboard at {page.url}", flush=True)
+        if metrics_url is not None:
+            print(f"{_stamp()} metrics at {metrics_url}", flush=True)
         watcher.start()
         if watcher.wait_connected(10):
             print(f"{_stamp()} monitoring {'every fleet' if fleet == '+' else 'fleet ' + fleet} on {broker} "
-                  f"into {db} (session {watcher.client_id})", flush=True)
+                  f"into {watcher.store.path} (session {watcher.client_id})", flush=True)
         else:
             print(f"{_stamp()} broker {broker} not reachable yet; retrying in the background", flush=True)
         watcher.run_forever()  # already started: blocks until Ctrl-C or SIGTERM
@@ -124,8 +142,28 @@ def monitor(
         watcher.stop()
         if page is not None:
             page.stop()
+        if metrics is not None:
+            metrics.close()
     print(f"{_stamp()} stopped; processed {watcher.stats['processed']} messages "
           f"({watcher.stats['duplicates']} duplicates, {watcher.stats['malformed']} malformed)", flush=True)
+
+
+def _fleet_metrics(db: Path, fleet: str, stats: Any, metrics_port: Optional[int],
+                   dashboard_port: Optional[int]) -> Any:
+    """The monitor's Prometheus metrics when asked for (--metrics-port) or when the dashboard can serve them;
+    without prometheus-client, --metrics-port is a one-line error and the dashboard's /metrics says what to install."""
+    from toolchain.fleet.metrics import FleetMetrics, PrometheusMissing
+
+    if metrics_port is None and dashboard_port is None:
+        return None
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise ToolchainError(f"--metrics-port must be 0-65535 (0: any free port), got {metrics_port}")
+    try:
+        return FleetMetrics(db, stats=stats, fleet=None if fleet == "+" else fleet)
+    except PrometheusMissing:
+        if metrics_port is not None:
+            raise
+        return None
 
 
 # One implementation, two commands: the dashboard is the monitor with its web page on (same options).
@@ -153,8 +191,13 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def collect_status(db: Path, fleet: Optional[str] = None, since_s: float = 3600.0, events: int = 10) -> dict[str, Any]:
+def _share(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float = 3600.0, events: int = 10) -> dict[str, Any]:
     """Everything `fleet status` shows, as JSON-ready data."""
+    from toolchain.fleet.snapshot import device_rows, with_accuracy
     from toolchain.fleet.store import FleetStore
 
     with FleetStore(db, create=False) as store:
@@ -162,10 +205,12 @@ def collect_status(db: Path, fleet: Optional[str] = None, since_s: float = 3600.
         since = now - since_s if since_s > 0 else None
         fleets = [fleet] if fleet else store.fleets()
         latency = store.latency_by_fleet(since=since)
+        verdicts = device_rows(store, fleet)
+        keys = ("prediction_drift", "crossings", "estimated_accuracy", "true_accuracy")
         return {
-            "db": str(db), "generated": now, "since": since,
-            "devices": store.devices(fleet),
-            "models": store.latency_by_model(fleet, since=since),
+            "db": str(store.path), "generated": now, "since": since,
+            "devices": [{**row, **{key: verdict[key] for key in keys}} for row, verdict in zip(store.devices(fleet), verdicts)],
+            "models": with_accuracy(store.latency_by_model(fleet, since=since), verdicts),
             "fleets": [{**store.fleet_drift(name), "latency": latency.get(name)}
                        for name in fleets],
             "events": store.recent_events(events, fleet=fleet),
@@ -188,13 +233,13 @@ def status(
         typer.echo(json.dumps(data, indent=2))
         return
     console, now = Console(), data["generated"]
-    print_value(console, "store", str(db))
+    print_value(console, "store", data["db"])
     # Every column but the prose ones holds values (ids, numbers): no_wrap, never cut (see print_table).
     devices = Table(title="Devices", box=box.SIMPLE_HEAD, header_style="bold",
                     caption="p50/p90/p99: ms, each device's last window; seen: ago")
     devices.add_column("fleet/device", no_wrap=True)
-    for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "alarm"):
-        devices.add_column(column, justify="left" if column in ("state", "alarm") else "right", no_wrap=True)
+    for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "drift", "est. acc", "true acc"):
+        devices.add_column(column, justify="left" if column in ("state", "drift") else "right", no_wrap=True)
     colour = {"online": "green", "offline": "red"}
     for row in data["devices"]:
         latest = row["latest"] or {}
@@ -203,16 +248,18 @@ def status(
                         "-" if row["model_version"] is None else f"v{row['model_version']}", _ago(row["last_seen"], now),
                         _ms(latest.get("p50")), _ms(latest.get("p90")), _ms(latest.get("p99")),
                         "-" if latest.get("psi_max") is None else f"{latest['psi_max']:.2f}",
-                        "[red]ALARM[/]" if latest.get("alarm") else "")
+                        " + ".join(["[red]COVARIATE[/]"] * bool(latest.get("alarm")) + ["prediction"] * row["prediction_drift"]),
+                        _share(row["estimated_accuracy"]), _share(row["true_accuracy"]))
     print_table(devices, console)
     window = f"last {since:g} s" if since > 0 else "all stored windows"
     models = Table(title=f"Latency per model version, ms (merged sketches, {window})", box=box.SIMPLE_HEAD,
                    header_style="bold")
-    for column in ("fleet", "model", "windows", "requests", "p50", "p90", "p99"):
+    for column in ("fleet", "model", "windows", "requests", "p50", "p90", "p99", "est. acc", "true acc"):
         models.add_column(column, justify="left" if column == "fleet" else "right", no_wrap=True)
     for row in data["models"]:
         models.add_row(escape(row["fleet"]), "-" if row["model_version"] is None else f"v{row['model_version']}",
-                       str(row["windows"]), str(row["count"]), _ms(row["p50"]), _ms(row["p90"]), _ms(row["p99"]))
+                       str(row["windows"]), str(row["count"]), _ms(row["p50"]), _ms(row["p90"]), _ms(row["p99"]),
+                       _share(row["estimated_accuracy"]), _share(row["true_accuracy"]))
     print_table(models, console)
     fleets = Table(title="Fleet drift (latest window of each reporting device)", box=box.SIMPLE_HEAD, header_style="bold")
     fleets.add_column("fleet", no_wrap=True)
@@ -232,6 +279,7 @@ def status(
         for event in data["events"]:
             body = event["payload"]
             detail = body.get("reason") or ", ".join(
+                f"{c['statistic']} {c['value']:g} >= {c['threshold']:g}" for c in body.get("crossings") or []) or ", ".join(
                 f"{key}={body[key]}" for key in ("share", "devices", "psi_max", "ph_alarm", "version", "from_version",
                                                  "to_version") if body.get(key) is not None)
             events.add_row(_ago(event["received_at"], now), f"{escape(event['fleet'])}/{escape(event['device'])}",

@@ -123,7 +123,8 @@ class BundlePass:
                             "latency_ms_predicted": shipped.metrics["latency_ms_predicted"], "bytes": shipped.bytes},
                 "candidates": [c.to_dict() for c in artifact.candidates],
             },
-            "reference": build_reference(data.x_train, model_outputs(shipped.path, data.x_train)[0], data.task, len(data.labels)),
+            "reference": build_reference(data.x_train, model_outputs(shipped.path, data.x_train)[0], data.task, len(data.labels),
+                                         validation=(model_outputs(shipped.path, data.x_val)[0], data.y_val)),
             "provenance": provenance(ctx.config.path, ctx.config.sha256, ctx.config.data.source, data.sha256,
                                      ctx.seed, ctx.budget),
         }

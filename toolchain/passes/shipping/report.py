@@ -1,4 +1,6 @@
-"""Write `report.json` (every number and decision) and the self-contained `report.html` beside the bundle."""
+"""Write the build's report beside its bundle: `NAME-VERSION-TARGET.report.json` (every number and decision)
+and the self-contained `NAME-VERSION-TARGET.report.html`, kept per bundle so no build overwrites another's;
+`report.json` / `report.html` are copies of the latest build's, for scripts that want "the last one"."""
 
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ class ReportPass:
 
     def run(self, artifact: Artifact, ctx: BuildContext) -> Artifact:
         report = build_report(artifact, ctx)
-        json_path, html_path = ctx.work_path("report.json"), ctx.work_path("report.html")
-        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        html_path.write_text(render(report))
-        artifact.outputs.update({"report_json": json_path, "report_html": html_path})
+        stem = artifact.outputs["bundle"].name.removesuffix(".bundle")
+        text, page = json.dumps(report, indent=2, default=str) + "\n", render(report)
+        paths = {"report_json": ctx.work_path(f"{stem}.report.json"), "report_html": ctx.work_path(f"{stem}.report.html"),
+                 "latest_report_json": ctx.work_path("report.json"), "latest_report_html": ctx.work_path("report.html")}
+        for role, path in paths.items():
+            path.write_text(text if role.endswith("json") else page)
+        artifact.outputs.update(paths)
         return artifact
