@@ -55,9 +55,10 @@ class PostgresServer:
         return self.url(name)
 
 
-def start_server(root: Path) -> PostgresServer:
+def start_server(root: Path, durable: bool = False) -> PostgresServer:
     """initdb + pg_ctl start in `root` (which the server's user must own), on a free loopback port; a port
-    taken between choosing and binding (another worker) is retried with a new one."""
+    taken between choosing and binding (another worker) is retried with a new one. ``durable``: PostgreSQL's
+    own defaults (fsync, synchronous commit: what a benchmark must measure); else both off (tests)."""
     os_user = SUPERUSER if os.geteuid() == 0 else None
     if os_user:
         entry = pwd.getpwnam(os_user)
@@ -70,7 +71,8 @@ def start_server(root: Path) -> PostgresServer:
         try:
             server.run("pg_ctl", "start", "-w", "-t", "60", "-D", str(data), "-l", str(root / "server.log"), "-o",
                        f"-p {server.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                       "-c max_connections=200" + ("" if durable else
+                                                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
         except RuntimeError:
             continue
         return server

@@ -24,7 +24,7 @@ def autopilot(
     target: Annotated[str, typer.Option(help="device profile the fleet runs (id, alias or TOML file)")],
     fleet: Annotated[str, typer.Option(help="the fleet to watch and update")],
     broker: Annotated[str, typer.Option(help="MQTT broker for the pushes, mqtt://HOST:PORT or mqtts://HOST:PORT")],
-    db: Annotated[Path, typer.Option(help="the database `toolchain fleet monitor` writes")] = Path("fleet.sqlite"),
+    db: Annotated[str, typer.Option(help="the database `toolchain fleet monitor` writes (a file or a postgresql:// URL)")] = "fleet.sqlite",
     out: Annotated[Path, typer.Option(help="where the running model's build is (its checkpoint) and new builds go")] = Path("dist"),
     username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="file holding the broker password")] = None,
@@ -50,8 +50,6 @@ def autopilot(
         raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     if interval <= 0 or cycles < 0:
         raise ToolchainError("--interval must be > 0 and --cycles >= 0")
-    if not db.is_file():
-        raise ToolchainError(f"fleet database {db} does not exist; start `toolchain fleet monitor --db {db}` first")
     password = read_password(password_file, username)
     build_config, profile = load_config(config), resolve_target(target)
     policy = build_config.retrain
@@ -71,7 +69,7 @@ def autopilot(
 
         signal.signal(signal.SIGTERM, terminate)
         print(f"autopilot on fleet {fleet}: retrain when >= {100 * policy.trigger_share:.0f}% of devices are in drift "
-              f"alarm for {policy.trigger_seconds:g} s (database {db})", flush=True)
+              f"alarm for {policy.trigger_seconds:g} s (database {store.path})", flush=True)
         try:
             while not cycles or len(pilot.cycles) < cycles:
                 cycle = pilot.tick()

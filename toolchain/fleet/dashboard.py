@@ -139,7 +139,7 @@ class FleetDashboard:
             raise ToolchainError(f"--since must be > 0 seconds, got {since_s}")
         if min_interval_s < 0 or not refresh_s > 0:
             raise ValueError("min_interval_s must be >= 0 and refresh_s > 0")
-        self.db_path, self.since_s = Path(db_path), float(since_s)
+        self.db_path, self.since_s = db_path, float(since_s)
         self.min_interval_s, self.refresh_s, self.stats = float(min_interval_s), float(refresh_s), stats
         try:
             self._server = _Server((host, port), _Handler)

@@ -17,20 +17,28 @@ inside a batch of 50 against ~210 us with a commit of its own). Duplicates (the 
 once) are dropped by the store's ``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
 starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
 
-``status`` (the retained birth and the LWT) sets a device online or offline. After each change the
-monitor recomputes, per fleet, the share of reporting devices (a telemetry window, not offline) whose
-latest window is in drift alarm (the agent's own rule, see `toolchain.fleet.store`); when the share
-reaches ``alarm_threshold`` it raises a ``fleet_drift_alarm`` fleet event (stored with device ``*``,
-logged, passed to ``on_notice``), and a ``fleet_drift_cleared`` one when it drops below again. The
-alarm state is kept in the database, so a restarted monitor neither forgets nor repeats it.
-The share is kept incrementally (O(1) per message), so large fleets cost no more per message than small.
+``status`` (the retained birth and the LWT) sets a device online or offline. After each committed batch
+that changed a fleet, the monitor recomputes from the database the share of reporting devices (a
+telemetry window, not offline) whose latest window is in drift alarm (the agent's own rule, see
+`toolchain.fleet.store`); when the share reaches ``alarm_threshold`` it raises a ``fleet_drift_alarm``
+fleet event (stored with device ``*``, logged, passed to ``on_notice``), and a ``fleet_drift_cleared`` one
+when it drops below again. The alarm state is kept in the database, so a restarted monitor neither
+forgets nor repeats it (`FleetStore.evaluate_fleet_alarm`). One query per batch and fleet, over the
+fleet's devices: under load batches grow, so the cost per message falls.
+
+Several workers (``group``): each subscribes through the MQTT v5 shared subscription ``$share/GROUP/...``
+with its own persistent session (client id ``<database's>-GROUP-<worker>``), so the broker hands every
+message to one of them; they write one PostgreSQL database, whose keys drop what two of them might both
+store, and each evaluates the fleet alarm from that database after its own commits, so whichever worker
+commits last sees every window. A batch that deadlocks with another worker's is retried. Shared
+subscriptions get no retained messages: a worker group learns device states from live status messages.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
+import socket
 import threading
 import time
 from collections import Counter
@@ -41,62 +49,20 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from runtime_agent.drift import MIN_PSI_SAMPLES
-from runtime_agent.protocol import (EVENTS, OFFLINE, ONLINE, REPORT_KINDS, STATUS, TOPIC_ROOT, Malformed, parse_event,
+from runtime_agent.protocol import (EVENTS, ONLINE, REPORT_KINDS, STATUS, TOPIC_ROOT, Malformed, parse_event,
                                     parse_status, parse_telemetry, parse_topic, device_topic, valid_id)
 from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
 from toolchain.errors import ToolchainError
-from toolchain.fleet.store import FleetStore, TelemetryRecord, window_alarm
+from toolchain.fleet.store import FLEET_ALARM, FleetStore, TelemetryRecord, window_alarm
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALARM_THRESHOLD = 0.3
 DEFAULT_SESSION_EXPIRY_S = 86400
-MAX_LISTED_DEVICES = 50  # devices named in a fleet alarm event (the counts are always exact)
 MAX_BATCH = 500  # messages stored in one transaction at most (the broker's in-flight window bounds it too)
-FLEET_ALARM, FLEET_CLEARED = "fleet_drift_alarm", "fleet_drift_cleared"
+BATCH_TRIES = 5  # a batch another writer's deadlocked with is tried again this often
 
 Notice = Callable[[str, dict[str, Any]], None]
-
-
-# -- the fleet drift share, kept incrementally ---------------------------------------------------
-class _Tally:
-    """Per fleet: every device's latest window position, its alarm, and whether it is offline; the counts.
-
-    A window's position is (stream epoch, seq): a re-flashed device's new stream (higher epoch) restarts
-    seq at 1 and is still newer than everything of its old one."""
-
-    def __init__(self) -> None:
-        self.devices: dict[str, list[Any]] = {}  # device -> [latest (epoch, seq) | None, alarm, offline]
-        self.reporting = 0
-        self.alarmed = 0
-
-    @staticmethod
-    def _weight(entry: list[Any]) -> tuple[int, int]:
-        counted = entry[0] is not None and not entry[2]
-        return int(counted), int(counted and entry[1])
-
-    def update(self, device: str, *, position: tuple[int, int] | None = None, alarm: bool | None = None,
-               offline: bool | None = None) -> bool:
-        """Apply one change (a window only if newer than the latest); True if the counts may have moved."""
-        entry = self.devices.setdefault(device, [None, False, False])
-        before = self._weight(entry)
-        if position is not None:
-            if entry[0] is not None and position <= entry[0]:
-                return False  # an older window arriving late is not the latest
-            entry[0], entry[1] = position, bool(alarm)
-        if offline is not None:
-            entry[2] = offline
-        after = self._weight(entry)
-        self.reporting += after[0] - before[0]
-        self.alarmed += after[1] - before[1]
-        return after != before or position is not None
-
-    @property
-    def share(self) -> float:
-        return self.alarmed / self.reporting if self.reporting else 0.0
-
-    def in_alarm(self) -> list[str]:
-        return sorted(d for d, e in self.devices.items() if self._weight(e)[1])
 
 
 class FleetMonitor:
@@ -108,6 +74,9 @@ class FleetMonitor:
     committed to the store (``status``, ``telemetry``, ``events``; not duplicates), so a reader such as the
     dashboard refreshes only when there is something new. ``stats`` counts messages:
     ``processed``, ``telemetry``, ``events``, ``status``, ``duplicates``, ``malformed``, ``store_errors``.
+    ``group``: join that worker group (shared subscription) as ``worker`` (default: the host name; give
+    each worker on one machine its own, and restart a worker under the same name: its session holds what
+    the broker handed it).
     """
 
     def __init__(self, broker_url: str, db_path: Path | str, username: str | None = None, password: str | None = None,
@@ -115,28 +84,34 @@ class FleetMonitor:
                  alarm_threshold: float = DEFAULT_ALARM_THRESHOLD, min_samples: int = MIN_PSI_SAMPLES,
                  session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
                  retention_s: float | None = 30 * 86400, on_notice: Notice | None = None,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None, group: str | None = None,
+                 worker: str | None = None, on_telemetry: Callable[[TelemetryRecord], None] | None = None) -> None:
         login = BrokerLogin(broker_url, username, password, ca_file)
         login.address("the broker")  # refuse a bad URL or CA file before the store is created
         if fleet != "+" and not valid_id(fleet):
             raise ToolchainError(f"--fleet must be '+' (all) or 1-64 letters, digits, '-' or '_', got {fleet!r}")
         if not 0.0 < alarm_threshold <= 1.0:
             raise ToolchainError(f"the fleet alarm threshold must be a share in (0, 1], got {alarm_threshold!r}")
+        worker = worker or socket.gethostname().split(".")[0]
+        for option, value in (("--workers-group", group), ("--worker", worker if group else None)):
+            if value is not None and not valid_id(value):
+                raise ToolchainError(f"{option} must be 1-64 letters, digits, '-' or '_', got {value!r}")
         self.broker_url, self.fleet = broker_url, fleet
         self.alarm_threshold, self.min_samples = float(alarm_threshold), int(min_samples)
         self.retention_s = retention_s
         self.on_notice, self.on_stored = on_notice, on_stored
-        self.topics = [device_topic(fleet, "+", kind) for kind in REPORT_KINDS]
+        self.on_telemetry = on_telemetry  # a stored window, after its commit (the metrics' ingest lag)
+        share = f"$share/{group}/" if group else ""
+        self.topics = [share + device_topic(fleet, "+", kind) for kind in REPORT_KINDS]
         self.store = FleetStore(db_path)
-        self.client_id = client_id or self.store.client_id
+        self.client_id = client_id or (f"{self.store.client_id}-{group}-{worker}" if group else self.store.client_id)
         self.stats: Counter[str] = Counter()
         self.subscribed = threading.Event()
         self.refused: str | None = None
         self._connect_result = threading.Event()
         self._stop = threading.Event()
         self._started = False
-        self._tallies: dict[str, _Tally] = {}
-        self._active: dict[str, bool] = {}
+        self._touched: set[str] = set()  # fleets whose share the batch being stored may have moved
         self._last_prune = 0.0
         self._inbox: queue.Queue[tuple[str, bytes, bool, int, int] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-monitor-writer", daemon=True)
@@ -159,7 +134,9 @@ class FleetMonitor:
             return self
         if self._stop.is_set():
             raise ToolchainError("this monitor was stopped; make a new FleetMonitor")
-        self._load_state()
+        for fleet in self.store.fleets():  # the threshold may differ from the last run's
+            if self.fleet in ("+", fleet):
+                self._evaluate(fleet)
         self.session.connect_async()
         self._writer.start()
         self.client.loop_start()
@@ -260,39 +237,63 @@ class FleetMonitor:
                 return
 
     def _store_batch(self, batch: list[tuple[str, bytes, bool, int, int]]) -> None:
-        """Handle each message in one transaction; after the commit acknowledge them and run the callbacks."""
-        acks: list[tuple[int, int]] = []
-        self._deferred = []
-        try:
-            with self.store.batch():
-                for topic, payload, retained, mid, qos in batch:
-                    if self._store_one(topic, payload, retained):
-                        acks.append((mid, qos))
-        except (sqlite3.Error, ToolchainError) as exc:
-            # The commit failed: nothing of the batch is stored or acknowledged; the broker re-sends it all.
-            self.stats["store_errors"] += len(batch)
-            log.error("cannot commit %d messages: %s", len(batch), exc)
-            return
-        finally:
-            deferred, self._deferred = self._deferred, None
+        """Handle each message in one transaction; after the commit acknowledge them, run the callbacks and
+        re-evaluate the fleets it changed. A batch that deadlocks with another worker's (rare: the store
+        updates device rows last, in one order) is undone and tried again."""
+        for attempt in range(1, BATCH_TRIES + 1):
+            stats, acks = self.stats.copy(), []
+            self._deferred, self._touched = [], set()
+            try:
+                with self.store.batch():
+                    for topic, payload, retained, mid, qos in batch:
+                        if self._store_one(topic, payload, retained):
+                            acks.append((mid, qos))
+                break
+            except self.store.retryable as exc:
+                self.stats.clear()
+                self.stats.update(stats)  # counted again by the next try
+                log.warning("batch of %d messages conflicted with another writer (try %d of %d): %s", len(batch),
+                            attempt, BATCH_TRIES, str(exc).strip().splitlines()[0])
+                if attempt < BATCH_TRIES:
+                    continue
+                self.stats["store_errors"] += len(batch)
+                return
+            except (*self.store.errors, ToolchainError) as exc:
+                # The commit failed: nothing of the batch is stored or acknowledged; the broker re-sends it all.
+                self.stats["store_errors"] += len(batch)
+                log.error("cannot commit %d messages: %s", len(batch), exc)
+                return
+            finally:
+                deferred, self._deferred = self._deferred, None
         for mid, qos in acks:
             self.client.ack(mid, qos)
         for function, args in deferred:
             self._callback(function, *args)
         self.stats["processed"] += len(acks)
+        for fleet in sorted(self._touched):
+            try:
+                self._evaluate(fleet)
+            except (*self.store.errors, ToolchainError) as exc:  # evaluated again after the next batch
+                self.stats["store_errors"] += 1
+                log.error("cannot evaluate fleet %s's drift alarm: %s", fleet, exc)
 
     def _store_one(self, topic: str, payload: bytes, retained: bool) -> bool:
-        """Handle one message inside the batch; False if it must not be acknowledged (the store failed)."""
+        """Handle one message inside the batch; False if it must not be acknowledged (the store failed).
+        A conflict with another writer is raised: the whole batch is tried again."""
         try:
             stored = self._handle(topic, payload, retained)
+        except self.store.retryable:
+            raise
         except Malformed as exc:
             self.stats["malformed"] += 1
             log.warning("malformed message on %s: %s", topic, exc)
             try:
                 self.store.record_rejected(topic, str(exc), payload)
-            except (sqlite3.Error, ToolchainError):
+            except self.store.retryable:
+                raise
+            except (*self.store.errors, ToolchainError):
                 log.exception("cannot record the malformed message")
-        except (sqlite3.Error, ToolchainError) as exc:
+        except (*self.store.errors, ToolchainError) as exc:
             # Not acknowledged: the broker re-sends it after the next reconnect (the session keeps it).
             self.stats["store_errors"] += 1
             log.error("cannot store the message on %s: %s", topic, exc)
@@ -325,8 +326,9 @@ class FleetMonitor:
                 self.stats["duplicates"] += 1
                 return None
             self.stats["telemetry"] += 1
-            if self._tally(fleet).update(device, position=(epoch, record.seq), alarm=record.alarm):
-                self._evaluate(fleet)
+            if self.on_telemetry is not None:
+                self._later(self.on_telemetry, record)
+            self._touched.add(fleet)
             self._maybe_prune(now)
         else:
             event = parse_event(payload, device)
@@ -335,17 +337,19 @@ class FleetMonitor:
                 self.stats["duplicates"] += 1
                 return None
             self.stats["events"] += 1
-            if event_type in ("drift_alarm", "rollback", "rejected", "error"):
+            if event_type in ("drift_alarm", "prediction_drift", "rollback", "rejected", "error"):
+                crossed = "; ".join(f"{c.get('statistic')} {c.get('value')} >= {c.get('threshold')}"
+                                    for c in body.get("crossings") or [] if isinstance(c, dict))
                 log.info("%s/%s event %s: %s", fleet, device, event_type,
-                         body.get("reason") or {k: body.get(k) for k in ("psi_max", "ph_alarm") if k in body})
+                         body.get("reason") or crossed or {k: body.get(k) for k in ("psi_max", "ph_alarm") if k in body})
         return kind
 
     def _status(self, fleet: str, device: str, status: dict[str, Any], seen_at: float | None) -> None:
         state = status.pop("state")
         previous, previous_version = self.store.update_status(fleet, device, state, seen_at=seen_at, **status)
         self.stats["status"] += 1
-        if self._tally(fleet).update(device, offline=state == OFFLINE):
-            self._evaluate(fleet)
+        if previous != state:
+            self._touched.add(fleet)
         version_changed = state == ONLINE and previous is not None and previous_version != status.get("model_version")
         if previous != state or version_changed:
             info = {"fleet": fleet, "device": device, "state": state, "previous": previous, **status}
@@ -353,33 +357,17 @@ class FleetMonitor:
                      f" (model v{status['model_version']})" if status.get("model_version") is not None else "")
             self._notify("status", info)
 
-    def _tally(self, fleet: str) -> _Tally:
-        tally = self._tallies.get(fleet)
-        if tally is None:
-            tally = self._tallies[fleet] = _Tally()
-        return tally
-
     def _evaluate(self, fleet: str) -> None:
-        tally = self._tally(fleet)
-        share, active = tally.share, self._active.get(fleet)
-        raise_it = not active and tally.reporting > 0 and share >= self.alarm_threshold
-        clear_it = bool(active) and share < self.alarm_threshold
-        if not (raise_it or clear_it):
-            if active is None:  # first sight of this fleet: record its (inactive) alarm state and threshold
-                self.store.set_fleet_alarm(fleet, False, share, tally.alarmed, tally.reporting, self.alarm_threshold)
-                self._active[fleet] = False
+        """Re-evaluate the fleet's drift alarm from the database; log and tell a move."""
+        share, change = self.store.evaluate_fleet_alarm(fleet, self.alarm_threshold)
+        if change is None:
             return
-        kind = FLEET_ALARM if raise_it else FLEET_CLEARED
-        info = {"share": round(share, 6), "in_alarm": tally.alarmed, "reporting": tally.reporting,
-                "threshold": self.alarm_threshold, "devices": tally.in_alarm()[:MAX_LISTED_DEVICES]}
-        self.store.add_fleet_event(fleet, kind, info)
-        self.store.set_fleet_alarm(fleet, raise_it, share, tally.alarmed, tally.reporting, self.alarm_threshold)
-        self._active[fleet] = raise_it
-        (log.warning if raise_it else log.info)(
+        raised = change == FLEET_ALARM
+        (log.warning if raised else log.info)(
             "fleet %s: %s: %d of %d reporting devices in drift alarm (%.0f%%, threshold %.0f%%)", fleet,
-            "DRIFT ALARM" if raise_it else "drift alarm cleared", tally.alarmed, tally.reporting, 100 * share,
+            "DRIFT ALARM" if raised else "drift alarm cleared", share.in_alarm, share.reporting, 100 * share.share,
             100 * self.alarm_threshold)
-        self._notify(kind, {"fleet": fleet, **info})
+        self._notify(change, {"fleet": fleet, **share.event(self.alarm_threshold)})
 
     def _notify(self, kind: str, info: dict[str, Any]) -> None:
         if self.on_notice is not None:
@@ -400,18 +388,6 @@ class FleetMonitor:
         except Exception:
             log.exception("%s failed", getattr(function, "__name__", "a monitor callback"))
 
-    def _load_state(self) -> None:
-        """Rebuild the per-fleet tallies and alarm states from the store (a restarted monitor goes on)."""
-        for row in self.store.devices(None if self.fleet == "+" else self.fleet):
-            latest = row["latest"]
-            self._tally(row["fleet"]).update(row["device"], position=(latest["epoch"], latest["seq"]) if latest else None,
-                                             alarm=bool(latest and latest["alarm"]), offline=row["state"] == OFFLINE)
-        for fleet, state in self.store.fleet_alarms().items():
-            if self.fleet in ("+", fleet):
-                self._active[fleet] = state["active"]
-        for fleet in list(self._tallies):
-            self._evaluate(fleet)  # the threshold may differ from the last run's
-
     def _maybe_prune(self, now: float) -> None:
         if self.retention_s is None or now - self._last_prune < 3600:
             return
@@ -422,6 +398,6 @@ class FleetMonitor:
 
     # -- reading -------------------------------------------------------------------------------------
     def fleet_share(self, fleet: str) -> tuple[int, int]:
-        """(devices in alarm, reporting devices) as the monitor counts them now."""
-        tally = self._tally(fleet)
-        return tally.alarmed, tally.reporting
+        """(devices in alarm, reporting devices) in the database now, as the fleet alarm counts them."""
+        share = self.store.drift_share(fleet)
+        return share.in_alarm, share.reporting

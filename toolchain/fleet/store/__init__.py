@@ -1,10 +1,12 @@
 """The fleet database: what every device reported, written by the monitor and read by status, the
-dashboard, the autopilot and fleet calibration.
+dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a ``postgresql://`` URL).
 
-  schema    tables, the schema version and the migrations from older files
-  database  the connection: WAL, one lock shared by threads, transactions and batches, create vs read-only
+  schema    tables, the schema version and the migrations from older versions
+  backend   SQLite or PostgreSQL: the connection, and what differs between the two
+  database  one connection, one lock shared by threads, transactions and batches, create vs read-only
   writes    device states, telemetry windows, events, alarms, rejected messages, pruning
   queries   devices, telemetry, merged latency sketches, fleet drift, events
+  share     the fleet drift share from the database, and when the fleet alarm moves
   records   what is stored and returned, without SQL (TelemetryRecord, window_alarm, merged sketches)
 
 `FleetStore` is the one class callers use; these names are its public surface.
@@ -24,11 +26,13 @@ from toolchain.fleet.store.records import (
     window_alarm,
 )
 from toolchain.fleet.store.schema import SCHEMA_VERSION
+from toolchain.fleet.store.share import FLEET_ALARM, FLEET_CLEARED, FleetShare
 from toolchain.fleet.store.writes import StoreWrites
 
-__all__ = ["FLEET_DEVICE", "OFFLINE", "ONLINE", "SCHEMA_VERSION", "UNKNOWN", "FleetStore", "MergedLatency",
+__all__ = ["FLEET_ALARM", "FLEET_CLEARED", "FLEET_DEVICE", "FleetShare", "OFFLINE", "ONLINE", "SCHEMA_VERSION", "UNKNOWN", "FleetStore", "MergedLatency",
            "TelemetryRecord", "merge_sketches", "window_alarm"]
 
 
 class FleetStore(StoreWrites, StoreQueries):
-    """The fleet database. ``create=False`` refuses a missing file (readers must not create one)."""
+    """The fleet database (a SQLite file, or a ``postgresql://`` URL). ``create=False`` refuses a missing
+    file or one without the fleet tables (readers must not create one)."""

@@ -1,66 +1,58 @@
 """One connection, guarded by a lock, so the monitor's network thread and readers in other threads can
-share one store; other processes (`toolchain fleet status`) read concurrently thanks to WAL.
+share one store. Other processes read and write concurrently: a SQLite file in WAL mode (`toolchain
+fleet status` reads while the monitor writes), or PostgreSQL, where several monitor workers write one
+database and its unique keys keep them from storing anything twice (`toolchain.fleet.store.backend`).
 """
 
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Self
 
 from toolchain.errors import ToolchainError
+from toolchain.fleet.store.backend import connect
 from toolchain.fleet.store.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
 
 
-class Database:
-    """The connection: opened in WAL mode, created or upgraded (``create=True``, the monitor) or only
-    checked (``create=False``: readers neither create nor upgrade a file)."""
+def _statements(script: str) -> list[str]:
+    """A script's statements (the schema's SQL has no ';' inside literals)."""
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
 
-    def __init__(self, path: Path | str, *, create: bool = True) -> None:
-        self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise ToolchainError(f"no fleet database at {self.path}; start `toolchain fleet monitor --db {self.path}` first")
-        if self.path.is_dir():
-            raise ToolchainError(f"{self.path} is a folder, not a fleet database file")
+
+class Database:
+    """The connection: created or upgraded (``create=True``, the monitor) or only checked (``create=False``:
+    readers neither create nor upgrade a database). ``target``: a SQLite file, or a ``postgresql://`` URL."""
+
+    def __init__(self, target: Path | str, *, create: bool = True) -> None:
+        self._backend = connect(target, create=create)
+        self.path = self._backend.location  # where the data is (a file, or the URL without its password)
+        self.errors, self.retryable = self._backend.errors, self._backend.retryable
         self._lock = threading.RLock()
+        self._pending: list[dict[Any, Any]] = []  # per open transaction/savepoint: work left for the commit
+        self._open = True
         try:
-            if create:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
-            raise ToolchainError(f"cannot open the fleet database {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ToolchainError(f"{self.path}: cannot switch the fleet database to WAL mode (got {mode!r})")
-            # NORMAL in WAL: a committed window survives a crash of the monitor; a power cut may lose the
-            # last few, which the persistent MQTT session does not re-send (they were acknowledged).
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn: sqlite3.Connection | None = conn
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = self._backend.tables()
             if tables and "meta" not in tables:
                 raise ToolchainError(f"{self.path} is not a fleet database (written by `toolchain fleet monitor`)")
             if create:
                 self._init_schema()
             else:
                 self._check_readable()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
+        except self.errors as exc:
+            self.close()
             raise ToolchainError(f"{self.path} is not a usable fleet database: {exc}") from None
         except BaseException:
-            conn.close()
+            self.close()
             raise
 
     def _schema_version(self) -> int | None:
-        """The file's schema version; None for a new (empty) file."""
-        conn = self._db()
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        """The database's schema version; None for a new (empty) one."""
+        if "meta" not in self._backend.tables():
             return None
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = self._backend.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return None if row is None else int(row[0])
 
     def _refuse_newer(self, version: int) -> None:
@@ -69,7 +61,7 @@ class Database:
                                  f"{SCHEMA_VERSION} (upgrade the toolchain)")
 
     def _check_readable(self) -> None:
-        """Readers neither create nor upgrade: a file the monitor has not upgraded yet is an error."""
+        """Readers neither create nor upgrade: a database the monitor has not upgraded yet is an error."""
         version = self._schema_version()
         if version is None:
             raise ToolchainError(f"{self.path} is not a fleet database (written by `toolchain fleet monitor`)")
@@ -79,66 +71,88 @@ class Database:
                                  f"`toolchain fleet monitor --db {self.path}` once to upgrade it")
 
     def _init_schema(self) -> None:
-        with self._lock:
-            conn = self._db()
+        """Create the tables, or upgrade older ones one migration step at a time, all in one transaction
+        that also excludes other monitors doing the same."""
+        with self._tx() as db:
+            db.lock_schema()
             version = self._schema_version()
             if version is not None:
                 self._refuse_newer(version)
             while version is not None and version < SCHEMA_VERSION:
-                # One transaction per step (executescript runs the BEGIN/COMMIT inside the script).
-                try:
-                    conn.executescript(f"BEGIN IMMEDIATE;\n{_MIGRATIONS[version]}\nCOMMIT;")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                for statement in _statements(_MIGRATIONS[version]):
+                    db.execute(db.ddl(statement))
                 version = self._schema_version()
-            conn.executescript(_SCHEMA)
-            with self._tx() as db:
-                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('client_id', ?)",
-                           (f"fleet-monitor-{secrets.token_hex(6)}",))
+            for statement in _statements(_SCHEMA):
+                db.execute(db.ddl(statement))
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+                       (str(SCHEMA_VERSION),))
+            db.execute("INSERT INTO meta (key, value) VALUES ('client_id', ?) ON CONFLICT (key) DO NOTHING",
+                       (f"fleet-monitor-{secrets.token_hex(6)}",))
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write: its own transaction, or inside `batch` a savepoint (a failed write undoes only itself)."""
+    def _tx(self) -> Iterator[Any]:
+        """One write: its own transaction, or inside `batch` a savepoint (a failed write undoes only itself).
+        Yields the backend (``execute(sql, params)`` with ``?`` placeholders). What a write leaves for the
+        end of its transaction (`_pending`) is kept only if the write succeeds: `_before_commit` writes it,
+        `_after_commit` keeps what is true once committed."""
         with self._lock:
-            conn = self._db()
-            nested = conn.in_transaction
-            conn.execute("SAVEPOINT write" if nested else "BEGIN IMMEDIATE")
+            db = self._db()
+            nested = db.in_transaction
+            db.execute("SAVEPOINT write" if nested else db.begin)
+            self._pending.append({})
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK TO write" if nested else "ROLLBACK")
+                try:
+                    yield db
+                finally:
+                    done = self._pending.pop()
                 if nested:
-                    conn.execute("RELEASE write")
+                    self._merge_pending(self._pending[-1], done)
+                else:
+                    self._before_commit(db, done)
+            except BaseException:
+                if self._open:
+                    db.execute("ROLLBACK TO SAVEPOINT write" if nested else "ROLLBACK")
+                    if nested:
+                        db.execute("RELEASE SAVEPOINT write")
                 raise
-            conn.execute("RELEASE write" if nested else "COMMIT")
+            db.execute("RELEASE SAVEPOINT write" if nested else "COMMIT")
+            if not nested:
+                self._after_commit(done)
+
+    def _merge_pending(self, into: dict[Any, Any], done: dict[Any, Any]) -> None:
+        """A nested write succeeded: what it left joins its transaction's (`StoreWrites` combines by key)."""
+        into.update(done)
+
+    def _before_commit(self, db: Any, pending: dict[Any, Any]) -> None:
+        """Write what the transaction's writes left for its end (nothing here; see `StoreWrites`)."""
+
+    def _after_commit(self, pending: dict[Any, Any]) -> None:
+        """The transaction committed (nothing here; see `StoreWrites`)."""
 
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Many writes, one commit. Why: the monitor stores what arrived together in one transaction; a
         commit per message costs about twice the insert itself and writes the shared pages (device rows,
-        index pages) into the WAL again for every message. Other threads' reads wait until the commit."""
+        index pages) again for every message. Other threads' reads wait until the commit."""
         with self._tx():
             yield
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _db(self) -> Any:
+        if not self._open:
             raise ToolchainError(f"fleet database {self.path} is closed")
-        return self._conn
+        return self._backend
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            cursor = self._db().execute(sql, tuple(params))
+            cursor = self._db().execute(sql, params)
             names = [c[0] for c in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._open:
+                self._open = False
+                self._backend.close()
 
     def __enter__(self) -> Self:
         return self

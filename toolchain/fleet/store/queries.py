@@ -16,7 +16,8 @@ from runtime_agent.drift import MIN_PSI_SAMPLES
 from runtime_agent.sketch import LatencySketch
 from toolchain.fleet.store.database import Database
 from toolchain.fleet.store.records import MergedLatency, merge_sketches
-from toolchain.fleet.store.schema import latest_window_rowid
+from toolchain.fleet.store.schema import latest_window
+from toolchain.fleet.store.share import FleetShare, read_share
 
 
 def _fleet_version_order(item: tuple[tuple[str, int | None], Any]) -> tuple[str, bool, int]:
@@ -41,8 +42,8 @@ class StoreQueries(Database):
             "d.last_seq, d.stream, d.state_changed_at, t.seq AS w_seq, t.stream AS w_stream, t.epoch AS w_epoch, t.window_start AS w_start, t.window_end AS w_end, "
             "t.model_version AS w_model_version, t.n AS w_n, t.requests AS w_requests, t.errors AS w_errors, "
             "t.rss_mb AS w_rss_mb, t.p50 AS w_p50, t.p90 AS w_p90, t.p99 AS w_p99, t.psi_max AS w_psi_max, t.alarm AS w_alarm "
-            "FROM devices d LEFT JOIN telemetry t ON t.fleet = d.fleet AND t.device = d.device AND t.rowid = "
-            f"{latest_window_rowid('d')} "
+            "FROM devices d LEFT JOIN telemetry t ON t.fleet = d.fleet AND t.device = d.device AND "
+            f"{latest_window('d')} "
             f"{where} ORDER BY d.fleet, d.device", params)
         result = []
         for row in rows:
@@ -136,7 +137,7 @@ class StoreQueries(Database):
     def latest_windows(self, fleet: str | None = None, include_offline: bool = False) -> list[dict[str, Any]]:
         """Each device's latest window (newest stream, highest seq) with the device's state; offline devices left out
         unless asked (their last window is stale)."""
-        where = ["1"]
+        where = ["1 = 1"]
         params: list[Any] = []
         if fleet:
             where.append("t.fleet = ?")
@@ -146,7 +147,7 @@ class StoreQueries(Database):
         rows = self._rows(
             "SELECT t.fleet, t.device, t.stream, t.epoch, t.seq, t.n, t.alarm, t.psi_max, t.drift, d.state FROM telemetry t "
             "JOIN devices d ON d.fleet = t.fleet AND d.device = t.device "
-            f"WHERE t.rowid = {latest_window_rowid('t')} "
+            f"WHERE {latest_window('t')} "
             f"AND {' AND '.join(where)} ORDER BY t.fleet, t.device", params)
         for row in rows:
             row["drift"], row["alarm"] = json.loads(row["drift"]), bool(row["alarm"])
@@ -195,7 +196,7 @@ class StoreQueries(Database):
                 params.append(value)
         if kinds is not None:
             kinds = list(kinds)
-            clauses.append(f"type IN ({', '.join('?' * len(kinds))})" if kinds else "0")
+            clauses.append(f"type IN ({', '.join('?' * len(kinds))})" if kinds else "1 = 0")
             params.extend(kinds)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._rows(f"SELECT * FROM events {where} ORDER BY received_at DESC, seq DESC LIMIT ?", [*params, int(limit)])
@@ -207,6 +208,10 @@ class StoreQueries(Database):
         return self._rows("SELECT received_at, topic, reason, head FROM rejected ORDER BY id DESC LIMIT ?", (int(limit),))
 
     def rejected_count(self) -> int:
-        """Malformed messages recorded (all time: the AUTOINCREMENT counter survives the trimming)."""
-        rows = self._rows("SELECT seq FROM sqlite_sequence WHERE name = 'rejected'")
-        return int(rows[0]["seq"]) if rows else 0
+        """Malformed messages recorded (all time: ids only grow, and the trimming keeps the newest)."""
+        return int(self._rows("SELECT COALESCE(MAX(id), 0) AS n FROM rejected")[0]["n"])
+
+    def drift_share(self, fleet: str) -> FleetShare:
+        """The fleet's drift share now (reporting devices, those in alarm), as the fleet alarm counts it."""
+        with self._lock:
+            return read_share(self._db(), fleet)

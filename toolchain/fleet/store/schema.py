@@ -1,5 +1,6 @@
-"""The fleet database's schema: one SQLite file (WAL) with what every device reported, and the
-migrations from older versions of it.
+"""The fleet database's schema: what every device reported, and the migrations from older versions of
+it. The same tables, keys and migrations on SQLite (one file, WAL) and PostgreSQL: the DDL is written
+in SQLite's types and `backend.PostgresBackend.ddl` maps them (8-byte INTEGER and REAL, an identity key).
 
 Tables
 ------
@@ -92,7 +93,9 @@ UPDATE meta SET value = '2' WHERE key = 'schema_version';
 _MIGRATIONS = {1: _MIGRATE_FROM_1}
 
 
-def latest_window_rowid(outer: str) -> str:
-    """SQL for the rowid of the latest window (newest stream, then highest seq) of ``outer``'s device."""
-    return (f"(SELECT m.rowid FROM telemetry m WHERE m.fleet = {outer}.fleet AND m.device = {outer}.device "
-            "ORDER BY m.epoch DESC, m.seq DESC LIMIT 1)")
+def latest_window(outer: str, window: str = "t") -> str:
+    """SQL: ``window`` (a telemetry row) is the latest window (newest stream, then highest seq) of
+    ``outer``'s device. (epoch, seq) is unique per device (an epoch is one stream); a row value, not
+    SQLite's rowid, so that PostgreSQL runs it too."""
+    return (f"({window}.epoch, {window}.seq) = (SELECT m.epoch, m.seq FROM telemetry m WHERE m.fleet = {outer}.fleet "
+            f"AND m.device = {outer}.device ORDER BY m.epoch DESC, m.seq DESC LIMIT 1)")

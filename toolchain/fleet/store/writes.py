@@ -1,45 +1,97 @@
 """Everything the monitor writes: device states, telemetry windows, events, fleet alarms, rejected
-messages, pruning. Each write is one transaction, or a savepoint inside `Database.batch`."""
+messages, pruning. Each write is one transaction, or a savepoint inside `Database.batch`.
+
+Several writers may share one database (monitor workers on PostgreSQL): every write is safe against a
+concurrent one without locks held in Python. De-duplication is the unique key (``ON CONFLICT DO
+NOTHING``: the second writer of a window waits for the first and then stores nothing), a new row is an
+upsert, never a read-then-insert, and a fleet alarm changes state only under its row's lock.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any, Mapping
 
 from toolchain.fleet.store.database import Database
 from toolchain.fleet.store.records import FLEET_DEVICE, REJECTED_KEPT, TelemetryRecord
-from toolchain.fleet.store.schema import latest_window_rowid
+from toolchain.fleet.store.schema import latest_window
+from toolchain.fleet.store.share import FLEET_ALARM, FleetShare, read_share
+
+
+def _greatest(a: str, b: str) -> str:
+    """SQL for the larger of two values (SQLite's two-argument MAX is PostgreSQL's GREATEST)."""
+    return f"CASE WHEN {a} > {b} THEN {a} ELSE {b} END"
+
+
+_TOUCH = (
+    "INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (fleet, device) DO UPDATE SET "
+    f"last_seen = {_greatest('COALESCE(devices.last_seen, 0)', 'excluded.last_seen')}, "
+    "last_seq = CASE WHEN excluded.epoch > devices.epoch THEN excluded.last_seq "
+    "WHEN excluded.epoch = devices.epoch AND excluded.epoch > 0 "
+    f"THEN {_greatest('COALESCE(devices.last_seq, 0)', 'excluded.last_seq')} ELSE devices.last_seq END, "
+    "stream = CASE WHEN excluded.epoch > devices.epoch THEN excluded.stream ELSE devices.stream END, "
+    f"epoch = {_greatest('devices.epoch', 'excluded.epoch')}")
+
+
+Touch = tuple[float, "str | None", int, "int | None"]  # (seen_at, stream, epoch, seq) of a device's messages
+
+
+def _newer(a: Touch, b: Touch) -> Touch:
+    """Two signs of life of one device as one: the later time, and the newer (epoch, seq) position (what
+    applying both to the device row one after the other gives; epoch 0: no position)."""
+    position = b if b[2] > 0 and (a[2] == 0 or (b[2], b[3] or 0) > (a[2], a[3] or 0)) else a
+    return (max(a[0], b[0]), position[1], position[2], position[3])
 
 
 class StoreWrites(Database):
-    @staticmethod
-    def _touch(db: sqlite3.Connection, fleet: str, device: str, seen_at: float, stream: str | None = None,
+    """Writes. The device rows are updated once per device at the end of each transaction, in device
+    order: two writers' batches then never wait on each other's device rows in opposite orders (no
+    deadlock), and a batch of 500 windows from 50 devices updates 50 rows, not 500. A stream's epoch never
+    changes once stored, so it is cached after the commit that stored or read it."""
+
+    def __init__(self, target: Any, *, create: bool = True) -> None:
+        self._epochs: dict[tuple[str, str, str], int] = {}
+        super().__init__(target, create=create)
+
+    def _touch(self, fleet: str, device: str, seen_at: float, stream: str | None = None,
                epoch: int = 0, seq: int | None = None) -> None:
         """Note a sign of life; with a message's (stream, epoch, seq), advance the device's newest stream and
-        its last seq (a message of an older stream, epoch below the device's, leaves them alone)."""
-        db.execute("INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES (?, ?, ?, ?, ?, ?) "
-                   "ON CONFLICT (fleet, device) DO UPDATE SET last_seen = MAX(COALESCE(devices.last_seen, 0), excluded.last_seen), "
-                   "last_seq = CASE WHEN excluded.epoch > devices.epoch THEN excluded.last_seq "
-                   "WHEN excluded.epoch = devices.epoch AND excluded.epoch > 0 "
-                   "THEN MAX(COALESCE(devices.last_seq, 0), excluded.last_seq) ELSE devices.last_seq END, "
-                   "stream = CASE WHEN excluded.epoch > devices.epoch THEN excluded.stream ELSE devices.stream END, "
-                   "epoch = MAX(devices.epoch, excluded.epoch)",
-                   (fleet, device, seen_at, seq, stream, epoch))
+        its last seq (a message of an older stream, epoch below the device's, leaves them alone). Written
+        at the end of the transaction (`_before_commit`)."""
+        pending, key = self._pending[-1], ("touch", fleet, device)
+        touch = (seen_at, stream, epoch, seq)
+        pending[key] = _newer(pending[key], touch) if key in pending else touch
 
-    @staticmethod
-    def _epoch(db: sqlite3.Connection, fleet: str, device: str, stream: str, seen_at: float) -> int:
-        """The stream's epoch for this device; a stream seen for the first time gets the next one."""
-        row = db.execute("SELECT epoch FROM streams WHERE fleet = ? AND device = ? AND stream = ?",
-                         (fleet, device, stream)).fetchone()
-        if row is not None:
-            return int(row[0])
-        epoch = db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM streams WHERE fleet = ? AND device = ?",
-                           (fleet, device)).fetchone()[0]
-        db.execute("INSERT INTO streams (fleet, device, stream, epoch, first_seen) VALUES (?, ?, ?, ?, ?)",
-                   (fleet, device, stream, epoch, seen_at))
-        return int(epoch)
+    def _merge_pending(self, into: dict[Any, Any], done: dict[Any, Any]) -> None:
+        for key, value in done.items():
+            into[key] = _newer(into[key], value) if key[0] == "touch" and key in into else value
+
+    def _before_commit(self, db: Any, pending: dict[Any, Any]) -> None:
+        for key in sorted(key for key in pending if key[0] == "touch"):
+            seen_at, stream, epoch, seq = pending[key]
+            db.execute(_TOUCH, (key[1], key[2], seen_at, seq, stream, epoch))
+
+    def _after_commit(self, pending: dict[Any, Any]) -> None:
+        self._epochs.update((key[1:], value) for key, value in pending.items() if key[0] == "epoch")
+
+    def _epoch(self, db: Any, fleet: str, device: str, stream: str, seen_at: float) -> int:
+        """The stream's epoch for this device; a stream seen for the first time gets the next one (two
+        writers seeing it at once: the key lets one insert, the other reads what it inserted)."""
+        cached = self._epochs.get((fleet, device, stream))
+        if cached is not None:
+            return cached
+        query = ("SELECT epoch FROM streams WHERE fleet = ? AND device = ? AND stream = ?", (fleet, device, stream))
+        row = db.execute(*query).fetchone()
+        if row is None:
+            db.execute("INSERT INTO streams (fleet, device, stream, epoch, first_seen) "
+                       "SELECT ?, ?, ?, COALESCE(MAX(epoch), 0) + 1, ? FROM streams WHERE fleet = ? AND device = ? "
+                       "ON CONFLICT (fleet, device, stream) DO NOTHING",
+                       (fleet, device, stream, seen_at, fleet, device))
+            row = db.execute(*query).fetchone()
+        self._pending[-1][("epoch", fleet, device, stream)] = int(row[0])
+        return int(row[0])
 
     def update_status(self, fleet: str, device: str, state: str, *, seen_at: float | None = None,
                       **fields: Any) -> tuple[str | None, int | None]:
@@ -51,22 +103,23 @@ class StoreWrites(Database):
             raise ValueError(f"unknown device fields {sorted(unknown)}")
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state, model_version FROM devices WHERE fleet = ? AND device = ?",
-                             (fleet, device)).fetchone()
-            previous = row[0] if row else None
-            if row is None:
-                db.execute("INSERT INTO devices (fleet, device, state, state_changed_at) VALUES (?, ?, ?, ?)",
-                           (fleet, device, state, now))
-            elif previous != state:
-                db.execute("UPDATE devices SET state = ?, state_changed_at = ? WHERE fleet = ? AND device = ?",
-                           (state, now, fleet, device))
+            new = db.execute("INSERT INTO devices (fleet, device, state, state_changed_at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (fleet, device) DO NOTHING", (fleet, device, state, now)).rowcount == 1
+            previous: tuple[str | None, int | None] = (None, None)
+            if not new:  # lock the row while reading it: the previous state is the one this change replaces
+                row = db.execute("UPDATE devices SET state = state WHERE fleet = ? AND device = ? "
+                                 "RETURNING state, model_version", (fleet, device)).fetchone()
+                previous = (row[0], row[1])
+                if previous[0] != state:
+                    db.execute("UPDATE devices SET state = ?, state_changed_at = ? WHERE fleet = ? AND device = ?",
+                               (state, now, fleet, device))
             if fields:
                 assignments = ", ".join(f"{key} = ?" for key in fields)
                 db.execute(f"UPDATE devices SET {assignments} WHERE fleet = ? AND device = ?",
                            (*fields.values(), fleet, device))
             if seen_at is not None:
-                self._touch(db, fleet, device, seen_at)
-        return (previous, row[1] if row else None)
+                self._touch(fleet, device, seen_at)
+        return previous
 
     def insert_telemetry(self, record: TelemetryRecord, received_at: float | None = None) -> int | None:
         """Store one window and return its stream's epoch (>= 1: windows order by (epoch, seq)); None (and
@@ -75,15 +128,16 @@ class StoreWrites(Database):
         with self._tx() as db:
             epoch = self._epoch(db, record.fleet, record.device, record.stream, received_at)
             inserted = db.execute(
-                "INSERT OR IGNORE INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
+                "INSERT INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
                 "model_version, n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (fleet, device, stream, seq) DO NOTHING",
                 (record.fleet, record.device, record.stream, epoch, record.seq, received_at, record.window_start,
                  record.window_end, record.model_version, record.n, record.requests, record.errors, record.rss_mb,
                  record.p50, record.p90, record.p99, record.psi_max, int(record.alarm),
                  json.dumps(record.sketch, separators=(",", ":")), json.dumps(record.drift, separators=(",", ":")))).rowcount == 1
             if inserted:
-                self._touch(db, record.fleet, record.device, received_at, record.stream, epoch, record.seq)
+                self._touch(record.fleet, record.device, received_at, record.stream, epoch, record.seq)
         return epoch if inserted else None
 
     def insert_event(self, fleet: str, device: str, seq: int, kind: str, payload: Mapping[str, Any],
@@ -92,46 +146,63 @@ class StoreWrites(Database):
         received_at = time.time() if received_at is None else received_at
         with self._tx() as db:
             inserted = db.execute(
-                "INSERT OR IGNORE INTO events (fleet, device, stream, seq, received_at, ts, type, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (fleet, device, stream, seq, received_at, ts, type, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device, stream, seq) DO NOTHING",
                 (fleet, device, stream, seq, received_at, ts, kind,
                  json.dumps(dict(payload), separators=(",", ":")))).rowcount == 1
             if inserted and device != FLEET_DEVICE:
                 epoch = self._epoch(db, fleet, device, stream, received_at)
-                self._touch(db, fleet, device, received_at, stream, epoch, seq)
+                self._touch(fleet, device, received_at, stream, epoch, seq)
         return inserted
 
     def add_fleet_event(self, fleet: str, kind: str, payload: Mapping[str, Any]) -> int:
-        """A monitor-raised fleet-level event (device ``*``); returns its seq."""
+        """A fleet-level event (device ``*``: the monitor's alarms, the autopilot's steps); returns its seq,
+        the fleet's next. Two writers taking the same seq: the key keeps the first, the second takes the next."""
+        now = time.time()
+        body = json.dumps({"type": kind, "fleet": fleet, **payload}, separators=(",", ":"))
+        with self._tx() as db:
+            while True:
+                row = db.execute(
+                    "INSERT INTO events (fleet, device, seq, received_at, ts, type, payload) "
+                    "SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ? FROM events WHERE fleet = ? AND device = ? "
+                    "ON CONFLICT (fleet, device, stream, seq) DO NOTHING RETURNING seq",
+                    (fleet, FLEET_DEVICE, now, now, kind, body, fleet, FLEET_DEVICE)).fetchone()
+                if row is not None:
+                    return int(row[0])
+
+    def evaluate_fleet_alarm(self, fleet: str, threshold: float) -> tuple[FleetShare, str | None]:
+        """Recompute a fleet's drift share (`share.read_share`) and move its alarm: raise it when the share
+        reaches ``threshold``, clear it when it drops below, adding the ``fleet_drift_alarm`` /
+        ``fleet_drift_cleared`` event; returns the share and the move (None: none). Under the fleet's alarm
+        row lock, with the share read after taking it: of several writers, the last to evaluate sees every
+        commit, and a move happens once, by whichever writer sees it first. The threshold is recorded."""
         now = time.time()
         with self._tx() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE fleet = ? AND device = ?",
-                             (fleet, FLEET_DEVICE)).fetchone()[0]
-            db.execute("INSERT INTO events (fleet, device, seq, received_at, ts, type, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (fleet, FLEET_DEVICE, seq, now, now, kind,
-                        json.dumps({"type": kind, "fleet": fleet, **payload}, separators=(",", ":"))))
-        return seq
-
-    def set_fleet_alarm(self, fleet: str, active: bool, share: float, in_alarm: int, reporting: int, threshold: float) -> None:
-        with self._tx() as db:
             db.execute("INSERT INTO fleet_alarms (fleet, active, share, in_alarm, reporting, threshold, changed_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fleet) DO UPDATE SET active = excluded.active, "
-                       "share = excluded.share, in_alarm = excluded.in_alarm, reporting = excluded.reporting, "
-                       "threshold = excluded.threshold, changed_at = excluded.changed_at",
-                       (fleet, int(active), share, in_alarm, reporting, threshold, time.time()))
+                       "VALUES (?, 0, 0, 0, 0, ?, ?) ON CONFLICT (fleet) DO NOTHING", (fleet, threshold, now))
+            active = bool(db.execute("UPDATE fleet_alarms SET active = active WHERE fleet = ? RETURNING active",
+                                     (fleet,)).fetchone()[0])
+            share = read_share(db, fleet)
+            change = share.change(threshold, active)
+            active = active if change is None else change == FLEET_ALARM
+            db.execute("UPDATE fleet_alarms SET active = ?, share = ?, in_alarm = ?, reporting = ?, threshold = ?, "
+                       "changed_at = CASE WHEN active = ? THEN changed_at ELSE ? END WHERE fleet = ?",
+                       (int(active), share.share, share.in_alarm, share.reporting, threshold, int(active), now, fleet))
+            if change is not None:
+                self.add_fleet_event(fleet, change, share.event(threshold))
+        return share, change
 
     def record_rejected(self, topic: str, reason: str, payload: bytes) -> None:
         """Keep a malformed message's topic, reason and first 200 bytes (the last REJECTED_KEPT of them)."""
         head = payload[:200].decode("utf-8", errors="replace")
         with self._tx() as db:
-            cursor = db.execute("INSERT INTO rejected (received_at, topic, reason, head) VALUES (?, ?, ?, ?)",
-                                (time.time(), topic, reason, head))
-            db.execute("DELETE FROM rejected WHERE id <= ?", (cursor.lastrowid - REJECTED_KEPT,))
+            row_id = db.execute("INSERT INTO rejected (received_at, topic, reason, head) VALUES (?, ?, ?, ?) RETURNING id",
+                                (time.time(), topic, reason, head)).fetchone()[0]
+            db.execute("DELETE FROM rejected WHERE id <= ?", (row_id - REJECTED_KEPT,))
 
     def prune(self, before: float) -> int:
         """Delete telemetry received before ``before`` (monitor clock), always keeping each device's latest
         window; returns the number of windows deleted."""
         with self._tx() as db:
-            return db.execute(
-                f"DELETE FROM telemetry WHERE received_at < ? AND rowid != {latest_window_rowid('telemetry')}",
-                (before,)).rowcount
+            return db.execute(f"DELETE FROM telemetry WHERE received_at < ? AND NOT {latest_window('telemetry', 'telemetry')}",
+                              (before,)).rowcount
