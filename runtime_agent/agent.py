@@ -135,7 +135,7 @@ class Agent:
             log.warning("key rotation(s) %s applied: trusted %s, revoked %s", applied, sorted(keyring.trusted),
                         sorted(keyring.revoked))
         if answer:
-            self.emit_event("keys_rotated", cmd_id=command["id"], seq=keyring.seq, applied=applied,
+            self.emit_event("keys_rotated", cmd_id=command["id"], rotation=keyring.seq, applied=applied,
                             trusted=sorted(keyring.trusted), revoked=sorted(keyring.revoked))
 
     @property

@@ -11,7 +11,7 @@ mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem
 serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
 # serve.grpc_port = 8081: also KServe v2 over gRPC on that port (needs grpcio and protobuf: the agent-grpc extra)
 telemetry = { window_s = 10 }
-model = { bundle = "current.bundle", pubkey = "trusted.pub" }
+model = { bundle = "current.bundle", pubkey = "trusted.pub", keyring = "trusted" }  # keys that may sign bundles
 queue = { path = "outbox.sqlite", max_messages = 10000 }
 probation = { requests = 500, seconds = 60, max_latency_ratio = 2.0, max_error_rate_increase = 0.05, max_prediction_psi = 0.25 }
 ```
@@ -32,7 +32,7 @@ from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
-             "serve": {"host", "port", "grpc_port", "threads"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey"},
+             "serve": {"host", "port", "grpc_port", "threads"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},
              "queue": {"path", "max_messages"},
              "probation": {"requests", "seconds", "max_latency_ratio", "max_error_rate_increase", "max_prediction_psi"}}
 _TOP = {"device_id", "fleet", "broker", *_SECTIONS}
@@ -56,7 +56,8 @@ class AgentConfig:
     serve_threads: int
     window_s: float
     bundle_path: Path
-    pubkey_path: Path
+    pubkey_path: Path  # the single trusted key of older device folders: read as part of the keyring
+    keyring_path: Path  # trusted/: one KEYID.pub per key and the rotation state (runtime_agent.keyring)
     queue_path: Path
     queue_max_messages: int
     probation: ProbationLimits
@@ -144,6 +145,7 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
                                      expected="seconds between 0.05 and 86400")),
         bundle_path=device_dir / model.get("bundle", str, "current.bundle"),
         pubkey_path=device_dir / model.get("pubkey", str, "trusted.pub"),
+        keyring_path=device_dir / model.get("keyring", str, "trusted"),
         queue_path=device_dir / queue.get("path", str, "outbox.sqlite"),
         queue_max_messages=queue.get("max_messages", int, 10_000, check=lambda v: v >= 10, expected="an integer >= 10"),
         probation=ProbationLimits(

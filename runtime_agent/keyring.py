@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ class Keyring:
     revoked: dict[str, str] = field(default_factory=dict)
     seq: int = 0
     answered: str = ""  # the last rotation command answered (a retained replay of it is not answered again)
+    chain: tuple[str, ...] = ()  # sha256 of each rotation applied, in order: a different chain is refused
 
     @classmethod
     def of(cls, key: Ed25519PublicKey) -> "Keyring":
@@ -82,7 +84,7 @@ def load_keyring(folder: Path, legacy: Path | None = None) -> Keyring:
         key = load_public_key(path)
         keys[key_id(key)] = key
     state = _read_state(folder)
-    keyring = Keyring(keys, state["revoked"], state["seq"], state["answered"])
+    keyring = Keyring(keys, state["revoked"], state["seq"], state["answered"], state["chain"])
     if not keyring.trusted:
         where = f"{folder}/*.pub" + (f" or {legacy}" if legacy is not None else "")
         raise BundleError(f"no trusted signing key: {where} holds none that is not revoked; "
@@ -94,12 +96,13 @@ def _read_state(folder: Path) -> dict[str, Any]:
     try:
         raw = json.loads((folder / STATE).read_text())
     except FileNotFoundError:
-        return {"seq": 0, "revoked": {}, "answered": ""}
+        return {"seq": 0, "revoked": {}, "answered": "", "chain": ()}
     except (OSError, ValueError) as exc:
         raise BundleError(f"keyring state {folder / STATE} is unreadable ({exc}); restore it from the fleet's rotation log") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("seq"), int) or not isinstance(raw.get("revoked"), dict):
         raise BundleError(f"keyring state {folder / STATE} is not {{seq, revoked}}; restore it from the fleet's rotation log")
-    return {"seq": raw["seq"], "revoked": dict(raw["revoked"]), "answered": str(raw.get("answered", ""))}
+    return {"seq": raw["seq"], "revoked": dict(raw["revoked"]), "answered": str(raw.get("answered", "")),
+            "chain": tuple(raw.get("chain", ()))}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -114,7 +117,7 @@ def _save(folder: Path, keyring: Keyring, new_keys: dict[str, Ed25519PublicKey])
     folder.mkdir(parents=True, exist_ok=True)
     for kid, key in new_keys.items():
         _write(folder / f"{kid}.pub", _pem(key))
-    state = {"seq": keyring.seq, "revoked": keyring.revoked, "answered": keyring.answered}
+    state = {"seq": keyring.seq, "revoked": keyring.revoked, "answered": keyring.answered, "chain": list(keyring.chain)}
     _write(folder / STATE, json.dumps(state, indent=2, sort_keys=True).encode())
 
 
@@ -140,6 +143,10 @@ class Rotation:
     revoke: dict[str, str]
     body: bytes
     signature: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
 
 
 def parse_rotation(record: Any) -> Rotation:
@@ -182,7 +189,8 @@ def apply_rotation(keyring: Keyring, rotation: Rotation) -> Keyring:
     if keyring.signer_of(rotation.signature, rotation.body) != rotation.signer:
         raise AgentError(f"rotation {rotation.seq}: {keyring.refusal(rotation.signer, 'rotation')}")
     revoked = {**keyring.revoked, **{kid: f"rotation {rotation.seq}: {why or 'revoked'}" for kid, why in rotation.revoke.items()}}
-    rotated = Keyring({**keyring.keys, **rotation.add}, revoked, rotation.seq, keyring.answered)
+    rotated = Keyring({**keyring.keys, **rotation.add}, revoked, rotation.seq, keyring.answered,
+                      (*keyring.chain, rotation.digest))
     if not rotated.trusted:
         raise AgentError(f"rotation {rotation.seq} would leave this device no trusted key; add one in the same rotation")
     return rotated
@@ -198,6 +206,9 @@ def rotate(folder: Path, legacy: Path | None, records: Any, command_id: str) -> 
     first, applied, added, error = keyring, [], {}, None
     for rotation in sorted((parse_rotation(r) for r in records), key=lambda r: r.seq):
         if rotation.seq <= keyring.seq:
+            if rotation.seq <= len(keyring.chain) and keyring.chain[rotation.seq - 1] != rotation.digest:
+                raise AgentError(f"rotation {rotation.seq} is not the rotation {rotation.seq} this device applied: "
+                                 "the chain comes from another rotation log")
             continue  # applied before: a rotation applies once
         try:
             keyring = apply_rotation(keyring, rotation)

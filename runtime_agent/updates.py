@@ -17,11 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.errors import AgentError
+from runtime_agent.keyring import Keyring
 from runtime_agent.model import CLASSIFICATION, LoadedModel
 
 
-def check_update(path: Path, public_key: Ed25519PublicKey, running: dict[str, Any], refused: set[int]) -> Bundle:
-    bundle = read_bundle(path, public_key)
+def check_update(path: Path, trusted: Ed25519PublicKey | Keyring, running: dict[str, Any], refused: set[int]) -> Bundle:
+    bundle = read_bundle(path, trusted)
     manifest = bundle.manifest
     if manifest["target"] != running["target"]:
         raise AgentError(f"bundle is built for target {manifest['target']!r}, this device is {running['target']!r}")

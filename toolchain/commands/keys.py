@@ -1,17 +1,20 @@
-"""`toolchain keys generate` and `toolchain verify`: the ed25519 key that signs bundles, and checking a
-bundle the way a device does (signature, format, every file's hash, no unaccounted byte)."""
+"""`toolchain keys generate|rotate` and `toolchain verify`: the ed25519 key that signs bundles, rotating
+the keys a fleet trusts, and checking a bundle the way a device does (signature, format, every file's
+hash, no unaccounted byte)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from runtime_agent.signing import default_key_dir
-from toolchain.commands.options import DEFAULT_PUBKEY
+from runtime_agent.signing import PRIVATE_KEY_NAME, default_key_dir
+from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, PasswordFileOption, UsernameOption,
+                                        read_password)
+from toolchain.errors import ToolchainError
 
-app = typer.Typer(help="Manage the ed25519 key that signs bundles.", no_args_is_help=True)
+app = typer.Typer(help="Manage the ed25519 keys that sign bundles and that devices trust.", no_args_is_help=True)
 
 
 @app.command("generate")
@@ -24,6 +27,54 @@ def keys_generate(
 
     private, public = write_keypair(out, overwrite=force)
     print(f"private key: {private}\npublic key: {public}")
+
+
+@app.command("rotate")
+def keys_rotate(
+    broker: BrokerOption,
+    fleet: Annotated[str, typer.Option(help="the fleet whose devices (every one with a retained status) get the rotation")],
+    new_pubkey: Annotated[list[Path], typer.Option(help="public key devices trust from now on (repeatable), e.g. the "
+                                                        "signing.pub of `toolchain keys generate --out DIR`")],
+    revoke: Annotated[Optional[list[str]], typer.Option(help="key id (or .pub file) devices stop trusting (repeatable); "
+                                                              "bundles it signed are refused from then on")] = None,
+    reason: Annotated[str, typer.Option(help="why the keys are revoked (devices report it when they refuse a bundle)")] = "key rotated",
+    key: Annotated[Path, typer.Option(help="a signing key the devices trust now: it signs the rotation")] = default_key_dir() / PRIVATE_KEY_NAME,
+    log: Annotated[Path, typer.Option(help="the rotation log: every rotation so far, in order (keep it with the keys)")] = default_key_dir() / "rotations.json",
+    username: UsernameOption = None,
+    password_file: PasswordFileOption = None,
+    ca_file: CaFileOption = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the online devices' answers")] = 30.0,
+) -> None:
+    """Add trusted keys (and revoke old ones) on every device of a fleet; offline devices catch up when they reconnect."""
+    from runtime_agent.protocol import ONLINE
+    from runtime_agent.signing import key_id, load_private_key, load_public_key
+    from toolchain.deploy.mqtt import BrokerLogin
+    from toolchain.deploy.push import PushClient, device_statuses
+    from toolchain.deploy.rotation import add_rotation, send_chain
+
+    if timeout <= 0:
+        raise ToolchainError(f"--timeout must be more than 0 seconds, got {timeout}")
+    signing_key = load_private_key(key)
+    added = [load_public_key(path) for path in new_pubkey]
+    revoked = {key_id(load_public_key(Path(r))) if r.endswith(".pub") else r: reason for r in revoke or []}
+    password = read_password(password_file, username)
+    with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
+        statuses = device_statuses(client, fleet)
+        if not statuses:
+            raise ToolchainError(f"no device of fleet {fleet!r} on {broker} (none has a retained status)")
+        chain = add_rotation(log, signing_key, added, revoked)
+        online = [name for name, status in statuses.items() if status.get("state") == ONLINE]
+        offline = [name for name in statuses if name not in online]
+        results = send_chain(client, fleet, online, chain, timeout) + send_chain(client, fleet, offline, chain, 0.0)
+    typer.echo(f"rotation {len(chain)}: adds {', '.join(map(key_id, added))}"
+               + (f", revokes {', '.join(revoked)}" if revoked else "") + f"; signed by {key_id(signing_key.public_key())}")
+    for result in results:
+        pending = result.device in offline and result.state == "timeout"
+        detail = "offline: applies the chain when it reconnects (retained)" if pending else f"{result.state}: {result.detail}"
+        typer.echo(f"{result.fleet}/{result.device}: {detail}")
+    if failed := [r.device for r in results if not r.ok and not (r.device in offline and r.state == "timeout")]:
+        typer.echo(f"rotation {len(chain)} failed on {len(failed)} device(s): {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 def verify(

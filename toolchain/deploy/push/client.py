@@ -188,8 +188,8 @@ class PushClient:
         if gone and self.connected.is_set():
             self.client.unsubscribe(gone)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
 
 
 def client_for(client: PushClient | None, login: BrokerLogin | None) -> tuple[PushClient, bool]:
