@@ -235,9 +235,15 @@ def command(data: bytes) -> None:
 
 
 def _command_seeds() -> list[bytes]:
+    from runtime_agent.keyring import sign_rotation
+
+    second, third = (Ed25519PrivateKey.from_private_bytes(bytes(range(n, n + 32))) for n in (32, 64))
+    chain = [sign_rotation(SIGNER, 1, [second.public_key()], {}, "2026-12-05T00:00:00+00:00"),
+             sign_rotation(second, 2, [third.public_key()], {_signer_id(): "fuzz"}, "2026-12-05T00:00:00+00:00")]
     return [json.dumps(c).encode() for c in (
         {"schema": "cmd/1", "id": "c1", "type": "config", "telemetry": {"window_s": 5}},
         {"schema": "cmd/1", "id": "c2", "type": "rollback"},
+        {"schema": "cmd/1", "id": "c3", "type": "rotate_keys", "rotations": chain},
         _offer())]
 
 
@@ -364,7 +370,7 @@ TARGETS: dict[str, Target] = {
     "pubkey": Target(public_key, _public_key_seeds, ("runtime_agent.signing",)),
     "push": Target(push, _push_seeds, ("runtime_agent.push_receiver",)),
     "push_ack": Target(push_ack, _push_ack_seeds, ("toolchain.deploy.push.transfer",)),
-    "command": Target(command, _command_seeds, ("runtime_agent.agent", "runtime_agent.push_receiver")),
+    "command": Target(command, _command_seeds, ("runtime_agent.agent", "runtime_agent.push_receiver", "runtime_agent.keyring")),
     "rest": Target(rest_infer, _rest_seeds, ("runtime_agent.server", "runtime_agent.model")),
     "monitor": Target(monitor, _monitor_seeds, ("runtime_agent.protocol", "runtime_agent.sketch", "toolchain.fleet.monitor",
                                                 "toolchain.fleet.store.writes")),
