@@ -208,7 +208,8 @@ def model_infer(x, raw=True):
 for raw in (True, False):  # the agent answers what the runtime computes
     assert np.array_equal(model_infer(inputs[0], raw), session.run(None, {feed: inputs[0]})[0])
 runners = {"bare session.run": lambda x: session.run(None, {feed: x}), "gRPC ModelInfer (raw)": model_infer,
-           "gRPC ModelInfer (contents)": lambda x: model_infer(x, raw=False)}
+           "gRPC ModelInfer (contents)": lambda x: model_infer(x, raw=False),
+           "gRPC ServerLive (no work: the protocol's floor)": lambda x: stub.ServerLive(pb.ServerLiveRequest())}
 latencies, rounds = interleaved(runners, inputs, float(seconds))
 print(json.dumps({"rounds": rounds, "calls": {k: len(v) for k, v in latencies.items()},
                   "p50_us": {k: float(np.percentile(v, 50)) for k, v in latencies.items()},
@@ -621,7 +622,7 @@ def measure_grpc(agent: Agent, model_path: Path, inputs: list[np.ndarray], secon
     wall = time.perf_counter() - started
     time.sleep(1.3)  # let the window in progress close and publish
     served = listener.served(device) - served_before
-    grpc_calls = sum(n for variant, n in measured["calls"].items() if variant.startswith("gRPC"))
+    grpc_calls = sum(n for variant, n in measured["calls"].items() if variant.startswith("gRPC ModelInfer"))
     if served < grpc_calls:
         raise SystemExit(f"the agent's telemetry counted {served} requests for {grpc_calls} gRPC calls")
     p50, p90 = measured["p50_us"], measured["p90_us"]
@@ -633,9 +634,11 @@ def measure_grpc(agent: Agent, model_path: Path, inputs: list[np.ndarray], secon
              f"{wall:.0f} s (incl. start): request built, ModelInfer over loopback to the agent (Agent.run with [serve] "
              f"grpc_port, threads {threads}), first output read back; bare = InferenceSession on the same file and options "
              f"in the child; the agent's telemetry counted {served} requests")
+    floor = p50["gRPC ServerLive (no work: the protocol's floor)"]
     rows.add("overhead: grpc", "gRPC (raw) p50 - bare p50", p50["gRPC ModelInfer (raw)"] - p50["bare session.run"], "us",
-             "the absolute cost of the protocol (client and server protobuf, HTTP/2 on loopback, two thread hand-offs) and "
-             "of the agent's own per-request work")
+             f"the absolute cost of the protocol (client and server protobuf, HTTP/2 on loopback, thread hand-offs in "
+             f"grpcio's Python client and server) and of the agent's own per-request work; of it, {floor:.0f} us is an "
+             f"empty ServerLive round trip")
     return {"p50_us": p50, "p90_us": p90, "overhead": overhead, "rounds": measured["rounds"], "calls": measured["calls"],
             "served_by_agent": served, "intra_op_num_threads": threads}
 
