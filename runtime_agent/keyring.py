@@ -80,6 +80,10 @@ def load_keyring(folder: Path, legacy: Path | None = None) -> Keyring:
     sources = sorted(folder.glob("*.pub")) if folder.is_dir() else []
     if legacy is not None and Path(legacy).is_file():
         sources.insert(0, Path(legacy))
+    if not sources:
+        named = legacy if legacy is not None else folder / "KEYID.pub"
+        raise BundleError(f"public key {named} does not exist; copy the build host's signing.pub there "
+                          f"(or one KEYID.pub per trusted key into {folder}/)")
     for path in sources:
         key = load_public_key(path)
         keys[key_id(key)] = key
