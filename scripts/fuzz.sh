@@ -29,7 +29,7 @@ for target in "${targets[@]}"; do
   # libFuzzer exits non-zero on a crash; the summary below says so
   "$python" -m tests.fuzz.run "$target" --seconds "$seconds" --corpus "$dir" >"$log" 2>&1 || true
   execs=$(grep -o 'number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
-  rate=$(grep -o 'average_exec_per_sec: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  rate=$(grep -o 'average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   crashes=$(find "$dir/$target/crashes" -type f 2>/dev/null | wc -l)

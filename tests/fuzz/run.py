@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,13 +20,19 @@ import atheris
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target")
+    parser.add_argument("--seconds", type=int, default=600)
+    parser.add_argument("--corpus", type=Path, default=Path(".fuzz"), help="corpus, crashes and scratch files, per target")
+    args = parser.parse_args()
+    work = args.corpus / args.target / "work"
+    shutil.rmtree(work, ignore_errors=True)  # the last run's scratch files (libFuzzer's exit leaves them)
+    work.mkdir(parents=True)
+    os.environ["EDGE_FUZZ_WORK"] = str(work)
     from tests.fuzz.targets import TARGETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=sorted(TARGETS))
-    parser.add_argument("--seconds", type=int, default=600)
-    parser.add_argument("--corpus", type=Path, default=Path("/tmp/edge-fuzz"), help="corpus and crashes, per target")
-    args = parser.parse_args()
+    if args.target not in TARGETS:
+        parser.error(f"unknown target {args.target!r}; one of {', '.join(TARGETS)}")
     target = TARGETS[args.target]
     corpus, crashes = args.corpus / args.target / "corpus", args.corpus / args.target / "crashes"
     corpus.mkdir(parents=True, exist_ok=True)

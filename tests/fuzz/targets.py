@@ -13,8 +13,12 @@ device folder) is built once per process by `setup`, deterministically (fixed ke
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import os
+import shutil
+from contextlib import suppress
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +32,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from runtime_agent.errors import AgentError
 
-WORK = Path(tempfile.mkdtemp(prefix="edge-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+if "EDGE_FUZZ_WORK" in os.environ:  # a fuzz run's scratch folder (tests/fuzz/run.py); libFuzzer exits past atexit
+    WORK = Path(os.environ["EDGE_FUZZ_WORK"])
+else:
+    WORK = Path(tempfile.mkdtemp(prefix="edge-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    atexit.register(shutil.rmtree, WORK, True)
 SIGNER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed key: seeds and crashes replay alike
 
 
@@ -49,13 +57,11 @@ def _file(name: str, data: bytes) -> Path:
 
 # -- bundles and manifests ---------------------------------------------------------------------------
 @cache
-def _tiny_bundle_dir() -> Path:
-    """A real one-input classifier bundle (onnx.helper model, real reference), signed by SIGNER."""
+def _tiny_bundle() -> Path:
+    """A real one-input classifier bundle (onnx.helper model, real reference; its own key)."""
     from tests.agent.test_multi_io import old_style_bundle
 
-    directory = WORK / "bundle"
-    build = old_style_bundle(directory)
-    return build.bundle
+    return old_style_bundle(WORK / "bundle").bundle
 
 
 def _signed_members(body: bytes) -> dict[str, bytes]:
@@ -79,7 +85,7 @@ def _seed_bundle() -> tuple[bytes, dict[str, bytes]]:
     """The tiny bundle re-signed by SIGNER: its bytes and its members."""
     import tarfile
 
-    with tarfile.open(_tiny_bundle_dir()) as tar:
+    with tarfile.open(_tiny_bundle()) as tar:
         members = {info.name: tar.extractfile(info).read() for info in tar.getmembers()}
     manifest = json.loads(members["manifest.json"])
     manifest["key_id"] = _signer_id()
@@ -101,10 +107,8 @@ def bundle_bytes(data: bytes) -> None:
     from runtime_agent.bundle import read_bundle
     from runtime_agent.errors import BundleError
 
-    try:
+    with suppress(BundleError):
         read_bundle(_file("fuzz.bundle", data), SIGNER.public_key())
-    except BundleError:
-        pass
 
 
 def manifest(data: bytes) -> None:
@@ -116,11 +120,9 @@ def manifest(data: bytes) -> None:
 
     _, members = _seed_bundle()
     members = {**members, **_signed_members(data)}
-    try:
+    with suppress(BundleError):
         bundle = read_bundle(_file("manifest.bundle", _tar(members)), SIGNER.public_key())
         LoadedModel.from_bundle(bundle)
-    except BundleError:
-        pass
 
 
 def _manifest_seeds() -> list[bytes]:
@@ -132,10 +134,8 @@ def public_key(data: bytes) -> None:
     from runtime_agent.errors import BundleError
     from runtime_agent.signing import load_public_key
 
-    try:
+    with suppress(BundleError):
         load_public_key(_file("trusted.pub", data))
-    except BundleError:
-        pass
 
 
 def _public_key_seeds() -> list[bytes]:
@@ -228,10 +228,8 @@ def _agent():
 def command(data: bytes) -> None:
     """An MQTT `cmd` message as the agent parses and applies it."""
     agent = _agent()
-    try:
+    with suppress(AgentError):
         agent._apply(agent._parse_command(data))
-    except AgentError:
-        pass
 
 
 def _command_seeds() -> list[bytes]:
@@ -262,7 +260,7 @@ def _two_input_model():
 def rest_infer(data: bytes) -> None:
     """A `POST .../infer` body, decoded as the server does, then validated and run by the model: JSON, or
     with the binary tensor extension a JSON header and the raw tensors after it (here after two NULs)."""
-    from runtime_agent.server import BODY_ERRORS, RequestError, decode_inputs, encode_outputs
+    from runtime_agent.server import BODY_ERRORS, decode_inputs, encode_outputs
 
     model = _two_input_model()
     header, _, binary = data.partition(b"\0\0")
@@ -270,13 +268,9 @@ def rest_infer(data: bytes) -> None:
         request = json.loads(header)
     except BODY_ERRORS:  # the server's 400 "not valid JSON"
         return
-    try:
+    with suppress(AgentError):  # RequestError, or the model's input validation (InputError): dtype, shape, NaN
         prediction = model.predict(decode_inputs(request, model, binary))
         encode_outputs(prediction, request.get("outputs"), binary_output=bool(binary), chunks=[])
-    except RequestError:
-        pass
-    except AgentError:  # the model's input validation (InputError): wrong dtype, shape, NaN
-        pass
 
 
 def _rest_seeds() -> list[bytes]:
@@ -306,11 +300,8 @@ def monitor(data: bytes) -> None:
 
     topic, _, payload = data.partition(b"\x00")
     fleet_monitor = _monitor()
-    with fleet_monitor.store.batch():
-        try:
-            fleet_monitor._handle(topic.decode("utf-8", "replace"), payload, bool(len(payload) % 2))
-        except Malformed:
-            pass
+    with fleet_monitor.store.batch(), suppress(Malformed):
+        fleet_monitor._handle(topic.decode("utf-8", "replace"), payload, bool(len(payload) % 2))
 
 
 def _monitor_seeds() -> list[bytes]:
@@ -334,10 +325,8 @@ def build_config(data: bytes) -> None:
     from toolchain.core.config import load_config
     from toolchain.errors import ConfigError
 
-    try:
+    with suppress(ConfigError):
         load_config(_file("toolchain.toml", data))
-    except ConfigError:
-        pass
 
 
 def _config_seeds() -> list[bytes]:
@@ -352,10 +341,8 @@ def profile(data: bytes) -> None:
     from toolchain.targets.profiles import _read_toml, profile_from_dict
 
     path = _file("profile.toml", data)
-    try:
+    with suppress(TargetError):
         profile_from_dict(_read_toml(path), str(path), path)
-    except TargetError:
-        pass
 
 
 def _profile_seeds() -> list[bytes]:
