@@ -89,6 +89,10 @@ def test_rotate_revoke_and_an_offline_device_catches_up_in_order(broker: Managed
         assert keyring.revoked == {old_id: "rotation 1: key 1 leaked"}
         late = push(v2_old, broker, "dev-b", old_pub)  # the very bundle dev-a installed before the rotation
         assert late["state"] == "rejected" and f"signed by key {old_id}, which was revoked" in late["reason"], late
+        verify = run_cli("toolchain", "verify", str(v2_old), "--pubkey", str(devices["dev-b"] / "trusted"))
+        assert verify.returncode == 2 and verify.stderr.strip() == (
+            f"error: bundle {v2_old}: signed by key {old_id}, which was revoked (rotation 1: key 1 leaked); "
+            f"sign it with a trusted key ({', '.join(sorted([new_id, third_id]))})"), verify.stderr
     finally:
         for agent in agents.values():
             agent.terminate()

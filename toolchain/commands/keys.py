@@ -79,13 +79,15 @@ def keys_rotate(
 
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a .bundle file")],
-    pubkey: Annotated[Path, typer.Option(help="trusted public key")] = DEFAULT_PUBKEY,
+    pubkey: Annotated[Path, typer.Option(help="trusted public key, or a device's keyring folder (trusted/: "
+                                              "revoked keys are refused)")] = DEFAULT_PUBKEY,
 ) -> None:
     """Check a bundle's signature, format and every file's hash."""
     from runtime_agent.bundle import read_bundle
+    from runtime_agent.keyring import load_keyring
     from runtime_agent.signing import load_public_key
 
-    verified = read_bundle(bundle, load_public_key(pubkey))
+    verified = read_bundle(bundle, load_keyring(pubkey) if pubkey.is_dir() else load_public_key(pubkey))
     manifest = verified.manifest
     print(f"OK {bundle}: {manifest['name']} v{manifest['version']} for {manifest['target']}, "
           f"{len(manifest['artifacts'])} files verified, signed by key {manifest['key_id']}")
