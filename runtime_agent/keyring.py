@@ -1,8 +1,8 @@
 """The keys a device trusts to sign bundles: a keyring folder, changed only by signed, numbered rotations.
 
 A device folder's `trusted/` holds one PEM public key per file (`KEYID.pub`) and `state.json`: the last
-rotation applied (`seq`), the revoked key ids with the reason, and the id of the last rotation command
-answered. The single `trusted.pub` of device folders made before keyrings is read too: alone it is a
+rotation applied (`seq`), the revoked key ids with the reason, the sha256 of each rotation applied (a
+chain from another log is refused) and the id of the last rotation command answered. The single `trusted.pub` of device folders made before keyrings is read too: alone it is a
 keyring of one, and a rotation can add keys beside it and revoke it like any other.
 
 A rotation (docs/bundle.md "Key rotation") is a JSON body signed by a key the device trusts *before* it:
