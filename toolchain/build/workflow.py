@@ -156,9 +156,12 @@ def model_file_inputs(config: BuildConfig) -> tuple | None:
 
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
           key_path: Path | None = None, console: Console | None = None,
-          warm_start: Path | None = None) -> tuple[Artifact, BuildContext] | None:
+          warm_start: Path | None = None, track: str | None = None) -> tuple[Artifact, BuildContext] | None:
     """Load the data, run the profile's passes, publish bundle and report into `out_dir`. Under torchrun
-    only rank 0 does that; the other ranks train its `fit`s with it and return None (`training.distributed`)."""
+    only rank 0 does that; the other ranks train its `fit`s with it and return None (`training.distributed`).
+    With `[tracking]` or `track` (an MLflow URI) the build is one MLflow run (`build.tracking`), opened
+    before any training."""
+    from toolchain.build.tracking import open_tracking
     from toolchain.core.data import load_dataset
     from toolchain.core.models import output_width
     from toolchain.training import distributed
@@ -177,12 +180,20 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
 
         serve(config)
         return None
+    tracker = open_tracking(config, track, profile, seed=seed, budget=budget)
     with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
                            warm_start=warm_start)
         framework = "file" if config.model.from_file else framework_of(config, output_width(dataset))
-        artifact = run_passes(plan_passes(config, profile, framework), ctx)
-        distributed.send_done()
-        artifact.outputs = publish(artifact.outputs, Path(out_dir))
+        try:
+            artifact = run_passes(plan_passes(config, profile, framework), ctx)
+            distributed.send_done()
+            artifact.outputs = publish(artifact.outputs, Path(out_dir))
+            if tracker is not None:
+                tracker.finish(artifact, ctx, artifact.outputs)
+        except BaseException:
+            if tracker is not None:
+                tracker.fail()
+            raise
     return artifact, ctx

@@ -35,6 +35,8 @@ def build(
     input_shape: Annotated[Optional[str], typer.Option(help="with --model: one sample's shape fixing dynamic dims, e.g. 3,48,192")] = None,
     metric: Annotated[Optional[str], typer.Option(help="with --model: the gate's metric (default: accuracy with class labels, "
                                                        "agreement without)")] = None,
+    track: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (http://host:5000, file:/path/mlruns, "
+                                                     "sqlite:///mlflow.db); overrides [tracking] uri")] = None,
     nproc: Annotated[int, typer.Option(help="train data-parallel with N processes on this machine (torchrun); "
                                             "several machines: torchrun ... -m toolchain build ...")] = 1,
 ) -> None:
@@ -63,7 +65,8 @@ def build(
         build_config = load_config(config)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
-    built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start)
+    built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
+                      track=track)
     if built is None:  # a follower rank under torchrun: rank 0 reports
         return
     artifact, ctx = built

@@ -209,6 +209,20 @@ class CompressSection(_Section):
         return self
 
 
+class TrackingSection(_Section):
+    """MLflow experiment tracking (`toolchain.build.tracking`, the `mlflow` extra): one run per build."""
+
+    uri: str  # http(s)://host:5000, file:/path/mlruns, sqlite:///path/mlflow.db (relative paths: to the config)
+    experiment: str | None = None  # default: the project's name
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if uri.split(":", 1)[0] not in {"http", "https", "file", "sqlite", "postgresql", "mysql"}:
+            raise ValueError(f"uri {uri!r} is not an MLflow tracking URI (http://host:5000, file:/path/mlruns, sqlite:///mlflow.db)")
+        return uri
+
+
 class RetrainSection(_Section):
     """The closed loop (`toolchain fleet autopilot`): when a share of the fleet's devices stays in drift
     alarm for a while, warm-start from the running model, fine-tune on fresh labelled data, rebuild with
@@ -268,6 +282,7 @@ class BuildConfig(_Section):
     compress: CompressSection = Field(default_factory=CompressSection)
     retrain: RetrainSection | None = None
     eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection | None = None
 
     # Not part of the TOML: where the file was, for resolving paths, and its hash for provenance.
     path: Path = Field(default=Path("."), exclude=True)
