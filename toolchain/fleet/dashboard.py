@@ -2,7 +2,8 @@
 
 Routes (GET): ``/`` the page (the current snapshot embedded, so it renders without a round trip),
 ``/api/snapshot`` the same data as JSON, ``/events`` a ``text/event-stream`` that sends the current
-snapshot at once and then every new one (``event: snapshot``, ``id:`` its version).
+snapshot at once and then every new one (``event: snapshot``, ``id:`` its version), ``/metrics`` the
+monitor's Prometheus metrics (`toolchain.fleet.metrics`).
 
 Why server-sent events: the page only listens, browsers reconnect by themselves, and the standard
 library's ``http.server`` can stream them, so there is nothing to install and nothing to load from a CDN.
@@ -38,6 +39,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from toolchain.errors import ToolchainError
+from toolchain.fleet.metrics import MISSING, FleetMetrics
 from toolchain.fleet.snapshot import build_snapshot
 from toolchain.fleet.store import FleetStore
 
@@ -93,6 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "application/json", dashboard.latest()[1])
         elif path == "/events":
             self._stream(dashboard)
+        elif path == "/metrics":
+            self._metrics(dashboard)
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
@@ -103,6 +107,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _metrics(self, dashboard: "FleetDashboard") -> None:
+        """Prometheus text format (`toolchain.fleet.metrics`); 404 saying what to install without it."""
+        if dashboard.metrics is None:
+            self._send(404, "text/plain; charset=utf-8", f"{MISSING}\n".encode())
+            return
+        try:
+            body = dashboard.metrics.exposition()
+        except Exception:  # a busy or broken read: this scrape fails, the next one retries
+            log.exception("cannot collect the metrics")
+            self._send(503, "text/plain; charset=utf-8", b"cannot read the fleet database now\n")
+            return
+        self._send(200, dashboard.metrics.content_type, body)
 
     def _stream(self, dashboard: "FleetDashboard") -> None:
         """The event stream: every new snapshot as one ``snapshot`` event; a comment line when idle, so a
@@ -132,7 +149,7 @@ class FleetDashboard:
 
     def __init__(self, db_path: Path | str, host: str = "127.0.0.1", port: int = 8765, *, since_s: float = 3600.0,
                  min_interval_s: float = 0.5, refresh_s: float = 30.0,
-                 stats: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 stats: Callable[[], Mapping[str, int]] | None = None, metrics: FleetMetrics | None = None) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ToolchainError(f"--port must be 0-65535 (0: any free port), got {port!r}")
         if not since_s > 0:
@@ -141,6 +158,7 @@ class FleetDashboard:
             raise ValueError("min_interval_s must be >= 0 and refresh_s > 0")
         self.db_path, self.since_s = db_path, float(since_s)
         self.min_interval_s, self.refresh_s, self.stats = float(min_interval_s), float(refresh_s), stats
+        self.metrics = metrics  # served at /metrics
         try:
             self._server = _Server((host, port), _Handler)
         except OSError as exc:

@@ -1,0 +1,132 @@
+"""Prometheus metrics of the fleet monitor (`toolchain.fleet.metrics`): scraped from a real `toolchain fleet
+dashboard --metrics-port` process fed through a real mosquitto, parsed with prometheus_client's own text
+parser, and compared with what `toolchain fleet status --json` says about the same database."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO, run_cli
+from tests.fleet_helpers import Injector, start_fleet_command, telemetry, wait_until
+from toolchain.deploy.broker import ManagedBroker, free_port
+from toolchain.fleet.dashboard import FleetDashboard
+from toolchain.fleet.metrics import MISSING
+from toolchain.fleet.store import FleetStore
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_match_fleet_status(real_payloads: dict, broker: ManagedBroker, tmp_path: Path) -> None:
+    db, metrics_port = tmp_path / "fleet.sqlite", free_port()
+    process, lines, reader = start_fleet_command("dashboard", "--broker", broker.url, "--db", str(db), "--port", "0",
+                                                 "--metrics-port", str(metrics_port))
+    injector = Injector(broker)
+    template, birth = real_payloads["telemetry"], real_payloads["birth"]
+    try:
+        page = wait_until(lambda: next((m.group(1) for m in map(re.compile(r"dashboard at (http://\S+)").search, lines)
+                                        if m), None), what="the dashboard's address")
+        assert f"metrics at http://127.0.0.1:{metrics_port}/metrics" in "".join(lines)
+        wait_until(lambda: any(" monitoring every fleet on " in line for line in lines), what="the monitor to start")
+        for device in ("cam-1", "cam-2", "cam-3"):
+            injector.publish(f"edge/v1/plant/{device}/status", {**birth, "device_id": device}, retain=True)
+        windows = [("cam-1", 1, 0.02, 1), ("cam-1", 2, 0.02, 1), ("cam-2", 1, 0.6, 2), ("cam-3", 1, 0.02, 1)]
+        for device, seq, psi, version in windows:
+            injector.publish(f"edge/v1/plant/{device}/telemetry",
+                             {**telemetry(template, device, seq, psi=psi, stream="00000000000000a1"), "model_version": version})
+        injector.publish("edge/v1/plant/cam-1/telemetry", telemetry(template, "cam-1", 2, stream="00000000000000a1"))  # again
+        injector.publish("edge/v1/plant/cam-3/status", {"schema": "status/1", "state": "offline"}, retain=True)
+        injector.publish("edge/v1/plant/cam-2/telemetry", b"not json")
+        status_messages = 4
+
+        def settled() -> bool:
+            with FleetStore(db, create=False) as store:
+                return len(store.telemetry()) == len(windows) and store.device("plant", "cam-3")["state"] == "offline" \
+                    and store.rejected_count() == 1
+        wait_until(settled, what="every message stored")
+        status = run_cli("toolchain", "fleet", "status", "--db", str(db), "--json", check=True)
+        fleet_status = json.loads(status.stdout)
+
+        for url in (f"http://127.0.0.1:{metrics_port}/metrics", page + "metrics"):
+            samples = scrape(url)
+
+            def value(name: str, **labels: str) -> float:
+                return samples[(name, tuple(sorted(labels.items())))]
+
+            for state in ("online", "offline"):
+                expected = sum(row["state"] == state for row in fleet_status["devices"])
+                assert value("edge_fleet_devices", fleet="plant", state=state) == expected == {"online": 2, "offline": 1}[state]
+            (drift,) = fleet_status["fleets"]
+            assert value("edge_fleet_drift_reporting_devices", fleet="plant") == drift["reporting"] == 2
+            assert value("edge_fleet_drift_devices_in_alarm", fleet="plant") == drift["in_alarm"] >= 1  # cam-2 at least
+            assert value("edge_fleet_drift_alarm_share", fleet="plant") == drift["share"] > 0
+            assert value("edge_fleet_drift_alarm_active", fleet="plant") == float(drift["alarm_active"])
+            assert [(row["model_version"], row["windows"]) for row in fleet_status["models"]] == [(1, 3), (2, 1)]
+            for row in fleet_status["models"]:
+                version = str(row["model_version"])
+                for quantile, key in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99")):
+                    got = value("edge_fleet_model_latency_seconds", fleet="plant", model_version=version, quantile=quantile)
+                    assert got * 1000 == pytest.approx(row[key], rel=1e-12)
+                assert value("edge_fleet_model_requests", fleet="plant", model_version=version) == row["count"]
+                assert value("edge_fleet_model_windows", fleet="plant", model_version=version) == row["windows"]
+            assert value("edge_fleet_messages_ingested_total", kind="telemetry") == len(windows)
+            assert value("edge_fleet_messages_ingested_total", kind="status") == status_messages
+            assert value("edge_fleet_messages_ingested_total", kind="events") == 0
+            assert value("edge_fleet_duplicates_dropped_total") == 1
+            assert value("edge_fleet_malformed_messages_total") == fleet_status["rejected"] == 1
+            assert value("edge_fleet_ingest_lag_seconds_count") == len(windows)
+            assert value("edge_fleet_ingest_lag_seconds_bucket", le="+Inf") == len(windows)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, process.stderr.read()
+    finally:
+        injector.close()
+        process.kill()
+        reader.join(timeout=10)
+
+
+def test_without_prometheus_client_metrics_are_one_clear_line(tmp_path: Path) -> None:
+    """--metrics-port without the metrics extra: one line saying what to install; nothing created. The dashboard's
+    /metrics says the same (a 404), the rest of the dashboard works."""
+    db = tmp_path / "fleet.sqlite"
+    blocked = ("import sys; sys.modules['prometheus_client'] = None; from toolchain.cli import main; "
+               "sys.argv = ['toolchain'] + sys.argv[1:]; main()")
+    result = subprocess.run([sys.executable, "-c", blocked, "fleet", "monitor", "--broker", "mqtt://127.0.0.1:1", "--db",
+                             str(db), "--metrics-port", "0"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {MISSING}"
+    assert not db.exists()
+
+    FleetStore(db).close()
+    with FleetDashboard(db, port=0) as page:
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(page.url + "metrics", timeout=10)
+        assert missing.value.code == 404 and missing.value.read().decode().strip() == MISSING
+
+
+def test_a_taken_metrics_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "fleet.sqlite"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("toolchain", "fleet", "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(db),
+                         "--metrics-port", str(port))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: cannot serve metrics on 127.0.0.1:{port}: the port is in use (choose another with --metrics-port)")
+    assert not db.exists()
