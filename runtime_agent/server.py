@@ -81,9 +81,9 @@ def _datatype(datatype: Any) -> np.dtype:
 
 
 def _shape(shape: Any) -> list[int]:
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RequestError(f"'shape' must be a list of non-negative integers, got {list(shape) if isinstance(shape, tuple) else shape!r}")
-    return list(shape)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise RequestError(f"'shape' must be a list of non-negative integers, got {shape!r}")
+    return shape
 
 
 def array_from_values(datatype: Any, shape: Any, values: Any, field: str = "'data'") -> np.ndarray:
