@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from tritonclient.utils import InferenceServerException
 from tests.agent.test_multi_io import bare_outputs, two_input_bundle, two_input_data, two_input_model
 from tests.agent_helpers import running_agent
 from tests.conftest import provision_device
+from tests.deploy.bundle_variants import variant
+from tests.deploy.test_push_device import RawPusher
 from toolchain.deploy.broker import ManagedBroker
 
 
@@ -169,3 +172,24 @@ def test_metrics_count_the_requests_sent(broker: ManagedBroker, tmp_path: Path) 
     assert after[("edge_agent_drift", (("statistic", "alarm"),))] == float(drift["alarm"])
     assert {dict(labels)["feature"] for name, labels in after if name == "edge_agent_drift_feature_psi"} == set(drift["psi"])
     assert agent.model is not None and not [key for key in after if key[0] == "edge_agent_probation"]
+
+
+def test_metrics_show_a_push_and_its_probation(broker: ManagedBroker, tmp_path: Path) -> None:
+    build = two_input_bundle(tmp_path / "b")
+    version_2 = variant(build.bundle, tmp_path / "b" / "keys", tmp_path / "v2", version=2)
+    device = provision_device(tmp_path / "dev", build, broker.url, window_s=3600,
+                              extra="[probation]\nrequests = 100\nseconds = 600\n")
+    pusher = RawPusher(broker)
+    try:
+        with running_agent(device) as (agent, base):
+            assert not [key for key in scrape(base) if key[0] in ("edge_agent_probation", "edge_agent_push_transfers")]
+            pusher.push(version_2.read_bytes())
+            deadline, installed = time.monotonic() + 60, ("edge_agent_push_transfers", (("state", "installed"),))
+            while installed not in (metrics := scrape(base)):  # the transfer is marked installed after the swap
+                assert time.monotonic() < deadline, "the push was not installed"
+                time.sleep(0.05)
+    finally:
+        pusher.close()
+    assert metrics[("edge_agent_model_version", ())] == 2
+    assert metrics[("edge_agent_probation", (("state", "running"), ("version", "2")))] == 1
+    assert metrics[installed] == 1
