@@ -97,7 +97,7 @@ def test_a_chain_from_another_log_is_refused(device: Path) -> None:
         rotate(device / "trusted", device / "trusted.pub", [other], "cmd-2")
 
 
-@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(deliveries=st.lists(st.lists(st.sampled_from([0, 1, 2]), max_size=4), max_size=6))
 def test_any_delivery_of_the_chain_never_goes_backwards_and_the_whole_chain_converges(device: Path,
                                                                                       deliveries: list[list[int]]) -> None:
