@@ -48,7 +48,7 @@ def test_the_graph_script_finds_a_cycle_and_a_pass_importing_a_pass() -> None:
 
 def test_the_top_level_of_toolchain_is_a_handful_of_modules() -> None:
     top = sorted(p.name for p in (REPO / "toolchain").glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "errors.py", "resources.py"]
+    assert top == ["__init__.py", "__main__.py", "cli.py", "errors.py", "resources.py"]  # __main__: python -m toolchain (torchrun)
     packages = sorted(p.name for p in (REPO / "toolchain").iterdir() if (p / "__init__.py").is_file())
     for package in packages:  # each package says what it owns
         doc = (REPO / "toolchain" / package / "__init__.py").read_text().strip()

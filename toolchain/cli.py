@@ -24,12 +24,14 @@ from toolchain.commands.fleet import app as fleet_app
 from toolchain.commands.keys import app as keys_app
 from toolchain.commands.keys import verify
 from toolchain.commands.push import push
+from toolchain.commands.search import search
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Build, compress, sign and benchmark models for edge devices.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 app.command()(build)
+app.command()(search)
 app.add_typer(targets_app, name="targets")
 app.add_typer(keys_app, name="keys")
 app.command()(verify)

@@ -154,6 +154,24 @@ def model_file_inputs(config: BuildConfig) -> tuple | None:
     return onnx_inputs(path, config.model.input_shape)
 
 
+def join_search(config: BuildConfig, profile: Profile, *, seed: int = 0, budget: Budget = "quick",
+                console: Console | None = None):
+    """`toolchain search`: load the data as a build does and run this worker's share of the config's study
+    (`passes.torch.search.work`); returns its `StudyRun`. Nothing is written but the study."""
+    from toolchain.core.data import load_dataset
+    from toolchain.core.seeding import seed_everything
+    from toolchain.passes.torch.search import work
+
+    seed_everything(seed)
+    console = console or Console(stderr=True)
+    with console.status("loading data"):
+        dataset = load_dataset(config, seed, model_file_inputs(config))
+    with tempfile.TemporaryDirectory(prefix="toolchain-search-") as folder:
+        ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(folder), work_dir=Path(folder),
+                           seed=seed, budget=budget, console=console)
+        return work(ctx)
+
+
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
           key_path: Path | None = None, console: Console | None = None,
           warm_start: Path | None = None, track: str | None = None) -> tuple[Artifact, BuildContext] | None:

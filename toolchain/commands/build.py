@@ -36,12 +36,14 @@ def build(
     metric: Annotated[Optional[str], typer.Option(help="with --model: the gate's metric (default: accuracy with class labels, "
                                                        "agreement without)")] = None,
     track: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (http://host:5000, file:/path/mlruns, "
-                                                     "sqlite:///mlflow.db); overrides [tracking] uri")] = None,
+                                                     "sqlite:///mlflow.db); overrides \\[tracking] uri")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="the search's Optuna storage (e.g. postgresql://user@host/db), "
+                                                       "shared with `toolchain search` workers; overrides \\[search] storage")] = None,
     nproc: Annotated[int, typer.Option(help="train data-parallel with N processes on this machine (torchrun); "
                                             "several machines: torchrun ... -m toolchain build ...")] = 1,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
-    from toolchain.core.config import command_line_config, load_config
+    from toolchain.core.config import command_line_config, load_config, with_search
     from toolchain.targets.profiles import resolve_target
     from toolchain.core.contract import BUDGETS
     from toolchain.build.workflow import build as run_build
@@ -62,7 +64,7 @@ def build(
     elif data is not None or input_shape is not None or metric is not None:
         raise ToolchainError("--data, --input-shape and --metric go with --model; with --config, set them in the config file")
     else:
-        build_config = load_config(config)
+        build_config = with_search(load_config(config), storage=storage)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
     built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,

@@ -358,6 +358,17 @@ def load_config(path: Path | None) -> BuildConfig:
     return parse_config(text, path)
 
 
+def with_search(config: BuildConfig, storage: str | None = None, n_trials: int | None = None) -> BuildConfig:
+    """The config with the command line's `--storage` / `--n-trials` in its [search] section."""
+    if storage is None and n_trials is None:
+        return config
+    if config.search is None:
+        raise ConfigError(f"config {config.path}: --storage and --n-trials set up a search, and the config has no "
+                          "[search] section (its space)")
+    changes = {k: v for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None}
+    return config.model_copy(update={"search": config.search.model_copy(update=changes)})
+
+
 def command_line_config(model: Path, data: str, input_shape: str | None, metric: str | None) -> BuildConfig:
     """The config `toolchain build --model FILE --data SOURCE [--input-shape 3,48,192] [--metric M]`
     stands for: the project is named after the file, paths are relative to the current folder."""

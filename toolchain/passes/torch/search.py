@@ -28,6 +28,16 @@ A trial left RUNNING by a process that died (kill -9, OOM, power loss) must not 
 - a RUNNING trial with neither is ignored: it is not counted, and the grid sampler re-assigns its
   point once every other point has started.
 
+Many workers, one study: `toolchain search --storage URL` processes (`work`), on any machines, join
+the study and run trials until it has `n_trials` COMPLETE or PRUNED ones; `toolchain build --storage
+URL` then finds them done and builds the best (or runs the rest itself). A worker starts a new trial
+only while done + running + waiting trials are fewer than `n_trials`, else it waits for the others
+(failing and re-queuing the trials of dead owners meanwhile), so a killed worker's trial is re-run by
+another. Two workers that start a trial at the same instant may overshoot: a trial that finds
+`n_trials` others ahead of it (by number) when it starts steps aside at once, FAIL marked `surplus`,
+so exactly `n_trials` run. Each worker seeds its sampler from the seed and itself, so two workers
+do not draw the same points (a shared study's trials depend on which worker ran what).
+
 A study remembers what it was run for (data, model code, space, objectives, trial budget, seed):
 if the default study of an output folder was made for a different setup, the build starts a new
 study named with that setup's fingerprint instead of silently reusing stale trials; an explicit
@@ -66,6 +76,13 @@ from toolchain.core.contract import BuildContext
 DEFAULT_TRIALS = {"quick": 6, "standard": 20, "thorough": 60}
 HEARTBEAT_S, GRACE_S = 10, 60
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+AHEAD = (*DONE, TrialState.RUNNING, TrialState.WAITING)  # trials that will count, or may still
+POLL_S = 1.0  # a worker waiting for the others' last trials looks again this often
+SURPLUS = "surplus: the study had its trials when this one started"
+
+
+class SurplusTrial(Exception):
+    """Raised by a trial that started after the study had its trials (a race between workers)."""
 
 
 def directions(objectives: list[str], metric: Metric) -> list[str]:
@@ -343,6 +360,7 @@ class _Trials:
         self.latency_cache: dict[str, float] = {}
         self.progress, self.task = progress, task
         self.owner = owner()
+        self.surplus = False  # whether the last trial stepped aside (SurplusTrial)
         epochs_spec = space.get("epochs")
         if isinstance(epochs_spec, list):
             self.stride = int(max(epochs_spec))
@@ -369,6 +387,11 @@ class _Trials:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr("owner", self.owner)
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=AHEAD) if t.number < trial.number]
+        self.surplus = len(ahead) >= self.plan.n_trials
+        if self.surplus:
+            trial.set_user_attr("failure", SURPLUS)
+            raise SurplusTrial(SURPLUS)
         params = suggest(trial, self.space, self.raw)
         trial_ctx = replace(self.ctx, hparams=params)
         settings, overrides = training_settings(trial_ctx), model_overrides(trial_ctx)
@@ -533,6 +556,87 @@ def _quiet_optuna() -> Callable[[], None]:
     return lambda: optuna.logging.set_verbosity(level)
 
 
+@dataclass(frozen=True)
+class StudyRun:
+    """What one process did in a study: the study, the plan it ran, and its share of the trials."""
+
+    study: optuna.Study
+    plan: SearchPlan
+    ran: int  # trials this process ran to an end (COMPLETE, PRUNED or FAIL), surplus ones not counted
+    done_before: int  # COMPLETE or PRUNED when it joined
+    recovered: list[int]  # trials of dead owners it failed and queued again
+    validation: str  # what a trial is scored on (the validation split, or k-fold CV)
+    space: dict[str, ParamRange | list]
+
+
+def run_study(ctx: BuildContext, worker: bool = False) -> StudyRun:
+    """Open the study (creating it the first time) and run trials until it has `n_trials` done. A
+    `worker` (`toolchain search`) seeds its sampler from itself, so parallel workers draw different points."""
+    space = _check_space(ctx.config.search)
+    preflight(ctx, space)  # a model the space cannot build fails here, before the output folder is touched
+    plan = make_plan(ctx)
+    grid = {k: list(v) for k, v in space.items() if isinstance(v, list)}
+    seed = ctx.seed
+    if worker:
+        seed = int.from_bytes(hashlib.sha256(json.dumps([ctx.seed, owner()]).encode()).digest()[:4], "big") >> 1
+    restore = _quiet_optuna()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", message=".*GridSampler.*re-evaluating.*")
+            sampler = SAMPLERS[plan.sampler](seed, plan.n_trials, grid)
+            pruner = PRUNERS[plan.pruner](plan.n_trials, plan.trial_epochs, plan.trial_epochs * max(1, plan.cv_folds))
+            storage = _open_storage(plan.storage_url)
+            study, plan = open_study(ctx, plan, storage, sampler, pruner)
+            recovered = recover_orphans(study)
+            done_before = len(study.get_trials(deepcopy=False, states=DONE))
+            ran, validation = _optimize(study, plan, space, ctx, sampler)
+    finally:
+        restore()
+    return StudyRun(study, plan, ran, done_before, recovered, validation, space)
+
+
+def _optimize(study: optuna.Study, plan: SearchPlan, space: dict[str, ParamRange | list], ctx: BuildContext,
+              sampler: optuna.samplers.BaseSampler) -> tuple[int, str]:
+    """Run trials one at a time until the study holds n_trials COMPLETE or PRUNED ones (shared with other
+    processes): a new trial only while those done, running and waiting are fewer; else wait for the
+    others, failing and re-queuing the trials of dead owners (this machine's at once, others' by heartbeat)."""
+    def count(*states: TrialState) -> int:
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    progress = Progress(TextColumn("  search"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=ctx.console, transient=True)
+    ran = 0
+    with progress:
+        task = progress.add_task("search", total=plan.n_trials, completed=min(count(*DONE), plan.n_trials), status="")
+        objective = _Trials(ctx, plan, space, progress, task)
+        while count(*DONE) < plan.n_trials and ran < 3 * plan.n_trials + 10:  # a bound: failing trials end too
+            waiting = count(TrialState.WAITING)
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study) and not waiting:
+                break  # every point ran (some failed for good): never re-evaluate one
+            if not waiting and count(*AHEAD) >= plan.n_trials:  # the others are running the last ones
+                progress.update(task, status="waiting for other workers' trials")
+                if not recover_orphans(study):
+                    optuna.storages.fail_stale_trials(study)
+                    time.sleep(POLL_S)
+                continue
+            try:
+                study.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+            except KeyboardInterrupt:  # Optuna marked the trial FAIL: queue it again so a resumed build runs it
+                retry_interrupted(study, objective.owner)
+                raise
+            ran += not objective.surplus
+            progress.update(task, completed=min(count(*DONE), plan.n_trials), status="")
+    return ran, objective.validation
+
+
+def work(ctx: BuildContext) -> StudyRun:
+    """`toolchain search`: one worker's share of the study named by the config."""
+    if ctx.config.search is None:
+        raise ConfigError(f"config {ctx.config.path}: a search worker needs a [search] section (its space and n_trials)")
+    return run_study(ctx, worker=True)
+
+
 class SearchPass:
     name: ClassVar[str] = "search"
 
@@ -550,24 +654,8 @@ class SearchPass:
             artifact.metrics["search"] = {"skipped": reason}
             return artifact
         started = time.perf_counter()
-        space = _check_space(ctx.config.search)
-        preflight(ctx, space)  # a model the space cannot build fails here, before the output folder is touched
-        plan = make_plan(ctx)
-        grid = {k: list(v) for k, v in space.items() if isinstance(v, list)}
-        restore = _quiet_optuna()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                warnings.filterwarnings("ignore", message=".*GridSampler.*re-evaluating.*")
-                sampler = SAMPLERS[plan.sampler](ctx.seed, plan.n_trials, grid)
-                pruner = PRUNERS[plan.pruner](plan.n_trials, plan.trial_epochs, plan.trial_epochs * max(1, plan.cv_folds))
-                storage = _open_storage(plan.storage_url)
-                study, plan = open_study(ctx, plan, storage, sampler, pruner)
-                recovered = recover_orphans(study)
-                done_before = len(study.get_trials(deepcopy=False, states=DONE))
-                ran, validation = self._optimize(study, plan, space, ctx, sampler)
-        finally:
-            restore()
+        run = run_study(ctx)
+        study, plan, space = run.study, run.plan, run.space
         chosen, front, reason = choose(study, plan, ctx)
         ctx.hparams = dict(chosen.params)
         for note in plan.notes:
@@ -578,9 +666,9 @@ class SearchPass:
             "objectives": plan.objectives, "directions": directions(plan.objectives, ctx.metric),
             "metric": ctx.metric.name,
             "n_trials": plan.n_trials, "trial_epochs": plan.trial_epochs, "patience": plan.patience,
-            "cv_folds": plan.cv_folds, "validation": validation,
+            "cv_folds": plan.cv_folds, "validation": run.validation,
             "storage": public_url(plan.storage_url), "study_name": plan.study_name,
-            "resumed": {"trials_done_before": done_before, "trials_run_now": ran, "orphans_failed": recovered},
+            "resumed": {"trials_done_before": run.done_before, "trials_run_now": run.ran, "orphans_failed": run.recovered},
             "space": {k: (v.model_dump() if isinstance(v, ParamRange) else v) for k, v in space.items()},
             "latency_target": ctx.profile.id if "latency" in plan.objectives else None,
             "latency_budget_ms": ctx.profile.budget.latency_ms,
@@ -593,42 +681,21 @@ class SearchPass:
             "notes": list(plan.notes),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-        ctx.console.print(f"  {plan.sampler} search, study {plan.study_name!r}: {counts[TrialState.COMPLETE]} complete, "
-                          f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed "
-                          f"({ran} run now, {done_before} resumed) [dim]{public_url(plan.storage_url)}[/]")
+        ctx.console.print(f"  {summary(run)}")
         for note in plan.notes:
             ctx.console.print(f"  [yellow]note[/] {note}")
         ctx.console.print(f"  chosen {dict(chosen.params)}: {reason}")
         return artifact
 
-    def _optimize(self, study: optuna.Study, plan: SearchPlan, space: dict[str, ParamRange | list],
-                  ctx: BuildContext, sampler: optuna.samplers.BaseSampler) -> tuple[int, str]:
-        """Run trials one at a time until the study holds n_trials COMPLETE or PRUNED ones (shared with other builds)."""
-        def done() -> int:
-            return len(study.get_trials(deepcopy=False, states=DONE))
 
-        progress = Progress(TextColumn("  search"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=ctx.console, transient=True)
-        ran = 0
-        with progress:
-            task = progress.add_task("search", total=plan.n_trials, completed=min(done(), plan.n_trials), status="")
-            objective = _Trials(ctx, plan, space, progress, task)
-            for _ in range(3 * plan.n_trials + 10):  # a bound, not a budget: every pass of the loop finishes one trial
-                if done() >= plan.n_trials:
-                    break
-                if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study) \
-                        and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    break  # every point ran (some failed for good): never re-evaluate one
-                try:
-                    study.optimize(objective, n_trials=1)
-                except KeyboardInterrupt:  # Optuna marked the trial FAIL: queue it again so a resumed build runs it
-                    retry_interrupted(study, objective.owner)
-                    raise
-                ran += 1
-                progress.update(task, completed=min(done(), plan.n_trials), status="")
-        return ran, objective.validation
+def summary(run: StudyRun) -> str:
+    """One line: the study's trials by state, and this process's share."""
+    trials = run.study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    return (f"{run.plan.sampler} search, study {run.plan.study_name!r}: {counts[TrialState.COMPLETE]} complete, "
+            f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed ({run.ran} run now, "
+            f"{run.done_before} resumed) [dim]{public_url(run.plan.storage_url)}[/]")
 
 
 __all__ = ["SearchPass", "SAMPLERS", "PRUNERS", "make_plan", "choose", "public_url", "recover_orphans", "owner",
-           "owner_alive"]
+           "owner_alive", "run_study", "work", "summary", "StudyRun"]
