@@ -149,7 +149,7 @@ def test_malformed_commands_are_rejected_with_reasons_and_serving_goes_on(defaul
     reasons = {e["reason"] for e in events}
     assert "rejected cmd: message is 1048576 bytes, over the 65536-byte limit" in reasons
     assert any("not UTF-8 JSON" in r for r in reasons) and any("'id' must be a string" in r for r in reasons)
-    assert any("'type' must be one of push_offer, rollback, config, got 'format-disk'" in r for r in reasons)
+    assert any("'type' must be one of push_offer, rollback, config, rotate_keys, got 'format-disk'" in r for r in reasons)
     assert any("expected a JSON object, got list" in r for r in reasons)
     assert any("config needs telemetry.window_s between 0.05 and 86400" in r for r in reasons)
 
