@@ -7,7 +7,8 @@ Standard clients of that protocol (Triton's and KServe's HTTP clients) work unch
 (Prometheus text, runtime_agent.metrics). Tensors travel as JSON `data` or, with the binary tensor
 extension (Triton's HTTP client's default), as raw bytes after the JSON header, whose size the
 `Inference-Header-Content-Length` header gives; an output asked for with `binary_data` (or all of them
-with the request's `binary_data_output`) comes back the same way. Bad requests get a 400 with
+with the request's `binary_data_output`) comes back the same way. A body may come gzip- or
+deflate-compressed (`Content-Encoding`); answers are not compressed. Bad requests get a 400 with
 `{"error": reason}` and the server keeps serving. The standard library's threading HTTP server is
 enough for a board's local clients and adds no dependency.
 
@@ -22,6 +23,7 @@ import re
 import struct
 import threading
 import time
+import zlib
 from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -219,6 +221,24 @@ def encode_outputs(prediction: Prediction, requested: Any, binary_output: bool =
     return answer
 
 
+ZLIB_WBITS = {"gzip": 31, "deflate": 15}  # HTTP's "deflate" is the zlib format
+
+
+def inflate(body: bytes, encoding: str) -> bytes:
+    """A gzip or deflate request body (Triton's client's `request_compression_algorithm`), inflated to at
+    most MAX_BODY_BYTES."""
+    decoder = zlib.decompressobj(ZLIB_WBITS[encoding])
+    try:
+        data = decoder.decompress(body, MAX_BODY_BYTES + 1)
+    except zlib.error as exc:
+        raise RequestError(f"the request body is not valid {encoding} ({exc})") from None
+    if len(data) > MAX_BODY_BYTES:
+        raise RequestError(f"the {encoding} request body inflates to more than {MAX_BODY_BYTES} bytes")
+    if not decoder.eof:
+        raise RequestError(f"the {encoding} request body is cut short")
+    return data
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "InferenceServer"
     protocol_version = "HTTP/1.1"
@@ -298,15 +318,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> tuple[Any, bytes]:
         """The request's JSON and the binary data after it (the binary tensor extension: the JSON is the
-        first `Inference-Header-Content-Length` bytes of the body)."""
+        first `Inference-Header-Content-Length` bytes of the body, once inflated when it came compressed)."""
         declared = self.headers.get("Content-Length") or "0"
         length = int(declared) if declared.isdigit() else 0
         if length <= 0 or length > MAX_BODY_BYTES:
             raise RequestError(f"request body must be 1..{MAX_BODY_BYTES} bytes of JSON, got {declared}")
-        if self.headers.get("Content-Encoding", "identity").lower() != "identity":
-            raise RequestError(f"Content-Encoding {self.headers['Content-Encoding']!r} is not supported; send the body uncompressed")
+        encoding = self.headers.get("Content-Encoding", "identity").lower()
+        if encoding not in ("identity", *ZLIB_WBITS):
+            raise RequestError(f"Content-Encoding {encoding!r} is not supported; send the body as identity, gzip or deflate")
         body = self.rfile.read(length)
         self.body_pending = False
+        if encoding != "identity":
+            body = inflate(body, encoding)
+            length = len(body)
         header = self.headers.get(HEADER_LENGTH)
         if header is None:
             json_length = length

@@ -8,6 +8,7 @@ onnxruntime and a real mosquitto.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import time
@@ -86,6 +87,10 @@ def test_tritons_http_client_with_binary_and_json_tensors(broker: ManagedBroker,
         assert np.array_equal(result.as_numpy("score"), score)
         assert [label.decode() for label in result.as_numpy("label")] == labels
 
+        for algorithm in ("gzip", "deflate"):  # a compressed request body
+            result = client.infer("m", triton_inputs(x), request_compression_algorithm=algorithm)
+            assert np.array_equal(result.as_numpy("score"), score)
+
         wrong = {"features": np.zeros((2, 5), np.float32), "ids": np.zeros((2, 3), np.int64)}
         with pytest.raises(InferenceServerException) as refused:
             client.infer("m", triton_inputs(wrong))
@@ -124,6 +129,12 @@ def test_a_bad_binary_request_is_a_400_with_the_reason(broker: ManagedBroker, tm
                 headers["Inference-Header-Content-Length"] = str(len(head)) if header == "json" else header
             status, answer = post(base, head + raw + extra, headers)
             assert status == 400 and message in answer["error"], (header, answer)
+        status, answer = post(base, head + raw, {"Content-Encoding": "br"})
+        assert status == 400 and answer["error"] == "Content-Encoding 'br' is not supported; send the body as identity, gzip or deflate"
+        status, answer = post(base, head + raw, {"Content-Encoding": "gzip"})
+        assert status == 400 and answer["error"].startswith("the request body is not valid gzip")
+        status, answer = post(base, gzip.compress(head + raw)[:-12], {"Content-Encoding": "gzip"})
+        assert status == 400 and answer["error"] == "the gzip request body is cut short"
         # and the agent goes on serving the same tensors sent right; an output not asked as binary comes as JSON
         head = request({"features": 64, "ids": 96}, outputs=[{"name": "total"}])
         status, answer = post(base, head + raw, {"Inference-Header-Content-Length": str(len(head))})
