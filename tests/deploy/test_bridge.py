@@ -7,6 +7,7 @@ window reaches the central database exactly once and the push installs on both d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import stat
@@ -21,7 +22,7 @@ from tests.agent_helpers import start_agent
 from tests.conftest import BIN, Build, Recorder, provision_device, run_cli
 from tests.deploy.bundle_variants import variant
 from tests.deploy.link import CuttableLink
-from tests.fleet_helpers import Injector, start_fleet_command, wait_until
+from tests.fleet_helpers import Injector, scrape, start_fleet_command, wait_until
 from toolchain.deploy.bridge import BRIDGE_USER, BridgeSettings
 from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port
 from toolchain.fleet.store import FleetStore
@@ -89,27 +90,37 @@ def test_bad_bridge_options_are_one_line(args: list[str], error: str, tmp_path: 
 
 @pytest.mark.slow
 def test_a_site_keeps_its_telemetry_and_gets_its_push_through_an_outage(default_build: Build, tmp_path: Path) -> None:
-    central = ManagedBroker(tmp_path / "central", port=free_port())
-    central.write_config()
-    central.add_users({OPERATOR: "operator-secret", BRIDGE_USER: "bridge-secret"})
-    central.start()
-    (tmp_path / "operator.password").write_text("operator-secret\n")
-    (tmp_path / "bridge.password").write_text("bridge-secret\n")
-    link = CuttableLink(central.port)  # the site's uplink
-    site = ManagedBroker(tmp_path / "site", port=free_port(), authenticated=False,
-                         bridge=BridgeSettings(link.url, BRIDGE_USER, str(tmp_path / "bridge.password")))
-    site.start()
-    login = ["--broker", central.url, "--username", OPERATOR, "--password-file", str(tmp_path / "operator.password")]
-    db = tmp_path / "fleet.sqlite"
-    monitor, lines, reader = start_fleet_command("monitor", *login, "--db", str(db))
-    # What the site broker accepted from its devices (a persistent session: it survives the site's restart).
-    at_site = Recorder(site, "edge/v1/+/+/telemetry", "site-recorder")
-    names = ("cam-1", "cam-2")
-    devices = {name: provision_device(tmp_path / name, default_build, site.url, name, "plant", window_s=0.5)
-               for name in names}
-    agents = {name: start_agent(devices[name], tmp_path / f"{name}.log") for name in names}
-    v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v2", version=2, padding_bytes=1 << 20)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        central = ManagedBroker(tmp_path / "central", port=free_port())
+        central.write_config()
+        central.add_users({OPERATOR: "operator-secret", BRIDGE_USER: "bridge-secret"})
+        cleanup.callback(central.stop)
+        central.start()
+        (tmp_path / "operator.password").write_text("operator-secret\n")
+        (tmp_path / "bridge.password").write_text("bridge-secret\n")
+        link = CuttableLink(central.port)  # the site's uplink
+        cleanup.callback(link.close)
+        site = ManagedBroker(tmp_path / "site", port=free_port(), authenticated=False,
+                             bridge=BridgeSettings(link.url, BRIDGE_USER, str(tmp_path / "bridge.password")))
+        cleanup.callback(site.stop)
+        site.start()
+        login = ["--broker", central.url, "--username", OPERATOR, "--password-file", str(tmp_path / "operator.password")]
+        db, metrics_port = tmp_path / "fleet.sqlite", free_port()
+        monitor, lines, reader = start_fleet_command("monitor", *login, "--db", str(db), "--metrics-port", str(metrics_port))
+        cleanup.callback(_end, monitor)
+        # Subscribed before any device reports: a first session holds nothing sent before it existed.
+        wait_until(lambda: any(" monitoring every fleet on " in line for line in lines), 60, "the monitor to subscribe")
+        # What the site broker accepted from its devices (a persistent session: it survives the site's restart).
+        at_site = Recorder(site, "edge/v1/+/+/telemetry", "site-recorder")
+        cleanup.callback(at_site.close)
+        names = ("cam-1", "cam-2")
+        devices = {name: provision_device(tmp_path / name, default_build, site.url, name, "plant", window_s=0.5)
+                   for name in names}
+        agents = []
+        for name in names:
+            agents.append(start_agent(devices[name], tmp_path / f"{name}.log"))
+            cleanup.callback(_end, agents[-1])
+        v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v2", version=2, padding_bytes=1 << 20)
         wait_until(lambda: db.exists() and all(len(_stored(db, name)) >= 3 for name in names), 60, "telemetry centrally")
 
         link.cut()
@@ -117,6 +128,7 @@ def test_a_site_keeps_its_telemetry_and_gets_its_push_through_an_outage(default_
         push = subprocess.Popen([str(BIN / "toolchain"), "push", str(v2), "--device", "cam-1", "--device", "cam-2",
                                  "--fleet", "plant", *login, "--pubkey", str(default_build.pubkey), "--timeout", "180",
                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cleanup.callback(_end, push)
         time.sleep(3)  # the site works on: its devices' windows queue in the site broker for the bridge
         site.stop()
         time.sleep(10)  # ... and in the agents' outboxes while the site broker is down
@@ -127,36 +139,51 @@ def test_a_site_keeps_its_telemetry_and_gets_its_push_through_an_outage(default_
 
         out, err = push.communicate(timeout=240)
         assert push.returncode == 0, err
-        assert {(r["device"], r["state"]) for r in json.loads(out)["results"]} == {("cam-1", "installed"), ("cam-2", "installed")}
+        results = json.loads(out)["results"]
+        assert {name: result["state"] for name, result in results.items()} == {"cam-1": "installed", "cam-2": "installed"}
+        print("push through the outage:", json.dumps(results))
         for name in names:
             wait_until(lambda: _stored(db, name)[-1]["model_version"] == 2, 60, f"{name}'s windows of v2")
-    finally:
-        for process in agents.values():
-            process.send_signal(signal.SIGTERM)
-        for process in agents.values():
-            process.wait(timeout=30)
-
-    try:
+        for agent in agents:
+            _end(agent)
         for name, folder in devices.items():
             with Outbox(folder / "outbox.sqlite") as outbox:
                 assert len(outbox) == 0 and outbox.dropped_telemetry == 0, name  # the site broker took everything
         sent = {(p["device_id"], p["stream"], p["seq"]) for p in at_site.payloads("/telemetry")}
-        wait_until(lambda: {(r["device"], r["stream"], r["seq"]) for n in names for r in _stored(db, n)} == sent, 60,
-                   "every window the site took, in the central database")
+        stored = wait_until(lambda: _arrived(db, names, sent), 60, "every window the site took, in the central database")
+        assert stored == sent, (f"missing centrally: {sorted(sent - stored)}", f"not seen at the site: {sorted(stored - sent)}")
         for name in names:
             rows = _stored(db, name)
             assert len(rows) == len({(r["stream"], r["seq"]) for r in rows})  # each once
             # Windows closed during the outage are there too (they waited in the site broker or the outbox).
-            assert sum(cut_at + 1 < r["window_end"] < restored_at - 1 for r in rows) >= 10, name
-    finally:
-        at_site.close()
-        monitor.send_signal(signal.SIGTERM)
-        monitor.wait(timeout=30)
+            during = sum(cut_at + 1 < r["window_end"] < restored_at - 1 for r in rows)
+            print(f"{name}: {len(rows)} windows stored, {during} closed during the outage")
+            assert during >= 10, name
+        # The monitor's ingest lag shows the outage: the windows of its first seconds waited over 10 s.
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        lag = {le: samples[("edge_fleet_ingest_lag_seconds_bucket", (("le", le),))] for le in ("1.0", "10.0", "+Inf")}
+        print("ingest lag, windows within 1 s / 10 s / all:", lag)
+        assert lag["+Inf"] == len(sent) and lag["10.0"] < lag["+Inf"]
+        _end(monitor)
         reader.join(timeout=10)
-        link.close()
-        site.stop()
-        central.stop()
     assert any("stopped; processed" in line for line in lines), lines
+
+
+def _end(process: subprocess.Popen) -> None:
+    """SIGTERM and wait (a process that already exited is left as it is)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _arrived(db: Path, names: tuple[str, ...], sent: set) -> set | None:
+    """The (device, stream, seq) of every stored window once they include all of `sent`."""
+    stored = {(row["device"], row["stream"], row["seq"]) for name in names for row in _stored(db, name)}
+    return stored if stored >= sent else None
 
 
 def _stored(db: Path, device: str) -> list[dict]:

@@ -15,23 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, run_cli
-from tests.fleet_helpers import Injector, start_fleet_command, telemetry, wait_until
+from tests.fleet_helpers import Injector, scrape, start_fleet_command, telemetry, wait_until
 from toolchain.deploy.broker import ManagedBroker, free_port
 from toolchain.fleet.dashboard import FleetDashboard
 from toolchain.fleet.metrics import MISSING
 from toolchain.fleet.store import FleetStore
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def test_metrics_match_fleet_status(real_payloads: dict, broker: ManagedBroker, tmp_path: Path) -> None:
@@ -121,12 +111,12 @@ def test_without_prometheus_client_metrics_are_one_clear_line(tmp_path: Path) ->
 
 def test_a_taken_metrics_port_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     db = tmp_path / "fleet.sqlite"
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
+    with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        result = run_cli("toolchain", "fleet", "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(db),
-                         "--metrics-port", str(port))
-    assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: cannot serve metrics on 127.0.0.1:{port}: the port is in use (choose another with --metrics-port)")
+        taken = run_cli("toolchain", "fleet", "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(db), "--metrics-port", str(port))
+    out_of_range = run_cli("toolchain", "fleet", "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(db), "--metrics-port", "70000")
+    assert (taken.returncode, taken.stderr.strip()) == (
+        2, f"error: cannot serve metrics on 127.0.0.1:{port}: the port is in use (choose another with --metrics-port)")
+    assert (out_of_range.returncode, out_of_range.stderr.strip()) == (
+        2, "error: --metrics-port must be 0-65535 (0: any free port), got 70000")
     assert not db.exists()
