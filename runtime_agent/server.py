@@ -77,8 +77,8 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 def _datatype(datatype: Any) -> np.dtype:
-    if datatype not in DATATYPES:
-        raise RequestError(f"unsupported datatype {datatype!r}; use one of {', '.join(DATATYPES)}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise RequestError(f"unsupported datatype {datatype!r:.80}; use one of {', '.join(DATATYPES)}")
     return np.dtype(DATATYPES[datatype])
 
 
