@@ -114,11 +114,15 @@ def start_fleet_command(*args: str) -> tuple[subprocess.Popen, list[str], thread
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus /metrics page, parsed by prometheus_client's own parser: (name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """Every sample of a Prometheus /metrics page (`parse_metrics`)."""
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
+        return parse_metrics(response.read().decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text format parsed by prometheus_client's own parser: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}

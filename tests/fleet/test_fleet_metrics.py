@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,11 +18,38 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.fleet_helpers import Injector, scrape, start_fleet_command, telemetry, wait_until
+from tests.fleet.test_fleet_store import window
+from tests.fleet.test_fleet_store_backends import target  # noqa: F401  (the fixture: SQLite and PostgreSQL)
+from tests.fleet_helpers import Injector, parse_metrics, scrape, start_fleet_command, telemetry, wait_until
 from toolchain.deploy.broker import ManagedBroker, free_port
 from toolchain.fleet.dashboard import FleetDashboard
-from toolchain.fleet.metrics import MISSING
+from toolchain.commands.fleet import collect_status
+from toolchain.fleet.metrics import MISSING, FleetMetrics
 from toolchain.fleet.store import FleetStore
+
+
+def assert_matches_status(samples: dict, fleet_status: dict) -> None:
+    """Every fleet-level number of a /metrics page is the one `fleet status --json` gives for the same database."""
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    for fleet in {row["fleet"] for row in fleet_status["devices"]}:
+        for state in ("online", "offline"):
+            expected = sum(row["state"] == state and row["fleet"] == fleet for row in fleet_status["devices"])
+            assert value("edge_fleet_devices", fleet=fleet, state=state) == expected
+    for drift in fleet_status["fleets"]:
+        for name, key in (("reporting_devices", "reporting"), ("devices_in_alarm", "in_alarm"), ("alarm_share", "share"),
+                          ("alarm_active", "alarm_active")):
+            assert value(f"edge_fleet_drift_{name}", fleet=drift["fleet"]) == float(drift[key]), name
+    assert fleet_status["models"], "no latency to compare"
+    for row in fleet_status["models"]:
+        labels = {"fleet": row["fleet"], "model_version": str(row["model_version"])}
+        for quantile, key in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99")):
+            assert value("edge_fleet_model_latency_seconds", **labels, quantile=quantile) * 1000 == pytest.approx(row[key], rel=1e-12)
+        assert value("edge_fleet_model_requests", **labels) == row["count"]
+        assert value("edge_fleet_model_windows", **labels) == row["windows"]
+    assert sum(value for (name, _), value in samples.items() if name == "edge_fleet_model_windows") == sum(
+        row["windows"] for row in fleet_status["models"])
 
 
 def test_metrics_match_fleet_status(real_payloads: dict, broker: ManagedBroker, tmp_path: Path) -> None:
@@ -56,39 +84,42 @@ def test_metrics_match_fleet_status(real_payloads: dict, broker: ManagedBroker, 
 
         for url in (f"http://127.0.0.1:{metrics_port}/metrics", page + "metrics"):
             samples = scrape(url)
-
-            def value(name: str, **labels: str) -> float:
-                return samples[(name, tuple(sorted(labels.items())))]
-
-            for state in ("online", "offline"):
-                expected = sum(row["state"] == state for row in fleet_status["devices"])
-                assert value("edge_fleet_devices", fleet="plant", state=state) == expected == {"online": 2, "offline": 1}[state]
-            (drift,) = fleet_status["fleets"]
-            assert value("edge_fleet_drift_reporting_devices", fleet="plant") == drift["reporting"] == 2
-            assert value("edge_fleet_drift_devices_in_alarm", fleet="plant") == drift["in_alarm"] >= 1  # cam-2 at least
-            assert value("edge_fleet_drift_alarm_share", fleet="plant") == drift["share"] > 0
-            assert value("edge_fleet_drift_alarm_active", fleet="plant") == float(drift["alarm_active"])
+            assert_matches_status(samples, fleet_status)
             assert [(row["model_version"], row["windows"]) for row in fleet_status["models"]] == [(1, 3), (2, 1)]
-            for row in fleet_status["models"]:
-                version = str(row["model_version"])
-                for quantile, key in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99")):
-                    got = value("edge_fleet_model_latency_seconds", fleet="plant", model_version=version, quantile=quantile)
-                    assert got * 1000 == pytest.approx(row[key], rel=1e-12)
-                assert value("edge_fleet_model_requests", fleet="plant", model_version=version) == row["count"]
-                assert value("edge_fleet_model_windows", fleet="plant", model_version=version) == row["windows"]
-            assert value("edge_fleet_messages_ingested_total", kind="telemetry") == len(windows)
-            assert value("edge_fleet_messages_ingested_total", kind="status") == status_messages
-            assert value("edge_fleet_messages_ingested_total", kind="events") == 0
-            assert value("edge_fleet_duplicates_dropped_total") == 1
-            assert value("edge_fleet_malformed_messages_total") == fleet_status["rejected"] == 1
-            assert value("edge_fleet_ingest_lag_seconds_count") == len(windows)
-            assert value("edge_fleet_ingest_lag_seconds_bucket", le="+Inf") == len(windows)
+            (drift,) = fleet_status["fleets"]
+            assert (drift["reporting"], sum(row["state"] == "offline" for row in fleet_status["devices"])) == (2, 1)
+            assert drift["in_alarm"] >= 1  # cam-2 at least
+            for kind, count in (("telemetry", len(windows)), ("status", status_messages), ("events", 0)):
+                assert samples[("edge_fleet_messages_ingested_total", (("kind", kind),))] == count
+            for name, count in (("edge_fleet_duplicates_dropped_total", 1), ("edge_fleet_malformed_messages_total", 1),
+                                ("edge_fleet_ingest_lag_seconds_count", len(windows))):
+                assert samples[(name, ())] == count, name
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, process.stderr.read()
     finally:
         injector.close()
         process.kill()
         reader.join(timeout=10)
+
+
+def test_metrics_read_what_status_reads_on_both_databases(target: str) -> None:
+    """In process, on a SQLite file and on a real PostgreSQL: the exposition parsed by prometheus_client's parser
+    against `collect_status` (what `fleet status --json` prints), everything stored (``since_s=0``)."""
+    with FleetStore(target) as store:
+        for record in (window(1, "s1", "dev-1", 2.0), window(2, "s1", "dev-1", 3.0), window(1, "s2", "dev-2", 40.0, psi=0.4),
+                       replace(window(1, "s3", "dev-3", 5.0), model_version=2)):
+            store.insert_telemetry(record)
+        for device, state in (("dev-1", "online"), ("dev-2", "online"), ("dev-3", "offline")):
+            store.update_status("lab", device, state, seen_at=1.0)
+    metrics = FleetMetrics(target, since_s=0)
+    try:
+        samples = parse_metrics(metrics.exposition().decode())
+    finally:
+        metrics.close()
+    fleet_status = collect_status(target, since_s=0)
+    assert_matches_status(samples, fleet_status)
+    assert [(row["model_version"], row["windows"]) for row in fleet_status["models"]] == [(1, 3), (2, 1)]
+    assert "edge_fleet_messages_ingested_total" not in {name for name, _ in samples}  # no monitor in this process
 
 
 def test_without_prometheus_client_metrics_are_one_clear_line(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ port of their own. Two sources, named ``edge_fleet_*``:
   (so the numbers are the ones it prints, and every monitor worker sharing a database serves the same ones):
   devices per ``state``, each fleet's drift alarm (reporting devices, devices in alarm, share, whether the
   fleet alarm is active), and per ``(fleet, model_version)`` the latency quantiles of the exactly merged
-  sketches of the windows that ended in the last ``since_s`` (as gauges with a ``quantile`` label, in
+  sketches of the windows that ended in the last ``since_s`` (0: all stored) (as gauges with a ``quantile`` label, in
   seconds; the request and window counts beside them).
 - **This process's ingest**: messages stored per ``kind`` (status, telemetry, events), duplicates dropped,
   malformed messages, store errors (counters from the monitor's ``stats``), and the ingest lag: a histogram
@@ -56,6 +56,8 @@ class FleetMetrics:
     monitor's ``on_telemetry`` hook. `exposition()` renders the text format; `serve()` starts a server of
     its own. Scrapes may come from any thread (one database connection, used under a lock)."""
 
+    content_type = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+
     def __init__(self, db: Path | str, *, stats: Callable[[], Mapping[str, int]] | None = None,
                  fleet: str | None = None, since_s: float = DEFAULT_SINCE_S) -> None:
         if prometheus_client is None:
@@ -70,8 +72,6 @@ class FleetMetrics:
         self._lock = threading.Lock()
         self._store: FleetStore | None = None
         self._server: Any = None
-
-    content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def observe_ingest(self, record: Any) -> None:
         """A telemetry window was committed (the monitor's ``on_telemetry``): record its lag (device clocks
@@ -110,7 +110,7 @@ class FleetMetrics:
             store = self._store
             devices = store.devices(self.fleet)
             drift = [store.fleet_drift(name) for name in ([self.fleet] if self.fleet else store.fleets())]
-            models = store.latency_by_model(self.fleet, since=time.time() - self.since_s)
+            models = store.latency_by_model(self.fleet, since=time.time() - self.since_s if self.since_s > 0 else None)
         yield from _device_metrics(devices)
         yield from _drift_metrics(drift)
         yield from _latency_metrics(models, self.since_s)
