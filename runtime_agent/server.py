@@ -19,6 +19,7 @@ name, and for a classifier also `class` and `label` (a client may ask for a subs
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import threading
@@ -84,7 +85,9 @@ def _datatype(datatype: Any) -> np.dtype:
 
 def _shape(shape: Any) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RequestError(f"'shape' must be a list of non-negative integers, got {shape!r}")
+        raise RequestError(f"'shape' must be a list of non-negative integers, got {shape!r:.80}")
+    if math.prod(d for d in shape if d) > MAX_BODY_BYTES:  # no request carries more values (numpy would overflow)
+        raise RequestError(f"'shape' {shape!r:.80} holds more values than a request can carry")
     return shape
 
 

@@ -286,6 +286,37 @@ def _rest_seeds() -> list[bytes]:
     return [json.dumps(request).encode(), json.dumps(binary).encode() + b"\0\0" + raw]
 
 
+# -- KServe gRPC -----------------------------------------------------------------------------------------
+def grpc_infer(data: bytes) -> None:
+    """A `ModelInfer` request's protobuf bytes, parsed as grpc does, decoded, run and answered as the agent does."""
+    from google.protobuf.message import DecodeError
+
+    from runtime_agent.grpc_server import decode_request, encode_response
+    from runtime_agent.kserve_grpc import grpc_predict_v2_pb2 as pb
+
+    model = _two_input_model()
+    try:
+        request = pb.ModelInferRequest.FromString(data)
+    except DecodeError:  # grpc answers INTERNAL before the servicer runs
+        return
+    with suppress(AgentError):  # RequestError, or the model's input validation (InputError)
+        encode_response(model.predict(decode_request(request, model)), request, model)
+
+
+def _grpc_seeds() -> list[bytes]:
+    from runtime_agent.kserve_grpc import grpc_predict_v2_pb2 as pb
+
+    typed = pb.ModelInferRequest(model_name="m", id="r1")
+    typed.inputs.add(name="features", datatype="FP32", shape=[2, 4]).contents.fp32_contents.extend(range(8))
+    typed.inputs.add(name="ids", datatype="INT64", shape=[2, 3]).contents.int64_contents.extend(range(6))
+    typed.outputs.add(name="score")
+    raw = pb.ModelInferRequest(model_name="m")
+    raw.inputs.add(name="features", datatype="FP32", shape=[1, 4])
+    raw.inputs.add(name="ids", datatype="INT64", shape=[1, 3])
+    raw.raw_input_contents.extend([np.arange(4, dtype=np.float32).tobytes(), np.arange(3, dtype=np.int64).tobytes()])
+    return [typed.SerializeToString(), raw.SerializeToString()]
+
+
 # -- the fleet monitor -------------------------------------------------------------------------------------
 @cache
 def _monitor():
@@ -359,6 +390,7 @@ TARGETS: dict[str, Target] = {
     "push_ack": Target(push_ack, _push_ack_seeds, ("toolchain.deploy.push.transfer",)),
     "command": Target(command, _command_seeds, ("runtime_agent.agent", "runtime_agent.push_receiver", "runtime_agent.keyring")),
     "rest": Target(rest_infer, _rest_seeds, ("runtime_agent.server", "runtime_agent.model")),
+    "grpc": Target(grpc_infer, _grpc_seeds, ("runtime_agent.grpc_server", "runtime_agent.server", "runtime_agent.model")),
     "monitor": Target(monitor, _monitor_seeds, ("runtime_agent.protocol", "runtime_agent.sketch", "toolchain.fleet.monitor",
                                                 "toolchain.fleet.store.writes")),
     "config": Target(build_config, _config_seeds, ("toolchain.core.config",)),
