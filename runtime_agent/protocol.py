@@ -225,6 +225,10 @@ def _drift(value: Any) -> dict[str, Any]:
     drift["estimated_accuracy"] = accuracy
     if "crossings" in value:
         drift["crossings"] = _crossings(value["crossings"])
+    for key in ("psi_over", "psi_sustained"):
+        names = value.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(name, str) and name in psi for name in names):
+            raise Malformed(f"'drift.{key}' must be a list of feature names of 'drift.psi', got {names!r:.80}")
     return drift
 
 

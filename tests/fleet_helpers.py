@@ -90,6 +90,7 @@ def telemetry(template: dict, device: str, seq: int, psi: float = 0.02, n: int =
     report.update({"psi": values, "psi_max": max(values.values()), "prediction_psi": 0.01, "ph_alarm": False,
                    "n": n, "psi_threshold": psi_threshold(n, REFERENCE_SAMPLES, 10, len(values)),
                    "prediction_psi_threshold": psi_threshold(n, REFERENCE_SAMPLES, 10), **drift})
+    report["psi_over"] = report["psi_sustained"] = [f for f, v in values.items() if v >= report["psi_threshold"]]  # a lasting shift
     report["crossings"] = crossings(report)  # the agent's own rule on these statistics
     report["alarm"] = any(c["kind"] == COVARIATE for c in report["crossings"])
     report["prediction_drift"] = any(c["kind"] == PREDICTION for c in report["crossings"])

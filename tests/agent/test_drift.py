@@ -148,9 +148,14 @@ def test_a_class_mix_change_alone_is_prediction_drift_not_covariate_drift(refere
     unconditional = overall.window_report()
     assert unconditional["psi_max"] > 1.0 and alarm(unconditional)
     # answers that contradict the inputs (everything predicted as class 3) are covariate drift: the inputs
-    # no longer look like the class they are predicted as
+    # no longer look like the class they are predicted as; PSI alarms once a feature stays over two windows
     monitor.update(x[:500], np.full(500, 3))
-    assert alarm(monitor.window_report())
+    first = monitor.window_report()
+    monitor.update(x[500:1000], np.full(500, 3))
+    second = monitor.window_report()
+    assert first["psi_over"] and not first["psi_sustained"] and not alarm(first)
+    assert alarm(second) and second["psi_sustained"] == first["psi_over"] == ["x0", "x1"]
+    assert second["crossings"][0]["statistic"] == f"psi:{max(second['psi_sustained'], key=second['psi'].get)}"
     with pytest.raises(ValueError, match=r"predicted classes must lie in \[0, 4\)"):
         monitor.update(x[:2], np.array([0, 4]))
 

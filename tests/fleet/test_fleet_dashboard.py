@@ -54,9 +54,10 @@ class Device:
     def birth(self) -> None:
         self._send("status", {**self.payloads["birth"], "device_id": self.name}, retain=True)
 
-    def window(self, psi: float = 0.02) -> None:
+    def window(self, psi: float = 0.02, **drift: Any) -> None:
         self.seq += 1
-        self._send("telemetry", telemetry(self.payloads["telemetry"], self.name, self.seq, psi=psi, stream=f"s-{self.name}"))
+        self._send("telemetry", telemetry(self.payloads["telemetry"], self.name, self.seq, psi=psi, stream=f"s-{self.name}",
+                                          **drift))
 
     def event(self, kind: str, **fields: Any) -> None:
         self.seq += 1
@@ -107,16 +108,26 @@ def test_page_shows_the_fleet_updates_live_and_escapes_device_text(real_payloads
             tab.wait_for("document.getElementById('conn').textContent.includes('live')", what="the event stream")
             tab.evaluate("window.marker = 'same page'; 0")
             seen = int(tab.evaluate("document.body.dataset.snapshots"))
-            fresh = Device(injector, real_payloads, "cam-3")
+            fresh, small = Device(injector, real_payloads, "cam-3"), Device(injector, real_payloads, "cam-4")
             fresh.birth()
-            fresh.window(psi=0.6)  # feature x5 drifts hard on the new device
+            small.birth()
+            fresh.event("accuracy", n=200, correct=181, accuracy=0.905)  # ground truth, as the simulator sends it
+            small.window(psi=0.6, n=50)  # the same PSI on 50 samples: below that window's threshold (0.82)
+            fresh.window(psi=0.6, estimated_accuracy=0.8875)  # feature x5 drifts hard on the new device
             tab.wait_for("document.querySelector('#devices tr[data-key=\"lab/cam-3\"].in-alarm')",
                          what="cam-3's row with its drifting window")
             row = tab.evaluate("Array.from(document.querySelectorAll('#devices tr[data-key=\"lab/cam-3\"] td'))"
                                ".map((td) => td.textContent)")
-            assert row[:4] == ["lab", "cam-3", "online", "v1"] and row[7] == "0.60" and row[8] == "ALARM"
-            assert tab.evaluate("document.querySelector('#heat rect[data-device=\"lab/cam-3\"][data-feature=\"x5\"]')"
-                                ".getAttribute('data-band')") == "alarm"
+            assert row[:4] == ["lab", "cam-3", "online", "v1"] and row[7] == "0.60" and row[8] == "COVARIATE"
+            assert row[9:] == ["88.8%", "90.5%"]  # the label-free estimate next to the ground truth
+            assert "psi:x5 0.6 ≥ 0.25" in tab.evaluate(
+                "document.querySelector('#devices tr[data-key=\"lab/cam-3\"] td.drift').title")
+            band = "document.querySelector('#heat rect[data-device=\"lab/{}\"][data-feature=\"x5\"]').getAttribute('data-band')"
+            assert tab.evaluate(band.format("cam-3")) == "alarm"
+            # one rule: the small window's cell is not red, and its device is not in alarm
+            tab.wait_for("document.querySelector('#heat rect[data-device=\"lab/cam-4\"]')", what="cam-4's heat row")
+            assert tab.evaluate(band.format("cam-4")) == "warn"
+            assert tab.evaluate("document.querySelector('#devices tr[data-key=\"lab/cam-4\"]').className") == ""
             assert tab.evaluate("window.marker") == "same page"  # updated in place, by the event stream
             assert int(tab.evaluate("document.body.dataset.snapshots")) > seen
             assert tab.evaluate("document.querySelectorAll('#devices img, #events img, #rollouts img').length") == 0

@@ -78,13 +78,24 @@ def test_a_drifted_fleet_is_stored_in_full_and_alarms_only_after_the_drift(defau
         assert [kind for _, kind, _ in notices if kind.startswith("fleet")][0] == "fleet_drift_alarm"
         assert not any(kind == "fleet_drift_alarm" and at < result.t0 + ONSET_S for at, kind, _ in notices)
         drifted = [w for w in store.telemetry("simlab") if w["window_start"] >= result.t0 + ONSET_S and w["n"] >= MIN_PSI_SAMPLES]
-        assert drifted and all(w["alarm"] and w["drift"]["psi"][DRIFTED] == w["drift"]["psi_max"] for w in drifted)
+        assert drifted and all(DRIFTED in w["drift"]["psi_over"] for w in drifted)
+        # every drifted window is in alarm from the second on (a PSI crossing is a feature over twice in a row)
+        for name in names:
+            own = sorted((w for w in drifted if w["device"] == name), key=lambda w: w["seq"])
+            assert own and all(w["alarm"] and DRIFTED in w["drift"]["psi_sustained"] for w in own[1:])
         # Ground truth: accuracy per drift phase, and the shift costs accuracy.
         before, after = result.phases
         assert (before["from_s"], before["to_s"], before["drift"]) == (0.0, ONSET_S, [])
         assert after["from_s"] == ONSET_S and after["drift"] == [f"{DRIFTED}=3@3"]
         assert before["n"] == after["n"] == 5 * 600 * 3
         assert before["accuracy"] > 0.95 and after["accuracy"] < before["accuracy"] - 0.01
+        # The label-free estimate (calibrated confidences, in every window) next to that ground truth.
+        windows = store.telemetry("simlab")
+        for phase in (before, after):
+            inside = [w for w in windows if phase["from_s"] <= w["window_start"] - result.t0 < phase["to_s"] - 0.5]
+            estimate = sum(w["drift"]["estimated_accuracy"] * w["n"] for w in inside) / sum(w["n"] for w in inside)
+            print(f"\nphase from {phase['from_s']:g} s: true accuracy {phase['accuracy']:.4f}, estimated {estimate:.4f}")
+            assert abs(estimate - phase["accuracy"]) < 0.03
         assert sum(row["n"] for row in result.timeline) == 5 * 3600 and len(result.timeline) == 12
         # Fresh labelled samples for retraining: the build's own splits with the drift active at the end.
         data = load_dataset(load_config(None), seed=0)

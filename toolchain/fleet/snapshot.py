@@ -33,12 +33,21 @@ def _natural(name: str) -> list[Any]:
 
 
 def psi_threshold(drift: Mapping[str, Any], n: int) -> float | None:
-    """The PSI at which a window's cells turn red: the threshold the agent judged the window by
-    (``runtime_agent.drift.psi_threshold``), or, for an older agent's window, the old rule's (0.25 from
-    ``MIN_PSI_SAMPLES`` samples, never below). None: no cell of this window can be in alarm."""
+    """The PSI threshold the agent judged the window by (``runtime_agent.drift.psi_threshold``), or, for
+    an older agent's window, the old rule's (0.25 from ``MIN_PSI_SAMPLES`` samples, none below)."""
     if drift.get("psi_threshold") is not None:
         return float(drift["psi_threshold"])
     return PSI_SIGNIFICANT if int(drift.get("n", n) or 0) >= MIN_PSI_SAMPLES else None
+
+
+def alarm_features(drift: Mapping[str, Any], n: int) -> list[str]:
+    """The features whose heat-map cells are red: exactly those the window's covariate alarm rests on
+    (``psi_sustained``: over the threshold in this window and the one before), or, for an older agent's
+    window, those at the old rule's threshold. A cell is red if and only if the device's alarm says so."""
+    if "psi_sustained" in drift:
+        return list(drift["psi_sustained"])
+    threshold = psi_threshold(drift, n)
+    return [] if threshold is None else [f for f, v in (drift.get("psi") or {}).items() if v >= threshold]
 
 
 def _truth(store: FleetStore, devices: int) -> dict[tuple[str, str], dict[str, Any]]:
@@ -110,7 +119,7 @@ def _heat(store: FleetStore) -> dict[str, Any]:
     return {"features": features, "omitted_devices": len(windows) - len(shown),
             "omitted_features": len(peak) - len(features),
             "rows": [{"fleet": w["fleet"], "device": w["device"], "state": w["state"], "alarm": w["alarm"],
-                      "psi_threshold": psi_threshold(w["drift"], w["n"]),
+                      "psi_threshold": psi_threshold(w["drift"], w["n"]), "alarm_features": alarm_features(w["drift"], w["n"]),
                       "psi": {f: w["drift"]["psi"][f] for f in features if f in w["drift"]["psi"]}} for w in shown]}
 
 

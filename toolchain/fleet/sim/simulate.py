@@ -205,8 +205,9 @@ class Plan:
         per_window = self.settings.rate * self.settings.window_s
         if per_window >= MIN_PSI_SAMPLES:
             return []
-        return [f"{per_window:g} requests per window (--rate x --window-s): PSI alarms need {MIN_PSI_SAMPLES}, so only "
-                "Page-Hinkley can raise a device's drift alarm"]
+        return [f"{per_window:g} requests per window (--rate x --window-s): below {MIN_PSI_SAMPLES}, a window's PSI must be "
+                "large to cross its threshold (runtime_agent.drift.psi_threshold) and the fleet's PSI heat leaves it out; "
+                "Page-Hinkley still alarms at any rate"]
 
 
 def newest_bundle(folder: Path = Path("dist")) -> Path:
