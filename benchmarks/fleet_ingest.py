@@ -1,0 +1,255 @@
+"""Fleet ingest capacity: replayed telemetry at rising rates through mosquitto into 1 and 2 monitor workers,
+SQLite vs PostgreSQL; the highest rate each holds with 0 lost and p99 ingest lag <= 1 s.
+
+1. Builds the default example (quick budget, a throwaway key) unless `--bundle B --keys DIR` is given, and
+   makes one real telemetry window with the agent's own code (`Agent.close_window()`: latency sketch,
+   drift statistics of 64 features, ~3 KB of JSON).
+2. Per configuration (database x workers) and rate: a fresh mosquitto (`ManagedBroker`: persistence on,
+   anonymous), a fresh database (a SQLite file, or a new database on one local PostgreSQL 15 started with
+   its durable defaults: fsync and synchronous commit on), and the monitor as a user runs it, in its own
+   processes: `toolchain fleet monitor --broker URL --db DB`, for 2 workers with `--workers-group bench
+   --worker wN` (MQTT v5 shared subscription).
+3. Replays the window at RATE messages/s for `--seconds`, QoS 1, from `--devices` MQTT clients (one client
+   id and topic per device, in 2 publisher processes), each message with its device, its seq and the send
+   time as the window's end.
+4. Waits until the database holds every window (or nothing new arrives for 10 s), then reads it.
+
+Measured per step: messages sent and the rate the publishers reached, lost (sent - stored: every window
+carries a distinct (device, seq)), ingest lag = the monitor's ``received_at`` (stamped as its writer
+handles the message, just before the batch commits) - the send time, p50/p99/max, one clock. A step
+*holds* when 0 are lost, p99 lag <= 1 s and the publishers reached 95% of the rate; a configuration's
+capacity is its highest held rate (rates rise until one fails). Everything shares the machine's cores:
+publishers, mosquitto, workers, PostgreSQL.
+
+    python benchmarks/fleet_ingest.py [--quick] [--seconds 10] [--devices 200] [--bundle B --keys DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import print_table, target, write_results
+from push import build_base
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.postgres: the PostgreSQL the tests run, here with durable settings
+
+BIN = Path(sys.executable).parent
+FLEET = "bench"
+RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000)
+PUBLISHERS = 2
+MAX_LAG_S = 1.0
+TARGET_RATE = 5000.0  # msgs/s into PostgreSQL with 2 workers
+CONFIGS = (("sqlite", 1), ("sqlite", 2), ("postgres", 1), ("postgres", 2))
+
+
+def real_window(bundle: Path, keys: Path, work: Path) -> dict[str, Any]:
+    """One telemetry window exactly as the agent makes it (real onnxruntime inference on the bundle)."""
+    from runtime_agent.agent import Agent
+    from runtime_agent.config import load_agent_config
+
+    device = work / "template"
+    device.mkdir()
+    shutil.copyfile(bundle, device / "current.bundle")
+    shutil.copyfile(keys / "signing.pub", device / "trusted.pub")
+    (device / "agent.toml").write_text('device_id = "tmpl"\nfleet = "bench"\nbroker = "mqtt://127.0.0.1:1"\n'
+                                       '[serve]\nhost = "127.0.0.1"\nport = 1\n')
+    agent = Agent(load_agent_config(device))
+    agent.load()
+    agent.infer(np.random.default_rng(0).uniform(0, 16, (64, 1, 8, 8)).astype(np.float32))
+    window = agent.close_window()
+    agent.outbox.close()
+    return window
+
+
+def _publisher(index: int, port: int, template: str, devices: list[str], rate: float, seconds: float,
+               ready: Any, go: Any, out: Any) -> None:
+    """One publisher process: a client per device; paces `rate` messages/s round-robin over its devices."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    clients = []
+    for device in devices:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}", protocol=mqtt.MQTTv5)
+        client.max_queued_messages_set(0)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        clients.append(client)
+    while not all(client.is_connected() for client in clients):
+        time.sleep(0.01)
+    ready.release()
+    go.wait()
+    total, sent, seqs = int(rate * seconds), 0, [0] * len(devices)
+    infos = []
+    start = time.perf_counter()
+    while sent < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        while sent < due:
+            slot = sent % len(devices)
+            seqs[slot] += 1
+            now = time.time()
+            payload = (template.replace('"@@DEVICE@@"', f'"{devices[slot]}"').replace("-987654321", str(seqs[slot]))
+                       .replace("[-1.5, -2.5]", f"[{now - 1.0!r}, {now!r}]"))
+            infos.append(clients[slot].publish(f"edge/v1/{FLEET}/{devices[slot]}/telemetry", payload, qos=1))
+            sent += 1
+        time.sleep(0.0005)
+    elapsed = time.perf_counter() - start
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(info.is_published() for info in infos[-len(devices):]):
+        time.sleep(0.05)
+    for client in clients:
+        client.loop_stop()
+        client.disconnect()
+    out.put((index, sent, elapsed))
+
+
+def start_workers(kind: str, db: str, workers: int, broker_url: str, logs: Path) -> list[subprocess.Popen]:
+    processes = []
+    for number in range(1, workers + 1):
+        log = logs / f"worker-{number}.log"
+        group = ["--workers-group", "bench", "--worker", f"w{number}"] if workers > 1 else []
+        processes.append(subprocess.Popen([str(BIN / "toolchain"), "fleet", "monitor", "--broker", broker_url, "--db", db,
+                                           *group], stdout=log.open("w"), stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while " monitoring " not in log.read_text():
+            if processes[-1].poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"monitor worker {number} ({kind}) did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+    return processes
+
+
+def stored_lags(db: str) -> np.ndarray:
+    """received_at - window_end of every stored window (one row per (device, stream, seq))."""
+    from toolchain.fleet.store import FleetStore
+
+    with FleetStore(db, create=False) as store:
+        rows = store._rows("SELECT received_at - window_end AS lag FROM telemetry WHERE fleet = ?", (FLEET,))
+    return np.array([row["lag"] for row in rows], dtype=float)
+
+
+def step(kind: str, workers: int, rate: float, args: argparse.Namespace, template: str, pg: Any, work: Path) -> dict[str, Any]:
+    from toolchain.deploy.broker import ManagedBroker, free_port
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-{workers}-{int(rate)}-", dir=work))
+    db = str(folder / "fleet.sqlite") if kind == "sqlite" else pg.create_database(f"bench_{folder.name.replace('-', '_')}")
+    broker = ManagedBroker(folder / "broker", port=free_port(), authenticated=False).start()
+    monitors: list[subprocess.Popen] = []
+    try:
+        monitors = start_workers(kind, db, workers, broker.url, folder)
+        devices = [f"dev-{i:05d}" for i in range(args.devices)]
+        spawn = mp.get_context("spawn")  # not fork: this process holds onnxruntime's threads (the template)
+        ready, go, out = spawn.Semaphore(0), spawn.Event(), spawn.Queue()
+        publishers = [spawn.Process(target=_publisher, args=(i, broker.port, template, devices[i::PUBLISHERS],
+                                                          rate / PUBLISHERS, args.seconds, ready, go, out))
+                      for i in range(PUBLISHERS)]
+        for process in publishers:
+            process.start()
+        for _ in publishers:
+            if not ready.acquire(timeout=120):
+                raise SystemExit("the publishers did not connect")
+        go.set()
+        results = [out.get(timeout=args.seconds + 180) for _ in publishers]
+        for process in publishers:
+            process.join(30)
+        sent = sum(r[1] for r in results)
+        reached = sum(r[1] / r[2] for r in results)
+        count, last_change = 0, time.monotonic()
+        while time.monotonic() - last_change < 10:
+            now_count = len(stored_lags(db))
+            if now_count >= sent:
+                break
+            if now_count != count:
+                count, last_change = now_count, time.monotonic()
+            time.sleep(0.5)
+        lags = stored_lags(db)
+    finally:
+        for process in monitors:
+            process.send_signal(signal.SIGTERM)
+        for process in monitors:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        broker.stop()
+    lost = sent - len(lags)
+    p99 = float(np.percentile(lags, 99)) if len(lags) else float("inf")
+    held = lost == 0 and p99 <= MAX_LAG_S and reached >= 0.95 * rate
+    return {"db": kind, "workers": workers, "rate": rate, "reached_rate": round(reached, 1), "sent": sent,
+            "lost": lost, "lag_p50_s": round(float(np.percentile(lags, 50)), 4) if len(lags) else None,
+            "lag_p99_s": round(p99, 4), "lag_max_s": round(float(lags.max()), 4) if len(lags) else None, "held": held}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 s per step, rates up to 5,000 msgs/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of replay per step")
+    parser.add_argument("--devices", type=int, default=200, help="MQTT clients (one device id each)")
+    parser.add_argument("--bundle", type=Path, help="use this bundle instead of building one (needs --keys)")
+    parser.add_argument("--keys", type=Path, help="key folder with the signing.pub that verifies --bundle")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (databases, logs)")
+    args = parser.parse_args()
+    if (args.bundle is None) != (args.keys is None):
+        parser.error("--bundle and --keys go together")
+    rates = [r for r in RATES if r <= 5000] if args.quick else list(RATES)
+    if args.quick:
+        args.seconds = min(args.seconds, 5.0)
+
+    from tests.postgres import start_server, stop_server
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    os.environ["EDGE_TOOLCHAIN_KEYS"] = str(work / "keys")  # a throwaway key, never the user's
+    pg_root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    pg = start_server(pg_root, durable=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        if args.bundle:
+            bundle, keys = args.bundle.resolve(), args.keys.resolve()
+        else:
+            started = time.monotonic()
+            bundle, keys = build_base(work), work / "keys"
+            print(f"built {bundle.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        window = real_window(bundle, keys, work)
+        template = json.dumps({**window, "device_id": "@@DEVICE@@", "seq": -987654321, "window": [-1.5, -2.5]})
+        for kind, workers in CONFIGS:
+            for rate in rates:
+                row = step(kind, workers, float(rate), args, template, pg, work)
+                rows.append(row)
+                print(f"{kind} x{workers} @ {rate}/s: reached {row['reached_rate']}/s, lost {row['lost']}, "
+                      f"p99 lag {row['lag_p99_s']} s -> {'held' if row['held'] else 'FAILED'}", file=sys.stderr)
+                if not row["held"]:
+                    break
+    finally:
+        stop_server(pg)
+        shutil.rmtree(pg_root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print_table(rows, list(rows[0]))
+    capacity = {f"{kind} x{workers}": max((r["rate"] for r in rows if (r["db"], r["workers"]) == (kind, workers)
+                                          and r["held"]), default=0.0) for kind, workers in CONFIGS}
+    print("\nhighest rate held (0 lost, p99 ingest lag <= 1 s):", json.dumps(capacity))
+    targets = {"telemetry msgs/s into PostgreSQL with 2 workers (0 lost, p99 ingest lag <= 1 s)":
+               target(capacity["postgres x2"], ">=", TARGET_RATE)}
+    write_results("fleet_ingest", rows, targets, capacity=capacity,
+                  settings={"seconds": args.seconds, "devices": args.devices, "publishers": PUBLISHERS, "qos": 1,
+                            "postgres": "15, durable defaults (fsync, synchronous_commit on)",
+                            "sqlite": "WAL, synchronous=NORMAL", "broker": "mosquitto (ManagedBroker, persistence)"})
+
+
+if __name__ == "__main__":
+    main()
