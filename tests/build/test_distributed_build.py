@@ -25,8 +25,7 @@ def test_two_ranks_train_one_model_and_rank0_ships_it(tmp_path: Path, default_bu
     ranks = {int(rank): (best, run, digest) for rank, best, run, digest in WEIGHTS_LINE.findall(result.stderr)}
     assert sorted(ranks) == [0, 1], result.stderr
     assert ranks[0] == ranks[1]  # the same best epoch restored, bit-identical weights on both ranks
-    assert sorted(p.name for p in out.iterdir()) == ["digits-1-jetson-orin-nano.bundle", "digits-1-jetson-orin-nano.pt",
-                                                    "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in default_build.out.iterdir())  # one bundle, one report
     assert result.stdout.strip().splitlines()[-1] == str(out / "digits-1-jetson-orin-nano.bundle")
     spread = json.loads((out / "report.json").read_text())
     alone = json.loads((default_build.out / "report.json").read_text())  # one process, the same seed
