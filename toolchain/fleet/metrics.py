@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from toolchain.errors import ToolchainError
-from toolchain.fleet.store import OFFLINE, ONLINE, FleetStore
+from toolchain.fleet.store import OFFLINE, ONLINE, FleetStore, TelemetryRecord
 
 try:
     import prometheus_client
@@ -73,10 +73,10 @@ class FleetMetrics:
         self._store: FleetStore | None = None
         self._server: Any = None
 
-    def observe_ingest(self, record: Any) -> None:
+    def observe_ingest(self, record: TelemetryRecord) -> None:
         """A telemetry window was committed (the monitor's ``on_telemetry``): record its lag (device clocks
         running ahead count as 0)."""
-        self.ingest_lag.observe(max(0.0, time.time() - float(record.window_end)))
+        self.ingest_lag.observe(max(0.0, time.time() - record.window_end))
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
