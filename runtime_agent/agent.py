@@ -94,6 +94,7 @@ class Agent:
         self.receiver = PushReceiver(config.device_dir / "staging", self._send_ack, self._install_async)
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # one install or rollback at a time
+        self._bench_lock = threading.Lock()  # one benchmark job at a time
         self._window = Window()
         self._served: deque[tuple[Active, float, Features, np.ndarray, np.ndarray | None]] = deque()  # not yet accounted
         self._active: Active | None = None
@@ -297,7 +298,27 @@ class Agent:
 
     def _install_async(self, transfer: Transfer, path: Path) -> None:
         """Verification and session creation take a while: keep them off the MQTT network thread."""
-        threading.Thread(target=self.install, args=(transfer, path), name=f"install-{transfer.transfer}", daemon=True).start()
+        job = transfer.offer.get("job") == "bench"  # a benchmark job rides the push channel; it is never installed
+        threading.Thread(target=self.bench if job else self.install, args=(transfer, path),
+                         name=f"{'bench' if job else 'install'}-{transfer.transfer}", daemon=True).start()
+
+    def bench(self, transfer: Transfer, path: Path) -> None:
+        """Verify a benchmark job like a bundle, time its models beside serving (runtime_agent.bench_job),
+        answer with a `bench_result` event, then the transfer's final state `done`."""
+        from runtime_agent.bench_job import read_job, run_job
+
+        with self._bench_lock:  # one job at a time: two would time each other
+            try:
+                self.receiver.check_hash(transfer, path)
+                job = read_job(path, self.keyring())
+            except AgentError as exc:
+                self._reject(transfer, f"benchmark job refused: {exc}")
+                return
+            log.info("benchmark job %s: %d model(s), %d runs each", transfer.transfer, len(job.models), job.runs)
+            manifest = self.model.bundle.manifest
+            result = run_job(job, manifest.get("providers", []), self.config.serve_threads)
+        self.emit_event("bench_result", transfer=transfer.transfer, profile=manifest["target"], **result)
+        self.receiver.set_state(transfer, "done")
 
     def _reject(self, transfer: Transfer, reason: str) -> None:
         log.warning("rejected push %s: %s", transfer.transfer, reason)

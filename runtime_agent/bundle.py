@@ -78,6 +78,11 @@ def write_bundle(path: Path, manifest: dict[str, Any], files: dict[str, bytes], 
     manifest["artifacts"] = [dict(a, sha256=sha256_hex(files[a["path"]]), bytes=len(files[a["path"]]))
                              for a in manifest["artifacts"]]
     _check_manifest(manifest)
+    return write_signed(path, manifest, files, private_key)
+
+
+def write_signed(path: Path, manifest: dict[str, Any], files: dict[str, bytes], private_key: Ed25519PrivateKey) -> Path:
+    """The signed archive itself (a bundle, or a benchmark job): the manifest, its signature, the files."""
     body = manifest_bytes(manifest)
     members = {MANIFEST: body, SIGNATURE: private_key.sign(body), **files}
     path = Path(path)
@@ -98,6 +103,15 @@ def read_bundle(path: Path, trusted: Ed25519PublicKey | Keyring, *, installed: b
     """Verify and load a bundle: structure, signature, format, then every artifact's hash. `trusted`: one
     key or a device's keyring; `installed`: the bundle is already on this device's disk, verified when it
     came in, so a key revoked since still verifies it (a revocation must not leave a device without a model)."""
+    manifest, members = read_signed(path, trusted, installed=installed)
+    _check_manifest(manifest)
+    check_artifacts(manifest, members, path)
+    return Bundle(path=path, manifest=manifest, files=members)
+
+
+def read_signed(path: Path, trusted: Ed25519PublicKey | Keyring, *, installed: bool = False) -> tuple[Any, dict[str, bytes]]:
+    """A signed archive's verified manifest (parsed JSON, not yet checked) and its other members: every
+    byte of the tar checked and the manifest's signature by a trusted key; the caller checks the rest."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -120,9 +134,7 @@ def read_bundle(path: Path, trusted: Ed25519PublicKey | Keyring, *, installed: b
         manifest = json.loads(body)
     except (ValueError, RecursionError) as exc:  # signed, yet not JSON: a broken build or a misused key
         raise BundleError(f"bundle {path}: the signed manifest is not JSON ({type(exc).__name__})") from None
-    _check_manifest(manifest)
-    _check_artifacts(manifest, members, path)
-    return Bundle(path=path, manifest=manifest, files=members)
+    return manifest, members
 
 
 def _claimed_signer(body: bytes) -> Any:
@@ -181,7 +193,8 @@ def _check_manifest(manifest: Any) -> None:
         raise BundleError("manifest must list exactly one artifact with role 'model'")
 
 
-def _check_artifacts(manifest: dict[str, Any], members: dict[str, bytes], path: Path) -> None:
+def check_artifacts(manifest: dict[str, Any], members: dict[str, bytes], path: Path) -> None:
+    """Every file the manifest lists is there, with its size and sha256, and nothing else is."""
     listed = {a["path"]: a for a in manifest["artifacts"]}
     if extra := sorted(set(members) - set(listed)):
         raise BundleError(f"bundle {path} contains files not listed in the manifest: {extra}")

@@ -128,6 +128,28 @@ def _check(spec: TensorSpec, x: Any, what: str) -> np.ndarray:
     return x
 
 
+def open_session(model_format: str, data: bytes, path: str, providers: Sequence[str] = (),
+                 threads: int = 0) -> ort.InferenceSession | LiteRtSession:
+    """The device's runtime for a model file: onnxruntime (with the profile's providers) or LiteRT; the
+    one place sessions are made, so a served model and a benchmark job's model run with the same settings."""
+    if model_format == "tflite":
+        try:
+            return LiteRtSession(data, threads=threads)
+        except LiteRtUnavailable as exc:
+            raise BundleError(str(exc)) from None
+        except Exception as exc:  # the interpreter raises ValueError/RuntimeError for bad flatbuffers
+            raise BundleError(f"model {path} cannot be loaded by LiteRT: {exc}") from None
+    if model_format == "onnx":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            return ort.InferenceSession(data, options, providers=_providers(providers))
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            raise BundleError(f"model {path} cannot be loaded by onnxruntime: {exc}") from None
+    raise BundleError(f"model format {model_format!r} needs a runtime this agent does not have "
+                      f"(it runs 'onnx' and, with ai-edge-litert, 'tflite')")
+
+
 @dataclass
 class LoadedModel:
     bundle: Bundle
@@ -141,25 +163,8 @@ class LoadedModel:
     @classmethod
     def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0) -> "LoadedModel":
         artifact = bundle.model_artifact
-        session: ort.InferenceSession | LiteRtSession
-        if artifact["format"] == "tflite":
-            try:
-                session = LiteRtSession(bundle.model_bytes, threads=threads)
-            except LiteRtUnavailable as exc:
-                raise BundleError(str(exc)) from None
-            except Exception as exc:  # the interpreter raises ValueError/RuntimeError for bad flatbuffers
-                raise BundleError(f"model {artifact['path']} cannot be loaded by LiteRT: {exc}") from None
-        elif artifact["format"] == "onnx":
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            try:
-                session = ort.InferenceSession(bundle.model_bytes, options,
-                                               providers=_providers(providers or bundle.manifest.get("providers", [])))
-            except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
-                raise BundleError(f"model {artifact['path']} cannot be loaded by onnxruntime: {exc}") from None
-        else:
-            raise BundleError(f"model format {artifact['format']!r} needs a runtime this agent does not have "
-                              f"(it runs 'onnx' and, with ai-edge-litert, 'tflite')")
+        session = open_session(artifact["format"], bundle.model_bytes, artifact["path"],
+                               providers or bundle.manifest.get("providers", []), threads)
         task, inputs, outputs = _specs(bundle.manifest)
         if "outputs" in bundle.manifest and len(outputs) != _output_count(session):
             raise BundleError(f"the model has {_output_count(session)} output(s) but the manifest lists {len(outputs)}")

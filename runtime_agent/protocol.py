@@ -29,7 +29,7 @@ SCHEMAS = {STATUS: "status/1", TELEMETRY: "telemetry/1", EVENTS: "events/1", CMD
 ONLINE, OFFLINE = "online", "offline"
 STATUS_OFFLINE = {"schema": SCHEMAS[STATUS], "state": OFFLINE}  # the LWT and a stopping agent's last word
 COMMAND_TYPES = ("push_offer", "rollback", "config", "rotate_keys")
-FINAL_STATES = ("installed", "rejected")  # a transfer's last ack state
+FINAL_STATES = ("installed", "rejected", "done")  # a transfer's last ack state (`done`: a benchmark job answered)
 
 # Size limits: a push offer's chunk size (its bundle is at most `bundle.MAX_BUNDLE_BYTES`), a command, a report.
 MIN_CHUNK_BYTES = 1 << 10

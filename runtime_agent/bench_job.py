@@ -1,0 +1,133 @@
+"""Benchmark jobs: time model files on this device, in its own runtime and settings, without installing them.
+
+A job arrives over the push channel like a bundle (a `push_offer` with `"job": "bench"`, docs/push-protocol.md
+"Benchmark jobs") and is the same kind of signed archive: `manifest.json` (`"kind": "bench-job"`), its
+ed25519 signature by a key of the device's keyring, and the model files with their sha256. Nothing in it
+is loaded before the signature and every hash check out, and a bundle's signature cannot be replayed as a
+job (nor a job's as a bundle): each manifest must name its own kind.
+
+Serving goes on while a job runs, so the job is paced: after each timed run it sleeps long enough that it
+computes at most `duty` of the wall time (default 0.5; the sleep is not part of any timing). One job runs
+at a time. Each model is opened exactly as a served model is (`runtime_agent.model.open_session`: the
+serving bundle's providers, the agent's `[serve] threads` unless the job names a thread count), fed
+seeded random inputs of the job's shapes, warmed up, then timed run by run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime_agent.agent import rss_mb
+from runtime_agent.bundle import check_artifacts, read_signed
+from runtime_agent.errors import AgentError
+from runtime_agent.keyring import Keyring
+from runtime_agent.model import open_session
+
+JOB_KIND = "bench-job"
+MAX_MODELS = 64
+MAX_RUNS = 100_000
+FORMATS = ("onnx", "tflite")
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+           "tensor(bool)": np.bool_}
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """A verified job: what to time and how."""
+
+    id: str
+    models: list[dict[str, Any]]  # the manifest's artifacts: path, format, name, inputs ({input: shape})
+    files: dict[str, bytes]
+    runs: int
+    warmup: int
+    threads: int | None  # None: the agent's own [serve] threads
+    duty: float
+    seed: int
+
+
+def _number(manifest: dict[str, Any], key: str, kind: type, low: float, high: float, default: Any) -> Any:
+    value = manifest.get(key, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
+        raise AgentError(f"benchmark job: '{key}' must be a {kind.__name__} in [{low}, {high}], got {value!r}")
+    return value
+
+
+def read_job(path: Path, keyring: Keyring) -> BenchJob:
+    """Verify a job archive (signature by a trusted key, every file's hash) and check its fields."""
+    manifest, members = read_signed(path, keyring)
+    if not isinstance(manifest, dict) or manifest.get("kind") != JOB_KIND:
+        raise AgentError(f"benchmark job: the signed manifest is not a benchmark job (its kind is not {JOB_KIND!r})")
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, list) or not 1 <= len(artifacts) <= MAX_MODELS:
+        raise AgentError(f"benchmark job: 'artifacts' must list 1 to {MAX_MODELS} models")
+    for artifact in artifacts:
+        if not isinstance(artifact, dict) or artifact.get("format") not in FORMATS or not isinstance(artifact.get("inputs"), dict) \
+                or not all(isinstance(artifact.get(key), kind) for key, kind in (("path", str), ("sha256", str), ("bytes", int))):
+            raise AgentError(f"benchmark job: model {str(artifact)[:200]} needs path, sha256, bytes, a format in {FORMATS} "
+                             "and 'inputs' {name: shape}")
+        for name, shape in artifact["inputs"].items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 16 for d in shape):
+                raise AgentError(f"benchmark job: input {name!r} of {artifact.get('path')!r} has no valid shape: {shape!r}")
+    check_artifacts({"artifacts": [dict(a) for a in artifacts]}, members, path)
+    return BenchJob(id=str(manifest.get("id", "")), models=artifacts, files=members,
+                    runs=_number(manifest, "runs", int, 1, MAX_RUNS, 200), warmup=_number(manifest, "warmup", int, 0, MAX_RUNS, 10),
+                    threads=_number(manifest, "threads", int, 0, 256, None), duty=float(_number(manifest, "duty", float, 0.01, 1.0, 0.5)),
+                    seed=_number(manifest, "seed", int, 0, 1 << 31, 0))
+
+
+def _feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded random inputs: the job's shape for each input it names, else the model's (free dims as 1)."""
+    feeds = {}
+    for spec in session.get_inputs():
+        shape = shapes.get(spec.name) or [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        dtype = _DTYPES.get(spec.type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str], threads: int) -> dict[str, Any]:
+    """One model's p50/p90/p99 (ms), load time and memory; a model that cannot load or run gets `error`."""
+    threads = job.threads if job.threads is not None else threads
+    row: dict[str, Any] = {"name": artifact.get("name", artifact["path"]), "path": artifact["path"],
+                           "format": artifact["format"], "threads": threads, "runs": 0}
+    before = rss_mb()
+    started = time.perf_counter()
+    try:
+        session = open_session(artifact["format"], job.files[artifact["path"]], artifact["path"], providers, threads)
+        row["load_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        feeds = _feeds(session, artifact["inputs"], np.random.default_rng(job.seed))
+        latencies = []
+        for index in range(job.warmup + job.runs):
+            began = time.perf_counter()
+            session.run(None, feeds)
+            took = time.perf_counter() - began
+            if index >= job.warmup:
+                latencies.append(took * 1000)
+            time.sleep(took * (1 - job.duty) / job.duty)  # pacing: serving keeps the rest of the CPU
+    except Exception as exc:  # a bad model is this model's error, not the job's
+        row["error"] = f"{type(exc).__name__}: {exc}"[:512]
+        return row
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    row.update(runs=len(latencies), p50_ms=round(float(p50), 4), p90_ms=round(float(p90), 4), p99_ms=round(float(p99), 4),
+               mean_ms=round(float(np.mean(latencies)), 4), rss_mb=round(rss_mb(), 2),
+               model_rss_mb=round(rss_mb() - before, 2))
+    return row
+
+
+def run_job(job: BenchJob, providers: Sequence[str], threads: int) -> dict[str, Any]:
+    """Every model of the job, one after the other; what the `bench_result` event carries."""
+    started = time.perf_counter()
+    models = [time_model(job, artifact, providers, threads) for artifact in job.models]
+    return {"job": job.id, "models": models, "runs": job.runs, "warmup": job.warmup, "duty": job.duty,
+            "seconds": round(time.perf_counter() - started, 3)}
