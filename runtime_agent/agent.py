@@ -26,6 +26,7 @@ from runtime_agent.errors import AgentError, InputError
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
+from runtime_agent.process import rss_mb
 from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ONLINE, SCHEMAS, STATUS, TELEMETRY,
                                     ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
@@ -36,18 +37,6 @@ from runtime_agent.slots import Slots
 from runtime_agent.updates import check_update, self_test
 
 log = logging.getLogger(__name__)
-
-
-def rss_mb() -> float:
-    """Resident memory of this process, from /proc (0.0 where there is none)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _command_ids(command: dict[str, Any]) -> dict[str, Any]:

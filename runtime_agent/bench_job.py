@@ -22,11 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime_agent.agent import rss_mb
 from runtime_agent.bundle import check_artifacts, read_signed
 from runtime_agent.errors import AgentError
 from runtime_agent.keyring import Keyring
 from runtime_agent.model import open_session
+from runtime_agent.process import rss_mb
 
 JOB_KIND = "bench-job"
 MAX_MODELS = 64
