@@ -23,6 +23,7 @@ class PushBundle:
     name: str
     version: int
     target: str
+    job: str | None = None  # "bench": a benchmark job (toolchain.deploy.device_bench), timed and never installed
 
     @property
     def transfer(self) -> str:

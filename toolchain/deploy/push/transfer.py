@@ -57,7 +57,7 @@ Progress = Callable[[str, int, int, str], None]  # (device, chunks acknowledged,
 class PushResult:
     device: str
     transfer: str
-    state: str  # installed | rejected | timeout
+    state: str  # installed | rejected | timeout (done: a benchmark job was answered)
     reason: str
     chunks: int
     chunks_sent: int
@@ -338,6 +338,8 @@ class PushSender(Listener):
                  "transfer": self.transfer, "bytes": self.bundle.size, "sha256": self.bundle.sha256,
                  "chunk_bytes": self.chunk_bytes, "chunks": self.chunks, "name": self.bundle.name,
                  "version": self.bundle.version, "target": self.bundle.target}
+        if self.bundle.job:
+            offer["job"] = self.bundle.job
         with self._cv:
             self._last_offer = time.monotonic()
             self._mark("offer")
