@@ -30,6 +30,9 @@ def test_streams_duplicates_events_and_pruning(target: str) -> None:
     with FleetStore(target) as store:
         assert [store.insert_telemetry(window(seq, "aaaa")) for seq in (1, 2, 3)] == [1, 1, 1]
         assert store.insert_telemetry(window(2, "aaaa")) is None
+        # A batch's windows in one statement: a key twice in it is stored once, an old one not again.
+        assert store.insert_telemetry_many([(window(4, "aaaa"), 5.0), (window(4, "aaaa"), 5.0), (window(3, "aaaa"), 5.0),
+                                            (window(5, "aaaa"), 6.0)]) == [1, None, None, 1]
         assert store.insert_telemetry(window(1, "bbbb", latency_ms=9.0, psi=0.4)) == 2  # re-flashed: newer
         assert store.update_status("lab", "dev-1", "online", seen_at=1.0, model_version=3) == ("unknown", None)
         assert store.update_status("lab", "dev-1", "offline") == ("online", 3)
@@ -40,8 +43,8 @@ def test_streams_duplicates_events_and_pruning(target: str) -> None:
         assert not store.insert_event("lab", "dev-1", 4, "installed", {"version": 2}, stream="aaaa")
         store.record_rejected("edge/v1/lab/x/telemetry", "not JSON", b"\xff")
         assert store.rejected_count() == 1
-        assert store.merged_latency("lab").windows == 4
-        assert store.prune(before=float("inf")) == 3  # the latest window (the new stream's seq 1) stays
+        assert store.merged_latency("lab").windows == 6
+        assert store.prune(before=float("inf")) == 5  # the latest window (the new stream's seq 1) stays
         assert [(w["stream"], w["seq"]) for w in store.telemetry("lab")] == [("bbbb", 1)]
         assert isinstance(store.telemetry("lab")[0]["received_at"], float)  # 8-byte times on both
     with FleetStore(target, create=False) as reader:

@@ -245,9 +245,14 @@ class FleetMonitor:
             self._deferred, self._touched = [], set()
             try:
                 with self.store.batch():
+                    windows: list[tuple[TelemetryRecord, float, tuple[int, int]]] = []
                     for topic, payload, retained, mid, qos in batch:
-                        if self._store_one(topic, payload, retained):
+                        verdict = self._store_one(topic, payload, retained)
+                        if isinstance(verdict, tuple):
+                            windows.append((*verdict, (mid, qos)))
+                        elif verdict:
                             acks.append((mid, qos))
+                    acks.extend(self._store_windows(windows))
                 break
             except self.store.retryable as exc:
                 self.stats.clear()
@@ -277,8 +282,9 @@ class FleetMonitor:
                 self.stats["store_errors"] += 1
                 log.error("cannot evaluate fleet %s's drift alarm: %s", fleet, exc)
 
-    def _store_one(self, topic: str, payload: bytes, retained: bool) -> bool:
-        """Handle one message inside the batch; False if it must not be acknowledged (the store failed).
+    def _store_one(self, topic: str, payload: bytes, retained: bool) -> bool | tuple[TelemetryRecord, float]:
+        """Handle one message inside the batch; False if it must not be acknowledged (the store failed), a
+        valid telemetry window (and when it arrived) to be stored with the batch's others (`_store_windows`).
         A conflict with another writer is raised: the whole batch is tried again."""
         try:
             stored = self._handle(topic, payload, retained)
@@ -302,13 +308,54 @@ class FleetMonitor:
             self.stats["errors"] += 1
             log.exception("failed to handle the message on %s", topic)
         else:
+            if isinstance(stored, tuple):
+                return stored
             if stored is not None and self.on_stored is not None:
                 self._later(self.on_stored, stored)
         return True
 
+    def _store_windows(self, windows: list[tuple[TelemetryRecord, float, tuple[int, int]]]) -> list[tuple[int, int]]:
+        """Store the batch's telemetry windows in one statement (one round trip to PostgreSQL, not one per
+        window); if that fails, one by one, so a window the database refuses fails alone. Returns the
+        acknowledgements of the windows stored or found duplicate."""
+        if not windows:
+            return []
+        try:
+            epochs = self.store.insert_telemetry_many([(record, at) for record, at, _ in windows])
+        except self.store.retryable:
+            raise
+        except (*self.store.errors, ToolchainError):
+            epochs = []
+            for record, at, _ in windows:
+                try:
+                    epochs.append(self.store.insert_telemetry(record, at))
+                except self.store.retryable:
+                    raise
+                except (*self.store.errors, ToolchainError) as exc:  # not acknowledged: re-sent after a reconnect
+                    self.stats["store_errors"] += 1
+                    log.error("cannot store %s/%s's window %s: %s", record.fleet, record.device, record.seq, exc)
+                    epochs.append(False)
+        acks = []
+        for (record, at, ack), epoch in zip(windows, epochs):
+            if epoch is False:
+                continue
+            acks.append(ack)
+            if epoch is None:
+                self.stats["duplicates"] += 1
+                continue
+            self.stats["telemetry"] += 1
+            if self.on_telemetry is not None:
+                self._later(self.on_telemetry, record)
+            if self.on_stored is not None:
+                self._later(self.on_stored, "telemetry")
+            self._touched.add(record.fleet)
+            self._maybe_prune(at)
+        return acks
+
     # -- handling ------------------------------------------------------------------------------------
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> str | None:
-        """Validate and store one message; returns its kind if something was stored, None if not."""
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> str | tuple[TelemetryRecord, float] | None:
+        """Validate and store one message; returns its kind if something was stored, None if not; a
+        telemetry window is only validated and returned (with its arrival time) to be stored with its batch."""
         fleet, device, kind = parse_topic(topic)
         if self.fleet != "+" and fleet != self.fleet:
             return None  # a subscription left in the persistent session by an earlier run with another --fleet
@@ -320,16 +367,7 @@ class FleetMonitor:
         elif kind != EVENTS:
             report = parse_telemetry(payload, device)
             alarm = window_alarm(report.drift, report.n, self.min_samples)
-            record = TelemetryRecord(fleet=fleet, device=device, alarm=alarm, **vars(report))
-            epoch = self.store.insert_telemetry(record, now)
-            if epoch is None:
-                self.stats["duplicates"] += 1
-                return None
-            self.stats["telemetry"] += 1
-            if self.on_telemetry is not None:
-                self._later(self.on_telemetry, record)
-            self._touched.add(fleet)
-            self._maybe_prune(now)
+            return TelemetryRecord(fleet=fleet, device=device, alarm=alarm, **vars(report)), now
         else:
             event = parse_event(payload, device)
             event_type, body = event.type, event.payload

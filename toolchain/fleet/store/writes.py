@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from toolchain.fleet.store.database import Database
 from toolchain.fleet.store.records import FLEET_DEVICE, REJECTED_KEPT, TelemetryRecord
@@ -124,21 +124,34 @@ class StoreWrites(Database):
     def insert_telemetry(self, record: TelemetryRecord, received_at: float | None = None) -> int | None:
         """Store one window and return its stream's epoch (>= 1: windows order by (epoch, seq)); None (and
         nothing changed) if this (fleet, device, stream, seq) is already stored."""
-        received_at = time.time() if received_at is None else received_at
+        return self.insert_telemetry_many([(record, time.time() if received_at is None else received_at)])[0]
+
+    def insert_telemetry_many(self, windows: Sequence[tuple[TelemetryRecord, float]]) -> list[int | None]:
+        """`insert_telemetry` of many (window, received_at) in one INSERT: one round trip to the database
+        for a batch. A key twice in ``windows``: the first is stored, the second is a duplicate."""
+        if not windows:
+            return []
         with self._tx() as db:
-            epoch = self._epoch(db, record.fleet, record.device, record.stream, received_at)
-            inserted = db.execute(
+            epochs = [self._epoch(db, r.fleet, r.device, r.stream, at) for r, at in windows]
+            values = [value for (r, at), epoch in zip(windows, epochs) for value in (
+                r.fleet, r.device, r.stream, epoch, r.seq, at, r.window_start, r.window_end, r.model_version, r.n,
+                r.requests, r.errors, r.rss_mb, r.p50, r.p90, r.p99, r.psi_max, int(r.alarm),
+                json.dumps(r.sketch, separators=(",", ":")), json.dumps(r.drift, separators=(",", ":")))]
+            rows = ", ".join(["(" + ", ".join("?" * 20) + ")"] * len(windows))
+            new = {tuple(row) for row in db.execute(
                 "INSERT INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
                 "model_version, n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (fleet, device, stream, seq) DO NOTHING",
-                (record.fleet, record.device, record.stream, epoch, record.seq, received_at, record.window_start,
-                 record.window_end, record.model_version, record.n, record.requests, record.errors, record.rss_mb,
-                 record.p50, record.p90, record.p99, record.psi_max, int(record.alarm),
-                 json.dumps(record.sketch, separators=(",", ":")), json.dumps(record.drift, separators=(",", ":")))).rowcount == 1
-            if inserted:
-                self._touch(record.fleet, record.device, received_at, record.stream, epoch, record.seq)
-        return epoch if inserted else None
+                f"VALUES {rows} ON CONFLICT (fleet, device, stream, seq) DO NOTHING RETURNING fleet, device, stream, seq",
+                values).fetchall()}
+            result: list[int | None] = []
+            for (r, at), epoch in zip(windows, epochs):
+                key = (r.fleet, r.device, r.stream, r.seq)
+                stored = key in new
+                new.discard(key)
+                result.append(epoch if stored else None)
+                if stored:
+                    self._touch(r.fleet, r.device, at, r.stream, epoch, r.seq)
+        return result
 
     def insert_event(self, fleet: str, device: str, seq: int, kind: str, payload: Mapping[str, Any],
                      ts: float | None = None, received_at: float | None = None, stream: str = "") -> bool:
