@@ -44,9 +44,6 @@ import numpy as np
 from _common import print_table, target, write_results
 from push import build_base
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # tests.postgres: the PostgreSQL the tests run, here with durable settings
-
 BIN = Path(sys.executable).parent
 FLEET = "bench"
 RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000)
@@ -207,7 +204,7 @@ def main() -> None:
     if args.quick:
         args.seconds = min(args.seconds, 5.0)
 
-    from tests.postgres import start_server, stop_server
+    from toolchain.fleet.store.local_server import start_server, stop_server
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     os.environ["EDGE_TOOLCHAIN_KEYS"] = str(work / "keys")  # a throwaway key, never the user's

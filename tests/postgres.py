@@ -1,86 +1,21 @@
-"""A real PostgreSQL for the tests: Debian's postgresql 15 server binaries (`initdb`, `pg_ctl`), one server
-per test session (per pytest-xdist worker), in a temporary data folder on a free loopback port, and a fresh
-database per test.
+"""A real PostgreSQL for the tests (`toolchain.fleet.store.local_server`: Debian's postgresql 15 in a
+temporary folder on a free loopback port, as a non-root user): one server per test session (per
+pytest-xdist worker), durability off, and a fresh database per test.
 
-PostgreSQL refuses to run as root, and the tests often do (CI runs as root): then the server runs as the
-`postgres` system user (Debian's package creates it; `runuser` switches to it), otherwise as the current
-user. Authentication is `trust` on 127.0.0.1 only, durability is off (fsync): the data lives for one session.
-
-Loaded as a plugin from tests/conftest.py (`pytest_plugins`), so any test can ask for `postgres_url`.
+Imported by tests/conftest.py, so any test can ask for `postgres_url` (or `postgres_server`).
 """
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from toolchain.deploy.broker import free_port
-
-PG_BIN = Path(os.environ.get("EDGE_TOOLCHAIN_PG_BIN", "/usr/lib/postgresql/15/bin"))
-SUPERUSER = "postgres"
-
-
-@dataclass(frozen=True)
-class PostgresServer:
-    """A running server: its data folder, port, and the OS user it runs as (None: the current user)."""
-
-    data: Path
-    port: int
-    os_user: str | None
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
-
-    def run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run one of the server's command-line tools as the server's OS user."""
-        command = [str(PG_BIN / tool), *args]
-        if self.os_user:
-            command = ["runuser", "-u", self.os_user, "--", *command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{tool} {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def create_database(self, name: str) -> str:
-        self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, name)
-        return self.url(name)
-
-
-def start_server(root: Path, durable: bool = False) -> PostgresServer:
-    """initdb + pg_ctl start in `root` (which the server's user must own), on a free loopback port; a port
-    taken between choosing and binding (another worker) is retried with a new one. ``durable``: PostgreSQL's
-    own defaults (fsync, synchronous commit: what a benchmark must measure); else both off (tests)."""
-    os_user = SUPERUSER if os.geteuid() == 0 else None
-    if os_user:
-        entry = pwd.getpwnam(os_user)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    data = root / "data"
-    probe = PostgresServer(data=data, port=0, os_user=os_user)
-    probe.run("initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync")
-    for _attempt in range(5):
-        server = PostgresServer(data=data, port=free_port(), os_user=os_user)
-        try:
-            server.run("pg_ctl", "start", "-w", "-t", "60", "-D", str(data), "-l", str(root / "server.log"), "-o",
-                       f"-p {server.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                       "-c max_connections=200" + ("" if durable else
-                                                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
-        except RuntimeError:
-            continue
-        return server
-    raise RuntimeError(f"PostgreSQL did not start; its log: {(root / 'server.log').read_text()}")
-
-
-def stop_server(server: PostgresServer) -> None:
-    server.run("pg_ctl", "stop", "-D", str(server.data), "-m", "fast", "-w")
+from toolchain.fleet.store.local_server import PostgresServer, start_server, stop_server
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 from tests.fleet.test_fleet_store import window
-from tests.postgres import PostgresServer
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FLEET_ALARM, FLEET_DEVICE, FleetStore
+from toolchain.fleet.store.local_server import PostgresServer
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -7,6 +7,7 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
   writes    device states, telemetry windows, events, alarms, rejected messages, pruning
   queries   devices, telemetry, merged latency sketches, fleet drift, events
   share     the fleet drift share from the database, and when the fleet alarm moves
+  local_server  a throwaway local PostgreSQL (Debian's binaries) for tests and benchmarks
   records   what is stored and returned, without SQL (TelemetryRecord, window_alarm, merged sketches)
 
 `FleetStore` is the one class callers use; these names are its public surface.
