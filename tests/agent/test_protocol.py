@@ -17,6 +17,7 @@ from runtime_agent.protocol import (TOPIC_ROOT, Malformed, ack_topic, chunk_topi
                                     parse_status, parse_telemetry, parse_topic)
 from tests.conftest import REPO, Build, provision_device
 from toolchain.deploy.broker import ACL
+from toolchain.deploy.bridge import NOTIFICATION_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,9 @@ def test_every_topic_is_built_from_the_one_prefix(default_build: Build, tmp_path
     config = load_agent_config(provision_device(tmp_path, default_build, "mqtt://127.0.0.1:1", "cam-1", "plant"))
     assert config.topic("events") == prefix + "events"
     rules = [line.split()[-1] for line in ACL.splitlines() if line.startswith(("topic", "pattern"))]
-    assert rules and all(rule.startswith(TOPIC_ROOT + "/") for rule in rules)
+    # fleet topics under the one prefix; the brokers' own bridge states under theirs (toolchain.deploy.bridge)
+    assert rules and all(rule.startswith((TOPIC_ROOT + "/", NOTIFICATION_ROOT + "/")) for rule in rules)
+    assert 1 <= sum(rule.startswith(NOTIFICATION_ROOT + "/") for rule in rules) <= 2  # the operator reads, a bridge writes
 
 
 def test_no_module_spells_the_prefix_itself() -> None:
