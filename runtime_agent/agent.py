@@ -23,6 +23,7 @@ from runtime_agent.bundle import Bundle, read_bundle
 from runtime_agent.config import AgentConfig
 from runtime_agent.drift import COVARIATE, DriftMonitor
 from runtime_agent.errors import AgentError, InputError
+from runtime_agent.faults import crash_point
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
@@ -91,6 +92,7 @@ class Agent:
         self._probation: Probation | None = None
         self._probation_state: dict[str, Any] | None = None  # in the retained status: {version, state}
         self._refused_path = config.device_dir / "refused-versions.json"
+        self._probation_path = config.device_dir / "probation.json"  # `_probation_state`, kept across restarts
         self._link = None  # the MqttLink once running: acks go out directly, not through the outbox
         self._last_drift: dict[str, Any] = {}  # the last closed window's, for /metrics
 
@@ -99,7 +101,9 @@ class Agent:
         return LoadedModel.from_bundle(bundle, threads=self.config.serve_threads)
 
     def load(self) -> LoadedModel:
-        """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified."""
+        """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified.
+        First finish a slot switch that a crash cut in half."""
+        self.slots.recover()
         key = self.keyring()
         active = Active(self._load_model(read_bundle(self.config.bundle_path, key, installed=True)))
         previous = None
@@ -110,7 +114,33 @@ class Agent:
                 log.warning("previous bundle unusable, rollback disabled: %s", exc)
         with self._lock:
             self._active, self._previous = active, previous
-        return active.model
+        self._resume_update()
+        return self.model
+
+    def _resume_update(self) -> None:
+        """After a restart: finish a rollback that was recorded (refused version, or the probation record says
+        rolled back) before its switch happened, and start again a probation that was running (its statistics
+        died with the process). A record of a version that never became current is an install cut short."""
+        version = self._active.model.bundle.version
+        try:
+            saved = json.loads(self._probation_path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        recorded = saved is not None and saved.get("version") == version and saved.get("state") == "rolled_back"
+        if (version in self._refused() or recorded) and self._previous is not None:
+            self.roll_back(f"finishing the rollback of v{version} that a restart interrupted")
+            return
+        if saved is None or (saved.get("state") == "running" and saved.get("version") != version):
+            return
+        self._probation_state = saved
+        if saved.get("state") == "running":
+            self._start_probation(self._active, self._previous)
+
+    def _set_probation_state(self, state: dict[str, Any]) -> None:
+        self._probation_state = state
+        tmp = self._probation_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._probation_path)
 
     def keyring(self) -> Keyring:
         """The keys that may sign a bundle now (`trusted/` and the older single `trusted.pub`)."""
@@ -324,16 +354,28 @@ class Agent:
         """Verify, self-test, store in a slot, switch atomically; report every outcome."""
         with self._update_lock:
             try:
+                crash_point("install:staged")
                 self.receiver.check_hash(transfer, path)
                 running = self.model.bundle.manifest
+                if self.slots.current.is_symlink() and self.slots.current_sha256() == transfer.sha256:
+                    self._installed_before(transfer)
+                    return
                 bundle = check_update(path, self.keyring(), running, self._refused())
                 model = self._load_model(bundle)
                 self_test(model)
+                crash_point("install:verified")
                 slot = self.slots.store(path, bundle.manifest["name"], bundle.version)
+                crash_point("install:slot_written")
+                # recorded before the switch, so that a restart right after it still runs the probation
+                self._set_probation_state({"version": bundle.version, "state": "running"})
                 self.slots.activate(slot, f"{running['name']}-{running['version']}.bundle")
+                crash_point("install:switched")
                 self._swap_in(Active(model), bundle)
             except AgentError as exc:
                 self._reject(transfer, str(exc))
+                return
+            except OSError as exc:  # a full or failing disk: the running model stays
+                self._reject(transfer, f"cannot store the bundle in {self.slots.slots}: {exc.strerror or exc}")
                 return
             log.info("installed %s v%s (was v%s) from push %s; probation started", bundle.manifest["name"],
                      bundle.version, running["version"], transfer.transfer)
@@ -341,13 +383,23 @@ class Agent:
                             previous_version=running["version"])
             self.receiver.set_state(transfer, "installed")
 
+    def _installed_before(self, transfer: Transfer) -> None:
+        """The pushed file is the one running: a restart came between its switch and its report."""
+        previous = self._previous.model.bundle.version if self._previous else None
+        log.info("push %s is the installed v%s (a restart interrupted its report)", transfer.transfer, self._version())
+        self.emit_event("installed", transfer=transfer.transfer, version=self._version(), previous_version=previous)
+        self.receiver.set_state(transfer, "installed")
+
+    def _start_probation(self, new: Active, old: Active | None) -> None:
+        with self._lock:
+            self._probation = Probation(self.config.probation, new.stats, old.stats if old else None,
+                                        new.model.bundle.manifest["reference"]["predictions"]["fractions"])
+
     def _swap_in(self, new: Active, bundle: Bundle) -> None:
         with self._lock:
             old = self._active
             self._previous, self._active = old, new
-            self._probation = Probation(self.config.probation, new.stats, old.stats if old else None,
-                                        bundle.manifest["reference"]["predictions"]["fractions"])
-            self._probation_state = {"version": bundle.version, "state": "running"}
+        self._start_probation(new, old)
         if self._link is not None:
             self._link.announce()
 
@@ -358,7 +410,7 @@ class Agent:
             self._probation = None
         reason = probation.regression()
         if reason is None:
-            self._probation_state = {"version": self._version(), "state": "passed"}
+            self._set_probation_state({"version": self._version(), "state": "passed"})
             log.info("probation passed: v%s after %d requests", self._version(), probation.stats.requests)
             self.emit_event("probation_passed", version=self._version(), requests=probation.stats.requests)
             if self._link is not None:
@@ -376,13 +428,16 @@ class Agent:
                 if previous is None:
                     return False
                 self._active, self._previous, self._probation = previous, old, None
-                self._probation_state = {"version": old.model.bundle.version, "state": "rolled_back"}
-            self.slots.roll_back()
+            # The records first, the switch last: a restart in between finishes the rollback (`_resume_update`).
             if refuse:
                 refused = self._refused() | {old.model.bundle.version}
                 tmp = self._refused_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(sorted(refused)))
                 os.replace(tmp, self._refused_path)
+            self._set_probation_state({"version": old.model.bundle.version, "state": "rolled_back"})
+            crash_point("rollback:recorded")
+            self.slots.roll_back()
+            crash_point("rollback:switched")
         log.warning("rolled back v%s -> v%s: %s", old.model.bundle.version, previous.model.bundle.version, reason)
         self.emit_event("rollback", from_version=old.model.bundle.version, to_version=previous.model.bundle.version,
                         reason=reason, **({"cmd_id": cmd_id} if cmd_id else {}))

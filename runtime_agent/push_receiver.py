@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,7 @@ from runtime_agent.bundle import MAX_BUNDLE_BYTES
 from runtime_agent.errors import AgentError
 from runtime_agent.protocol import ACK, ACK_EVERY, FINAL_STATES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SCHEMAS
 
+log = logging.getLogger(__name__)
 _TRANSFER = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -115,9 +117,17 @@ class PushReceiver:
         if same and (saved.get("state") == "installed" or (saved.get("state") != "rejected" and part.exists())):
             offered.received = {i for first, last in saved["received"] for i in range(first, last + 1)}
             offered.state, offered.reason = saved.get("state", "receiving"), saved.get("reason", "")
+            if offered.state == "verifying":  # a restart cut the verification short: `offer` starts it again
+                offered.state = "receiving"
             return offered
-        with open(part, "wb") as handle:
-            handle.truncate(offered.size)
+        try:  # the whole file's space up front: a full disk refuses the push now, not mid-transfer
+            with open(part, "wb") as handle:
+                os.posix_fallocate(handle.fileno(), 0, offered.size)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            offered.state, offered.reason = "rejected", f"cannot stage {offered.size} bytes in {self.dir}: {exc.strerror}"
+            log.warning("push %s rejected: %s", offered.transfer, offered.reason)
+            return offered
         self._save(offered)
         return offered
 

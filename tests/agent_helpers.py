@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -51,11 +52,14 @@ def infer_body(x: np.ndarray, datatype: str = "FP32") -> dict:
     return {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
 
 
-def start_agent(device: Path, log: Path) -> subprocess.Popen:
+def start_agent(device: Path, log: Path, crash_at: str = "") -> subprocess.Popen:
+    """`crash_at`: a step of `runtime_agent.faults.STEPS` at which the process ends itself."""
+    env = {**os.environ, "EDGE_AGENT_CRASH_AT": crash_at}
+    started = log.stat().st_size if log.exists() else 0
     process = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
-                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
-    while b"serving" not in log.read_bytes():
+    while b"serving" not in log.read_bytes()[started:]:
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
     return process
