@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 
@@ -174,9 +175,11 @@ def join_search(config: BuildConfig, profile: Profile, *, seed: int = 0, budget:
 
 def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0, budget: Budget = "quick",
           key_path: Path | None = None, console: Console | None = None,
-          warm_start: Path | None = None, track: str | None = None) -> tuple[Artifact, BuildContext] | None:
+          warm_start: Path | None = None, track: str | None = None,
+          device_timer: Callable[[dict[str, Path]], dict[str, Any]] | None = None) -> tuple[Artifact, BuildContext] | None:
     """Load the data, run the profile's passes, publish bundle and report into `out_dir`. Under torchrun
     only rank 0 does that; the other ranks train its `fit`s with it and return None (`training.distributed`).
+    `device_timer` (`--measure-on`): times every candidate on a board, and the gate then trusts those numbers.
     With `[tracking]` or `track` (an MLflow URI) the build is one MLflow run (`build.tracking`), opened
     before any training."""
     from toolchain.build.tracking import open_tracking
@@ -202,7 +205,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
     with tempfile.TemporaryDirectory(prefix="toolchain-build-") as work:
         ctx = BuildContext(config=config, profile=profile, dataset=dataset, out_dir=Path(out_dir),
                            work_dir=Path(work), seed=seed, budget=budget, key_path=key_path, console=console,
-                           warm_start=warm_start)
+                           warm_start=warm_start, device_timer=device_timer)
         framework = "file" if config.model.from_file else framework_of(config, output_width(dataset))
         try:
             artifact = run_passes(plan_passes(config, profile, framework), ctx)

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from toolchain.commands.options import TargetOption
+from toolchain.commands.options import (BrokerOption, CaFileOption, PasswordFileOption, TargetOption, UsernameOption,
+                                       read_password)
 from toolchain.errors import ToolchainError
 
 err = Console(stderr=True)
@@ -41,6 +42,13 @@ def build(
                                                        "shared with `toolchain search` workers; overrides \\[search] storage")] = None,
     nproc: Annotated[int, typer.Option(help="train data-parallel with N processes on this machine (torchrun); "
                                             "several machines: torchrun ... -m toolchain build ...")] = 1,
+    measure_on: Annotated[Optional[str], typer.Option(help="time every candidate on this device through its agent (a "
+                                                          "signed benchmark job) and gate on its numbers")] = None,
+    broker: BrokerOption = "mqtt://127.0.0.1:1883",
+    fleet: Annotated[Optional[str], typer.Option(help="with --measure-on: the device's fleet (default: looked up)")] = None,
+    username: UsernameOption = None,
+    password_file: PasswordFileOption = None,
+    ca_file: CaFileOption = None,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
     from toolchain.core.config import command_line_config, load_config, with_search
@@ -67,8 +75,15 @@ def build(
         build_config = with_search(load_config(config), storage=storage)
     err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
+    timer = None
+    if measure_on is not None:
+        from toolchain.deploy.device_bench import device_timer
+        from toolchain.deploy.mqtt import BrokerLogin
+
+        timer = device_timer(measure_on, BrokerLogin(broker, username, read_password(password_file, username), ca_file),
+                             fleet, key, profile.id)
     built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
-                      track=track)
+                      track=track, device_timer=timer)
     if built is None:  # a follower rank under torchrun: rank 0 reports
         return
     artifact, ctx = built
@@ -76,7 +91,8 @@ def build(
     err.print(f"[bold green]shipped {shipped.name}[/]: {metric.name} {metric.format_value(shipped.metrics['metric_value'])} "
               f"(reference {metric.format_value(artifact.reference.metrics['metric_value'])}), "
               f"host p50 {shipped.metrics['latency_ms_p50_host']:.4f} ms, "
-              f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}")
+              f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}"
+              + (f", measured {shipped.metrics['latency_ms_p50_device']:.4f} ms on {measure_on}" if measure_on else ""))
     for note in ctx.notes:
         err.print(f"[yellow]note:[/] {note}")
     print(f"report: {artifact.outputs['report_html']}")

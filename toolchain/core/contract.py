@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 from rich.console import Console
 
@@ -59,6 +59,7 @@ class BuildContext:
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a key was created)
     hparams: dict[str, Any] = field(default_factory=dict)  # tuned by the search pass; read by training
     warm_start: Path | None = None  # a checkpoint of an earlier build: training fine-tunes it instead of starting afresh
+    device_timer: Callable[[dict[str, Path]], dict[str, Any]] | None = None  # --measure-on: times candidates on a board
 
     @property
     def settings(self) -> BudgetSettings:

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -127,6 +127,18 @@ def bench_on_device(models: dict[str, Path], device: str, broker: PushClient | B
     stored = (results_dir or device_bench_dir()) / str(result["profile"]) / f"{device}-{stamp}-{result['transfer']}.json"
     write_json_atomic(stored, result)
     return {**result, "stored": str(stored)}
+
+
+def device_timer(device: str, broker: BrokerLogin, fleet: str | None, key: Path | None, profile_id: str,
+                 settings: JobSettings = JobSettings()) -> Callable[[dict[str, Path]], dict[str, Any]]:
+    """What a build times its candidates with (`--measure-on`): one job per call, refused unless the device
+    reports the profile the build is for (a board of another kind would gate on the wrong numbers)."""
+    def timer(models: dict[str, Path]) -> dict[str, Any]:
+        result = bench_on_device(models, device, broker, fleet=fleet, key=key, settings=settings)
+        if result["profile"] != profile_id:
+            raise ToolchainError(f"device {device} is a {result['profile']!r} board; this build is for {profile_id!r}")
+        return result
+    return timer
 
 
 def send_job(path: Path, device: str, client: PushClient, fleet: str | None = None, timeout_s: float = 600.0) -> dict[str, Any]:

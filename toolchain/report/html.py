@@ -246,6 +246,26 @@ def training_section(report: dict[str, Any]) -> str:
             f"patience {train['patience']}), {escape(validation)}, {train['parameters']:,} parameters.</p>")
 
 
+def device_section(report: dict[str, Any]) -> str:
+    """`--measure-on`: each candidate measured on the board next to the host and the prediction, and how far
+    the prediction was from the board (the gate compared the board's p50)."""
+    device = report["benchmark"].get("device")
+    if not device:
+        return ""
+
+    def percent(value: Any) -> str:
+        return "" if value is None else f"{100 * value:+.1f}%"
+
+    rows = [[c["name"], c["latency_ms_p50_host"], c["latency_ms_predicted"], c.get("latency_ms_p50_device", ""),
+             c.get("latency_ms_p99_device", ""), percent(c.get("prediction_error_device")), c.get("device_rss_mb", ""),
+             c.get("device_error", "")] for c in report["candidates"]]
+    return (f"<h2>Measured on device {escape(str(device['device']))} ({escape(str(device['profile']))})</h2>"
+            f"<p>Every candidate timed by the device's agent in its own runtime (a signed benchmark job, "
+            f"{device['settings']['runs']} runs); the gate compared these p50s. Stored: <code>{escape(str(device['stored']))}</code></p>"
+            + table(["candidate", "host p50 ms", "predicted ms", "device p50 ms", "device p99 ms", "prediction error",
+                     "device RSS MB", "device error"], rows, table_id="device"))
+
+
 def render(report: dict[str, Any]) -> str:
     candidates = report["candidates"]
     shipped = report["shipped"]["name"]
@@ -284,6 +304,7 @@ host p50 {report['shipped']['latency_ms_p50_host']:.4f} ms, predicted on {escape
 {scale * gate['max_drop']:.4g} {escape(drop_unit)} ({escape(gate['max_drop_from'])}) on the test split.</p>
 {table(["candidate", "precision", metric, f"drop ({drop_unit})", "host p50 ms", "host p90 ms", "predicted ms", "KiB", "gate verdict"], candidate_rows, classes, "candidates")}
 <div class="charts">{charts}</div>
+{device_section(report)}
 <h2>Budgets of {escape(target['id'])} (shipped model)</h2>
 {table(["budget", "value", "limit", "verdict"], budget_rows, table_id="budgets")}
 {training_section(report)}

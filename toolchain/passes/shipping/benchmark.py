@@ -1,4 +1,5 @@
-"""Latency of every candidate on this host (interleaved, one run) and predicted on the target profile."""
+"""Latency of every candidate on this host (interleaved, one run) and predicted on the target profile; with
+`--measure-on DEVICE`, measured on that board too (toolchain.perf.device_numbers)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import ClassVar
 
 from toolchain.core.artifact import Artifact
 from toolchain.perf.bench import BenchSettings, bench_models
+from toolchain.perf.device_numbers import record_device_numbers
 from toolchain.core.contract import BuildContext
 
 
@@ -24,4 +26,13 @@ class BenchmarkPass:
                               f"{candidate.metrics['latency_ms_predicted']:.4f} ms")
         artifact.metrics["benchmark"] = {"threads": settings.threads, "seconds": settings.seconds,
                                          "min_runs": settings.min_runs, "interleaved": True}
+        if ctx.device_timer is not None:
+            with ctx.console.status(f"  timing {len(models)} candidates on the device (--measure-on)"):
+                device = record_device_numbers({c.name: c.metrics for c in artifact.candidates}, ctx.device_timer(models))
+            artifact.metrics["benchmark"]["device"] = device
+            for candidate in artifact.candidates:
+                m = candidate.metrics
+                ctx.console.print(f"  {candidate.name:<16} on {device['device']}: " + (
+                    f"could not run: {m['device_error']}" if "device_error" in m else
+                    f"p50 {m['latency_ms_p50_device']:.4f} ms (prediction {100 * m.get('prediction_error_device', 0):+.1f}%)"))
         return artifact

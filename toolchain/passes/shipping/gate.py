@@ -17,6 +17,10 @@ pruning replaced it, so their losses and quantization's add up in the one number
 measured on the test split that none of the earlier keep-or-reject decisions saw; the compressed
 FP32 model is then a candidate like the others and the trained one the fallback.
 
+With `--measure-on DEVICE` every candidate was also timed on that board (toolchain.perf.device_numbers):
+the speed test is then the device's p50 alone, host and prediction are only reported beside it, and a
+candidate the device could not run is rejected with its error.
+
 Only formats the profile's runtime runs can ship (`[runtime] formats`). The FP32 ONNX reference stays
 the accuracy yardstick either way; on a `.tflite`-only board the walk starts from the FP32 `.tflite`.
 """
@@ -29,6 +33,7 @@ from toolchain.core.artifact import PRECISION_ORDER, Artifact, Candidate
 from toolchain.core.contract import BuildContext
 from toolchain.core.metrics import Metric, allowed_drop
 from toolchain.errors import ToolchainError
+from toolchain.perf.device_numbers import device_speedup
 
 
 def judge(candidate: Candidate, incumbent: Candidate, metric: Metric, max_drop: float, min_speedup: float) -> tuple[bool, str]:
@@ -36,6 +41,14 @@ def judge(candidate: Candidate, incumbent: Candidate, metric: Metric, max_drop: 
     quality = f"{metric.name} drop {metric.format_drop(drop)}"
     if drop > max_drop:
         return False, f"{quality} > allowed {metric.format_drop(max_drop)}"
+    if "device_error" in candidate.metrics:
+        return False, f"the device could not run it: {candidate.metrics['device_error']}"
+    on_device = device_speedup(incumbent.metrics, candidate.metrics)
+    if on_device is not None:  # measured on the board itself (--measure-on): that is the only speed that counts
+        speed = f"{on_device:.2f}x measured on the device vs {incumbent.name}"
+        if on_device < min_speedup:
+            return False, f"not faster enough ({speed}; need >= {min_speedup:.2f}x)"
+        return True, f"{quality} within {metric.format_drop(max_drop)}; {speed}"
     host = incumbent.metrics["latency_ms_p50_host"] / candidate.metrics["latency_ms_p50_host"]
     target = incumbent.metrics["latency_ms_predicted"] / candidate.metrics["latency_ms_predicted"]
     if candidate.format != incumbent.format and candidate.precision == incumbent.precision:
