@@ -6,9 +6,10 @@ ed25519 signature by a key of the device's keyring, and the model files with the
 is loaded before the signature and every hash check out, and a bundle's signature cannot be replayed as a
 job (nor a job's as a bundle): each manifest must name its own kind.
 
-Serving goes on while a job runs, so the job is paced: after each timed run it sleeps long enough that it
-computes at most `duty` of the wall time (default 0.5; the sleep is not part of any timing). One job runs
-at a time. Each model is opened exactly as a served model is (`runtime_agent.model.open_session`: the
+Serving goes on while a job runs, so the job is paced: it computes in bursts of about `BURST_S` (20 ms),
+then sleeps long enough that it computes at most `duty` of the wall time (default 0.5); after each pause
+one untimed run re-warms the caches, so neither the pause nor a cold first run is in any timing. One job
+runs at a time. Each model is opened exactly as a served model is (`runtime_agent.model.open_session`: the
 serving bundle's providers, the agent's `[serve] threads` unless the job names a thread count), fed
 seeded random inputs of the job's shapes, warmed up, then timed run by run.
 """
@@ -32,6 +33,7 @@ JOB_KIND = "bench-job"
 MAX_MODELS = 64
 MAX_RUNS = 100_000
 FORMATS = ("onnx", "tflite")
+BURST_S = 0.02  # compute this long back to back, then pause: short enough for serving, long enough to stay warm
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
            "tensor(bool)": np.bool_}
@@ -83,7 +85,7 @@ def read_job(path: Path, keyring: Keyring) -> BenchJob:
                     seed=_number(manifest, "seed", int, 0, 1 << 31, 0))
 
 
-def _feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def sample_feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Seeded random inputs: the job's shape for each input it names, else the model's (free dims as 1)."""
     feeds = {}
     for spec in session.get_inputs():
@@ -106,15 +108,20 @@ def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str]
     try:
         session = open_session(artifact["format"], job.files[artifact["path"]], artifact["path"], providers, threads)
         row["load_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        feeds = _feeds(session, artifact["inputs"], np.random.default_rng(job.seed))
-        latencies = []
+        feeds = sample_feeds(session, artifact["inputs"], np.random.default_rng(job.seed))
+        latencies, busy = [], 0.0
         for index in range(job.warmup + job.runs):
             began = time.perf_counter()
             session.run(None, feeds)
             took = time.perf_counter() - began
             if index >= job.warmup:
                 latencies.append(took * 1000)
-            time.sleep(took * (1 - job.duty) / job.duty)  # pacing: serving keeps the rest of the CPU
+            busy += took
+            if busy >= BURST_S and job.duty < 1:  # pacing: serving keeps the rest of the CPU
+                time.sleep(busy * (1 - job.duty) / job.duty)
+                began = time.perf_counter()
+                session.run(None, feeds)  # untimed: re-warm what the pause let go cold
+                busy = time.perf_counter() - began
     except Exception as exc:  # a bad model is this model's error, not the job's
         row["error"] = f"{type(exc).__name__}: {exc}"[:512]
         return row
