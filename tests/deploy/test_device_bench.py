@@ -109,3 +109,16 @@ def test_cli_bench_device_prints_the_device_numbers(broker: ManagedBroker, devic
     answer = json.loads(result.stdout)
     assert answer["profile"] == "raspberry-pi-5" and answer["models"]["classifier"]["runs"] == 20
     assert Path(answer["stored"]).is_file()
+
+
+@pytest.mark.slow
+def test_calibrate_from_device_fits_the_profile_to_variants_timed_there(broker: ManagedBroker, device, tmp_path: Path) -> None:
+    _, _, key = device
+    out = tmp_path / "raspberry-pi-5.json"
+    run_cli("toolchain", "calibrate", "--target", "raspberry-pi-5", "--from-device", "dev-1", "--broker", broker.url,
+            "--key", str(key), "--variants", "12", "--runs", "10", "--out", str(out), check=True)
+    calibration = json.loads(out.read_text())
+    assert calibration["profile"] == "raspberry-pi-5" and calibration["source"] == "device dev-1"
+    assert calibration["fingerprint"] is None and calibration["threads"] == 0  # the agent's own [serve] threads
+    assert len(calibration["fit"]["fitted"]) + len(calibration["validation"]["held_out"]) == 12
+    assert set(calibration["validation"]["latency"]["errors"]) == set(calibration["validation"]["held_out"])

@@ -1,7 +1,8 @@
 """`toolchain calibrate`: fit a profile's latency/memory predictor and store it as a calibration file.
 
-`--target host` measures generated model variants on this machine; a board's profile is re-fitted
-from what its devices reported (`--from-fleet DB --models DIR`). Mounted by the main CLI as a
+`--target host` measures generated model variants on this machine; a board's profile is fitted to the
+same variants timed on one of its devices (`--from-device ID`, through its agent), or re-fitted from
+what its devices reported (`--from-fleet DB --models DIR`). Mounted by the main CLI as a
 command; errors are `ToolchainError`s printed as one line. The file is written only once the fit
 succeeded, by an atomic rename; its path is printed last.
 """
@@ -17,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolchain.commands.options import DEFAULT_PUBKEY, TargetOption
+from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, PasswordFileOption, TargetOption,
+                                       UsernameOption, read_password)
 from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
@@ -34,6 +36,16 @@ def calibrate(
     runtime: Annotated[str, typer.Option(help="whose kernels to calibrate: onnxruntime, or litert (.tflite, needs "
                                               "the tflite extra to measure here)")] = "onnxruntime",
     as_json: Annotated[bool, typer.Option("--json", help="print the calibration as JSON")] = False,
+    from_device: Annotated[Optional[str], typer.Option(help="time the generated variants on this device through its "
+                                                           "agent (signed benchmark jobs) and fit the profile to them")] = None,
+    broker: BrokerOption = "mqtt://127.0.0.1:1883",
+    fleet: Annotated[Optional[str], typer.Option(help="with --from-device: its fleet (default: looked up)")] = None,
+    username: UsernameOption = None,
+    password_file: PasswordFileOption = None,
+    ca_file: CaFileOption = None,
+    key: Annotated[Optional[Path], typer.Option(help="with --from-device: key that signs the jobs (default: the build key)")] = None,
+    variants: Annotated[Optional[int], typer.Option(help="with --from-device: how many variants (default: as --quick or not)")] = None,
+    runs: Annotated[int, typer.Option(help="with --from-device: timed runs per variant")] = 50,
 ) -> None:
     """Fit the predictor of a profile from measurements and store it next to the profile lookup path."""
     from toolchain.perf.calibration import default_path, file_name, write_calibration
@@ -44,7 +56,27 @@ def calibrate(
     file_name(target, runtime)  # an unknown runtime is an error before anything is measured
     profile = resolve_target(target)
     err = Console(stderr=True)
-    if from_fleet is not None and models is not None:
+    if from_device is not None and from_fleet is not None:
+        raise ToolchainError("--from-device and --from-fleet are two ways to calibrate a board: give one")
+    if from_device is not None:
+        from dataclasses import replace
+
+        from toolchain.deploy.device_bench import JobSettings, device_timer
+        from toolchain.deploy.mqtt import BrokerLogin
+        from toolchain.perf.calibrate_device import calibrate_device
+        from toolchain.perf.calibrate_host import CalibrationSettings
+
+        settings = CalibrationSettings.quick(seed, runtime) if quick else CalibrationSettings(seed=seed, runtime=runtime)
+        if variants is not None:
+            if variants < 8:
+                raise ToolchainError(f"--variants must be at least 8 (a fit and a held-out set of every family), got {variants}")
+            settings = replace(settings, variants=variants)
+        timer = device_timer(from_device, BrokerLogin(broker, username, read_password(password_file, username), ca_file),
+                             fleet, key, profile.id, JobSettings(runs=runs, seed=seed))
+        err.print(f"[bold]calibrating[/] {escape(profile.id)} ({runtime}) on device {escape(from_device)}: "
+                  f"{settings.variants} generated variants, {runs} runs each")
+        calibration = calibrate_device(profile, settings, timer, console=err).calibration
+    elif from_fleet is not None and models is not None:
         from toolchain.fleet.calibrate import calibrate_from_fleet
 
         with err.status(f"fitting {profile.id} to the telemetry in {from_fleet}"):

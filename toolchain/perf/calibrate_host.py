@@ -136,11 +136,12 @@ def calibrate_host(profile: Profile, settings: CalibrationSettings = Calibration
         progress = _progress(console)
         with progress or nullcontext():
             results = _measure(specs, held, Path(scratch), settings, progress)
-    return _fit(profile, results, settings)
+    return fit_variants(profile, results, settings)
 
 
-def _measure(specs: list[VariantSpec], held: set[str], folder: Path, settings: CalibrationSettings,
-             progress: Progress | None) -> list[VariantResult]:
+def generate_variants(specs: list[VariantSpec], folder: Path, settings: CalibrationSettings,
+                      progress: Progress | None) -> dict[str, Path]:
+    """Each spec's model file, in the format of the runtime being calibrated."""
     paths: dict[str, Path] = {}
     if settings.runtime == "litert":
         require_tflite_extra("calibrating LiteRT")
@@ -149,6 +150,12 @@ def _measure(specs: list[VariantSpec], held: set[str], folder: Path, settings: C
         for spec in specs:
             paths[spec.name] = write(spec, folder, seed=settings.seed)
             stage.advance()
+    return paths
+
+
+def _measure(specs: list[VariantSpec], held: set[str], folder: Path, settings: CalibrationSettings,
+             progress: Progress | None) -> list[VariantResult]:
+    paths = generate_variants(specs, folder, settings, progress)
     with _Stage(progress, f"measuring latency, interleaved ({settings.seconds:.0f} s)", 1.0) as stage:
         stats = measure_latencies(paths, {s.name: s.input_shape for s in specs}, min_runs=30,
                                   max_seconds=settings.seconds, threads=settings.threads, seed=settings.seed,
@@ -174,7 +181,11 @@ def _memory_subset(results: list[VariantResult], count: int) -> list[VariantResu
     return chosen
 
 
-def _fit(profile: Profile, results: list[VariantResult], settings: CalibrationSettings) -> HostCalibration:
+def fit_variants(profile: Profile, results: list[VariantResult], settings: CalibrationSettings,
+                 source: str = "variants", threads: int | None = None, host: bool = True) -> HostCalibration:
+    """Fit latency and memory on the fit set, validate on the held-out set. `source`, `threads`: how the
+    results were measured (a device names its own); `host`: they were measured here (the calibration then
+    carries this machine's fingerprint)."""
     peaks = Peaks.of(profile)
     fit_set = [r for r in results if not r.held_out]
     held_set = [r for r in results if r.held_out]
@@ -183,14 +194,14 @@ def _fit(profile: Profile, results: list[VariantResult], settings: CalibrationSe
                                             seed=settings.seed)
     for result, predicted in zip(results, evaluate([r.cost for r in results], peaks, latency)):
         result.predicted_ms = float(predicted)
-    memory_fit = [r for r in fit_set if r.rss]
+    memory_fit = [r for r in fit_set if r.rss and r.rss["model_rss_mb"] > 0]  # a device's in-process delta can be 0
     memory, memory_report = fit_memory([MemorySample(r.spec.name, r.cost, r.rss["model_rss_mb"], r.rss["baseline_rss_mb"])
-                                        for r in memory_fit if r.rss])
+                                        for r in memory_fit if r.rss]) if memory_fit else (None, {"samples": 0})
     for result in results:
-        result.predicted_model_mb = memory.model_mb(result.cost)
+        result.predicted_model_mb = memory.model_mb(result.cost) if memory else None
     latency_errors = relative_errors({r.spec.name: r.predicted_ms or 0.0 for r in held_set},
                                      {r.spec.name: r.p50_ms for r in held_set})
-    memory_held = [r for r in held_set if r.rss]
+    memory_held = [r for r in held_set if r.rss and r.rss["model_rss_mb"] > 0] if memory else []
     memory_errors = relative_errors({r.spec.name: r.predicted_model_mb or 0.0 for r in memory_held},
                                     {r.spec.name: r.rss["model_rss_mb"] for r in memory_held if r.rss})
     validation = {
@@ -202,7 +213,7 @@ def _fit(profile: Profile, results: list[VariantResult], settings: CalibrationSe
     fit = {**report.to_dict(), "selection": selection, "fitted": sorted(r.spec.name for r in fit_set),
            "memory": rounded(memory_report),
            "seconds": settings.seconds, "variants": len(results)}
-    calibration = Calibration(profile=profile.id, source="variants", threads=settings.threads, peaks=peaks,
-                              latency=latency, memory=memory, fit=rounded(fit), validation=rounded(validation),
-                              fingerprint=fingerprint(), runtime=settings.runtime)
+    calibration = Calibration(profile=profile.id, source=source, threads=settings.threads if threads is None else threads,
+                              peaks=peaks, latency=latency, memory=memory, fit=rounded(fit), validation=rounded(validation),
+                              fingerprint=fingerprint() if host else None, runtime=settings.runtime)
     return HostCalibration(calibration, results)
