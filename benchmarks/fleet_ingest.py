@@ -46,7 +46,7 @@ from push import build_base
 
 BIN = Path(sys.executable).parent
 FLEET = "bench"
-RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000)
+RATES = (500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000)
 PUBLISHERS = 2
 MAX_LAG_S = 1.0
 TARGET_RATE = 5000.0  # msgs/s into PostgreSQL with 2 workers

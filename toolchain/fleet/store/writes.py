@@ -24,15 +24,16 @@ def _greatest(a: str, b: str) -> str:
     return f"CASE WHEN {a} > {b} THEN {a} ELSE {b} END"
 
 
-_TOUCH = (
-    "INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES (?, ?, ?, ?, ?, ?) "
+TOUCHES_PER_STATEMENT = 500
+_TOUCH = (  # {rows}: one "(?, ?, ?, ?, ?, ?)" per device
+    "INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES {rows} "
     "ON CONFLICT (fleet, device) DO UPDATE SET "
     f"last_seen = {_greatest('COALESCE(devices.last_seen, 0)', 'excluded.last_seen')}, "
     "last_seq = CASE WHEN excluded.epoch > devices.epoch THEN excluded.last_seq "
     "WHEN excluded.epoch = devices.epoch AND excluded.epoch > 0 "
     f"THEN {_greatest('COALESCE(devices.last_seq, 0)', 'excluded.last_seq')} ELSE devices.last_seq END, "
     "stream = CASE WHEN excluded.epoch > devices.epoch THEN excluded.stream ELSE devices.stream END, "
-    f"epoch = {_greatest('devices.epoch', 'excluded.epoch')}")
+    f"epoch = {_greatest('devices.epoch', 'excluded.epoch')} RETURNING device")
 
 
 Touch = tuple[float, "str | None", int, "int | None"]  # (seen_at, stream, epoch, seq) of a device's messages
@@ -69,9 +70,11 @@ class StoreWrites(Database):
             into[key] = _newer(into[key], value) if key[0] == "touch" and key in into else value
 
     def _before_commit(self, db: Any, pending: dict[Any, Any]) -> None:
-        for key in sorted(key for key in pending if key[0] == "touch"):
-            seen_at, stream, epoch, seq = pending[key]
-            db.execute(_TOUCH, (key[1], key[2], seen_at, seq, stream, epoch))
+        """The devices' rows, in key order, one statement per TOUCHES_PER_STATEMENT devices."""
+        keys = sorted(key for key in pending if key[0] == "touch")
+        for start in range(0, len(keys), TOUCHES_PER_STATEMENT):
+            db.insert_many(_TOUCH, [(key[1], key[2], pending[key][0], pending[key][3], pending[key][1], pending[key][2])
+                                    for key in keys[start:start + TOUCHES_PER_STATEMENT]])
 
     def _after_commit(self, pending: dict[Any, Any]) -> None:
         self._epochs.update((key[1:], value) for key, value in pending.items() if key[0] == "epoch")
@@ -133,16 +136,15 @@ class StoreWrites(Database):
             return []
         with self._tx() as db:
             epochs = [self._epoch(db, r.fleet, r.device, r.stream, at) for r, at in windows]
-            values = [value for (r, at), epoch in zip(windows, epochs) for value in (
-                r.fleet, r.device, r.stream, epoch, r.seq, at, r.window_start, r.window_end, r.model_version, r.n,
-                r.requests, r.errors, r.rss_mb, r.p50, r.p90, r.p99, r.psi_max, int(r.alarm),
-                json.dumps(r.sketch, separators=(",", ":")), json.dumps(r.drift, separators=(",", ":")))]
-            rows = ", ".join(["(" + ", ".join("?" * 20) + ")"] * len(windows))
-            new = {tuple(row) for row in db.execute(
+            rows = [(r.fleet, r.device, r.stream, epoch, r.seq, at, r.window_start, r.window_end, r.model_version, r.n,
+                     r.requests, r.errors, r.rss_mb, r.p50, r.p90, r.p99, r.psi_max, int(r.alarm),
+                     json.dumps(r.sketch, separators=(",", ":")), json.dumps(r.drift, separators=(",", ":")))
+                    for (r, at), epoch in zip(windows, epochs)]
+            new = {tuple(row) for row in db.insert_many(
                 "INSERT INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
                 "model_version, n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
-                f"VALUES {rows} ON CONFLICT (fleet, device, stream, seq) DO NOTHING RETURNING fleet, device, stream, seq",
-                values).fetchall()}
+                "VALUES {rows} ON CONFLICT (fleet, device, stream, seq) DO NOTHING RETURNING fleet, device, stream, seq",
+                rows)}
             result: list[int | None] = []
             for (r, at), epoch in zip(windows, epochs):
                 key = (r.fleet, r.device, r.stream, r.seq)
