@@ -3,6 +3,7 @@ calibration files (round trip, version and staleness checks, atomic writes)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -19,11 +20,20 @@ from toolchain.perf.calibration import (
     read_calibration,
     write_calibration,
 )
+from toolchain.perf.cost_types import GraphCost, OpCost
 from toolchain.perf.graph_cost import analyze
 from toolchain.errors import ToolchainError
 from toolchain.perf.estimate import estimate
-from toolchain.perf.predictor import LatencyModel, Peaks, evaluate, group_key, predict_latency
-from toolchain.perf.predictor_fit import LatencySample, fit_latency
+from toolchain.perf.predictor import (
+    LatencyModel,
+    Peaks,
+    evaluate,
+    group_key,
+    padded_channels,
+    predict_latency,
+    tile_factor,
+)
+from toolchain.perf.predictor_fit import LatencySample, choose_conv_tiles, fit_latency
 from toolchain.targets.profiles import resolve_target
 from toolchain.perf.variants import VariantSpec, sample_specs, split_specs, write_variant
 
@@ -173,3 +183,38 @@ def test_depthwise_stem_and_ragged_convolutions_are_their_own_groups(tmp_path: P
     # QDQ-wrapped Add / pooling run as int8 kernels: no separate Quantize/Dequantize kernels around them
     kernels = [op.op_type for op in mobile.ops if not op.free]
     assert kernels.count("QuantizeLinear") == 1 and kernels.count("DequantizeLinear") == 1
+
+
+def test_spatial_convolutions_are_priced_in_whole_channel_tiles() -> None:
+    """XNNPACK's tiling (`tile_factor`): padded output channels, the half-width kernel for layers
+    that fit in it; 1x1 and depthwise convolutions and other ops are not tiled."""
+    assert [padded_channels(n, 32) for n in (8, 16, 24, 32, 48, 64, 96)] == [16, 16, 32, 32, 64, 64, 96]
+    assert padded_channels(48, 0) == 48
+    conv = OpCost("c", "Conv", "fp32", 1000, 10, False, "", "3x3", (9 * 16, 48))
+    assert tile_factor(conv, 32) == pytest.approx(64 / 48)
+    assert tile_factor(conv, 16) == tile_factor(conv, 0) == 1.0
+    for kind, op_type in (("pointwise", "Conv"), ("depthwise", "Conv"), ("", "Gemm")):
+        assert tile_factor(replace(conv, kind=kind, op_type=op_type), 32) == 1.0
+
+
+def test_the_fit_finds_the_channel_tile_that_made_the_latencies() -> None:
+    """Latencies made with 32-channel tiles (48 channels slower per FLOP than both 32 and 64, which
+    no cost falling smoothly with the channel count can express): the fit picks that tile, per
+    precision, and predicts them; without it, it cannot."""
+    host = resolve_target("host")
+    peaks = Peaks.of(host)
+    costs = []
+    for size, c_in, c_out in itertools.product((8, 16), (16, 64), (16, 32, 48, 64, 96)):
+        ops = [OpCost("conv", "Conv", "fp32", 2 * size * size * 9 * c_in * c_out, 4 * size * size * (c_in + c_out),
+                      False, "", "3x3", (9 * c_in, c_out)),
+               OpCost("add", "Add", "fp32", size * size * c_out, 12 * size * size * c_out, False)]
+        costs.append(GraphCost.from_ops(ops, param_count=0, param_bytes=0, weights_bytes=0, peak_activation_bytes=0,
+                                        assumptions=[]))
+    truth = LatencyModel({"Conv-3x3/fp32": 0.5, "Add/fp32": 0.5}, {"Conv-3x3/fp32": 2.0, "Add/fp32": 1.0}, 0.5, 3.0,
+                         conv_tile={"fp32": 32})
+    samples = [LatencySample(f"g{i}", c, float(t)) for i, (c, t) in enumerate(zip(costs, evaluate(costs, peaks, truth)))]
+    prior = LatencyModel.roofline(host)
+    assert choose_conv_tiles(samples, peaks, prior) == {"fp32": 32}
+    _, tiled = fit_latency(samples, peaks, replace(prior, conv_tile={"fp32": 32}), ridge=1e-9)
+    _, untiled = fit_latency(samples, peaks, prior, ridge=1e-9)
+    assert tiled.max_abs_error < 0.01 and untiled.max_abs_error > 0.1, (tiled.max_abs_error, untiled.max_abs_error)

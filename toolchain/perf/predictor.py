@@ -11,7 +11,8 @@ each kernel is predicted as
 plus one fixed cost per inference (`run_overhead`), where a *group* is the operator type, its
 variant (`toolchain.perf.graph_cost_onnx._kind`: depthwise, stem, pointwise, kernel size, narrow/ragged channel
 counts) and its precision (`Conv-3x3/int8`, `Conv-depthwise/fp32`, ...). A Conv/Gemm's efficiency
-also falls with narrow products (`channel_cost`: extra time per 1/K and 1/N), and weights beyond a
+also falls with narrow products (`channel_cost`: extra time per 1/K and 1/N), a spatial convolution
+computes its output channels in whole tiles (`conv_tile`, `tile_factor`), and weights beyond a
 fitted cache size pay a far-memory cost per byte. The parameters are fitted
 (`toolchain.perf.predictor_fit`) by non-negative least squares on measured latencies of many models.
 
@@ -37,6 +38,32 @@ from toolchain.targets.profiles import ComputeSpec, Profile
 def group_key(op: OpCost) -> str:
     """The efficiency group of a kernel: operator type, variant and precision."""
     return f"{op.op_type}{'-' + op.kind if op.kind else ''}/{op.precision}"
+
+
+def padded_channels(channels: int, tile: int) -> int:
+    """Output channels a tiled kernel computes for a layer of `channels`: whole tiles, except that a
+    layer that fits in half a tile gets the half-width kernel (0: no tiling)."""
+    if tile <= 0:
+        return channels
+    half = max(tile // 2, 1)
+    return half if channels <= half else -(-channels // tile) * tile
+
+
+def tile_factor(op: OpCost, tile: int) -> float:
+    """How much more arithmetic than its FLOPs a spatial (k x k, not 1x1 or depthwise) convolution
+    runs when its output channels are computed in tiles of `tile` (padded / real channels).
+
+    What it rests on: XNNPACK, LiteRT's CPU kernels, runs a dense convolution as an indirect GEMM
+    whose microkernel writes a fixed number of output channels per call (NR), zero-padding the last
+    tile, and picks a kernel of half that width when the layer fits in it. Measured on this
+    project's FP32 `.tflite` variants on an AVX-512 host (benchmarks/predictor.py --runtime litert),
+    3x3/5x5 convolutions reach ~100 GFLOP/s at 16, 32, 64 and 96 output channels but 75 at 24 and
+    48 (24/32 and 48/64 of it), while the 1x1 ones (a plain GEMM) run 48 channels at full speed:
+    an NR of 32 for the spatial ones, which channel-count terms that fall smoothly with N cannot
+    express (48 is slower than both 32 and 64). The tile is fitted per precision (0: none)."""
+    if tile <= 0 or op.op_type != "Conv" or op.channels is None or op.kind.split("-", 1)[0] in ("", "pointwise", "depthwise"):
+        return 1.0
+    return padded_channels(op.channels[1], tile) / max(op.channels[1], 1)
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,8 @@ class LatencyModel:
     far_memory_scale: float = 0.0
     # group -> its own bandwidth efficiency (an int8 GEMV streams its weights slower than an fp32 one)
     group_bandwidth: dict[str, float] = field(default_factory=dict)
+    # precision -> output channels per microkernel tile of spatial convolutions (`tile_factor`)
+    conv_tile: dict[str, int] = field(default_factory=dict)
 
     def compute_scale(self, group: str, channels: tuple[int, int] | None = None) -> float:
         """Multiplier on the roofline compute time: 1 / efficiency, plus the narrow-layer terms."""
@@ -105,9 +134,13 @@ class LatencyModel:
         """(compute, memory, overhead) ms of one kernel of a model whose `far_fraction` is `far`;
         the kernel takes max(compute, memory) + overhead."""
         group = group_key(op)
-        compute_ms = op.flops / peaks.ops_per_ms(op.precision) * self.compute_scale(group, op.channels)
+        compute_ms = self.roof_compute_ms(op, peaks) * self.compute_scale(group, op.channels)
         memory_ms = op.bytes / peaks.bytes_per_ms * (self.memory_scale(group) + far * self.far_memory_scale)
         return compute_ms, memory_ms, self.overhead_ms(group)
+
+    def roof_compute_ms(self, op: OpCost, peaks: Peaks) -> float:
+        """The kernel's FLOPs at the peak, counting the padding of its last channel tile."""
+        return op.flops * tile_factor(op, self.conv_tile.get(op.precision, 0)) / peaks.ops_per_ms(op.precision)
 
     def overhead_ms(self, group: str) -> float:
         return self.overhead_us.get(group, self.default_overhead_us) / 1000
@@ -134,7 +167,8 @@ class LatencyModel:
                    default_overhead_us=float(data.get("default_overhead_us", 0.0)),
                    channel_cost={k: [float(x) for x in v] for k, v in data.get("channel_cost", {}).items()},
                    cache_mb=float(data.get("cache_mb", 0.0)), far_memory_scale=float(data.get("far_memory_scale", 0.0)),
-                   group_bandwidth={k: float(v) for k, v in data.get("group_bandwidth", {}).items()})
+                   group_bandwidth={k: float(v) for k, v in data.get("group_bandwidth", {}).items()},
+                   conv_tile={k: int(v) for k, v in data.get("conv_tile", {}).items()})
 
 
 @dataclass(frozen=True)

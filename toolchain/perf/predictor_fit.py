@@ -30,6 +30,7 @@ from toolchain.perf.predictor import (
     group_key,
     relative_errors,
     rounded,
+    tile_factor,
 )
 
 MAX_FIT_ROUNDS = 12
@@ -151,7 +152,7 @@ def _design(costs: Sequence[GraphCost], peaks: Peaks, model: LatencyModel) -> tu
             compute_ms, memory_ms, _ = model.op_ms(op, peaks, far)
             bounds.append(compute_ms > memory_ms)
             if compute_ms > memory_ms:
-                roof_ms = op.flops / peaks.ops_per_ms(op.precision)
+                roof_ms = model.roof_compute_ms(op, peaks)
                 terms = {"compute": roof_ms}
                 if op.channels is not None:
                     terms.update({"in": roof_ms / max(op.channels[0], 1), "out": roof_ms / max(op.channels[1], 1)})
@@ -198,7 +199,8 @@ def _model_from(values: dict[str, float], params: list[_Param], prior: LatencyMo
     bandwidth = {g: 1.0 / m for g, m in memory.items()}
     default_bandwidth = float(np.median(list(bandwidth.values()))) if bandwidth else prior.bandwidth_efficiency
     return LatencyModel(efficiency, overhead_us, default_bandwidth, run_ms * 1000, defaults, default_overhead,
-                        {g: v for g, v in channel.items() if any(v)}, prior.cache_mb, far_scale, bandwidth)
+                        {g: v for g, v in channel.items() if any(v)}, prior.cache_mb, far_scale, bandwidth,
+                        prior.conv_tile)
 
 
 def _fit_classified(costs: Sequence[GraphCost], measured: np.ndarray, peaks: Peaks, prior: LatencyModel,
@@ -277,21 +279,46 @@ def fit_memory(samples: Sequence[MemorySample]) -> tuple[MemoryModel, dict[str, 
 
 
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+CONV_TILES = (0, 8, 16, 32, 64)  # candidate output-channel tiles of spatial convolutions (0: none)
+
+
+def choose_conv_tiles(samples: Sequence[LatencySample], peaks: Peaks, prior: LatencyModel,
+                      tiles: Sequence[int] = CONV_TILES) -> dict[str, int]:
+    """Per precision, the output-channel tile of spatial convolutions (`predictor.tile_factor`) under
+    which a per-group fit from `prior` describes the samples best; none where no tile does better.
+
+    A tile is a property of the runtime's kernels on this machine (XNNPACK's NR), not of a model,
+    so it is chosen like the cache size: by how well the whole fit explains the measurements."""
+    chosen: dict[str, int] = {}
+    precisions = sorted({op.precision for s in samples for op in s.cost.ops
+                         if not op.free and tile_factor(op, max(tiles)) != 1.0})
+    for precision in precisions:
+        losses = {}
+        for tile in tiles:
+            candidate = replace(prior, conv_tile={**chosen, precision: tile})
+            _, report = fit_latency(samples, peaks, candidate, ridge=1e-3)
+            losses[tile] = sum(e * e for e in report.errors.values())
+        chosen[precision] = min(tiles, key=lambda t: (losses[t], t))
+    return {p: t for p, t in chosen.items() if t}
 
 
 def fit_shrunk(samples: Sequence[LatencySample], peaks: Peaks, prior: LatencyModel,
                cache_mb: Sequence[float] | None = None, ridges: Sequence[float] = RIDGES,
-               folds: int = 4, seed: int = 0) -> tuple[LatencyModel, FitReport, dict[str, Any]]:
+               folds: int = 4, seed: int = 0,
+               conv_tiles: Sequence[int] = CONV_TILES) -> tuple[LatencyModel, FitReport, dict[str, Any]]:
     """The host calibration's fit: per-group parameters shrunk towards a few global ones.
 
     First a `tied` fit from `prior` (the roofline): one efficiency per precision, one memory and
-    one overhead multiplier. Its result is the prior of a `free` fit, every group its own numbers,
-    whose ridge (how far a group may stray from the global values) is chosen by k-fold
-    cross-validation on the samples: groups with little evidence stay near the global numbers,
-    well-measured ones get their own. Returns the model, its report and the selection details.
+    one overhead multiplier, and the cache size, refined per operator; then the convolution tiles
+    (`choose_conv_tiles`). Its result is the prior of a `free` fit, every group its own numbers, whose
+    ridge (how far a group may stray from the global values) is chosen by k-fold cross-validation
+    on the samples: groups with little evidence stay near the global numbers, well-measured ones
+    get their own. Returns the model, its report and the selection details.
     """
     tied, _ = fit_latency(samples, peaks, prior, tied_parametrization, ridge=1e-6, cache_mb=cache_mb)
     tied, _ = fit_latency(samples, peaks, tied, operator_parametrization, ridge=1e-3)
+    if len(conv_tiles) > 1:
+        tied = replace(tied, conv_tile=choose_conv_tiles(samples, peaks, tied, conv_tiles))
     order = np.random.default_rng(seed).permutation(len(samples))
     chunks = [set(chunk.tolist()) for chunk in np.array_split(order, min(folds, len(samples)))]
     scores: dict[float, float] = {}
@@ -308,4 +335,5 @@ def fit_shrunk(samples: Sequence[LatencySample], peaks: Peaks, prior: LatencyMod
         scores[ridge] = float(np.mean(np.minimum(np.abs(errors), 0.3))) if errors else math.inf
     chosen = min(scores, key=lambda r: (scores[r], -r))
     model, report = fit_latency(samples, peaks, tied, ridge=chosen)
-    return model, report, {"ridge": chosen, "cv_mean_abs_error": rounded(scores), "folds": len(chunks)}
+    return model, report, {"ridge": chosen, "cv_mean_abs_error": rounded(scores), "folds": len(chunks),
+                           "conv_tile": model.conv_tile}
