@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -15,9 +14,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.build.projects import digits_project
 from tests.conftest import BIN, REPO, run_cli
 from toolchain.passes.torch.search import SURPLUS
-from toolchain.resources import default_config
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +48,6 @@ lr = { low = 0.001, high = 0.01, log = true }
 STUDY = "searched_digits-jetson-orin-nano"  # the default study name: project and target
 
 
-def _project(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(default_config().parent / "model.py", project)
-    (project / "toolchain.toml").write_text(PROJECT)
-    return project / "toolchain.toml"
-
-
 def _worker(config: Path, storage: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([str(BIN / "toolchain"), "search", "--target", "jetson", "--config", str(config),
                              "--storage", storage, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -83,7 +74,7 @@ def _running(storage: str, pid: int) -> bool:
 
 
 def test_two_workers_in_parallel_finish_exactly_n_trials(tmp_path: Path, postgres_url: str) -> None:
-    config = _project(tmp_path)
+    config = digits_project(tmp_path, PROJECT)
     workers = [_worker(config, postgres_url, "--n-trials", "3") for _ in range(2)]
     outputs = [_finish(w) for w in workers]
     ran = [int(out.split(" ran ")[1].split()[0]) for out in outputs]
@@ -96,7 +87,7 @@ def test_two_workers_in_parallel_finish_exactly_n_trials(tmp_path: Path, postgre
 
 
 def test_a_killed_workers_trial_is_rerun_by_another_and_the_build_uses_the_best(tmp_path: Path, postgres_url: str) -> None:
-    config = _project(tmp_path)
+    config = digits_project(tmp_path, PROJECT)
     doomed = _worker(config, postgres_url)
     while not _running(postgres_url, doomed.pid):
         assert doomed.poll() is None, doomed.communicate()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.build.projects import digits_project
 from tests.conftest import BIN, run_cli
 from toolchain.build.tracking import open_tracking
 from toolchain.core.config import parse_config
 from toolchain.deploy.broker import free_port
 from toolchain.errors import ToolchainError
-from toolchain.resources import default_config
 from toolchain.targets.profiles import resolve_target
 
 PROJECT = """
@@ -80,21 +79,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def _project(tmp_path: Path, uri: str) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(default_config().parent / "model.py", project)
-    (project / "toolchain.toml").write_text(PROJECT.replace("URI", uri))
-    return project / "toolchain.toml"
-
-
 @pytest.mark.slow
 def test_a_build_is_one_mlflow_run_with_trials_candidates_artifacts_and_a_model_version(
         tmp_path: Path, mlflow_server: str) -> None:
     from mlflow import MlflowClient
 
     out = tmp_path / "dist"
-    result = run_cli("toolchain", "build", "--target", "jetson", "--config", str(_project(tmp_path, mlflow_server)),
+    result = run_cli("toolchain", "build", "--target", "jetson", "--config", str(digits_project(tmp_path, PROJECT.replace("URI", mlflow_server))),
                      "--out", str(out), check=True)
     bundle = Path(result.stdout.strip().splitlines()[-1])
     client = MlflowClient(mlflow_server)

@@ -134,9 +134,11 @@ def send_fit(label: str, module: torch.nn.Module, teacher: torch.nn.Module | Non
 
 
 def send_done() -> None:
-    """Leader: no more training; the followers exit."""
+    """Leader: no more training; the followers exit. Every rank leaves the process group (gloo aborts a
+    process that exits with it still open)."""
     if world().spread and dist.is_initialized():
         _broadcast([None, None])
+        dist.destroy_process_group()
 
 
 def receive(local_user_module: str | None) -> FitJob | None:
@@ -144,6 +146,7 @@ def receive(local_user_module: str | None) -> FitJob | None:
     name from its path; a leader elsewhere may hold it at another path, so its names are aliased to ours."""
     modules, payload = _broadcast([None, None])
     if payload is None:
+        dist.destroy_process_group()
         return None
     for name in modules:
         if name not in sys.modules and local_user_module is not None:

@@ -77,6 +77,7 @@ DEFAULT_TRIALS = {"quick": 6, "standard": 20, "thorough": 60}
 HEARTBEAT_S, GRACE_S = 10, 60
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 AHEAD = (*DONE, TrialState.RUNNING, TrialState.WAITING)  # trials that will count, or may still
+OPEN_ATTEMPTS = 3  # opening a storage (and creating its schema the first time)
 POLL_S = 1.0  # a worker waiting for the others' last trials looks again this often
 SURPLUS = "surplus: the study had its trials when this one started"
 
@@ -454,16 +455,19 @@ def _open_storage(url: str) -> optuna.storages.BaseStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     if url.startswith("sqlite:////"):  # the one file a build writes into the output folder early: see the docstring
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear line
-        raise ToolchainError(f"[search] storage {public_url(url)} cannot be opened: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''} (use an SQLAlchemy URL such as "
-                             "sqlite:///path/study.sqlite or postgresql://user@host/db)") from None
+    for attempt in range(1, OPEN_ATTEMPTS + 1):  # workers starting together race to create the schema: the loser retries
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear line
+            if attempt == OPEN_ATTEMPTS:
+                raise ToolchainError(f"[search] storage {public_url(url)} cannot be opened: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''} (use an SQLAlchemy URL such as "
+                                     "sqlite:///path/study.sqlite or postgresql://user@host/db)") from None
+            time.sleep(1.0)
 
 
 def open_study(ctx: BuildContext, plan: SearchPlan, storage: optuna.storages.BaseStorage,
