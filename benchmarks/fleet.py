@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from _common import print_table, target, write_results
-from push import build_base
+from push import given_or_built
 
 BIN = Path(sys.executable).parent
 TARGET_P99_MS = 50.0
@@ -235,12 +235,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     os.environ["EDGE_TOOLCHAIN_KEYS"] = str(work / "keys")  # a throwaway key, never the user's
     try:
-        if args.bundle:
-            bundle, keys = args.bundle.resolve(), args.keys.resolve()
-        else:
-            started = time.monotonic()
-            bundle, keys = build_base(work), work / "keys"
-            print(f"built {bundle.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        bundle, keys = given_or_built(args.bundle, args.keys, work)
         row = run(args, bundle, keys, work)
     finally:
         if args.keep:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from _common import print_table, target, write_results
-from push import build_base
+from push import given_or_built
 
 BIN = Path(sys.executable).parent
 FLEET = "bench"
@@ -212,12 +212,7 @@ def main() -> None:
     pg = start_server(pg_root, durable=True)
     rows: list[dict[str, Any]] = []
     try:
-        if args.bundle:
-            bundle, keys = args.bundle.resolve(), args.keys.resolve()
-        else:
-            started = time.monotonic()
-            bundle, keys = build_base(work), work / "keys"
-            print(f"built {bundle.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        bundle, keys = given_or_built(args.bundle, args.keys, work)
         window = real_window(bundle, keys, work)
         template = json.dumps({**window, "device_id": "@@DEVICE@@", "seq": -987654321, "window": [-1.5, -2.5]})
         for kind, workers in CONFIGS:

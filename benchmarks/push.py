@@ -52,6 +52,16 @@ def build_base(work: Path) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def given_or_built(bundle: Path | None, keys: Path | None, work: Path) -> tuple[Path, Path]:
+    """(bundle, key folder): the ones given (`--bundle B --keys DIR`), else `build_base` in `work` with its key."""
+    if bundle is not None and keys is not None:
+        return bundle.resolve(), keys.resolve()
+    started = time.monotonic()
+    bundle = build_base(work)
+    print(f"built {bundle.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return bundle, work / "keys"
+
+
 def padded_version(base: Path, keys: Path, out: Path, version: int, megabytes: float) -> Path:
     """The base bundle re-signed as `version` with `megabytes` of random padding (a listed artifact)."""
     from runtime_agent.bundle import bundle_filename, read_bundle, write_bundle
