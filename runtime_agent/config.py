@@ -10,6 +10,8 @@ broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
 mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem", keepalive_s = 30 }
 serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
 # serve.grpc_port = 8081: also KServe v2 over gRPC on that port (needs grpcio and protobuf: the agent-grpc extra)
+# serve: max_body_bytes = 33554432, header_timeout_s = 10, body_timeout_s = 60, idle_timeout_s = 30,
+#        max_connections = 64: the REST listener's limits (runtime_agent.http_limits)
 telemetry = { window_s = 10 }
 model = { bundle = "current.bundle", pubkey = "trusted.pub", keyring = "trusted" }  # keys that may sign bundles
 queue = { path = "outbox.sqlite", max_messages = 10000 }
@@ -27,12 +29,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from runtime_agent.errors import AgentError
+from runtime_agent.http_limits import Limits
 from runtime_agent.probation import ProbationLimits
 from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
-             "serve": {"host", "port", "grpc_port", "threads"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},
+             "serve": {"host", "port", "grpc_port", "threads", "max_body_bytes", "header_timeout_s", "body_timeout_s",
+                       "idle_timeout_s", "max_connections"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},
              "queue": {"path", "max_messages"},
              "probation": {"requests", "seconds", "max_latency_ratio", "max_error_rate_increase", "max_prediction_psi"}}
 _TOP = {"device_id", "fleet", "broker", *_SECTIONS}
@@ -54,6 +58,7 @@ class AgentConfig:
     serve_port: int
     grpc_port: int | None
     serve_threads: int
+    serve_limits: Limits
     window_s: float
     bundle_path: Path
     pubkey_path: Path  # the single trusted key of older device folders: read as part of the keyring
@@ -141,6 +146,13 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         grpc_port=serve.get("grpc_port", int, None, check=lambda v: 1 <= v <= 65535, expected="a port 1..65535"),
         serve_threads=serve.get("threads", int, 0, check=lambda v: 0 <= v <= 256,
                                 expected="an integer 0..256 (0: onnxruntime's choice, one per core)"),
+        serve_limits=Limits(
+            max_body_bytes=serve.get("max_body_bytes", int, Limits.max_body_bytes, check=lambda v: v >= 1024, expected="bytes >= 1024"),
+            **{key: float(serve.get(key, (int, float), getattr(Limits, key), check=lambda v: v > 0, expected="seconds > 0"))
+               for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s")},
+            max_connections=serve.get("max_connections", int, Limits.max_connections, check=lambda v: v >= 1,
+                                      expected="an integer >= 1"),
+        ),
         window_s=float(telemetry.get("window_s", (int, float), 10, check=lambda v: 0.05 <= v <= 86400,
                                      expected="seconds between 0.05 and 86400")),
         bundle_path=device_dir / model.get("bundle", str, "current.bundle"),

@@ -44,7 +44,8 @@ def start_endpoints(servable: Servable, config: AgentConfig) -> list[Any]:
     each has `stop()`."""
     metrics = ServingMetrics()
     grpc_server = _grpc_server_class() if config.grpc_port is not None else None
-    rest = _bind(config, "port", config.serve_port, lambda: InferenceServer(servable, config.serve_host, config.serve_port, metrics))
+    rest = _bind(config, "port", config.serve_port, lambda: InferenceServer(servable, config.serve_host, config.serve_port, metrics,
+                                                                           config.serve_limits))
     servers = [rest]
     if grpc_server is not None:
         try:

@@ -27,18 +27,18 @@ import time
 import zlib
 from functools import partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
 from runtime_agent import __version__
 from runtime_agent.errors import AgentError
+from runtime_agent.http_limits import Limits, LimitedHandler, LimitedServer
 from runtime_agent.metrics import CONTENT_TYPE, ServingMetrics
 from runtime_agent.model import CLASSIFICATION, LoadedModel, Prediction
 from runtime_agent.reference import Features
 
-MAX_BODY_BYTES = 32 << 20
+MAX_BODY_BYTES = Limits.max_body_bytes
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension: the JSON header's size
 BODY_ERRORS = (ValueError, RecursionError)  # what json.loads raises for a body that is not JSON: a 400
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
@@ -227,22 +227,22 @@ def encode_outputs(prediction: Prediction, requested: Any, binary_output: bool =
 ZLIB_WBITS = {"gzip": 31, "deflate": 15}  # HTTP's "deflate" is the zlib format
 
 
-def inflate(body: bytes, encoding: str) -> bytes:
+def inflate(body: bytes, encoding: str, limit: int = MAX_BODY_BYTES) -> bytes:
     """A gzip or deflate request body (Triton's client's `request_compression_algorithm`), inflated to at
-    most MAX_BODY_BYTES."""
+    most `limit` bytes (more is a 413)."""
     decoder = zlib.decompressobj(ZLIB_WBITS[encoding])
     try:
-        data = decoder.decompress(body, MAX_BODY_BYTES + 1)
+        data = decoder.decompress(body, limit + 1)
     except zlib.error as exc:
         raise RequestError(f"the request body is not valid {encoding} ({exc})") from None
-    if len(data) > MAX_BODY_BYTES:
-        raise RequestError(f"the {encoding} request body inflates to more than {MAX_BODY_BYTES} bytes")
+    if len(data) > limit:
+        raise RequestError(f"the {encoding} request body inflates to more than {limit} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     if not decoder.eof:
         raise RequestError(f"the {encoding} request body is cut short")
     return data
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LimitedHandler):
     server: "InferenceServer"
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; with Nagle on, a keep-alive client's delayed ACK stalls
@@ -324,15 +324,16 @@ class _Handler(BaseHTTPRequestHandler):
         first `Inference-Header-Content-Length` bytes of the body, once inflated when it came compressed)."""
         declared = self.headers.get("Content-Length") or "0"
         length = int(declared) if declared.isdigit() else 0
-        if length <= 0 or length > MAX_BODY_BYTES:
-            raise RequestError(f"request body must be 1..{MAX_BODY_BYTES} bytes of JSON, got {declared}")
+        limit = self.server.limits.max_body_bytes  # a larger declared body was refused before this (413)
+        if length <= 0:
+            raise RequestError(f"request body must be 1..{limit} bytes of JSON, got {declared}")
         encoding = self.headers.get("Content-Encoding", "identity").lower()
         if encoding not in ("identity", *ZLIB_WBITS):
             raise RequestError(f"Content-Encoding {encoding!r} is not supported; send the body as identity, gzip or deflate")
         body = self.rfile.read(length)
         self.body_pending = False
         if encoding != "identity":
-            body = inflate(body, encoding)
+            body = inflate(body, encoding, limit)
             length = len(body)
         header = self.headers.get(HEADER_LENGTH)
         if header is None:
@@ -370,13 +371,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("POST")
 
 
-class InferenceServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, servable: Servable, host: str, port: int, metrics: ServingMetrics | None = None) -> None:
+class InferenceServer(LimitedServer):
+    def __init__(self, servable: Servable, host: str, port: int, metrics: ServingMetrics | None = None,
+                 limits: Limits = Limits()) -> None:
         self.servable = servable
         self.metrics = metrics or ServingMetrics()
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), _Handler, limits)
         self._thread: threading.Thread | None = None
 
     @property

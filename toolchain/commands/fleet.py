@@ -88,25 +88,31 @@ def monitor(
     metrics_port: Annotated[Optional[int], typer.Option(
         help="Prometheus metrics on http://HOST:PORT/metrics (also at /metrics on the dashboard's port); "
              "needs prometheus-client (the metrics extra)")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="a file holding the token the dashboard and metrics port need (Authorization: Bearer TOKEN, or "
+             "?token= in a browser); required when --host is not a loopback address")] = None,
 ) -> None:
     """Listen to the fleet until Ctrl-C; one line per status change and per fleet drift alarm."""
     from toolchain.fleet.dashboard import FleetDashboard
+    from toolchain.fleet.listener import read_token
     from toolchain.fleet.monitor import FleetMonitor
 
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     password = read_password(password_file, username)
+    token = read_token(token_file)
     if ctx.info_name == "dashboard" and port is None:
         port = DASHBOARD_PORT
     metrics = _fleet_metrics(db, fleet, lambda: dict(watcher.stats), metrics_port, port)
     # The dashboard binds its port first: a port in use fails before the database is created.
-    page = None if port is None else FleetDashboard(db, host, port, stats=lambda: dict(watcher.stats), metrics=metrics)
+    page = None if port is None else FleetDashboard(db, host, port, stats=lambda: dict(watcher.stats), metrics=metrics,
+                                                    token=token)
 
     def notice(kind: str, info: dict[str, Any]) -> None:
         print(_notice_line(kind, info), flush=True)
 
     try:
-        metrics_url = None if metrics_port is None else metrics.serve(host, metrics_port)
+        metrics_url = None if metrics_port is None else metrics.serve(host, metrics_port, token)
         watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
                                group=workers_group, worker=worker,
                                on_notice=notice, on_stored=page.notify if page else None,

@@ -18,27 +18,27 @@ database (WAL: readers never block the monitor's writes), and also rebuilt every
 time range slides while the fleet is quiet.
 
 Security: binds to 127.0.0.1 unless told otherwise and, when bound to a loopback address, answers only
-requests addressed to a loopback name (a web page elsewhere cannot read it by DNS rebinding). The page
+requests addressed to a loopback name (a web page elsewhere cannot read it by DNS rebinding); on any
+other address it needs a token, and every connection has the listener limits (`toolchain.fleet.listener`). The page
 loads nothing from anywhere else and its Content-Security-Policy forbids it (script and style by a
 per-response nonce, connections to itself only); device data reaches the DOM only as text.
 """
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import json
 import logging
 import secrets
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from toolchain.errors import ToolchainError
+from runtime_agent.http_limits import Limits
+from toolchain.fleet.listener import LIMITS, GuardedHandler, GuardedServer, is_loopback
 from toolchain.fleet.metrics import MISSING, FleetMetrics
 from toolchain.fleet.snapshot import build_snapshot
 from toolchain.fleet.store import FleetStore
@@ -49,17 +49,6 @@ KEEPALIVE_S = 15.0
 PAGE = resources.files("toolchain.fleet").joinpath("dashboard.html").read_text(encoding="utf-8")
 CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def embed_json(data: bytes) -> str:
@@ -68,12 +57,11 @@ def embed_json(data: bytes) -> str:
     return data.decode("utf-8").replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # an open event stream never holds up the process's exit
+class _Server(GuardedServer):
     dashboard: "FleetDashboard"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GuardedHandler):
     server: _Server
     server_version = "edge-fleet-dashboard"
 
@@ -82,15 +70,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         dashboard = self.server.dashboard
-        if dashboard.loopback_only and not _is_loopback(urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""):
+        if dashboard.loopback_only and not is_loopback(urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""):
             self._send(403, "text/plain; charset=utf-8", b"this dashboard answers only on its loopback address\n")
+            return
+        if not self.authorized():
             return
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
             nonce = secrets.token_urlsafe(16)
             _, data = dashboard.latest()
             page = PAGE.replace("__NONCE__", nonce).replace("__SNAPSHOT__", embed_json(data))
-            self._send(200, "text/html; charset=utf-8", page.encode("utf-8"), {"Content-Security-Policy": CSP.format(nonce=nonce)})
+            self._send(200, "text/html; charset=utf-8", page.encode("utf-8"), {"Content-Security-Policy": CSP.format(nonce=nonce), **self.token_cookie()})
         elif path == "/api/snapshot":
             self._send(200, "application/json", dashboard.latest()[1])
         elif path == "/events":
@@ -149,7 +139,8 @@ class FleetDashboard:
 
     def __init__(self, db_path: Path | str, host: str = "127.0.0.1", port: int = 8765, *, since_s: float = 3600.0,
                  min_interval_s: float = 0.5, refresh_s: float = 30.0,
-                 stats: Callable[[], Mapping[str, int]] | None = None, metrics: FleetMetrics | None = None) -> None:
+                 stats: Callable[[], Mapping[str, int]] | None = None, metrics: FleetMetrics | None = None,
+                 token: str | None = None, limits: Limits = LIMITS) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ToolchainError(f"--port must be 0-65535 (0: any free port), got {port!r}")
         if not since_s > 0:
@@ -159,15 +150,10 @@ class FleetDashboard:
         self.db_path, self.since_s = db_path, float(since_s)
         self.min_interval_s, self.refresh_s, self.stats = float(min_interval_s), float(refresh_s), stats
         self.metrics = metrics  # served at /metrics
-        try:
-            self._server = _Server((host, port), _Handler)
-        except OSError as exc:
-            why = ("the port is in use (choose another with --port)" if exc.errno == errno.EADDRINUSE
-                   else exc.strerror or str(exc))
-            raise ToolchainError(f"cannot serve the dashboard on {host}:{port}: {why}") from None
+        self._server = _Server(host, port, _Handler, token, "the dashboard", "--port", limits)  # token: toolchain.fleet.listener
         self._server.dashboard = self
         self.host, self.port = host, int(self._server.server_address[1])
-        self.loopback_only = _is_loopback(host)
+        self.loopback_only = is_loopback(host)
         self._store: FleetStore | None = None
         self._cond = threading.Condition()
         self._version, self._data = 0, b"{}"

@@ -21,7 +21,6 @@ the truth the whole fleet tooling shares (status, dashboard, autopilot, other wo
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from toolchain.errors import ToolchainError
+from toolchain.fleet.listener import GuardedHandler, GuardedServer
 from toolchain.fleet.store import OFFLINE, ONLINE, FleetStore, TelemetryRecord
 
 try:
@@ -81,14 +81,12 @@ class FleetMetrics:
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
 
-    def serve(self, host: str, port: int) -> str:
-        """Serve ``/metrics`` on host:port in the background; returns its URL."""
-        try:
-            self._server, _ = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            why = ("the port is in use (choose another with --metrics-port)" if exc.errno == errno.EADDRINUSE
-                   else exc.strerror or str(exc))
-            raise ToolchainError(f"cannot serve metrics on {host}:{port}: {why}") from None
+    def serve(self, host: str, port: int, token: str | None = None) -> str:
+        """Serve ``/metrics`` on host:port in the background, with the fleet listeners' limits and, off
+        loopback, `token` (`toolchain.fleet.listener`); returns its URL."""
+        self._server = GuardedServer(host, port, _MetricsHandler, token, "metrics", "--metrics-port")
+        self._server.metrics = self
+        threading.Thread(target=self._server.serve_forever, name="fleet-metrics", daemon=True).start()
         bound = self._server.server_address[1]
         return f"http://{f'[{host}]' if ':' in host else host}:{bound}/metrics"
 
@@ -168,3 +166,25 @@ def _ingest_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:
                            ("malformed", "edge_fleet_malformed_messages", "Messages refused by the topic schema's validators"),
                            ("store_errors", "edge_fleet_store_errors", "Messages not stored because the database failed (redelivered)")):
         yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+
+
+
+class _MetricsHandler(GuardedHandler):
+    """``GET /metrics`` only (`FleetMetrics.serve`)."""
+
+    server: GuardedServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        return
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self.authorized():
+            return
+        metrics: FleetMetrics = self.server.metrics
+        found = self.path.split("?", 1)[0] == "/metrics"
+        body = metrics.exposition() if found else b"not found: scrape /metrics\n"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", metrics.content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
