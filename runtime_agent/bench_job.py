@@ -16,6 +16,7 @@ seeded random inputs of the job's shapes, warmed up, then timed run by run.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from runtime_agent.process import rss_mb
 JOB_KIND = "bench-job"
 MAX_MODELS = 64
 MAX_RUNS = 100_000
+MAX_INPUT_VALUES = 1 << 26  # per input: what a job may make the device allocate
 FORMATS = ("onnx", "tflite")
 BURST_S = 0.02  # compute this long back to back, then pause: short enough for serving, long enough to stay warm
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -57,6 +59,8 @@ def _number(manifest: dict[str, Any], key: str, kind: type, low: float, high: fl
     value = manifest.get(key, default)
     if value is None and default is None:
         return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
         raise AgentError(f"benchmark job: '{key}' must be a {kind.__name__} in [{low}, {high}], got {value!r}")
     return value
@@ -76,9 +80,11 @@ def read_job(path: Path, keyring: Keyring) -> BenchJob:
             raise AgentError(f"benchmark job: model {str(artifact)[:200]} needs path, sha256, bytes, a format in {FORMATS} "
                              "and 'inputs' {name: shape}")
         for name, shape in artifact["inputs"].items():
-            if not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 16 for d in shape):
-                raise AgentError(f"benchmark job: input {name!r} of {artifact.get('path')!r} has no valid shape: {shape!r}")
-    check_artifacts({"artifacts": [dict(a) for a in artifacts]}, members, path)
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape) \
+                    or math.prod(shape) > MAX_INPUT_VALUES:
+                raise AgentError(f"benchmark job: input {name!r} of {artifact.get('path')!r} needs a shape of positive "
+                                 f"sizes holding at most {MAX_INPUT_VALUES} values, got {str(shape)[:100]}")
+    check_artifacts(manifest, members, path)
     return BenchJob(id=str(manifest.get("id", "")), models=artifacts, files=members,
                     runs=_number(manifest, "runs", int, 1, MAX_RUNS, 200), warmup=_number(manifest, "warmup", int, 0, MAX_RUNS, 10),
                     threads=_number(manifest, "threads", int, 0, 256, None), duty=float(_number(manifest, "duty", float, 0.01, 1.0, 0.5)),
