@@ -17,7 +17,7 @@ from runtime_agent.config import load_agent_config
 from tests.agent_helpers import http, infer_body, start_agent
 from tests.conftest import Build, Recorder, provision_device
 from tests.deploy.bundle_variants import collapse, variant
-from tests.deploy.test_push_device import PREFIX, RawPusher, SteadyClient, final_ack, pusher  # noqa: F401 (fixture)
+from tests.deploy.test_push_device import RawPusher, SteadyClient, final_ack, pusher  # noqa: F401 (fixture)
 from toolchain.deploy.broker import ManagedBroker
 
 pytestmark = pytest.mark.slow
