@@ -79,6 +79,26 @@ def padded_version(base: Path, keys: Path, out: Path, version: int, megabytes: f
     return write_bundle(path, manifest, files, load_private_key(keys / "signing.key"))
 
 
+def start_agent(device: Path, log: Path) -> subprocess.Popen:
+    """`edge-agent run` on `device`, once it serves (its output appended to `log`)."""
+    agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
+                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"serving" not in log.read_bytes():
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"agent did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return agent
+
+
+def sample_input(bundle: Path, keys: Path) -> np.ndarray:
+    """The first of the sample inputs the build stored in `bundle` (one request's worth)."""
+    from runtime_agent.bundle import read_bundle
+    from runtime_agent.signing import load_public_key
+
+    return np.load(io.BytesIO(read_bundle(bundle, load_public_key(keys / "signing.pub")).files["samples.npz"]))["x"][0]
+
+
 def _client_process(port: int, body: bytes, rps: float, stop: Any, out: Any) -> None:
     """Paced KServe v2 inferences (a new connection each) until `stop`; sends back every record."""
     records = []
@@ -186,8 +206,6 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-push-"))
     os.environ["EDGE_TOOLCHAIN_KEYS"] = str(work / "keys")  # a throwaway key, never the user's
-    from runtime_agent.bundle import read_bundle
-    from runtime_agent.signing import load_public_key
     from toolchain.deploy.broker import ManagedBroker, free_port
     from toolchain.deploy.push import PushSender, load_push_bundle
 
@@ -211,14 +229,8 @@ def main() -> None:
             f'device_id = "bench-1"\nfleet = "bench"\nbroker = "{broker.url}"\n[serve]\nhost = "127.0.0.1"\nport = {port}\n'
             '[telemetry]\nwindow_s = 1\n[probation]\nrequests = 1000000\nseconds = 86400\n')  # probation out of the way
         log = work / "agent.log"
-        agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
-                                 stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while b"serving" not in log.read_bytes():
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"agent did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        x = np.load(io.BytesIO(read_bundle(base, load_public_key(keys / "signing.pub")).files["samples.npz"]))["x"][0]
+        agent = start_agent(device, log)
+        x = sample_input(base, keys)
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, *x.shape], "datatype": "FP32",
                                        "data": x.ravel().tolist()}]}).encode()
         keepalive_ms = keepalive_p50_ms(port, body)
