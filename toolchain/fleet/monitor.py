@@ -23,8 +23,8 @@ telemetry window, not offline) whose latest window is in drift alarm (the agent'
 `toolchain.fleet.store`); when the share reaches ``alarm_threshold`` it raises a ``fleet_drift_alarm``
 fleet event (stored with device ``*``, logged, passed to ``on_notice``), and a ``fleet_drift_cleared`` one
 when it drops below again. The alarm state is kept in the database, so a restarted monitor neither
-forgets nor repeats it (`FleetStore.evaluate_fleet_alarm`). One query per batch and fleet, over the
-fleet's devices: under load batches grow, so the cost per message falls.
+forgets nor repeats it (`FleetStore.evaluate_fleet_alarm`). One query over the fleet's devices per
+batch, and under load (more messages waiting) at most every EVALUATE_EVERY_S per fleet.
 
 Several workers (``group``): each subscribes through the MQTT v5 shared subscription ``$share/GROUP/...``
 with its own persistent session (client id ``<database's>-GROUP-<worker>``), so the broker hands every
@@ -61,6 +61,7 @@ DEFAULT_ALARM_THRESHOLD = 0.3
 DEFAULT_SESSION_EXPIRY_S = 86400
 MAX_BATCH = 500  # messages stored in one transaction at most (the broker's in-flight window bounds it too)
 BATCH_TRIES = 5  # a batch another writer's deadlocked with is tried again this often
+EVALUATE_EVERY_S = 0.5  # under load (more messages waiting), a fleet's drift alarm is evaluated this often at most
 
 Notice = Callable[[str, dict[str, Any]], None]
 
@@ -112,6 +113,8 @@ class FleetMonitor:
         self._stop = threading.Event()
         self._started = False
         self._touched: set[str] = set()  # fleets whose share the batch being stored may have moved
+        self._unevaluated: set[str] = set()  # fleets whose share moved since their last evaluation
+        self._evaluated_at: dict[str, float] = {}
         self._last_prune = 0.0
         self._inbox: queue.Queue[tuple[str, bytes, bool, int, int] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-monitor-writer", daemon=True)
@@ -270,17 +273,30 @@ class FleetMonitor:
                 return
             finally:
                 deferred, self._deferred = self._deferred, None
+        self._evaluate_changed()
         for mid, qos in acks:
             self.client.ack(mid, qos)
         for function, args in deferred:
             self._callback(function, *args)
         self.stats["processed"] += len(acks)
-        for fleet in sorted(self._touched):
+
+    def _evaluate_changed(self) -> None:
+        """Evaluate the drift alarm of the fleets the batches changed: at once when nothing more waits, else
+        at most every EVALUATE_EVERY_S per fleet (each evaluation reads the whole fleet, under the alarm's
+        row lock that all workers share: per batch it would cost more than the batch under load)."""
+        self._unevaluated |= self._touched
+        busy, now = not self._inbox.empty(), time.monotonic()
+        for fleet in sorted(self._unevaluated):
+            if busy and now - self._evaluated_at.get(fleet, 0.0) < EVALUATE_EVERY_S:
+                continue
+            self._evaluated_at[fleet] = now
             try:
                 self._evaluate(fleet)
             except (*self.store.errors, ToolchainError) as exc:  # evaluated again after the next batch
                 self.stats["store_errors"] += 1
                 log.error("cannot evaluate fleet %s's drift alarm: %s", fleet, exc)
+                continue
+            self._unevaluated.discard(fleet)
 
     def _store_one(self, topic: str, payload: bytes, retained: bool) -> bool | tuple[TelemetryRecord, float]:
         """Handle one message inside the batch; False if it must not be acknowledged (the store failed), a
