@@ -108,7 +108,7 @@ def test_autopilot_bad_input_is_one_line(tmp_path: Path) -> None:
             "--db", str(db), "--out", str(tmp_path / "dist")]
     missing = run_cli(*args, "--config", str(REPO / "examples" / "digits" / "toolchain.toml"))
     assert missing.returncode == 2 and missing.stderr.strip() == (
-        f"error: fleet database {db} does not exist; start `toolchain fleet monitor --db {db}` first")
+        f"error: no fleet database at {db}; start `toolchain fleet monitor --db {db}` first")
     FleetStore(db).close()
     no_policy = run_cli(*args, "--config", str(REPO / "examples" / "digits" / "toolchain.toml"))
     assert no_policy.returncode == 2 and len(no_policy.stderr.strip().splitlines()) == 1
