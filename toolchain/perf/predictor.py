@@ -57,8 +57,8 @@ def tile_factor(op: OpCost, tile: int) -> float:
     whose microkernel writes a fixed number of output channels per call (NR), zero-padding the last
     tile, and picks a kernel of half that width when the layer fits in it. Measured on this
     project's FP32 `.tflite` variants on an AVX-512 host (benchmarks/predictor.py --runtime litert),
-    3x3/5x5 convolutions reach ~100 GFLOP/s at 16, 32, 64 and 96 output channels but 75 at 24 and
-    48 (24/32 and 48/64 of it), while the 1x1 ones (a plain GEMM) run 48 channels at full speed:
+    3x3/5x5 convolutions ran at 85-103 GFLOP/s with 16, 32, 64 or 96 output channels but 72-77 with 24 or
+    48 (24/32 and 48/64 of it), while the 1x1 ones (a plain GEMM) ran 48 channels at full speed:
     an NR of 32 for the spatial ones, which channel-count terms that fall smoothly with N cannot
     express (48 is slower than both 32 and 64). The tile is fitted per precision (0: none)."""
     if tile <= 0 or op.op_type != "Conv" or op.channels is None or op.kind.split("-", 1)[0] in ("", "pointwise", "depthwise"):
