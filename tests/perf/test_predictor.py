@@ -212,7 +212,8 @@ def test_the_fit_finds_the_channel_tile_that_made_the_latencies() -> None:
                                         assumptions=[]))
     truth = LatencyModel({"Conv-3x3/fp32": 0.5, "Add/fp32": 0.5}, {"Conv-3x3/fp32": 2.0, "Add/fp32": 1.0}, 0.5, 3.0,
                          conv_tile={"fp32": 32})
-    samples = [LatencySample(f"g{i}", c, float(t)) for i, (c, t) in enumerate(zip(costs, evaluate(costs, peaks, truth)))]
+    measured = evaluate(costs, peaks, truth)
+    samples = [LatencySample(f"g{i}", c, float(t)) for i, (c, t) in enumerate(zip(costs, measured))]
     prior = LatencyModel.roofline(host)
     assert choose_conv_tiles(samples, peaks, prior) == {"fp32": 32}
     _, tiled = fit_latency(samples, peaks, replace(prior, conv_tile={"fp32": 32}), ridge=1e-9)

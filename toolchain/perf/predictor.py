@@ -61,7 +61,8 @@ def tile_factor(op: OpCost, tile: int) -> float:
     48 (24/32 and 48/64 of it), while the 1x1 ones (a plain GEMM) ran 48 channels at full speed:
     an NR of 32 for the spatial ones, which channel-count terms that fall smoothly with N cannot
     express (48 is slower than both 32 and 64). The tile is fitted per precision (0: none)."""
-    if tile <= 0 or op.op_type != "Conv" or op.channels is None or op.kind.split("-", 1)[0] in ("", "pointwise", "depthwise"):
+    spatial = op.op_type == "Conv" and op.kind.split("-", 1)[0] not in ("", "pointwise", "depthwise")
+    if tile <= 0 or not spatial or op.channels is None:
         return 1.0
     return padded_channels(op.channels[1], tile) / max(op.channels[1], 1)
 
