@@ -37,6 +37,9 @@ class MqttLink:
         self.on_chunk = on_chunk
         self.max_inflight = max_inflight
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        """Set once the broker acknowledged the subscriptions to this device's commands and pushes (cleared on a
+        disconnect): from then on nothing sent to the device is missed, so a test or a supervisor can wait for it."""
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -60,6 +63,7 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
+        client.on_subscribe = lambda *_: self.subscribed.set()
         client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s: %s; retrying with backoff",
                                                           config.broker_host, config.broker_port, self._why_unreachable())
         client.on_disconnect = self._on_disconnect
@@ -137,6 +141,7 @@ class MqttLink:
             log.warning("lost the broker at %s:%s (%s); reconnecting with backoff", self.config.broker_host,
                         self.config.broker_port, reason_code)
         self.connected.clear()
+        self.subscribed.clear()
         with self._lock:
             self._inflight.clear()  # unacknowledged messages stay in the outbox and are sent again
 

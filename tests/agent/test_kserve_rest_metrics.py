@@ -27,6 +27,7 @@ from tests.agent_helpers import running_agent
 from tests.conftest import provision_device
 from tests.deploy.bundle_variants import variant
 from tests.deploy.test_push_device import RawPusher
+from tests.fleet_helpers import wait_until
 from toolchain.deploy.broker import ManagedBroker
 
 
@@ -194,6 +195,7 @@ def test_metrics_show_a_push_and_its_probation(broker: ManagedBroker, tmp_path: 
     try:
         with running_agent(device) as (agent, base):
             assert not [key for key in scrape(base) if key[0] in ("edge_agent_probation", "edge_agent_push_transfers")]
+            wait_until(lambda: agent._link is not None and agent._link.subscribed.is_set(), what="the agent's subscriptions")
             pusher.push(version_2.read_bytes())
             deadline, installed = time.monotonic() + 60, ("edge_agent_push_transfers", (("state", "installed"),))
             while installed not in (metrics := scrape(base)):  # the transfer is marked installed after the swap
