@@ -30,7 +30,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,7 @@ from runtime_agent.keyring import load_keyring
 from runtime_agent.signing import key_id, load_public_key, write_keypair
 from tests.agent.test_multi_io import old_style_bundle
 from tests.agent_helpers import start_agent
-from tests.conftest import Build, provision_device, run_cli
+from tests.conftest import provision_device, run_cli
 from tests.deploy.bundle_variants import variant
 from tests.deploy.test_operator_commands import wait_for_log
 from toolchain.deploy.broker import ManagedBroker
