@@ -44,7 +44,7 @@ def with_overrides(**sections: str) -> str:
     (with_overrides(project='name = "demo"\nversion = 0'), "[project] version: Input should be greater than or equal to 1 (got 0)"),
     (with_overrides(project='name = "bad name!"'), "[project] name: String should match pattern"),
     (with_overrides(train="lr = -1"), "[train] lr: Input should be greater than 0 (got -1)"),
-    (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, search, compress, retrain, eval)"),
+    (GOOD + "\n[serach]\nn_trials = 3\n", "[serach]: unknown key (known keys here: project, model, data, train, search, compress, retrain, eval, tracking)"),
     (GOOD + '\n[retrain]\ndata = "fresh.npz"\n', "[retrain] data: expected one of sklearn:..., npz:..."),
     (GOOD + '\n[retrain]\ndata = "npz:f.npz"\ntrigger_share = 1.5\n', "[retrain] trigger_share: Input should be less than or equal to 1"),
     ("[project\nname=1", "not valid TOML"),
