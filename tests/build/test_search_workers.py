@@ -46,6 +46,7 @@ width = { low = 4, high = 24 }
 lr = { low = 0.001, high = 0.01, log = true }
 """
 STUDY = "searched_digits-jetson-orin-nano"  # the default study name: project and target
+SEARCHED = {"width", "lr"}  # the [search] space above
 
 
 def _worker(config: Path, storage: str, *extra: str) -> subprocess.Popen[str]:
@@ -65,12 +66,14 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def _running(storage: str, pid: int) -> bool:
-    """Whether the worker `pid` is in the middle of a trial (False while it has not made the study yet)."""
+    """Whether the worker `pid` is in the middle of a trial: running, its parameters drawn (False while it has not
+    made the study yet, or in the instant between creating a trial and drawing its parameters)."""
     try:
         trials = _trials(storage)
     except KeyError:
         return False
-    return any(t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("owner", {}).get("pid") == pid for t in trials)
+    return any(t.state == optuna.trial.TrialState.RUNNING and set(t.params) == SEARCHED
+               and t.user_attrs.get("owner", {}).get("pid") == pid for t in trials)
 
 
 def test_two_workers_in_parallel_finish_exactly_n_trials(tmp_path: Path, postgres_url: str) -> None:
