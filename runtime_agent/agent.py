@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime_agent import __version__
+from runtime_agent import __version__, durable
 from runtime_agent.bundle import Bundle, read_bundle
+from runtime_agent.certificates import expiry as certificate_expiry
 from runtime_agent.config import AgentConfig
 from runtime_agent.drift import COVARIATE, DriftMonitor
 from runtime_agent.errors import AgentError, InputError
@@ -138,9 +138,7 @@ class Agent:
 
     def _set_probation_state(self, state: dict[str, Any]) -> None:
         self._probation_state = state
-        tmp = self._probation_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._probation_path)
+        durable.write_text(self._probation_path, json.dumps(state))
 
     def keyring(self) -> Keyring:
         """The keys that may sign a bundle now (`trusted/` and the older single `trusted.pub`)."""
@@ -231,7 +229,7 @@ class Agent:
         return {"schema": SCHEMAS[STATUS], "state": ONLINE, "device_id": self.config.device_id,
                 "model_version": manifest.get("version"), "model_name": manifest.get("name"),
                 "agent_version": __version__, "profile": manifest.get("target"), "ts": time.time(),
-                "probation": self._probation_state}
+                "probation": self._probation_state, **certificate_expiry(self.config)}
 
     def emit_event(self, kind: str, **fields: Any) -> int:
         payload = {"schema": SCHEMAS[EVENTS], "type": kind, "device_id": self.config.device_id,
@@ -431,9 +429,7 @@ class Agent:
             # The records first, the switch last: a restart in between finishes the rollback (`_resume_update`).
             if refuse:
                 refused = self._refused() | {old.model.bundle.version}
-                tmp = self._refused_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(sorted(refused)))
-                os.replace(tmp, self._refused_path)
+                durable.write_text(self._refused_path, json.dumps(sorted(refused)))
             self._set_probation_state({"version": old.model.bundle.version, "state": "rolled_back"})
             crash_point("rollback:recorded")
             self.slots.roll_back()

@@ -20,7 +20,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from runtime_agent import durable
 from runtime_agent.errors import AgentError, BundleError
 from runtime_agent.signing import key_id, load_public_key, verify_signature
 
@@ -109,20 +109,14 @@ def _read_state(folder: Path) -> dict[str, Any]:
             "chain": tuple(raw.get("chain", ()))}
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save(folder: Path, keyring: Keyring, new_keys: dict[str, Ed25519PublicKey]) -> None:
     """New key files first, then the state that commits the rotation (a crash between them leaves a key
     file whose rotation the re-sent chain commits again)."""
     folder.mkdir(parents=True, exist_ok=True)
     for kid, key in new_keys.items():
-        _write(folder / f"{kid}.pub", _pem(key))
+        durable.write_bytes(folder / f"{kid}.pub", _pem(key))
     state = {"seq": keyring.seq, "revoked": keyring.revoked, "answered": keyring.answered, "chain": list(keyring.chain)}
-    _write(folder / STATE, json.dumps(state, indent=2, sort_keys=True).encode())
+    durable.write_bytes(folder / STATE, json.dumps(state, indent=2, sort_keys=True).encode())
 
 
 def _pem(key: Ed25519PublicKey) -> bytes:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from runtime_agent import durable
 from runtime_agent.bundle import MAX_BUNDLE_BYTES
 from runtime_agent.errors import AgentError
 from runtime_agent.protocol import ACK, ACK_EVERY, FINAL_STATES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SCHEMAS
@@ -98,10 +99,12 @@ class PushReceiver:
         return self.dir / f"{transfer}.part", self.dir / f"{transfer}.json"
 
     def _save(self, item: Transfer) -> None:
+        """Atomic, not durable: after a power cut a lost record only makes the sender re-send chunks, and a
+        chunk recorded but lost fails the whole-file hash (the retry starts afresh); one fsync per chunk
+        would slow every push instead."""
         _, state = self._paths(item.transfer)
-        tmp = state.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"offer": item.offer, "received": item.ranges(), "state": item.state, "reason": item.reason}))
-        os.replace(tmp, state)
+        durable.write_text(state, json.dumps({"offer": item.offer, "received": item.ranges(), "state": item.state,
+                                              "reason": item.reason}), durable=False)
 
     def _load(self, offered: Transfer) -> Transfer:
         """Resume from disk when this transfer (same id, same file) was started before a restart."""

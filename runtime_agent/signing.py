@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from runtime_agent import durable
 from runtime_agent.errors import BundleError
 
 PRIVATE_KEY_NAME = "signing.key"
@@ -76,14 +77,6 @@ def write_keypair(directory: Path, overwrite: bool = False) -> tuple[Path, Path]
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(private_path, private_pem, mode=0o600)
-    _write_atomic(public_path, public_pem, mode=0o644)
+    durable.write_bytes(private_path, private_pem, mode=0o600)
+    durable.write_bytes(public_path, public_pem, mode=0o644)
     return private_path, public_path
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
