@@ -322,12 +322,13 @@ class Agent:
     def bench(self, transfer: Transfer, path: Path) -> None:
         """Verify a benchmark job like a bundle, time its models beside serving (runtime_agent.bench_job),
         answer with a `bench_result` event, then the transfer's final state `done`."""
-        from runtime_agent.bench_job import read_job, run_job
+        from runtime_agent.bench_job import JobLedger, read_job, run_job
 
         with self._bench_lock:  # one job at a time: two would time each other
             try:
                 self.receiver.check_hash(transfer, path)
-                job = read_job(path, self.keyring())
+                job = read_job(path, self.keyring(), self.config.device_id)
+                JobLedger(self.config.device_dir / "bench-jobs.json").admit(job)
             except AgentError as exc:
                 self._reject(transfer, f"benchmark job refused: {exc}")
                 return

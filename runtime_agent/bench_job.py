@@ -6,6 +6,12 @@ ed25519 signature by a key of the device's keyring, and the model files with the
 is loaded before the signature and every hash check out, and a bundle's signature cannot be replayed as a
 job (nor a job's as a bundle): each manifest must name its own kind.
 
+Jobs cross a broker that other clients may read, so a signed job must not be worth replaying: it names the
+one device it is for (`device`) and when it stops being valid (`expires`, unix seconds; the toolchain gives
+an hour), and the device keeps the ids of the jobs it ran until they expire (`JobLedger`, a file in the
+device folder that survives restarts): a job for another device, an expired one or one already run is
+refused with the reason, before anything is timed.
+
 Serving goes on while a job runs, so the job is paced: it computes in bursts of about `BURST_S` (20 ms),
 then sleeps long enough that it computes at most `duty` of the wall time (default 0.5); after each pause
 one untimed run re-warms the caches, so neither the pause nor a cold first run is in any timing. One job
@@ -16,7 +22,9 @@ seeded random inputs of the job's shapes, warmed up, then timed run by run.
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime_agent import durable
 from runtime_agent.bundle import check_artifacts, read_signed
 from runtime_agent.errors import AgentError
 from runtime_agent.keyring import Keyring
@@ -35,6 +44,8 @@ MAX_MODELS = 64
 MAX_RUNS = 100_000
 MAX_INPUT_VALUES = 1 << 26  # per input: what a job may make the device allocate
 FORMATS = ("onnx", "tflite")
+LEDGER_SIZE = 1024  # job ids remembered at most (the oldest to expire go first)
+CLOCK_SKEW_S = 300.0  # a job's expiry is honoured this long after it, for a device clock running behind
 BURST_S = 0.02  # compute this long back to back, then pause: short enough for serving, long enough to stay warm
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
@@ -46,6 +57,7 @@ class BenchJob:
     """A verified job: what to time and how."""
 
     id: str
+    expires: float  # unix seconds
     models: list[dict[str, Any]]  # the manifest's artifacts: path, format, name, inputs ({input: shape})
     files: dict[str, bytes]
     runs: int
@@ -66,11 +78,23 @@ def _number(manifest: dict[str, Any], key: str, kind: type, low: float, high: fl
     return value
 
 
-def read_job(path: Path, keyring: Keyring) -> BenchJob:
-    """Verify a job archive (signature by a trusted key, every file's hash) and check its fields."""
+def read_job(path: Path, keyring: Keyring, device_id: str, now: float | None = None) -> BenchJob:
+    """Verify a job archive (signature by a trusted key, every file's hash), that it is meant for this device
+    and still valid, and check its fields."""
     manifest, members = read_signed(path, keyring)
     if not isinstance(manifest, dict) or manifest.get("kind") != JOB_KIND:
         raise AgentError(f"benchmark job: the signed manifest is not a benchmark job (its kind is not {JOB_KIND!r})")
+    job_id, device, expires = manifest.get("id"), manifest.get("device"), manifest.get("expires")
+    if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+        raise AgentError("benchmark job: 'id' must be a string of 1 to 64 characters")
+    if device != device_id:
+        raise AgentError(f"benchmark job: made for device {str(device)[:64]!r}, this is {device_id!r}; "
+                         "make a job for this device (toolchain bench --device)")
+    if not isinstance(expires, (int, float)) or isinstance(expires, bool) or not math.isfinite(expires):
+        raise AgentError("benchmark job: 'expires' (unix seconds) is missing; make the job with this toolchain's `bench`")
+    if (now if now is not None else time.time()) > expires + CLOCK_SKEW_S:
+        raise AgentError(f"benchmark job {job_id} expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expires))}; "
+                         "make a new one (or check this device's clock)")
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list) or not 1 <= len(artifacts) <= MAX_MODELS:
         raise AgentError(f"benchmark job: 'artifacts' must list 1 to {MAX_MODELS} models")
@@ -85,10 +109,42 @@ def read_job(path: Path, keyring: Keyring) -> BenchJob:
                 raise AgentError(f"benchmark job: input {name!r} of {artifact.get('path')!r} needs a shape of positive "
                                  f"sizes holding at most {MAX_INPUT_VALUES} values, got {str(shape)[:100]}")
     check_artifacts(manifest, members, path)
-    return BenchJob(id=str(manifest.get("id", "")), models=artifacts, files=members,
+    return BenchJob(id=job_id, expires=float(expires), models=artifacts, files=members,
                     runs=_number(manifest, "runs", int, 1, MAX_RUNS, 200), warmup=_number(manifest, "warmup", int, 0, MAX_RUNS, 10),
                     threads=_number(manifest, "threads", int, 0, 256, None), duty=float(_number(manifest, "duty", float, 0.01, 1.0, 0.5)),
                     seed=_number(manifest, "seed", int, 0, 1 << 31, 0))
+
+
+class JobLedger:
+    """The benchmark jobs this device has run, by id, each kept until its expiry has passed (then a replay
+    is refused as expired anyway); at most `LEDGER_SIZE`. Stored in one JSON file ({id: expires}) replaced
+    durably, so a restart does not reopen the door to a replay."""
+
+    def __init__(self, path: Path, size: int = LEDGER_SIZE) -> None:
+        self.path, self.size = path, size
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, float]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: the expiry check still bounds a replay
+        if not isinstance(entries, dict):
+            return {}
+        return {k: float(v) for k, v in entries.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def admit(self, job: BenchJob, now: float | None = None) -> None:
+        """Record the job as run, or refuse it (AgentError) when it already ran here."""
+        now = now if now is not None else time.time()
+        with self._lock:
+            entries = self._read()
+            if job.id in entries:
+                raise AgentError(f"benchmark job {job.id} already ran on this device: a replayed job is refused; "
+                                 "make a new one")
+            entries = {k: v for k, v in entries.items() if v + CLOCK_SKEW_S >= now}
+            entries[job.id] = job.expires
+            kept = sorted(entries.items(), key=lambda item: item[1])[-self.size:]
+            durable.write_text(self.path, json.dumps(dict(kept)))
 
 
 def sample_feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:

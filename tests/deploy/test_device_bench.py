@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime_agent.bench_job import JobLedger, read_job
+from runtime_agent.errors import AgentError
+from runtime_agent.keyring import Keyring
 from runtime_agent.signing import load_private_key, write_keypair
 from tests.agent.test_multi_io import classifier_model, old_style_bundle, regression_model
 from tests.agent_helpers import http, infer_body, running_agent
@@ -76,6 +79,8 @@ def test_a_job_times_every_model_on_the_device_while_it_serves(broker: ManagedBr
     ("manifest altered", "signature check failed: the manifest was altered after signing"),
     ("unknown key", "signature check failed: signed by key"),
     ("a bundle, not a job", "the signed manifest is not a benchmark job"),
+    ("for another device", "made for device 'dev-2', this is 'dev-1'"),
+    ("expired", "expired at"),
 ])
 def test_a_job_that_does_not_verify_is_refused_with_the_reason(case: str, reason: str, broker: ManagedBroker, device,
                                                                tmp_path: Path) -> None:
@@ -84,7 +89,8 @@ def test_a_job_that_does_not_verify_is_refused_with_the_reason(case: str, reason
     files["classifier"].write_bytes(classifier_model())
     if case == "unknown key":
         key = write_keypair(tmp_path / "stranger")[0]
-    job = write_job(files, SETTINGS, load_private_key(key), tmp_path / "job.bench")
+    job = write_job(files, SETTINGS, load_private_key(key), tmp_path / "job.bench",
+                    "dev-2" if case == "for another device" else "dev-1", valid_s=-3600 if case == "expired" else 600)
     if case == "model file altered":
         data = bytearray(job.read_bytes())
         data[data.index(classifier_model()) + 40] ^= 0x01
@@ -122,3 +128,31 @@ def test_calibrate_from_device_fits_the_profile_to_variants_timed_there(broker: 
     assert calibration["fingerprint"] is None and calibration["threads"] == 0  # the agent's own [serve] threads
     assert len(calibration["fit"]["fitted"]) + len(calibration["validation"]["held_out"]) == 12
     assert set(calibration["validation"]["latency"]["errors"]) == set(calibration["validation"]["held_out"])
+
+
+def test_a_job_runs_once_even_across_restarts(tmp_path: Path) -> None:
+    """The ledger behind replay refusal: a job id is admitted once, remembered in its file (a restarted agent
+    reads it back), forgotten only after its expiry, and the file keeps at most `size` ids."""
+    files = {"classifier": tmp_path / "classifier.onnx"}
+    files["classifier"].write_bytes(classifier_model())
+    build = old_style_bundle(tmp_path / "build")
+    key = build.out / "keys" / "signing.key"
+    keyring = Keyring.of(load_private_key(key).public_key())
+    ledger_file = tmp_path / "dev" / "bench-jobs.json"
+    ledger_file.parent.mkdir()
+    job = read_job(write_job(files, SETTINGS, load_private_key(key), tmp_path / "a.bench", "dev-1"), keyring, "dev-1")
+    JobLedger(ledger_file).admit(job)
+    with pytest.raises(AgentError, match=f"benchmark job {job.id} already ran on this device"):
+        JobLedger(ledger_file).admit(job)  # a new ledger on the same file: what a restarted agent has
+    later = job.expires + 3600
+    other = read_job(write_job(files, SETTINGS, load_private_key(key), tmp_path / "b.bench", "dev-1"), keyring, "dev-1")
+    JobLedger(ledger_file).admit(other, now=later)  # the first job's entry has expired and is dropped
+    assert set(json.loads(ledger_file.read_text())) == {other.id}
+    with pytest.raises(AgentError, match="expired at"):
+        read_job(tmp_path / "a.bench", keyring, "dev-1", now=later)  # and the job itself is refused as expired
+    small = JobLedger(tmp_path / "small.json", size=2)
+    jobs = [read_job(write_job(files, SETTINGS, load_private_key(key), tmp_path / f"{n}.bench", "dev-1", valid_s=60 + n),
+                     keyring, "dev-1") for n in range(3)]
+    for each in jobs:
+        small.admit(each)
+    assert set(json.loads((tmp_path / "small.json").read_text())) == {jobs[1].id, jobs[2].id}

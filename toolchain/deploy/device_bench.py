@@ -41,6 +41,7 @@ from toolchain.errors import ToolchainError
 from toolchain.targets.hostprobe import cache_dir, write_json_atomic
 
 RESULT_EVENT = "bench_result"
+JOB_VALID_S = 3600.0  # how long a job stays valid: the device refuses it after that, and a second time at all
 RESULT_WAIT_S = 30.0  # after `done`: the event leaves the device's outbox within a second or so
 
 
@@ -70,11 +71,12 @@ def signing_key(path: Path | None) -> Ed25519PrivateKey:
     return load_private_key(Path(path))
 
 
-def write_job(models: dict[str, Path], settings: JobSettings, key: Ed25519PrivateKey, out: Path,
-              inputs: dict[str, dict[str, list[int]]] | None = None) -> Path:
-    """The signed job archive. `models`: name -> .onnx/.tflite file; `inputs`: per model name, {input: full
-    shape}; an input not named is fed at the model's own shape, free dims as 1. A fresh id makes every job
-    a new transfer (the device would answer a repeated one with its earlier state)."""
+def write_job(models: dict[str, Path], settings: JobSettings, key: Ed25519PrivateKey, out: Path, device: str,
+              inputs: dict[str, dict[str, list[int]]] | None = None, valid_s: float = JOB_VALID_S) -> Path:
+    """The signed job archive for one device, valid for `valid_s`. `models`: name -> .onnx/.tflite file;
+    `inputs`: per model name, {input: full shape}; an input not named is fed at the model's own shape, free
+    dims as 1. A fresh id makes every job a new transfer (the device would answer a repeated one with its
+    earlier state) and lets the device refuse a replay (runtime_agent.bench_job.JobLedger)."""
     files, artifacts = {}, []
     for index, (name, path) in enumerate(models.items()):
         path = Path(path)
@@ -87,8 +89,9 @@ def write_job(models: dict[str, Path], settings: JobSettings, key: Ed25519Privat
         artifacts.append({"path": member, "name": name, "format": model_format, "role": "bench",
                           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                           "inputs": (inputs or {}).get(name, {})})
-    manifest = {"kind": JOB_KIND, "id": uuid.uuid4().hex, "created": datetime.now(timezone.utc).isoformat(),
-                "key_id": key_id(key.public_key()),
+    created = datetime.now(timezone.utc)
+    manifest = {"kind": JOB_KIND, "id": uuid.uuid4().hex, "created": created.isoformat(), "device": device,
+                "expires": round(created.timestamp() + valid_s, 3), "key_id": key_id(key.public_key()),
                 "artifacts": artifacts, **{k: v for k, v in asdict(settings).items() if v is not None}}
     return write_signed(out, manifest, files, key)
 
@@ -120,7 +123,8 @@ def bench_on_device(models: dict[str, Path], device: str, broker: PushClient | B
     `stored` is the file). A refused job is a ToolchainError with the device's reason."""
     private = signing_key(key)
     with tempfile.TemporaryDirectory(prefix="toolchain-device-bench-") as scratch, borrowed_client(broker) as client:
-        job = write_job(models, settings, private, Path(scratch) / "job.bench", inputs)
+        job = write_job(models, settings, private, Path(scratch) / "job.bench", device, inputs,
+                        valid_s=max(timeout_s, JOB_VALID_S))
         result = send_job(job, device, client, fleet, timeout_s)
     result["settings"] = asdict(settings)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
