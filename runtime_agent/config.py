@@ -8,6 +8,7 @@ device_id = "cam-17"                # [A-Za-z0-9_-], also the MQTT client id and
 fleet = "factory-a"
 broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
 mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem", keepalive_s = 30 }
+# mqtt.client_cert = "client.pem": certificate + key (one PEM) the agent presents to a broker that requires one
 serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
 # serve.grpc_port = 8081: also KServe v2 over gRPC on that port (needs grpcio and protobuf: the agent-grpc extra)
 # serve: max_body_bytes = 33554432, header_timeout_s = 10, body_timeout_s = 60, idle_timeout_s = 30,
@@ -34,7 +35,7 @@ from runtime_agent.probation import ProbationLimits
 from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "keepalive_s"},
+_SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "client_cert", "keepalive_s"},
              "serve": {"host", "port", "grpc_port", "threads", "max_body_bytes", "header_timeout_s", "body_timeout_s",
                        "idle_timeout_s", "max_connections"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},
              "queue": {"path", "max_messages"},
@@ -53,6 +54,7 @@ class AgentConfig:
     username: str | None
     password: str | None
     ca_file: Path | None
+    client_cert: Path | None  # mutual TLS: the device's certificate and key in one PEM
     keepalive_s: int
     serve_host: str
     serve_port: int
@@ -136,10 +138,17 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
     ca_file = mqtt.get("ca_file", str, None)
     if ca_file is not None and not (device_dir / ca_file).is_file():
         raise AgentError(f"{path} [mqtt] ca_file: {device_dir / ca_file} does not exist (the broker's CA certificate, PEM)")
+    client_cert = mqtt.get("client_cert", str, None)
+    if client_cert is not None and not (device_dir / client_cert).is_file():
+        raise AgentError(f"{path} [mqtt] client_cert: {device_dir / client_cert} does not exist (the device's "
+                         "certificate and key, PEM; `toolchain flash --broker-dir` writes client.pem)")
+    if client_cert is not None and not tls:
+        raise AgentError(f"{path} [mqtt] client_cert needs an mqtts:// broker")
     return AgentConfig(
         device_dir=device_dir, device_id=ident, fleet=fleet, broker_host=host, broker_port=port, tls=tls,
         username=mqtt.get("username", str, ident if password else None), password=password,
         ca_file=device_dir / ca_file if ca_file else None,
+        client_cert=device_dir / client_cert if client_cert else None,
         keepalive_s=mqtt.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, expected="an integer 5..3600"),
         serve_host=serve.get("host", str, "127.0.0.1"),
         serve_port=serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),

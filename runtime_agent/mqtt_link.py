@@ -58,7 +58,8 @@ class MqttLink:
         if config.username:
             client.username_pw_set(config.username, config.password)
         if config.tls:
-            client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None, cert_reqs=ssl.CERT_REQUIRED,
+                           certfile=str(config.client_cert) if config.client_cert else None)
         client.will_set(config.topic(STATUS), json.dumps(STATUS_OFFLINE), qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(self.max_inflight)
@@ -86,7 +87,8 @@ class MqttLink:
         except OSError as exc:
             return f"broker unreachable ({exc.strerror or exc})"
         if self.config.tls:
-            return "the port answers but the TLS handshake failed (check [mqtt] ca_file and the broker's certificate)"
+            return ("the port answers but the TLS handshake failed (check [mqtt] ca_file, client_cert and the broker's "
+                    "certificate)")
         return "the port answers but the MQTT connection failed (is it an MQTT broker?)"
 
     def prepare(self) -> None:

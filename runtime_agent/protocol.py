@@ -192,7 +192,18 @@ def parse_status(raw: bytes, device: str) -> dict[str, Any]:
         return {"state": OFFLINE}
     return {"state": ONLINE, "model_version": _int(payload, "model_version", optional=True),
             "model_name": _text(payload, "model_name"), "agent_version": _text(payload, "agent_version"),
-            "profile": _text(payload, "profile")}
+            "profile": _text(payload, "profile"), **_certificates(payload.get("certificates"))}
+
+
+def _certificates(value: Any) -> dict[str, float | None]:
+    """The birth's optional ``certificates`` (`runtime_agent.certificates`): when the device's client
+    certificate and its CA expire, Unix seconds -> ``cert_not_after``, ``ca_not_after`` (None: not reported)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise Malformed(f"'certificates' must be an object, got {value!r:.80}")
+    return {"cert_not_after": _number(value.get("client_not_after"), "certificates.client_not_after", optional=True, minimum=0),
+            "ca_not_after": _number(value.get("ca_not_after"), "certificates.ca_not_after", optional=True, minimum=0)}
 
 
 def _drift(value: Any) -> dict[str, Any]:

@@ -125,15 +125,16 @@ class Recorder:
     broker restarts (the broker queues for the session while the recorder reconnects)."""
 
     def __init__(self, managed: ManagedBroker, topic: str = "edge/v1/#", client_id: str = "recorder",
-                 username: str | None = None, password: str | None = None, ca_file: Path | None = None) -> None:
+                 username: str | None = None, password: str | None = None, ca_file: Path | None = None,
+                 client_cert: Path | None = None) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username:
             self.client.username_pw_set(username, password)
-        if ca_file:  # mqtts://: verify the broker against this CA, host name included
-            self.client.tls_set(ca_certs=str(ca_file))
+        if ca_file:  # mqtts://: verify the broker against this CA, host name included (and present `client_cert`)
+            self.client.tls_set(ca_certs=str(ca_file), certfile=str(client_cert) if client_cert else None)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(topic, qos=1), None)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()

@@ -1,5 +1,6 @@
-"""`mqtts://` for real: a TLS-only mosquitto with a private CA, devices that verify it, and what happens
-when they cannot (wrong CA) or when a client does not speak TLS at all."""
+"""`mqtts://` for real: a TLS-only mosquitto with a private CA and mutual TLS, devices that verify it and
+present their own certificate, and what happens when they cannot (wrong CA), when a client has no
+certificate or one from another CA, or does not speak TLS at all."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import ssl
 import stat
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -26,9 +28,11 @@ OPERATOR_PASSWORD = f"{OPERATOR}-secret"
 
 @pytest.fixture()
 def tls_broker(tmp_path: Path):
-    """A TLS-only mosquitto (private CA in its folder) with passwords and the ACL: users operator, dev-1."""
+    """A TLS-only mosquitto (private CA in its folder, client certificates required) with passwords and the
+    ACL: users operator (certificate in operator.pem), dev-1."""
     managed = ManagedBroker(tmp_path / "tls-broker", port=free_port(), authenticated=True, tls=True)
     managed.write_config()
+    managed.issue_client_cert(managed.directory / "operator.pem", OPERATOR)
     for user in (OPERATOR, "dev-1"):
         managed.add_user(user, f"{user}-secret")
     managed.start()
@@ -37,16 +41,19 @@ def tls_broker(tmp_path: Path):
 
 
 def provision_tls_device(device_dir: Path, build: Build, broker: ManagedBroker, ca_file: Path) -> Path:
-    """A device that reaches the broker over mqtts://, trusting `ca_file` (copied in as ca.pem)."""
+    """A device that reaches the broker over mqtts://, trusting `ca_file` (copied in as ca.pem) and presenting
+    its own certificate from the broker's CA (client.pem)."""
     device_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ca_file, device_dir / "ca.pem")
+    broker.issue_client_cert(device_dir / "client.pem", "dev-1")
     (device_dir / "mqtt.password").write_text("dev-1-secret\n")
-    extra = '[mqtt]\nusername = "dev-1"\npassword_file = "mqtt.password"\nca_file = "ca.pem"\n'
+    extra = '[mqtt]\nusername = "dev-1"\npassword_file = "mqtt.password"\nca_file = "ca.pem"\nclient_cert = "client.pem"\n'
     return provision_device(device_dir, build, broker.url, window_s=0.5, extra=extra)
 
 
 def operator_recorder(broker: ManagedBroker, client_id: str = "recorder") -> Recorder:
-    return Recorder(broker, client_id=client_id, username=OPERATOR, password=OPERATOR_PASSWORD, ca_file=broker.ca_file)
+    return Recorder(broker, client_id=client_id, username=OPERATOR, password=OPERATOR_PASSWORD, ca_file=broker.ca_file,
+                    client_cert=broker.directory / "operator.pem")
 
 
 def seqs(recorder: Recorder) -> set[int]:
@@ -64,10 +71,11 @@ def flush(recorder: Recorder, name: str = "barrier") -> None:
 def test_broker_tls_material_is_generated_once_and_private(tls_broker: ManagedBroker) -> None:
     folder = tls_broker.directory
     assert tls_broker.url == f"mqtts://127.0.0.1:{tls_broker.port}" and tls_broker.ca_file == folder / "ca.pem"
-    for key in ("ca.key", "server.key"):
+    for key in ("ca.key", "server.key", "operator.pem"):
         assert stat.S_IMODE((folder / key).stat().st_mode) == 0o600
     config = (folder / "mosquitto.conf").read_text()
     assert f"certfile {folder / 'server.pem'}" in config and "tls_version tlsv1.2" in config
+    assert "require_certificate true" in config
     before = {name: (folder / name).read_bytes() for name in ("ca.pem", "server.pem", "server.key")}
     tls_broker.write_config()  # a restart reuses the CA (devices keep trusting it) and the still-valid cert
     assert {name: (folder / name).read_bytes() for name in before} == before
@@ -137,6 +145,9 @@ def test_agent_delivers_telemetry_and_retained_birth_over_tls(default_build: Bui
     finally:
         recorder.close()
     assert birth["state"] == "online" and birth["model_version"] == 1
+    # The birth says when the device's credentials expire: its client certificate in a year, the CA in ten.
+    days = {key: (when - time.time()) / 86400 for key, when in birth["certificates"].items()}
+    assert 364 < days["client_not_after"] <= 365 and 3649 < days["ca_not_after"] <= 3650
     assert recorder.payloads("/status")[0]["state"] == "online"
     telemetry = recorder.payloads("/telemetry")
     assert all(t["model_version"] == 1 for t in telemetry) and sorted(seqs(recorder))[:3] == [1, 2, 3]
@@ -189,4 +200,38 @@ def test_a_plain_mqtt_client_cannot_talk_to_the_tls_listener(tls_broker: Managed
         assert not [t for t, _ in recorder.messages if t == "edge/v1/lab/plain/cmd"]
     finally:
         plain.loop_stop()
+        recorder.close()
+
+
+@pytest.mark.parametrize("credential", ["no certificate", "another CA's certificate"])
+def test_a_client_without_a_certificate_of_the_brokers_ca_is_refused(credential: str, tls_broker: ManagedBroker,
+                                                                    tmp_path: Path) -> None:
+    """Mutual TLS: the right CA, a valid password, but no certificate (or one the broker's CA did not sign):
+    the broker ends the handshake, so the client never gets a CONNACK and nothing it sends arrives."""
+    certificate = None
+    if credential != "no certificate":
+        stranger = ManagedBroker(tmp_path / "stranger", tls=True)  # its own CA, never started
+        certificate = stranger.issue_client_cert(tmp_path / "stranger.pem", OPERATOR)
+    recorder = operator_recorder(tls_broker)
+    connected, disconnected = threading.Event(), threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv5)
+    client.username_pw_set(OPERATOR, OPERATOR_PASSWORD)
+    client.tls_set(ca_certs=str(tls_broker.ca_file), certfile=None if certificate is None else str(certificate))
+    client.on_connect = lambda c, u, f, rc, p: connected.set()  # any CONNACK, even a refusal
+    client.on_disconnect = lambda c, u, f, rc, p: disconnected.set()
+    client.reconnect_delay_set(min_delay=1, max_delay=1)
+    try:
+        try:  # TLS 1.3: the client may finish its side of the handshake before the server checks its certificate
+            client.connect(tls_broker.host, tls_broker.port)
+            client.publish("edge/v1/lab/intruder/cmd", b'{"from": "intruder"}', qos=1)
+            client.loop_start()
+            assert disconnected.wait(10), "the broker should drop a client without a certificate of its CA"
+        except ssl.SSLError:
+            pass  # ...or refuse it within the handshake (TLS 1.2)
+        client.loop_stop()
+        assert not connected.is_set()
+        flush(recorder)
+        assert not [t for t, _ in recorder.messages if t == "edge/v1/lab/intruder/cmd"]
+    finally:
+        client.loop_stop()
         recorder.close()

@@ -38,12 +38,14 @@ def test_broker_start_bridges_a_site_to_a_central_broker_over_tls(tmp_path: Path
     central_port, site_port = free_port(), free_port()
     started = broker_cli("start", "--dir", str(central_dir), "--port", str(central_port), "--tls", "--accept-bridges")
     assert started.returncode == 0, started.stderr
-    assert f"site bridges: user {BRIDGE_USER}, password in {central_dir / 'bridge.password'}" in started.stdout
+    assert (f"site bridges: user {BRIDGE_USER}, password in {central_dir / 'bridge.password'}, client certificate "
+            f"{central_dir / 'bridge.pem'}") in started.stdout
     try:
-        site = broker_cli("start", "--dir", str(site_dir), "--port", str(site_port), "--anonymous",
+        site = broker_cli("start", "--dir", str(site_dir), "--port", str(site_port), "--anonymous", "--insecure",
                           "--bridge-to", f"mqtts://127.0.0.1:{central_port}", "--bridge-user", BRIDGE_USER,
                           "--bridge-password-file", str(central_dir / "bridge.password"),
-                          "--bridge-ca-file", str(central_dir / "ca.pem"))
+                          "--bridge-ca-file", str(central_dir / "ca.pem"),
+                          "--bridge-client-cert", str(central_dir / "bridge.pem"))
         assert site.returncode == 0, site.stderr
         client_id = ManagedBroker.load(site_dir).bridge.client_id
         assert f"bridged to mqtts://127.0.0.1:{central_port} as {client_id}" in site.stdout
@@ -51,7 +53,8 @@ def test_broker_start_bridges_a_site_to_a_central_broker_over_tls(tmp_path: Path
         assert stat.S_IMODE((site_dir / "mosquitto.conf").stat().st_mode) == 0o600
         central, site_broker = ManagedBroker.load(central_dir), ManagedBroker.load(site_dir)
         password = (central_dir / "operator.password").read_text().strip()
-        operator = Recorder(central, "#", "operator", OPERATOR, password, central.ca_file)
+        operator_cert = central_dir / "operator.pem"
+        operator = Recorder(central, "#", "operator", OPERATOR, password, central.ca_file, operator_cert)
         device = Recorder(site_broker, "edge/v1/plant/cam-1/cmd", "cam-1-listener")
         try:
             operator.wait_for(lambda r: (f"edge/bridges/{client_id}/state", b"1") in r.messages, what="the bridge's state")
@@ -63,7 +66,7 @@ def test_broker_start_bridges_a_site_to_a_central_broker_over_tls(tmp_path: Path
             operator.client.publish("edge/v1/plant/cam-1/cmd", b'{"id": "c1"}', qos=1).wait_for_publish(10)
             device.wait_for(lambda r: r.payloads("/cmd") == [{"id": "c1"}], what="the command at the site")
             # The retained birth is retained at the central broker too (push discovers devices there).
-            late = Recorder(central, "edge/v1/+/+/status", "late", OPERATOR, password, central.ca_file)
+            late = Recorder(central, "edge/v1/+/+/status", "late", OPERATOR, password, central.ca_file, operator_cert)
             late.wait_for(lambda r: r.payloads("/status") == [{"state": "online"}], what="the retained status")
             late.close()
         finally:
@@ -75,7 +78,8 @@ def test_broker_start_bridges_a_site_to_a_central_broker_over_tls(tmp_path: Path
 
 
 @pytest.mark.parametrize("args, error", [
-    (["--bridge-user", BRIDGE_USER], "--bridge-user, --bridge-password-file and --bridge-ca-file need --bridge-to URL"),
+    (["--bridge-user", BRIDGE_USER], "--bridge-user, --bridge-password-file, --bridge-ca-file and --bridge-client-cert "
+                                     "need --bridge-to URL"),
     (["--bridge-to", "mqtts://127.0.0.1:8883"], "--bridge-to mqtts://... needs --bridge-ca-file"),
     (["--bridge-to", "tcp://central"], "--bridge-to must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got 'tcp://central'"),
     (["--bridge-to", "mqtt://127.0.0.1:1883", "--bridge-user", BRIDGE_USER, "--bridge-password-file", "missing"],

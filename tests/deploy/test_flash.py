@@ -1,4 +1,5 @@
-"""`toolchain broker` + `toolchain flash`: provisioned devices come online with their own credentials."""
+"""`toolchain broker` + `toolchain flash`: provisioned devices come online with their own credentials (over
+mqtts:// with their own client certificates: TLS is `broker start`'s default)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def flash(tmp_path: Path, build: Build, broker: ManagedBroker, device: str, *ext
 def test_three_flashed_devices_come_online_with_their_own_credentials(default_build: Build, managed: ManagedBroker,
                                                                       tmp_path: Path) -> None:
     password = (managed.directory / "operator.password").read_text().strip()
-    recorder = Recorder(managed, topic="edge/v1/plant/+/status", client_id="ops", username=OPERATOR, password=password)
+    recorder = Recorder(managed, topic="edge/v1/plant/+/status", client_id="ops", username=OPERATOR, password=password,
+                        ca_file=managed.ca_file, client_cert=managed.directory / "operator.pem")
     agents = []
     try:
         for device in ("cam-1", "cam-2", "cam-3"):
@@ -51,7 +53,8 @@ def test_three_flashed_devices_come_online_with_their_own_credentials(default_bu
         recorder.close()
     secrets = {(tmp_path / d / "mqtt.password").read_text() for d in ("cam-1", "cam-2", "cam-3")}
     assert len(secrets) == 3
-    assert oct((tmp_path / "cam-1" / "mqtt.password").stat().st_mode & 0o777) == "0o600"
+    for secret in ("mqtt.password", "client.pem"):
+        assert oct((tmp_path / "cam-1" / secret).stat().st_mode & 0o777) == "0o600"
     assert (tmp_path / "cam-1" / "current.bundle").resolve() == (tmp_path / "cam-1" / "slots" / "digits-1.bundle").resolve()
 
 

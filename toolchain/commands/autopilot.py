@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
-from toolchain.commands.options import read_password
+from toolchain.commands.options import ClientCertOption, read_password
 from toolchain.errors import ToolchainError
 
 
@@ -29,6 +29,7 @@ def autopilot(
     username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="file holding the broker password")] = None,
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")] = None,
+    client_cert: ClientCertOption = None,
     key: Annotated[Optional[Path], typer.Option(help="ed25519 private key that signs new bundles (default: the key folder's)")] = None,
     pubkey: Annotated[Path, typer.Option(help="the devices' trusted public key")] = default_key_dir() / PUBLIC_KEY_NAME,
     budget: Annotated[str, typer.Option(help="build budget: quick | standard | thorough")] = "quick",
@@ -57,7 +58,7 @@ def autopilot(
 
     def deploy(bundle: Path, devices: list[str], on_decision: Any) -> Any:
         settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey,
-                                   broker=BrokerLogin(broker, username, password, ca_file))
+                                   broker=BrokerLogin(broker, username, password, ca_file, client_cert))
         return rollout(bundle, fleet, devices, settings, on_decision=on_decision)
 
     with FleetStore(db, create=False) as store:

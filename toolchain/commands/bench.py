@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, PasswordFileOption, UsernameOption,
+from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption,
                                        read_password)
 from toolchain.commands.tables import print_table, print_value
 from toolchain.errors import ToolchainError
@@ -39,6 +39,7 @@ def bench(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
     key: Annotated[Optional[Path], typer.Option(help="with --device: key that signs the job (default: the build key)")] = None,
     runs: Annotated[int, typer.Option(help="with --device: timed runs (after 10 warm-up runs)")] = 200,
     duty: Annotated[float, typer.Option(help="with --device: share of wall time the job may compute (pacing)")] = 0.5,
@@ -55,7 +56,8 @@ def bench(
         from toolchain.deploy.device_bench import JobSettings
         from toolchain.deploy.mqtt import BrokerLogin
 
-        _bench_device(model_or_bundle, device, BrokerLogin(broker, username, read_password(password_file, username), ca_file),
+        _bench_device(model_or_bundle, device, BrokerLogin(broker, username, read_password(password_file, username),
+                                                           ca_file, client_cert),
                       fleet, key, pubkey, JobSettings(runs=runs, threads=threads, duty=duty), as_json)
         return
     profile = resolve_target(target)

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from toolchain.commands.options import (BrokerOption, CaFileOption, PasswordFileOption, TargetOption, UsernameOption,
+from toolchain.commands.options import (BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption, UsernameOption,
                                        read_password)
 from toolchain.errors import ToolchainError
 
@@ -49,6 +49,7 @@ def build(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
     from toolchain.core.config import command_line_config, load_config, with_search
@@ -80,7 +81,8 @@ def build(
         from toolchain.deploy.device_bench import device_timer
         from toolchain.deploy.mqtt import BrokerLogin
 
-        timer = device_timer(measure_on, BrokerLogin(broker, username, read_password(password_file, username), ca_file),
+        timer = device_timer(measure_on, BrokerLogin(broker, username, read_password(password_file, username),
+                                                     ca_file, client_cert),
                              fleet, key, profile.id)
     built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
                       track=track, device_timer=timer)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, PasswordFileOption, TargetOption,
+from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption,
                                        UsernameOption, read_password)
 from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
@@ -43,6 +43,7 @@ def calibrate(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
     key: Annotated[Optional[Path], typer.Option(help="with --from-device: key that signs the jobs (default: the build key)")] = None,
     variants: Annotated[Optional[int], typer.Option(help="with --from-device: how many variants (default: as --quick or not)")] = None,
     runs: Annotated[int, typer.Option(help="with --from-device: timed runs per variant")] = 50,
@@ -71,7 +72,8 @@ def calibrate(
             if variants < 8:
                 raise ToolchainError(f"--variants must be at least 8 (a fit and a held-out set of every family), got {variants}")
             settings = replace(settings, variants=variants)
-        timer = device_timer(from_device, BrokerLogin(broker, username, read_password(password_file, username), ca_file),
+        timer = device_timer(from_device, BrokerLogin(broker, username, read_password(password_file, username),
+                                                      ca_file, client_cert),
                              fleet, key, profile.id, JobSettings(runs=runs, seed=seed))
         err.print(f"[bold]calibrating[/] {escape(profile.id)} ({runtime}) on device {escape(from_device)}: "
                   f"{settings.variants} generated variants, {runs} runs each")

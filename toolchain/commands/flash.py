@@ -1,4 +1,5 @@
-"""`toolchain flash`: provision a device folder (agent.toml, credentials, trusted key, first bundle)."""
+"""`toolchain flash`: provision a device folder (agent.toml, credentials, trusted key, first bundle; with a TLS
+broker folder also its CA and the device's client certificate)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ def flash(
              "8080 up that no other device folder beside it uses)")] = None,
     window: Annotated[float, typer.Option(help="telemetry window, seconds")] = 10.0,
     force: Annotated[bool, typer.Option(help="re-flash an existing device (new credentials, new model)")] = False,
+    cert_days: Annotated[Optional[int], typer.Option(
+        help="with a TLS --broker-dir: days the device's client certificate is valid (default 365; re-flash to renew)")] = None,
 ) -> None:
     """Provision a device: agent.toml, credentials, trusted key, first bundle, install script and systemd unit."""
     from toolchain.deploy.flash import flash as provision
 
     path = provision(device_dir, device_id, bundle, broker, fleet=fleet, pubkey=pubkey, broker_dir=broker_dir,
-                     serve_port=port, window_s=window, force=force)
+                     serve_port=port, window_s=window, force=force, cert_days=cert_days)
     from runtime_agent.config import load_agent_config
 
     serving = load_agent_config(path)

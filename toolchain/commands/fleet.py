@@ -26,7 +26,7 @@ from rich.table import Table
 
 from toolchain.commands.autopilot import autopilot
 from toolchain.commands.operate import config, rollback
-from toolchain.commands.options import read_password
+from toolchain.commands.options import ClientCertOption, read_password
 from toolchain.commands.tables import print_table, print_value
 from toolchain.commands.simulate import simulate
 from toolchain.errors import ToolchainError
@@ -72,6 +72,7 @@ def monitor(
     username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="file holding the broker password")] = None,
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")] = None,
+    client_cert: ClientCertOption = None,
     fleet: Annotated[str, typer.Option(help="fleet name, or + for every fleet")] = "+",
     threshold: Annotated[float, typer.Option(help="fleet drift alarm: share of reporting devices in alarm")] = 0.3,
     workers_group: Annotated[Optional[str], typer.Option(
@@ -113,7 +114,8 @@ def monitor(
 
     try:
         metrics_url = None if metrics_port is None else metrics.serve(host, metrics_port, token)
-        watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, alarm_threshold=threshold,
+        watcher = FleetMonitor(broker, db, username, password, fleet, ca_file=ca_file, client_cert=client_cert,
+                               alarm_threshold=threshold,
                                group=workers_group, worker=worker,
                                on_notice=notice, on_stored=page.notify if page else None,
                                on_telemetry=metrics.observe_ingest if metrics else None)
@@ -201,8 +203,18 @@ def _share(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _cert(expiry: Optional[dict[str, Any]]) -> str:
+    if expiry is None:
+        return "-"
+    if expiry["state"] == "expired":
+        return f"[red]EXPIRED {expiry['which']}[/]"
+    days = f"{expiry['days_left']:.0f}d"
+    return f"[yellow]{days}! {expiry['which']}[/]" if expiry["state"] == "expiring" else days
+
+
 def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float = 3600.0, events: int = 10) -> dict[str, Any]:
     """Everything `fleet status` shows, as JSON-ready data."""
+    from toolchain.fleet.cert_expiry import certificate_expiry
     from toolchain.fleet.snapshot import device_rows, with_accuracy
     from toolchain.fleet.store import FleetStore
 
@@ -215,7 +227,8 @@ def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float =
         keys = ("prediction_drift", "crossings", "estimated_accuracy", "true_accuracy")
         return {
             "db": str(store.path), "generated": now, "since": since,
-            "devices": [{**row, **{key: verdict[key] for key in keys}} for row, verdict in zip(store.devices(fleet), verdicts)],
+            "devices": [{**row, **{key: verdict[key] for key in keys}, "certificate": certificate_expiry(row, now)}
+                        for row, verdict in zip(store.devices(fleet), verdicts)],
             "models": with_accuracy(store.latency_by_model(fleet, since=since), verdicts),
             "fleets": [{**store.fleet_drift(name), "latency": latency.get(name)}
                        for name in fleets],
@@ -242,9 +255,10 @@ def status(
     print_value(console, "store", data["db"])
     # Every column but the prose ones holds values (ids, numbers): no_wrap, never cut (see print_table).
     devices = Table(title="Devices", box=box.SIMPLE_HEAD, header_style="bold",
-                    caption="p50/p90/p99: ms, each device's last window; seen: ago")
+                    caption="p50/p90/p99: ms, each device's last window; seen: ago; cert: days until its client "
+                            "certificate or CA expires (! under 30)")
     devices.add_column("fleet/device", no_wrap=True)
-    for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "drift", "est. acc", "true acc"):
+    for column in ("state", "model", "seen", "p50", "p90", "p99", "psi max", "drift", "est. acc", "true acc", "cert"):
         devices.add_column(column, justify="left" if column in ("state", "drift") else "right", no_wrap=True)
     colour = {"online": "green", "offline": "red"}
     for row in data["devices"]:
@@ -255,7 +269,7 @@ def status(
                         _ms(latest.get("p50")), _ms(latest.get("p90")), _ms(latest.get("p99")),
                         "-" if latest.get("psi_max") is None else f"{latest['psi_max']:.2f}",
                         " + ".join(["[red]COVARIATE[/]"] * bool(latest.get("alarm")) + ["prediction"] * row["prediction_drift"]),
-                        _share(row["estimated_accuracy"]), _share(row["true_accuracy"]))
+                        _share(row["estimated_accuracy"]), _share(row["true_accuracy"]), _cert(row["certificate"]))
     print_table(devices, console)
     window = f"last {since:g} s" if since > 0 else "all stored windows"
     models = Table(title=f"Latency per model version, ms (merged sketches, {window})", box=box.SIMPLE_HEAD,

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from runtime_agent.signing import PRIVATE_KEY_NAME, default_key_dir
-from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, PasswordFileOption, UsernameOption,
+from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption,
                                         read_password)
 from toolchain.errors import ToolchainError
 
@@ -43,6 +43,7 @@ def keys_rotate(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the online devices' answers")] = 30.0,
 ) -> None:
     """Add trusted keys (and revoke old ones) on every device of a fleet; offline devices catch up when they reconnect."""
@@ -58,7 +59,7 @@ def keys_rotate(
     added = [load_public_key(path) for path in new_pubkey]
     revoked = {key_id(load_public_key(Path(r))) if r.endswith(".pub") else r: reason for r in revoke or []}
     password = read_password(password_file, username)
-    with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
+    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
         statuses = device_statuses(client, fleet)
         if not statuses:
             raise ToolchainError(f"no device of fleet {fleet!r} on {broker} (none has a retained status)")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from toolchain.commands.options import BrokerOption, CaFileOption, PasswordFileOption, UsernameOption, read_password
+from toolchain.commands.options import BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption, read_password
 from toolchain.errors import ToolchainError
 
 DeviceOption = Annotated[Optional[list[str]], typer.Option("--device", "-d", help="device id (repeatable)")]
@@ -23,7 +23,7 @@ TimeoutOption = Annotated[float, typer.Option(help="seconds to wait for the devi
 
 
 def _send(kind: str, fields: dict[str, Any], device: Optional[list[str]], fleet: Optional[str], broker: str,
-          username: Optional[str], password_file: Optional[Path], ca_file: Optional[Path], timeout: float) -> None:
+          username: Optional[str], password_file: Optional[Path], ca_file: Optional[Path], client_cert: Optional[Path], timeout: float) -> None:
     from runtime_agent.protocol import ONLINE
     from toolchain.deploy.control import send_command
     from toolchain.deploy.mqtt import BrokerLogin
@@ -35,7 +35,7 @@ def _send(kind: str, fields: dict[str, Any], device: Optional[list[str]], fleet:
         raise ToolchainError(f"--timeout must be more than 0 seconds, got {timeout}")
     password = read_password(password_file, username)
     offline: list[str] = []
-    with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
+    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
             fleet = fleet_of_devices(client, targets, fleet)
@@ -63,10 +63,11 @@ def rollback(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Roll devices back to the model they ran before (a later push of the same version is still accepted)."""
-    _send("rollback", {}, device, fleet, broker, username, password_file, ca_file, timeout)
+    _send("rollback", {}, device, fleet, broker, username, password_file, ca_file, client_cert, timeout)
 
 
 def config(
@@ -77,8 +78,9 @@ def config(
     username: UsernameOption = None,
     password_file: PasswordFileOption = None,
     ca_file: CaFileOption = None,
+    client_cert: ClientCertOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Change devices' telemetry window while they run (until they restart: agent.toml keeps the default)."""
-    _send("config", {"telemetry": {"window_s": window_s}}, device, fleet, broker, username, password_file, ca_file,
+    _send("config", {"telemetry": {"window_s": window_s}}, device, fleet, broker, username, password_file, ca_file, client_cert,
           timeout)

@@ -31,3 +31,5 @@ BrokerOption = Annotated[str, typer.Option(help="MQTT broker, mqtt://HOST:PORT o
 UsernameOption = Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")]
 PasswordFileOption = Annotated[Optional[Path], typer.Option(help="file holding the broker password")]
 CaFileOption = Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")]
+ClientCertOption = Annotated[Optional[Path], typer.Option(
+    help="client certificate and key, one PEM (mqtts:// brokers that require one: DIR/operator.pem of `toolchain broker start`)")]

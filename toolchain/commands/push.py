@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from runtime_agent.protocol import ACK_EVERY, MAX_CHUNK_BYTES
-from toolchain.commands.options import DEFAULT_PUBKEY, read_password
+from toolchain.commands.options import DEFAULT_PUBKEY, ClientCertOption, read_password
 from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
@@ -32,6 +32,7 @@ def push(
     username: Annotated[Optional[str], typer.Option(help="broker user (the fleet operator account)")] = None,
     password_file: Annotated[Optional[Path], typer.Option(help="file holding the broker password")] = None,
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate that signed the broker's (mqtts://)")] = None,
+    client_cert: ClientCertOption = None,
     pubkey: Annotated[Path, typer.Option(help="trusted public key: the bundle must verify with it")] = DEFAULT_PUBKEY,
     canary: Annotated[Optional[int], typer.Option(help="devices to update first; the rollout stops if any fails "
                                                        "(default: 1 with --fleet, else 0)")] = None,
@@ -69,7 +70,7 @@ def push(
     password = read_password(password_file, username)
     verified = load_push_bundle(bundle, pubkey)  # refuse before touching the network
 
-    with PushClient(BrokerLogin(broker, username, password, ca_file)) as client:
+    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
             fleet = fleet_of_devices(client, targets, fleet)

@@ -18,7 +18,8 @@ that honours the bridge flag), which then never echoes back what the bridge itse
 topics go both ways (chunks down, acks up under the same ``push/`` prefix), so without it an ack would loop.
 
 The central broker's generated ACL has a ``BRIDGE_USER`` account that may write exactly the up topics
-and read the down ones (`toolchain broker start --accept-bridges` creates it); the bridge's connection
+and read the down ones (`toolchain broker start --accept-bridges` creates it, and with TLS the client
+certificate `bridge.pem` a site passes as `--bridge-client-cert`); the bridge's connection
 state is published, retained, on ``edge/bridges/{client_id}/state`` (``1`` up, ``0`` by its last will).
 """
 
@@ -55,10 +56,11 @@ class BridgeSettings:
     password_file: str | None = None
     ca_file: str | None = None
     client_id: str = field(default_factory=_new_client_id)
+    client_cert: str | None = None  # certificate + key (one PEM) for a central broker that requires one
 
     def check(self) -> tuple[str, int, bool]:
         """(host, port, tls) of the central broker; a one-line ToolchainError for what the user can fix."""
-        host, port, tls = BrokerLogin(self.url, ca_file=self.ca_file).address("--bridge-to")
+        host, port, tls = BrokerLogin(self.url, ca_file=self.ca_file, client_cert=self.client_cert).address("--bridge-to")
         if tls and self.ca_file is None:
             raise ToolchainError("--bridge-to mqtts://... needs --bridge-ca-file (the CA that signed the central broker's certificate)")
         if (self.username is None) != (self.password_file is None):
@@ -87,6 +89,9 @@ class BridgeSettings:
             lines += [f"remote_username {self.username}", f"remote_password {self.password()}"]
         if tls:
             lines += [f"bridge_cafile {Path(self.ca_file).resolve()}", "bridge_tls_version tlsv1.2"]
+        if self.client_cert is not None:  # mosquitto reads the certificate and the key from the same PEM
+            cert = Path(self.client_cert).resolve()
+            lines += [f"bridge_certfile {cert}", f"bridge_keyfile {cert}"]
         lines += [f"topic {topic} out 1" for topic in UP_TOPICS]
         lines += [f"topic {topic} in 1" for topic in DOWN_TOPICS]
         return lines

@@ -1,6 +1,7 @@
 """A local mosquitto with a generated config: per-device passwords and an ACL that fences each device
 into its own topic prefix. For development and tests; production fleets point at their own broker
-and can copy `examples/mosquitto/` (the same ACL rules).
+and can copy `examples/mosquitto/` (the same ACL rules). `ManagedBroker(...)` itself defaults to plain MQTT
+(tests and benchmarks on loopback); the user's way in, `toolchain broker start`, defaults to TLS.
 
 The ACL is the security boundary of the fleet: a device may publish only under its own topic prefix
 (`runtime_agent.protocol.device_prefix(fleet, its id)`) and read only its own `cmd` and `push/` topics; the operator account
@@ -12,6 +13,15 @@ and localhost (`server.pem`, `server.key`), made by `toolchain.deploy.tls` on th
 reused afterwards (re-issued only when missing, expiring, or not covering the host). Clients trust
 `ca_file` (devices: copy it next to agent.toml as `[mqtt] ca_file`). There is no plain listener then:
 a client that does not speak TLS cannot connect at all.
+
+With `client_certificates` (the default with TLS) the TLS is mutual: mosquitto's `require_certificate
+true` refuses, during the handshake, every client that does not present a certificate signed by the
+folder's CA (`issue_client_cert`: `toolchain flash` gives each device its own, `toolchain broker start`
+the operator and site bridges theirs). Passwords and the ACL still apply on top: the certificate says
+"provisioned by this fleet's CA", the username/password which device, so a stolen password alone is
+useless off the device, and a re-flash (new password) locks out the old copy of a device even while its
+old certificate has not expired (there is no revocation list). Folders made before client certificates
+existed load with it off (`load`), so their devices keep connecting.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ class ManagedBroker:
     host: str = "127.0.0.1"
     authenticated: bool = True
     tls: bool = False
+    client_certificates: bool = True  # with tls: mutual TLS, every client needs a certificate from the folder's CA
     bridge: BridgeSettings | None = None  # a site broker: its bridge to the central one
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
@@ -95,16 +106,33 @@ class ManagedBroker:
             return [socket.gethostname(), socket.getfqdn()]
         return [self.host]
 
-    def _ensure_certificates(self) -> tuple[Path, Path, Path]:
+    def _ensure_ca(self) -> tuple[Path, Path]:
         from toolchain.deploy import tls
 
         ca = (self.ca_file, self.directory / "ca.key")
-        if not tls.ca_usable(ca):
-            ca = tls.make_ca(self.directory)
+        return ca if tls.ca_usable(ca) else tls.make_ca(self.directory)
+
+    def _ensure_certificates(self) -> tuple[Path, Path, Path]:
+        from toolchain.deploy import tls
+
+        ca = self._ensure_ca()
         server = (self.directory / "server.pem", self.directory / "server.key")
         if not tls.server_cert_usable(server, ca[0], self._tls_hosts()):
             server = tls.make_server_cert(self.directory, ca, self._tls_hosts())
         return ca[0], server[0], server[1]
+
+    def issue_client_cert(self, path: Path, name: str, days: int | None = None, reuse: bool = False) -> Path:
+        """A client certificate for `name` (CN) from this folder's CA, with its key, in one 0600 PEM at `path`
+        (`toolchain.deploy.tls.make_client_cert`). `reuse` keeps a file there that is still usable (signed by
+        this CA, not expiring): the operator's and the bridges' certificates survive broker restarts."""
+        from toolchain.deploy import tls
+
+        if not self.tls:
+            raise ToolchainError(f"the broker of {self.directory} speaks plain mqtt://: it has no CA to issue certificates")
+        ca = self._ensure_ca()
+        if reuse and tls.client_cert_usable(path, ca[0]):
+            return Path(path)
+        return tls.make_client_cert(path, ca, name, tls.CLIENT_DAYS if days is None else days)
 
     @property
     def password_file(self) -> Path:
@@ -119,6 +147,8 @@ class ManagedBroker:
         if self.tls:
             cafile, certfile, keyfile = self._ensure_certificates()
             lines += [f"cafile {cafile}", f"certfile {certfile}", f"keyfile {keyfile}", "tls_version tlsv1.2"]
+            if self.client_certificates:
+                lines.append("require_certificate true")
         if os.geteuid() == 0:  # mosquitto started as root drops to user 'mosquitto', who cannot write our folder
             lines.append("user root")
         if self.authenticated:
@@ -152,11 +182,13 @@ class ManagedBroker:
             settings = json.loads((Path(directory) / "broker.json").read_text())
         except FileNotFoundError:
             raise ToolchainError(f"{directory} is not a broker folder; create one with `toolchain broker start --dir {directory}`") from None
+        settings.setdefault("client_certificates", False)  # a folder from before client certificates keeps its mode
         return cls(Path(directory), **settings)
 
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         settings = {"port": self.port, "host": self.host, "authenticated": self.authenticated, "tls": self.tls,
+                    "client_certificates": self.client_certificates,
                     "bridge": None if self.bridge is None else asdict(self.bridge)}
         self._settings_file.write_text(json.dumps(settings, indent=2) + "\n")
 

@@ -4,6 +4,13 @@ The folder is assembled next to its destination and renamed into place, so a fai
 half-provisioned device; re-flashing an existing id needs `force` (it replaces the credentials and
 the installed model). The folder also carries the agent's source, an install script that builds a
 virtual environment with only the agent's dependencies, and a systemd unit, for real boards.
+
+With a TLS broker folder (`--broker-dir`, the default of `toolchain broker start`) the device folder also
+gets the broker's CA (`ca.pem`: the agent verifies the broker with it) and the device's own client
+certificate (`client.pem`: certificate and key in one file, 0600, CN = the device id, signed by the
+broker folder's CA, valid `cert_days`), which the agent presents in the handshake (mutual TLS) and whose
+expiry it reports in its status. The key is generated on the host and lives only in the device folder.
+Renewing it is a re-flash (`--force`): a new certificate, a new password, the same model slots' format.
 """
 
 from __future__ import annotations
@@ -114,10 +121,21 @@ def pick_serve_port(device_dir: Path) -> int:
     return port
 
 
+def tls_credentials(managed: ManagedBroker, folder: Path, device_id: str, cert_days: int | None = None) -> list[str]:
+    """Give a device folder what a TLS broker folder asks of its clients: its CA (`ca.pem`) and, with client
+    certificates on, the device's own (`client.pem`); returns the `[mqtt]` lines of agent.toml for them."""
+    shutil.copyfile(managed.ca_file, folder / "ca.pem")
+    lines = ['ca_file = "ca.pem"']
+    if managed.client_certificates:
+        managed.issue_client_cert(folder / "client.pem", device_id, cert_days)
+        lines.append('client_cert = "client.pem"')
+    return lines
+
+
 def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet: str = "default",
           pubkey: Path | None = None, broker_dir: Path | None = None, serve_port: int | None = None,
-          window_s: float = 10.0, force: bool = False) -> Path:
-    """Provision `device_dir`; `serve_port` None: `pick_serve_port`."""
+          window_s: float = 10.0, force: bool = False, cert_days: int | None = None) -> Path:
+    """Provision `device_dir`; `serve_port` None: `pick_serve_port`; `cert_days` None: `tls.CLIENT_DAYS`."""
     device_dir = Path(device_dir).resolve()
     if (device_dir / "agent.toml").exists() and not force:
         raise ToolchainError(f"{device_dir} is already provisioned; re-flashing replaces its model and credentials: add --force")
@@ -125,6 +143,11 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
         raise ToolchainError("flash needs the trusted public key (--pubkey)")
     verified = read_bundle(bundle, load_public_key(pubkey))
     managed = ManagedBroker.load(broker_dir) if broker_dir is not None else None
+    if managed is not None and broker_url.startswith("mqtts://") != managed.tls:
+        raise ToolchainError(f"--broker-dir {broker_dir} runs {managed.url.split(':')[0]}://, but --broker is {broker_url}: "
+                             "give the device the scheme its broker speaks")
+    if cert_days is not None and not 1 <= cert_days <= 3650:
+        raise ToolchainError(f"--cert-days must be 1..3650, got {cert_days}")
     if serve_port is None:
         serve_port = pick_serve_port(device_dir)
     device_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +156,8 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
         password = secrets.token_urlsafe(24)
         _write(staging / "mqtt.password", password + "\n", 0o600)
         mqtt_lines = [f'username = "{device_id}"', 'password_file = "mqtt.password"']
-        if broker_url.startswith("mqtts://") and managed is not None and managed.tls:
-            shutil.copyfile(managed.ca_file, staging / "ca.pem")
-            mqtt_lines.append('ca_file = "ca.pem"')
+        if managed is not None and managed.tls:
+            mqtt_lines += tls_credentials(managed, staging, device_id, cert_days)
         _write(staging / "agent.toml", agent_toml(device_id, fleet, broker_url, mqtt_lines, serve_port, window_s), 0o644)
         shutil.copyfile(pubkey, staging / "trusted.pub")
         manifest = verified.manifest

@@ -31,6 +31,7 @@ class BrokerLogin:
     username: str | None = None
     password: str | None = None
     ca_file: Path | str | None = None  # the CA that signed the broker's certificate (mqtts://)
+    client_cert: Path | str | None = None  # certificate + key in one PEM, for brokers that require one (mutual TLS)
 
     def address(self, what: str = "--broker") -> tuple[str, int, bool]:
         """(host, port, tls) of ``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT``, the CA file checked; a one-line
@@ -41,6 +42,11 @@ class BrokerLogin:
             raise ToolchainError(f"{what} must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.url!r}") from None
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ToolchainError(f"CA file {self.ca_file} does not exist (the broker's CA certificate, PEM)")
+        if self.client_cert is not None and not Path(self.client_cert).is_file():
+            raise ToolchainError(f"client certificate {self.client_cert} does not exist (certificate and key, PEM; "
+                                 "`toolchain broker start` writes DIR/operator.pem)")
+        if self.client_cert is not None and not address[2]:
+            raise ToolchainError(f"a client certificate needs an mqtts:// broker, got {self.url!r}")
         return address
 
 
@@ -60,7 +66,8 @@ class OperatorSession:
         if login.username:
             client.username_pw_set(login.username, login.password)
         if self.tls:
-            client.tls_set(ca_certs=str(login.ca_file) if login.ca_file else None)
+            client.tls_set(ca_certs=str(login.ca_file) if login.ca_file else None,
+                           certfile=str(login.client_cert) if login.client_cert else None)
         client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
 
     def _properties(self) -> Properties:

@@ -81,13 +81,13 @@ class FleetMonitor:
     """
 
     def __init__(self, broker_url: str, db_path: Path | str, username: str | None = None, password: str | None = None,
-                 fleet: str = "+", *, ca_file: Path | str | None = None, client_id: str | None = None,
+                 fleet: str = "+", *, ca_file: Path | str | None = None, client_cert: Path | str | None = None, client_id: str | None = None,
                  alarm_threshold: float = DEFAULT_ALARM_THRESHOLD, min_samples: int = MIN_PSI_SAMPLES,
                  session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
                  retention_s: float | None = 30 * 86400, on_notice: Notice | None = None,
                  on_stored: Callable[[str], None] | None = None, group: str | None = None,
                  worker: str | None = None, on_telemetry: Callable[[TelemetryRecord], None] | None = None) -> None:
-        login = BrokerLogin(broker_url, username, password, ca_file)
+        login = BrokerLogin(broker_url, username, password, ca_file, client_cert)
         login.address("the broker")  # refuse a bad URL or CA file before the store is created
         if fleet != "+" and not valid_id(fleet):
             raise ToolchainError(f"--fleet must be '+' (all) or 1-64 letters, digits, '-' or '_', got {fleet!r}")

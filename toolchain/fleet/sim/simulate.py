@@ -277,19 +277,21 @@ class FreshData:
 def provision(plan: Plan, work: Path) -> list[Path]:
     """A device folder per simulated device (a kept folder keeps its outbox: seq goes on), with credentials."""
     from toolchain.deploy.broker import ManagedBroker
-    from toolchain.deploy.flash import agent_toml
+    from toolchain.deploy.flash import agent_toml, tls_credentials
 
     settings = plan.settings
     ids = settings.device_ids()
     managed = ManagedBroker.load(settings.broker_dir) if settings.broker_dir else None
     passwords = {device: secrets.token_urlsafe(18) for device in ids} if managed else {}
-    tls = settings.broker.startswith("mqtts://")
-    ca_file = settings.ca_file or (managed.ca_file if managed and managed.tls and tls else None)
+    managed_tls = managed is not None and managed.tls and settings.broker.startswith("mqtts://")
     folders = []
     for device in ids:
         folder = work / "devices" / device
         folder.mkdir(parents=True, exist_ok=True)
-        mqtt_lines = [f'ca_file = "{Path(ca_file).resolve()}"'] if ca_file else []
+        if managed_tls:  # the broker folder's CA and a client certificate per device, as `toolchain flash` gives
+            mqtt_lines = tls_credentials(managed, folder, device)
+        else:
+            mqtt_lines = [f'ca_file = "{settings.ca_file.resolve()}"'] if settings.ca_file else []
         if managed:
             (folder / "mqtt.password").write_text(passwords[device] + "\n")
             os.chmod(folder / "mqtt.password", 0o600)

@@ -39,7 +39,7 @@ class StoreQueries(Database):
         where, params = ("WHERE d.fleet = ?", (fleet,)) if fleet else ("", ())
         rows = self._rows(
             "SELECT d.fleet, d.device, d.state, d.model_version, d.model_name, d.agent_version, d.profile, d.last_seen, "
-            "d.last_seq, d.stream, d.state_changed_at, t.seq AS w_seq, t.stream AS w_stream, t.epoch AS w_epoch, t.window_start AS w_start, t.window_end AS w_end, "
+            "d.last_seq, d.stream, d.state_changed_at, d.cert_not_after, d.ca_not_after, t.seq AS w_seq, t.stream AS w_stream, t.epoch AS w_epoch, t.window_start AS w_start, t.window_end AS w_end, "
             "t.model_version AS w_model_version, t.n AS w_n, t.requests AS w_requests, t.errors AS w_errors, "
             "t.rss_mb AS w_rss_mb, t.p50 AS w_p50, t.p90 AS w_p90, t.p99 AS w_p99, t.psi_max AS w_psi_max, t.alarm AS w_alarm "
             "FROM devices d LEFT JOIN telemetry t ON t.fleet = d.fleet AND t.device = d.device AND "

@@ -7,7 +7,8 @@ Tables
 ``devices``    one row per (fleet, device): ``state`` (online | offline | unknown: never seen a status),
                the model and agent the birth announced, ``last_seen`` (the monitor's clock when the
                device's last fresh message arrived), ``stream``/``epoch`` (its newest outbox stream) and
-               ``last_seq`` (highest seq received on that stream).
+               ``last_seq`` (highest seq received on that stream); ``cert_not_after``/``ca_not_after``
+               (Unix seconds: when the device's client certificate and its CA expire, from its birth).
 ``streams``    one row per (fleet, device, stream): the ``epoch`` (1, 2, ... per device, in order of first
                sight) that orders a device's streams. A stream is one outbox file of the agent: its seq
                restarts at 1 when a device is re-flashed (``toolchain flash --force``), so seq alone
@@ -31,7 +32,7 @@ Times: ``window_start``/``window_end`` are the device's clock (when the window w
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2  # 2: outbox streams (the de-duplication key gained the stream)
+SCHEMA_VERSION = 3  # 2: outbox streams (the de-duplication key gained the stream); 3: certificate expiry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS devices (
     fleet TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'unknown',
     model_version INTEGER, model_name TEXT, agent_version TEXT, profile TEXT,
     last_seen REAL, last_seq INTEGER, state_changed_at REAL, stream TEXT, epoch INTEGER NOT NULL DEFAULT 0,
+    cert_not_after REAL, ca_not_after REAL,
     PRIMARY KEY (fleet, device));
 CREATE TABLE IF NOT EXISTS streams (
     fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL, epoch INTEGER NOT NULL, first_seen REAL NOT NULL,
@@ -90,7 +92,13 @@ DROP TABLE telemetry_v1;
 DROP TABLE events_v1;
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
-_MIGRATIONS = {1: _MIGRATE_FROM_1}
+# Schema 2 -> 3: the devices' certificate expiry, unknown (NULL) until each device's next birth.
+_MIGRATE_FROM_2 = """
+ALTER TABLE devices ADD COLUMN cert_not_after REAL;
+ALTER TABLE devices ADD COLUMN ca_not_after REAL;
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
+"""
+_MIGRATIONS = {1: _MIGRATE_FROM_1, 2: _MIGRATE_FROM_2}
 
 
 def latest_window(outer: str, window: str = "t") -> str:

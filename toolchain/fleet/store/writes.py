@@ -99,9 +99,10 @@ class StoreWrites(Database):
     def update_status(self, fleet: str, device: str, state: str, *, seen_at: float | None = None,
                       **fields: Any) -> tuple[str | None, int | None]:
         """Set a device's state (and the birth's fields given: model_version, model_name, agent_version,
-        profile); returns the previous (state, model_version), (None, None) for a new device. ``seen_at``
-        None leaves last_seen alone (a retained status is old news, not a sign of life)."""
-        allowed = {"model_version", "model_name", "agent_version", "profile"}
+        profile, cert_not_after, ca_not_after); returns the previous (state, model_version), (None, None)
+        for a new device. ``seen_at`` None leaves last_seen alone (a retained status is old news, not a
+        sign of life)."""
+        allowed = {"model_version", "model_name", "agent_version", "profile", "cert_not_after", "ca_not_after"}
         if unknown := set(fields) - allowed:
             raise ValueError(f"unknown device fields {sorted(unknown)}")
         now = time.time()
