@@ -129,9 +129,11 @@ class MqttLink:
         self.connections += 1
         log.info("%s the broker at %s:%s", "reconnected to" if self.connections > 1 else "connected to",
                  self.config.broker_host, self.config.broker_port)
-        client.publish(self.config.topic(STATUS), json.dumps(self.birth()), qos=1, retain=True)
         own = SubscribeOptions(qos=1, noLocal=True)  # not our own acks back
         client.subscribe([(self.config.topic(CMD), own), (self.config.topic(f"{PUSH}/+/+"), own)])
+        # after subscribing: the broker handles one connection's packets in order, so whoever sees this birth
+        # can publish to the device (an offer, a command) knowing it will be delivered
+        client.publish(self.config.topic(STATUS), json.dumps(self.birth()), qos=1, retain=True)
         with self._lock:
             self._inflight.clear()
             self._early.clear()

@@ -22,7 +22,10 @@ from tests.conftest import BIN
 
 
 @contextlib.contextmanager
-def running_agent(device_dir: Path) -> Iterator[tuple[Agent, str]]:
+def running_agent(device_dir: Path, subscribed: bool = False) -> Iterator[tuple[Agent, str]]:
+    """An agent serving in a thread. `subscribed`: also wait until the broker has acknowledged its
+    subscriptions: a test that publishes to the device (a raw push offer, a command) right away would
+    otherwise race them, and a message published before them is not delivered."""
     agent = Agent(load_agent_config(device_dir))
     stop, ports = threading.Event(), []
     thread = threading.Thread(target=agent.run, args=(stop, ports.append), daemon=True)
@@ -31,6 +34,9 @@ def running_agent(device_dir: Path) -> Iterator[tuple[Agent, str]]:
     while not ports and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ports, "agent did not start"
+    while subscribed and not (agent._link is not None and agent._link.subscribed.is_set()):
+        assert thread.is_alive() and time.monotonic() < deadline, "the agent did not subscribe within 30 s"
+        time.sleep(0.02)
     try:
         yield agent, f"http://127.0.0.1:{ports[0]}"
     finally:

@@ -193,9 +193,8 @@ def test_metrics_show_a_push_and_its_probation(broker: ManagedBroker, tmp_path: 
                               extra="[probation]\nrequests = 100\nseconds = 600\n")
     pusher = RawPusher(broker)
     try:
-        with running_agent(device) as (agent, base):
+        with running_agent(device, subscribed=True) as (agent, base):
             assert not [key for key in scrape(base) if key[0] in ("edge_agent_probation", "edge_agent_push_transfers")]
-            wait_until(lambda: agent._link is not None and agent._link.subscribed.is_set(), what="the agent's subscriptions")
             pusher.push(version_2.read_bytes())
             deadline, installed = time.monotonic() + 60, ("edge_agent_push_transfers", (("state", "installed"),))
             while installed not in (metrics := scrape(base)):  # the transfer is marked installed after the swap

@@ -105,7 +105,7 @@ def test_install_swaps_atomically_with_no_failed_request(default_build: Build, b
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url, extra=PROBATION)
     v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v2", version=2)
-    with running_agent(device) as (agent, base):
+    with running_agent(device, subscribed=True) as (agent, base):
         client = SteadyClient(base, digits.x_test[:2])
         time.sleep(0.3)
         transfer = pusher.push(v2.read_bytes())
@@ -149,7 +149,7 @@ def test_bad_updates_are_rejected_and_the_old_model_keeps_serving(case: str, rea
     else:
         data = variant(default_build.bundle, keys, tmp_path / "v", version=2).read_bytes()
         data = data[:-1000] if case == "truncated bundle" else data
-    with running_agent(device) as (agent, base):
+    with running_agent(device, subscribed=True) as (agent, base):
         client = SteadyClient(base, digits.x_test[:2])
         transfer = pusher.push(data, tamper=3 if case == "tampered chunk" else None)
         ack = final_ack(recorder, transfer)
@@ -172,7 +172,7 @@ def test_probation_rolls_back_a_worse_model(transform, reason: str, default_buil
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url, extra=PROBATION)
     worse = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2, transform=transform)
-    with running_agent(device) as (agent, _):
+    with running_agent(device, subscribed=True) as (agent, _):
         for i in range(150):  # the previous model's baseline
             agent.infer(digits.x_test[i % 300: i % 300 + 1])
         transfer = pusher.push(worse.read_bytes())
@@ -200,7 +200,7 @@ def test_a_good_model_passes_probation_and_manual_rollback_works(default_build: 
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url, extra=PROBATION)
     v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2)
-    with running_agent(device) as (agent, _):
+    with running_agent(device, subscribed=True) as (agent, _):
         for i in range(150):
             agent.infer(digits.x_test[i: i + 1])
         assert final_ack(recorder, pusher.push(v2.read_bytes()))["state"] == "installed"
@@ -227,6 +227,8 @@ def test_kill_9_mid_transfer_resumes_from_what_is_on_disk(default_build: Build, 
     chunks = -(-len(data) // 16384)
     agent = start_agent(device, tmp_path / "agent.log")
     try:
+        recorder.wait_for(lambda r: [s for s in r.payloads("status") if s.get("state") == "online"],
+                          timeout=60, what="the agent's birth")  # sent after it subscribed: an offer now arrives
         transfer = pusher.push(data, only=range(0, chunks // 2))
         recorder.wait_for(lambda r: any(a["received"] and a["received"][-1][1] >= chunks // 2 - 17
                                         for a in r.payloads(f"push/{transfer}/ack")), what="half the chunks")
@@ -236,7 +238,7 @@ def test_kill_9_mid_transfer_resumes_from_what_is_on_disk(default_build: Build, 
         recorder.messages.clear()
         agent = start_agent(device, tmp_path / "agent.log")
         recorder.wait_for(lambda r: [s for s in r.payloads("status") if s.get("state") == "online"],
-                          timeout=60, what="the restarted agent's birth")  # connected (its session holds the subscriptions)
+                          timeout=60, what="the restarted agent's birth")  # subscribed again
         recorder.messages.clear()
         pusher.push(data, only=range(0), offer_id="o2")  # re-offer: the device says what it holds
         resumed = recorder.wait_for(lambda r: r.payloads(f"push/{transfer}/ack"), timeout=60, what="ack of the re-offer")[0]
@@ -256,7 +258,7 @@ def test_restarted_agent_serves_the_installed_version_and_can_still_roll_back(de
     recorder = Recorder(broker)
     device = provision_device(tmp_path / "dev", default_build, broker.url)
     v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2)
-    with running_agent(device):
+    with running_agent(device, subscribed=True):
         assert final_ack(recorder, pusher.push(v2.read_bytes()))["state"] == "installed"
     with running_agent(device) as (agent, _):
         assert agent.model.bundle.version == 2
