@@ -27,7 +27,6 @@ from tests.agent_helpers import running_agent
 from tests.conftest import provision_device
 from tests.deploy.bundle_variants import variant
 from tests.deploy.test_push_device import RawPusher
-from tests.fleet_helpers import wait_until
 from toolchain.deploy.broker import ManagedBroker
 
 
