@@ -17,7 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from runtime_agent.drift import COVARIATE, PREDICTION
 from runtime_agent.sketch import LatencySketch
@@ -119,11 +119,20 @@ def _reject_constant(name: str) -> float:
     raise Malformed(f"{name} is not valid JSON")
 
 
-def _json_object(raw: bytes, kind: str) -> dict[str, Any]:
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def decode_json(raw: bytes) -> Any:
+    """The standard library's decoder, refusing NaN and Infinity (not JSON, and not a number a report can
+    carry). The host may hand the parsers a faster one that refuses the same (`toolchain.fleet.store.codec`)."""
+    return _DECODER.decode(raw.decode("utf-8"))
+
+
+def _json_object(raw: bytes, kind: str, decode: Callable[[bytes], Any] = decode_json) -> dict[str, Any]:
     if len(raw) > MAX_REPORT_BYTES:
         raise Malformed(f"{len(raw)} bytes, over the {MAX_REPORT_BYTES}-byte limit")
     try:
-        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        payload = decode(raw)
     except UnicodeDecodeError:
         raise Malformed("not UTF-8") from None
     except RecursionError:
@@ -216,10 +225,7 @@ def _drift(value: Any) -> dict[str, Any]:
     psi = value.get("psi", {})
     if not isinstance(psi, dict):
         raise Malformed(f"'drift.psi' must be an object {{feature: value}}, got {type(psi).__name__}")
-    for feature, number in psi.items():
-        if len(feature) > _TEXT_MAX:
-            raise Malformed(f"'drift.psi' feature name is over {_TEXT_MAX} characters")
-        _number(number, f"drift.psi.{feature}", minimum=0.0)
+    _psi_values(psi)
     drift = dict(value)
     drift["psi_max"] = _number(value.get("psi_max", max(psi.values(), default=0.0)), "drift.psi_max", minimum=0.0)
     drift["prediction_psi"] = _number(value.get("prediction_psi", 0.0), "drift.prediction_psi", minimum=0.0)
@@ -238,9 +244,27 @@ def _drift(value: Any) -> dict[str, Any]:
         drift["crossings"] = _crossings(value["crossings"])
     for key in ("psi_over", "psi_sustained"):
         names = value.get(key, [])
-        if not isinstance(names, list) or not all(isinstance(name, str) and name in psi for name in names):
+        if not isinstance(names, list) or not set(map(type, names)) <= {str} or not psi.keys() >= set(names):
             raise Malformed(f"'drift.{key}' must be a list of feature names of 'drift.psi', got {names!r:.80}")
     return drift
+
+
+def _psi_values(psi: dict[str, Any]) -> None:
+    """Every ``drift.psi`` value a finite number >= 0 under a name of at most _TEXT_MAX characters.
+
+    Why two ways: a window carries one PSI per input feature (64 and more), and checking each value on
+    its own was a quarter of the monitor's cost per message. What an agent sends (floats, all finite
+    and >= 0) passes the checks on the whole set at once: all floats, none below 0, and a finite sum
+    (a NaN or an infinity makes it NaN or infinite; a sum that overflows only sends a valid set the slow
+    way); anything else is checked value by value, which names the first bad one."""
+    values = psi.values()
+    if set(map(type, values)) <= {float} and min(values, default=0.0) >= 0.0 \
+            and math.isfinite(sum(values)) and max(map(len, psi), default=0) <= _TEXT_MAX:
+        return
+    for feature, number in psi.items():
+        if len(feature) > _TEXT_MAX:
+            raise Malformed(f"'drift.psi' feature name is over {_TEXT_MAX} characters")
+        _number(number, f"drift.psi.{feature}", minimum=0.0)
 
 
 def _crossings(value: Any) -> list[dict[str, Any]]:
@@ -258,9 +282,10 @@ def _crossings(value: Any) -> list[dict[str, Any]]:
     return checked
 
 
-def parse_telemetry(raw: bytes, device: str) -> TelemetryReport:
-    """A telemetry window, every field checked (the latency sketch must add up)."""
-    payload = _json_object(raw, TELEMETRY)
+def parse_telemetry(raw: bytes, device: str, decode: Callable[[bytes], Any] = decode_json) -> TelemetryReport:
+    """A telemetry window, every field checked (the latency sketch must add up). ``decode``: bytes -> the
+    JSON value, raising ValueError (or UnicodeDecodeError) for what is not JSON, NaN and Infinity included."""
+    payload = _json_object(raw, TELEMETRY, decode)
     _check_device(payload, device)
     seq = _int(payload, "seq", minimum=1)
     window = payload.get("window")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -68,9 +69,7 @@ class LatencySketch:
             raise ValueError(f"min_value must be a positive finite number, got {min_value!r}")
         self.relative_accuracy = relative_accuracy
         self.min_value = min_value
-        self.gamma = (1.0 + relative_accuracy) / (1.0 - relative_accuracy)
-        self._log_gamma = math.log(self.gamma)
-        self._min_index = int(self._indices(np.array([min_value]))[0])
+        self.gamma, self._log_gamma, self._min_index = _layout(relative_accuracy, min_value)
         self._buckets: dict[int, int] = {}
         self._count = 0
         self._sum = 0.0
@@ -80,7 +79,7 @@ class LatencySketch:
     # -- bucket mapping ---------------------------------------------------------------------
     def _indices(self, values: np.ndarray) -> np.ndarray:
         """Bucket index of each value (> 0). add() and add_many() both come here, so they always agree."""
-        return np.ceil(np.log(values) / self._log_gamma).astype(np.int64)
+        return _bucket_indices(values, self._log_gamma)
 
     def value_of(self, index: int) -> float:
         """Representative value of bucket ``index``: within relative accuracy of all of (g^(i-1), g^i]."""
@@ -234,7 +233,7 @@ class LatencySketch:
                 raise ValueError(f"latency sketch is missing {key!r}")
         sketch = cls(_finite(data["relative_accuracy"], "relative_accuracy"),
                      _finite(data.get("min_value", MIN_VALUE), "min_value"))
-        highest = math.floor(math.log(sys.float_info.max) / sketch._log_gamma) - 1  # value_of() stays finite
+        highest = _highest_index(sketch._log_gamma)
         raw = data["buckets"]
         if not isinstance(raw, Mapping):
             raise ValueError("latency sketch 'buckets' must be an object {index: count}")
@@ -266,6 +265,27 @@ class LatencySketch:
     def __repr__(self) -> str:
         return (f"LatencySketch(relative_accuracy={self.relative_accuracy}, count={self._count}, "
                 f"buckets={len(self._buckets)})")
+
+
+@lru_cache(maxsize=16)
+def _layout(relative_accuracy: float, min_value: float) -> tuple[float, float, int]:
+    """(gamma, log(gamma), the min value bucket) of a bucket layout. Cached: the monitor rebuilds a sketch
+    from every telemetry window, all in the one default layout, and the bucket of ``min_value`` goes
+    through numpy's log (as every value does, so the two always agree), which costs more than the rest
+    of the rebuild."""
+    gamma = (1.0 + relative_accuracy) / (1.0 - relative_accuracy)
+    log_gamma = math.log(gamma)
+    return gamma, log_gamma, int(_bucket_indices(np.array([min_value]), log_gamma)[0])
+
+
+def _bucket_indices(values: np.ndarray, log_gamma: float) -> np.ndarray:
+    return np.ceil(np.log(values) / log_gamma).astype(np.int64)
+
+
+@lru_cache(maxsize=16)
+def _highest_index(log_gamma: float) -> int:
+    """The highest bucket index whose representative value (`LatencySketch.value_of`) stays finite."""
+    return math.floor(math.log(sys.float_info.max) / log_gamma) - 1
 
 
 def _finite(value: Any, what: str) -> float:

@@ -17,6 +17,13 @@ inside a batch of 50 against ~210 us with a commit of its own). Duplicates (the 
 once) are dropped by the store's ``(fleet, device, stream, seq)`` key. ``stream`` is the id of the agent's outbox file (a re-flashed device
 starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
 
+A database that drops the connection (PostgreSQL restarted, the network to it gone) stops nothing: the
+batch in hand stays unacknowledged and is tried again, reconnecting with backoff (RECONNECT_FIRST_S
+doubling to RECONNECT_MAX_S), with one line logged when the outage begins and one when it ends; meanwhile
+the broker queues the rest (its in-flight window bounds what the monitor holds), and a monitor stopped or
+killed during the outage leaves it all to the broker's session. A commit that went through just before
+the drop is dropped again by the keys when the batch is retried.
+
 ``status`` (the retained birth and the LWT) sets a device online or offline. After each committed batch
 that changed a fleet, the monitor recomputes from the database the share of reporting devices (a
 telemetry window, not offline) whose latest window is in drift alarm (the agent's own rule, see
@@ -54,6 +61,8 @@ from runtime_agent.protocol import (EVENTS, ONLINE, REPORT_KINDS, STATUS, TOPIC_
 from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
 from toolchain.errors import ToolchainError
 from toolchain.fleet.store import FLEET_ALARM, FleetStore, TelemetryRecord, window_alarm
+from toolchain.fleet.store.backend import first_line
+from toolchain.fleet.store.codec import decode
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ DEFAULT_SESSION_EXPIRY_S = 86400
 MAX_BATCH = 500  # messages stored in one transaction at most (the broker's in-flight window bounds it too)
 BATCH_TRIES = 5  # a batch another writer's deadlocked with is tried again this often
 EVALUATE_EVERY_S = 0.5  # under load (more messages waiting), a fleet's drift alarm is evaluated this often at most
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0  # waits between tries to reach a database that dropped us
 
 Notice = Callable[[str, dict[str, Any]], None]
 
@@ -242,8 +252,12 @@ class FleetMonitor:
     def _store_batch(self, batch: list[tuple[str, bytes, bool, int, int]]) -> None:
         """Handle each message in one transaction; after the commit acknowledge them, run the callbacks and
         re-evaluate the fleets it changed. A batch that deadlocks with another worker's (rare: the store
-        updates device rows last, in one order) is undone and tried again."""
-        for attempt in range(1, BATCH_TRIES + 1):
+        updates device rows last, in one order) is undone and tried again. A batch the database dropped
+        its connection under (PostgreSQL restarted) is held, unacknowledged, and tried again until the
+        database is back (`_wait_for_database`); keys drop what a commit that went through before the
+        drop already stored."""
+        conflicts, outage = 0, None
+        while True:
             stats, acks = self.stats.copy(), []
             self._deferred, self._touched = [], set()
             try:
@@ -260,25 +274,52 @@ class FleetMonitor:
             except self.store.retryable as exc:
                 self.stats.clear()
                 self.stats.update(stats)  # counted again by the next try
+                conflicts += 1
                 log.warning("batch of %d messages conflicted with another writer (try %d of %d): %s", len(batch),
-                            attempt, BATCH_TRIES, str(exc).strip().splitlines()[0])
-                if attempt < BATCH_TRIES:
+                            conflicts, BATCH_TRIES, first_line(exc))
+                if conflicts < BATCH_TRIES:
                     continue
                 self.stats["store_errors"] += len(batch)
                 return
             except (*self.store.errors, ToolchainError) as exc:
+                self.stats.clear()
+                self.stats.update(stats)
+                if self.store.disconnected:
+                    outage = self._wait_for_database(outage, len(batch), exc)
+                    if outage is not None:
+                        continue
+                    return  # stopping: the broker re-sends what was not acknowledged
                 # The commit failed: nothing of the batch is stored or acknowledged; the broker re-sends it all.
                 self.stats["store_errors"] += len(batch)
                 log.error("cannot commit %d messages: %s", len(batch), exc)
                 return
             finally:
                 deferred, self._deferred = self._deferred, None
+        if outage is not None:
+            log.warning("the fleet database %s is back after %.1f s; storing again", self.store.path,
+                        time.monotonic() - outage[0])
         self._evaluate_changed()
         for mid, qos in acks:
             self.client.ack(mid, qos)
         for function, args in deferred:
             self._callback(function, *args)
         self.stats["processed"] += len(acks)
+
+    def _wait_for_database(self, outage: tuple[float, float] | None, held: int,
+                           exc: BaseException) -> tuple[float, float] | None:
+        """The database dropped the connection: log it once per outage, wait (backing off to
+        RECONNECT_MAX_S) and return (when the outage began, the next wait) to try again; None when the
+        monitor is stopping (what it holds stays unacknowledged: the broker's session re-sends it)."""
+        if outage is None:
+            self.stats["database_outages"] += 1
+            log.error("lost the fleet database %s (%s); holding %d messages unacknowledged and reconnecting "
+                      "every %g s at most", self.store.path, first_line(exc), held, RECONNECT_MAX_S)
+            outage = (time.monotonic(), RECONNECT_FIRST_S)
+        if self._stop.wait(outage[1]):
+            log.warning("stopping without the fleet database: %d messages left unacknowledged for the broker "
+                        "to re-send", held)
+            return None
+        return outage[0], min(2 * outage[1], RECONNECT_MAX_S)
 
     def _evaluate_changed(self) -> None:
         """Evaluate the drift alarm of the fleets the batches changed: at once when nothing more waits, else
@@ -314,8 +355,12 @@ class FleetMonitor:
             except self.store.retryable:
                 raise
             except (*self.store.errors, ToolchainError):
+                if self.store.disconnected:
+                    raise  # the whole batch waits for the database (`_store_batch`)
                 log.exception("cannot record the malformed message")
         except (*self.store.errors, ToolchainError) as exc:
+            if self.store.disconnected:
+                raise
             # Not acknowledged: the broker re-sends it after the next reconnect (the session keeps it).
             self.stats["store_errors"] += 1
             log.error("cannot store the message on %s: %s", topic, exc)
@@ -341,6 +386,8 @@ class FleetMonitor:
         except self.store.retryable:
             raise
         except (*self.store.errors, ToolchainError):
+            if self.store.disconnected:
+                raise  # the whole batch waits for the database (`_store_batch`)
             epochs = []
             for record, at, _ in windows:
                 try:
@@ -348,6 +395,8 @@ class FleetMonitor:
                 except self.store.retryable:
                     raise
                 except (*self.store.errors, ToolchainError) as exc:  # not acknowledged: re-sent after a reconnect
+                    if self.store.disconnected:
+                        raise
                     self.stats["store_errors"] += 1
                     log.error("cannot store %s/%s's window %s: %s", record.fleet, record.device, record.seq, exc)
                     epochs.append(False)
@@ -381,7 +430,7 @@ class FleetMonitor:
                 return None
             self._status(fleet, device, parse_status(payload, device), None if retained else now)
         elif kind != EVENTS:
-            report = parse_telemetry(payload, device)
+            report = parse_telemetry(payload, device, decode)
             alarm = window_alarm(report.drift, report.n, self.min_samples)
             return TelemetryRecord(fleet=fleet, device=device, alarm=alarm, **vars(report)), now
         else:

@@ -9,6 +9,7 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
   share     the fleet drift share from the database, and when the fleet alarm moves
   local_server  a throwaway local PostgreSQL (Debian's binaries) for tests and benchmarks
   records   what is stored and returned, without SQL (TelemetryRecord, window_alarm, merged sketches)
+  codec     JSON of the monitor's hot path: orjson when installed, else the standard library
 
 `FleetStore` is the one class callers use; these names are its public surface.
 """

@@ -33,6 +33,7 @@ class SQLiteBackend:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     retryable: tuple[type[BaseException], ...] = ()  # writers are serialized by BEGIN IMMEDIATE
     begin = "BEGIN IMMEDIATE"
+    broken = False  # a file does not drop its connection
 
     def __init__(self, path: Path, *, create: bool) -> None:
         self.location = path
@@ -104,12 +105,26 @@ class PostgresBackend:
         # Two writers' transactions can wait on each other (both touch the same devices): PostgreSQL aborts
         # one; it is retried. A serialization failure is the same kind of transient conflict.
         self.retryable = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-        try:
-            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ToolchainError(f"cannot open the fleet database {self.location}: {detail}") from None
+        self._url = url
+        self.conn = self._connect()
         self._sql: dict[str, str] = {}
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ToolchainError(f"cannot open the fleet database {self.location}: {first_line(exc)}") from None
+
+    @property
+    def broken(self) -> bool:
+        """The server dropped the connection (restarted, or the network went away): `reconnect`."""
+        return bool(self.conn.closed)
+
+    def reconnect(self) -> None:
+        """A new connection in place of a dropped one; ToolchainError while the server cannot be reached."""
+        self.conn = self._connect()
 
     @property
     def in_transaction(self) -> bool:
@@ -155,6 +170,12 @@ class PostgresBackend:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def first_line(exc: BaseException) -> str:
+    """A database error's first line (psycopg's carry the server's detail and hints on more)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact(url: str) -> str:

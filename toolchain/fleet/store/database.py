@@ -110,7 +110,7 @@ class Database:
                 else:
                     self._before_commit(db, done)
             except BaseException:
-                if self._open:
+                if self._open and not db.broken:  # a dropped connection took its transaction with it
                     db.execute("ROLLBACK TO SAVEPOINT write" if nested else "ROLLBACK")
                     if nested:
                         db.execute("RELEASE SAVEPOINT write")
@@ -137,9 +137,19 @@ class Database:
         with self._tx():
             yield
 
+    @property
+    def disconnected(self) -> bool:
+        """The database server dropped the connection (PostgreSQL restarted): the next write or read
+        connects again (ToolchainError while it cannot); what failed meanwhile can be tried again."""
+        return self._open and self._backend.broken
+
     def _db(self) -> Any:
+        """The connection; a dropped one is replaced first, between transactions only (a transaction's
+        writes must all go to the connection that began it: its loss fails the whole transaction)."""
         if not self._open:
             raise ToolchainError(f"fleet database {self.path} is closed")
+        if self._backend.broken and not self._pending:
+            self._backend.reconnect()
         return self._backend
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ class PostgresServer:
     data: Path
     port: int
     os_user: str | None
+    durable: bool = False
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
@@ -61,16 +62,21 @@ def start_server(root: Path, durable: bool = False) -> PostgresServer:
     probe = PostgresServer(data=data, port=0, os_user=os_user)
     probe.run("initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync")
     for _attempt in range(5):
-        server = PostgresServer(data=data, port=free_port(), os_user=os_user)
+        server = PostgresServer(data=data, port=free_port(), os_user=os_user, durable=durable)
         try:
-            server.run("pg_ctl", "start", "-w", "-t", "60", "-D", str(data), "-l", str(root / "server.log"), "-o",
-                       f"-p {server.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                       "-c max_connections=200" + ("" if durable else
-                                                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
+            run_server(server)
         except RuntimeError:
             continue
         return server
     raise RuntimeError(f"PostgreSQL did not start; its log: {(root / 'server.log').read_text()}")
+
+
+def run_server(server: PostgresServer) -> None:
+    """pg_ctl start of the server's data folder on its port: its first start, or again after `stop_server`."""
+    server.run("pg_ctl", "start", "-w", "-t", "60", "-D", str(server.data), "-l", str(server.data.parent / "server.log"),
+               "-o", f"-p {server.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+               "-c max_connections=200" + ("" if server.durable else
+                                           " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
 
 
 def stop_server(server: PostgresServer) -> None:

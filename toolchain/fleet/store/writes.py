@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any, Mapping, Sequence
 
+from toolchain.fleet.store.codec import encode
 from toolchain.fleet.store.database import Database
 from toolchain.fleet.store.records import FLEET_DEVICE, REJECTED_KEPT, TelemetryRecord
 from toolchain.fleet.store.schema import latest_window
@@ -139,7 +140,7 @@ class StoreWrites(Database):
             epochs = [self._epoch(db, r.fleet, r.device, r.stream, at) for r, at in windows]
             rows = [(r.fleet, r.device, r.stream, epoch, r.seq, at, r.window_start, r.window_end, r.model_version, r.n,
                      r.requests, r.errors, r.rss_mb, r.p50, r.p90, r.p99, r.psi_max, int(r.alarm),
-                     json.dumps(r.sketch, separators=(",", ":")), json.dumps(r.drift, separators=(",", ":")))
+                     encode(r.sketch), encode(r.drift))
                     for (r, at), epoch in zip(windows, epochs)]
             new = {tuple(row) for row in db.insert_many(
                 "INSERT INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
