@@ -78,6 +78,7 @@ def test_the_agent_toml_example_is_a_valid_agent_config(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text(body)
     (tmp_path / "mqtt.password").write_text("secret\n")
     (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "client.pem").write_text("")
     config = load_agent_config(tmp_path)
     assert (config.device_id, config.serve_port, config.window_s, config.queue_max_messages) == ("cam-17", 8080, 10, 10000)
 

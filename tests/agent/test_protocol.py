@@ -49,6 +49,8 @@ def test_what_the_agent_sends_passes_the_validators(wire: dict[str, tuple[str, d
     assert (event.type, event.payload["version"]) == ("installed", 2)
     assert parse_status(raw(wire["status"][1]), "cam-1")["state"] == "online"
     assert parse_status(raw({"schema": "status/1", "state": "offline"}), "cam-1") == {"state": "offline"}
+    expiring = parse_status(changed(wire["status"][1], certificates={"client_not_after": 2e9, "ca_not_after": 3e9}), "cam-1")
+    assert (expiring["cert_not_after"], expiring["ca_not_after"]) == (2e9, 3e9)  # a birth without them: both None
 
 
 def changed(payload: dict[str, Any], **fields: Any) -> bytes:
@@ -73,6 +75,9 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], bytes], str]] = [
     ("telemetry", lambda p: changed(p, stream="no spaces"), "'stream' must be 1-64 letters, digits, '-' or '_'"),
     ("status", lambda p: changed(p, state="sleeping"), "'state' must be 'online' or 'offline', got 'sleeping'"),
     ("status", lambda p: changed(p, model_version="2"), "'model_version' must be an integer >= 0, got '2'"),
+    ("status", lambda p: changed(p, certificates=[1]), "'certificates' must be an object, got [1]"),
+    ("status", lambda p: changed(p, certificates={"client_not_after": "soon"}),
+     "'certificates.client_not_after' must be a finite number >= 0, got 'soon'"),
     ("events", lambda p: changed(p, type="no spaces"), "'type' must be a name of 1-64 letters, digits, '_', '-' or '.'"),
     ("events", lambda p: changed(p, ts="now"), "'ts' must be a finite number, got 'now'"),
 ]

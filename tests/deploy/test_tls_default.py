@@ -120,3 +120,34 @@ def test_a_tls_folder_from_before_client_certificates_keeps_its_mode(tmp_path: P
     assert "require_certificate" not in old.write_config().read_text()
     new = ManagedBroker(tmp_path / "new", tls=True)
     assert "require_certificate true" in new.write_config().read_text()
+
+
+@pytest.mark.slow  # a short simulation of two devices and the monitor over mutual TLS: ~6 s
+def test_a_simulated_fleet_on_a_tls_broker_folder_gets_its_certificates(default_build: Build, tmp_path: Path) -> None:
+    from tests.fleet_helpers import started_monitor
+    from toolchain.fleet.sim.simulate import SimulationSettings, simulate
+
+    broker = ManagedBroker(tmp_path / "broker", port=free_port(), tls=True)  # as `broker start` makes it
+    broker.save()
+    broker.write_config()
+    broker.add_user(OPERATOR, "operator-secret")
+    operator = broker.issue_client_cert(broker.directory / "operator.pem", OPERATOR)
+    broker.start()
+    monitor = None
+    try:
+        monitor = started_monitor(broker, tmp_path / "fleet.sqlite", username=OPERATOR, password="operator-secret",
+                                  ca_file=broker.ca_file, client_cert=operator)
+        result = simulate(SimulationSettings(
+            devices=2, broker=broker.url, bundle=default_build.bundle, pubkey=default_build.pubkey, fleet="simlab",
+            window_s=0.5, rate=100, duration_s=1.5, seed=0, processes=1, broker_dir=broker.directory,
+            work_dir=tmp_path / "work"))
+        wait_until(lambda: len(monitor.store.telemetry("simlab")) >= sum(d["windows"] for d in result.devices), 30,
+                   "every window at the monitor")
+        assert {w["device"] for w in monitor.store.telemetry("simlab")} == {"sim-1", "sim-2"}
+        for device in ("sim-1", "sim-2"):
+            cert = x509.load_pem_x509_certificate((tmp_path / "work" / "devices" / device / "client.pem").read_bytes())
+            assert cert.subject.rfc4514_string() == f"CN={device}"
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        broker.stop()

@@ -62,10 +62,8 @@ INSECURE_WARNING = ("WARNING: this broker speaks plain MQTT (--insecure): passwo
 
 
 def _mode(broker: ManagedBroker, tls: Optional[bool], new: bool) -> None:
-    """Apply --tls/--insecure to a new folder (default TLS); an existing folder keeps its mode, and says so."""
-    if new:
-        broker.tls = tls is not False
-    elif tls is not None and tls != broker.tls:
+    """Warn about plain MQTT; an existing folder keeps its mode against a disagreeing --tls/--insecure, and says so."""
+    if not new and tls is not None and tls != broker.tls:
         kept = "TLS (mqtts://)" if broker.tls else "plain MQTT (--insecure)"
         print(f"note: {broker.directory} was created with {kept} and keeps it (its devices are provisioned for it); "
               f"ignoring {'--tls' if tls else '--insecure'}: start a new --dir to change it", file=sys.stderr)
@@ -76,7 +74,7 @@ def _mode(broker: ManagedBroker, tls: Optional[bool], new: bool) -> None:
 @app.command()
 def start(
     dir: Annotated[Path, typer.Option("--dir", help="broker folder: config, passwords, ACL, persistence, log")] = DEFAULT_DIR,
-    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    port: Annotated[Optional[int], typer.Option(help="TCP port of a new folder (default 8883 with TLS, 1883 --insecure)")] = None,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     tls: Annotated[Optional[bool], typer.Option(
         "--tls/--insecure",
@@ -99,7 +97,9 @@ def start(
     try:
         broker, new = ManagedBroker.load(dir), False
     except ToolchainError:  # a new folder
-        broker, new = ManagedBroker(dir, port=port, host=host, authenticated=not anonymous), True
+        secure = tls is not False
+        broker, new = ManagedBroker(dir, port=(8883 if secure else 1883) if port is None else port, host=host,
+                                    authenticated=not anonymous, tls=secure), True
     _bridge(broker, bridge_to, bridge_user, bridge_password_file, bridge_ca_file, bridge_client_cert)
     if accept_bridges and not broker.authenticated:
         raise ToolchainError("--accept-bridges needs a broker with passwords (not --anonymous)")
