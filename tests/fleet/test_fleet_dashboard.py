@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,8 +52,8 @@ class Device:
     def _send(self, kind: str, payload: dict, retain: bool = False) -> None:
         self.injector.publish(f"edge/v1/{self.fleet}/{self.name}/{kind}", payload, retain=retain)
 
-    def birth(self) -> None:
-        self._send("status", {**self.payloads["birth"], "device_id": self.name}, retain=True)
+    def birth(self, **fields: Any) -> None:
+        self._send("status", {**self.payloads["birth"], "device_id": self.name, **fields}, retain=True)
 
     def window(self, psi: float = 0.02, **drift: Any) -> None:
         self.seq += 1
@@ -109,7 +110,7 @@ def test_page_shows_the_fleet_updates_live_and_escapes_device_text(real_payloads
             tab.evaluate("window.marker = 'same page'; 0")
             seen = int(tab.evaluate("document.body.dataset.snapshots"))
             fresh, small = Device(injector, real_payloads, "cam-3"), Device(injector, real_payloads, "cam-4")
-            fresh.birth()
+            fresh.birth(certificates={"client_not_after": time.time() + 12 * 86400})  # expiring: under 30 days
             small.birth()
             fresh.event("accuracy", n=200, correct=181, accuracy=0.905)  # ground truth, as the simulator sends it
             small.window(psi=0.6, n=50)  # the same PSI on 50 samples: below that window's threshold (0.82)
@@ -119,7 +120,7 @@ def test_page_shows_the_fleet_updates_live_and_escapes_device_text(real_payloads
             row = tab.evaluate("Array.from(document.querySelectorAll('#devices tr[data-key=\"lab/cam-3\"] td'))"
                                ".map((td) => td.textContent)")
             assert row[:4] == ["lab", "cam-3", "online", "v1"] and row[7] == "0.60" and row[8] == "COVARIATE"
-            assert row[9:] == ["88.8%", "90.5%"]  # the label-free estimate next to the ground truth
+            assert row[9:] == ["88.8%", "90.5%", "12 d ! (client)"]  # the label-free estimate next to the ground truth
             assert "psi:x5 0.6 ≥ 0.25" in tab.evaluate(
                 "document.querySelector('#devices tr[data-key=\"lab/cam-3\"] td.drift').title")
             band = "document.querySelector('#heat rect[data-device=\"lab/{}\"][data-feature=\"x5\"]').getAttribute('data-band')"

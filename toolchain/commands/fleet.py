@@ -214,7 +214,6 @@ def _cert(expiry: Optional[dict[str, Any]]) -> str:
 
 def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float = 3600.0, events: int = 10) -> dict[str, Any]:
     """Everything `fleet status` shows, as JSON-ready data."""
-    from toolchain.fleet.cert_expiry import certificate_expiry
     from toolchain.fleet.snapshot import device_rows, with_accuracy
     from toolchain.fleet.store import FleetStore
 
@@ -223,12 +222,11 @@ def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float =
         since = now - since_s if since_s > 0 else None
         fleets = [fleet] if fleet else store.fleets()
         latency = store.latency_by_fleet(since=since)
-        verdicts = device_rows(store, fleet)
-        keys = ("prediction_drift", "crossings", "estimated_accuracy", "true_accuracy")
+        verdicts = device_rows(store, fleet, now)
+        keys = ("prediction_drift", "crossings", "estimated_accuracy", "true_accuracy", "certificate")
         return {
             "db": str(store.path), "generated": now, "since": since,
-            "devices": [{**row, **{key: verdict[key] for key in keys}, "certificate": certificate_expiry(row, now)}
-                        for row, verdict in zip(store.devices(fleet), verdicts)],
+            "devices": [{**row, **{key: verdict[key] for key in keys}} for row, verdict in zip(store.devices(fleet), verdicts)],
             "models": with_accuracy(store.latency_by_model(fleet, since=since), verdicts),
             "fleets": [{**store.fleet_drift(name), "latency": latency.get(name)}
                        for name in fleets],

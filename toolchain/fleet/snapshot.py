@@ -16,6 +16,7 @@ import time
 from typing import Any, Mapping
 
 from runtime_agent.drift import MIN_PSI_SAMPLES, PSI_SIGNIFICANT
+from toolchain.fleet.cert_expiry import certificate_expiry
 from toolchain.fleet.store import FleetStore
 
 ROLLOUT_EVENTS = ("installed", "rejected", "rollback", "probation_passed")
@@ -60,9 +61,10 @@ def _truth(store: FleetStore, devices: int) -> dict[tuple[str, str], dict[str, A
     return latest
 
 
-def device_rows(store: FleetStore, fleet: str | None = None) -> list[dict[str, Any]]:
-    """Every device with its latest window's numbers, drift verdict (what crossed) and accuracy (the
-    label-free estimate and, when a labelled source reports it, the truth)."""
+def device_rows(store: FleetStore, fleet: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
+    """Every device with its latest window's numbers, drift verdict (what crossed), accuracy (the
+    label-free estimate and, when a labelled source reports it, the truth) and certificate expiry at `now`."""
+    now = time.time() if now is None else now
     devices = store.devices(fleet)
     drift = {(w["fleet"], w["device"]): w["drift"] for w in store.latest_windows(fleet, include_offline=True)}
     truth = _truth(store, len(devices))
@@ -79,7 +81,8 @@ def device_rows(store: FleetStore, fleet: str | None = None) -> list[dict[str, A
                      "n": latest.get("n"), "window_model_version": latest.get("model_version"),
                      "estimated_accuracy": window.get("estimated_accuracy"),
                      "true_accuracy": true.get("accuracy"), "true_n": true.get("n"),
-                     "window_end": (latest.get("window") or [None, None])[1]})
+                     "window_end": (latest.get("window") or [None, None])[1],
+                     "certificate": certificate_expiry(row, now)})
     return rows
 
 
@@ -135,7 +138,7 @@ def build_snapshot(store: FleetStore, since_s: float = 3600.0, events: int = 30,
         fleets.append({key: drift[key] for key in ("fleet", "reporting", "in_alarm", "share", "devices_in_alarm",
                                                    "alarm_active", "threshold")} |
                       {"top_psi": [{"feature": feature, **heat} for feature, heat in top]})
-    devices = device_rows(store)
+    devices = device_rows(store, now=now)
     models = with_accuracy(store.latency_by_model(since=since), devices)
     return {
         "generated": now, "since": since, "db": str(store.path),
