@@ -222,11 +222,12 @@ def collect_status(db: Path | str, fleet: Optional[str] = None, since_s: float =
         since = now - since_s if since_s > 0 else None
         fleets = [fleet] if fleet else store.fleets()
         latency = store.latency_by_fleet(since=since)
-        verdicts = device_rows(store, fleet, now)
+        devices = store.devices(fleet)  # read once: the rows shown and the verdicts beside them are of one moment
+        verdicts = device_rows(store, fleet, now, devices)
         keys = ("prediction_drift", "crossings", "estimated_accuracy", "true_accuracy", "certificate")
         return {
             "db": str(store.path), "generated": now, "since": since,
-            "devices": [{**row, **{key: verdict[key] for key in keys}} for row, verdict in zip(store.devices(fleet), verdicts)],
+            "devices": [{**row, **{key: verdict[key] for key in keys}} for row, verdict in zip(devices, verdicts)],
             "models": with_accuracy(store.latency_by_model(fleet, since=since), verdicts),
             "fleets": [{**store.fleet_drift(name), "latency": latency.get(name)}
                        for name in fleets],

@@ -61,11 +61,13 @@ def _truth(store: FleetStore, devices: int) -> dict[tuple[str, str], dict[str, A
     return latest
 
 
-def device_rows(store: FleetStore, fleet: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
+def device_rows(store: FleetStore, fleet: str | None = None, now: float | None = None,
+                devices: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every device with its latest window's numbers, drift verdict (what crossed), accuracy (the
-    label-free estimate and, when a labelled source reports it, the truth) and certificate expiry at `now`."""
+    label-free estimate and, when a labelled source reports it, the truth) and certificate expiry at `now`,
+    in the order of `devices` (the store's rows of `fleet`, read here unless the caller already has them)."""
     now = time.time() if now is None else now
-    devices = store.devices(fleet)
+    devices = store.devices(fleet) if devices is None else devices
     drift = {(w["fleet"], w["device"]): w["drift"] for w in store.latest_windows(fleet, include_offline=True)}
     truth = _truth(store, len(devices))
     rows = []
