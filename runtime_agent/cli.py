@@ -58,6 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from runtime_agent.process import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first: before any thread allocates (see its docstring)
     from runtime_agent.agent import Agent
     from runtime_agent.config import load_agent_config
 
