@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from toolchain.fleet.store.schema import latest_window
-
 FLEET_ALARM, FLEET_CLEARED = "fleet_drift_alarm", "fleet_drift_cleared"
 MAX_LISTED_DEVICES = 50  # devices named in a fleet alarm event (the counts are always exact)
 
@@ -45,8 +43,11 @@ class FleetShare:
 
 def read_share(db: Any, fleet: str) -> FleetShare:
     """The share now, from each reporting device's latest window (``db``: a backend, inside or outside a
-    transaction)."""
+    transaction). One index lookup per device (its newest (epoch, seq) on ``telemetry_order``), not a
+    pass over the fleet's stored windows: every monitor worker runs this after its commits, and its cost
+    must not grow with the history kept."""
     rows = db.execute(
-        "SELECT t.device, t.alarm FROM telemetry t JOIN devices d ON d.fleet = t.fleet AND d.device = t.device "
-        f"WHERE t.fleet = ? AND d.state != 'offline' AND {latest_window('d')} ORDER BY t.device", (fleet,)).fetchall()
+        "SELECT device, alarm FROM (SELECT d.device, (SELECT t.alarm FROM telemetry t WHERE t.fleet = d.fleet AND "
+        "t.device = d.device ORDER BY t.epoch DESC, t.seq DESC LIMIT 1) AS alarm FROM devices d "
+        "WHERE d.fleet = ? AND d.state != 'offline') latest WHERE alarm IS NOT NULL ORDER BY device", (fleet,)).fetchall()
     return FleetShare(fleet, len(rows), tuple(device for device, alarm in rows if alarm))
