@@ -225,7 +225,9 @@ def test_fleet_drift_alarm_fires_at_two_of_three_and_clears(real_payloads: dict,
     template, birth = real_payloads["telemetry"], real_payloads["birth"]
     notices: list[tuple[str, dict]] = []
     injector = Injector(broker)
-    monitor = started_monitor(broker, db, alarm_threshold=0.5, on_notice=lambda k, i: notices.append((k, i)))
+    # evaluate_every_s=0: the alarm evaluated after every message, before it is acknowledged (each step is checked)
+    monitor = started_monitor(broker, db, alarm_threshold=0.5, on_notice=lambda k, i: notices.append((k, i)),
+                              evaluate_every_s=0)
     names = ["p-1", "p-2", "p-3"]
 
     def send(device: str, payload: dict, kind: str = "telemetry", retain: bool = False) -> None:

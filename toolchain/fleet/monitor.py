@@ -30,8 +30,12 @@ telemetry window, not offline) whose latest window is in drift alarm (the agent'
 `toolchain.fleet.store`); when the share reaches ``alarm_threshold`` it raises a ``fleet_drift_alarm``
 fleet event (stored with device ``*``, logged, passed to ``on_notice``), and a ``fleet_drift_cleared`` one
 when it drops below again. The alarm state is kept in the database, so a restarted monitor neither
-forgets nor repeats it (`FleetStore.evaluate_fleet_alarm`). One query over the fleet's devices per
-batch, and under load (more messages waiting) at most every EVALUATE_EVERY_S per fleet.
+forgets nor repeats it (`FleetStore.evaluate_fleet_alarm`). It is evaluated before the batch is
+acknowledged, unless the fleet was evaluated less than ``evaluate_every_s`` (EVALUATE_EVERY_S) ago: then
+as soon as that time is up (the writer wakes for it, more messages or not). Why: an evaluation looks up
+every device's latest window under the alarm row lock that all workers share; once per batch it cost
+more than the batch itself under load (the broker's in-flight window drains the queue before every
+acknowledgement, so "nothing more waiting" did not tell load apart).
 
 Several workers (``group``): each subscribes through the MQTT v5 shared subscription ``$share/GROUP/...``
 with its own persistent session (client id ``<database's>-GROUP-<worker>``), so the broker hands every
@@ -44,6 +48,7 @@ subscriptions get no retained messages: a worker group learns device states from
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import threading
@@ -70,7 +75,7 @@ DEFAULT_ALARM_THRESHOLD = 0.3
 DEFAULT_SESSION_EXPIRY_S = 86400
 MAX_BATCH = 500  # messages stored in one transaction at most (the broker's in-flight window bounds it too)
 BATCH_TRIES = 5  # a batch another writer's deadlocked with is tried again this often
-EVALUATE_EVERY_S = 0.5  # under load (more messages waiting), a fleet's drift alarm is evaluated this often at most
+EVALUATE_EVERY_S = 0.5  # a fleet's drift alarm is evaluated this often at most (then as soon as it is due)
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0  # waits between tries to reach a database that dropped us
 
 Notice = Callable[[str, dict[str, Any]], None]
@@ -87,7 +92,8 @@ class FleetMonitor:
     ``processed``, ``telemetry``, ``events``, ``status``, ``duplicates``, ``malformed``, ``store_errors``.
     ``group``: join that worker group (shared subscription) as ``worker`` (default: the host name; give
     each worker on one machine its own, and restart a worker under the same name: its session holds what
-    the broker handed it).
+    the broker handed it). ``evaluate_every_s``: how often at most a fleet's drift alarm is evaluated (0:
+    after every batch that changed the fleet, before it is acknowledged).
     """
 
     def __init__(self, broker_url: str, db_path: Path | str, username: str | None = None, password: str | None = None,
@@ -96,7 +102,8 @@ class FleetMonitor:
                  session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, keepalive_s: int = 30,
                  retention_s: float | None = 30 * 86400, on_notice: Notice | None = None,
                  on_stored: Callable[[str], None] | None = None, group: str | None = None,
-                 worker: str | None = None, on_telemetry: Callable[[TelemetryRecord], None] | None = None) -> None:
+                 worker: str | None = None, on_telemetry: Callable[[TelemetryRecord], None] | None = None,
+                 evaluate_every_s: float = EVALUATE_EVERY_S) -> None:
         login = BrokerLogin(broker_url, username, password, ca_file, client_cert)
         login.address("the broker")  # refuse a bad URL or CA file before the store is created
         if fleet != "+" and not valid_id(fleet):
@@ -110,6 +117,7 @@ class FleetMonitor:
         self.broker_url, self.fleet = broker_url, fleet
         self.alarm_threshold, self.min_samples = float(alarm_threshold), int(min_samples)
         self.retention_s = retention_s
+        self.evaluate_every_s = float(evaluate_every_s)
         self.on_notice, self.on_stored = on_notice, on_stored
         self.on_telemetry = on_telemetry  # a stored window, after its commit (the metrics' ingest lag)
         share = f"$share/{group}/" if group else ""
@@ -230,7 +238,11 @@ class FleetMonitor:
     def _write_loop(self) -> None:
         """The writer thread: store what has queued up (at least one message) in one transaction, repeat."""
         while True:
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get(timeout=self._next_evaluation())
+            except queue.Empty:
+                self._evaluate_changed()
+                continue
             batch = []
             while item is not None:
                 batch.append(item)
@@ -247,7 +259,15 @@ class FleetMonitor:
                     self.stats["errors"] += 1
                     log.exception("failed to store %d messages", len(batch))
             if item is None:
+                self._evaluate_changed(due_only=False)
                 return
+
+    def _next_evaluation(self) -> float | None:
+        """Seconds until the first fleet evaluation falls due; None when none is waiting."""
+        if not self._unevaluated:
+            return None
+        due = min(self._evaluated_at.get(fleet, -math.inf) for fleet in self._unevaluated) + self.evaluate_every_s
+        return max(0.0, due - time.monotonic())
 
     def _store_batch(self, batch: list[tuple[str, bytes, bool, int, int]]) -> None:
         """Handle each message in one transaction; after the commit acknowledge them, run the callbacks and
@@ -321,14 +341,14 @@ class FleetMonitor:
             return None
         return outage[0], min(2 * outage[1], RECONNECT_MAX_S)
 
-    def _evaluate_changed(self) -> None:
-        """Evaluate the drift alarm of the fleets the batches changed: at once when nothing more waits, else
-        at most every EVALUATE_EVERY_S per fleet (each evaluation reads the whole fleet, under the alarm's
-        row lock that all workers share: per batch it would cost more than the batch under load)."""
+    def _evaluate_changed(self, due_only: bool = True) -> None:
+        """Evaluate the drift alarm of the fleets the batches changed whose evaluation is due (see the
+        module docstring; ``due_only=False``: all of them, as the monitor stops)."""
         self._unevaluated |= self._touched
-        busy, now = not self._inbox.empty(), time.monotonic()
+        self._touched = set()
+        now = time.monotonic()
         for fleet in sorted(self._unevaluated):
-            if busy and now - self._evaluated_at.get(fleet, 0.0) < EVALUATE_EVERY_S:
+            if due_only and now - self._evaluated_at.get(fleet, -math.inf) < self.evaluate_every_s:
                 continue
             self._evaluated_at[fleet] = now
             try:
