@@ -19,7 +19,9 @@ carries a distinct (device, seq)), ingest lag = the monitor's ``received_at`` (s
 handles the message, just before the batch commits) - the send time, p50/p99/max, one clock. A step
 *holds* when 0 are lost, p99 lag <= 1 s and the publishers reached 95% of the rate; a configuration's
 capacity is its highest held rate (rates rise until one fails). Everything shares the machine's cores:
-publishers, mosquitto, workers, PostgreSQL.
+publishers, mosquitto, workers, PostgreSQL; so each step also records the CPU each of them spent per
+message sent (user + system seconds, from the go to the last window stored: `cpu_us_*`) and the load
+average, which tell what the rate was spent on, and what other work on the machine took from it.
 
     python benchmarks/fleet_ingest.py [--quick] [--seconds 10] [--devices 200] [--bundle B --keys DIR]
 """
@@ -30,8 +32,10 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from _common import print_table, target, write_results
 from push import given_or_built
@@ -72,45 +77,120 @@ def real_window(bundle: Path, keys: Path, work: Path) -> dict[str, Any]:
     return window
 
 
+def _varint(n: int) -> bytes:
+    """MQTT's variable byte integer (a packet's remaining length)."""
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+class DeviceLink:
+    """A device's MQTT v5 connection reduced to what the replay needs: CONNECT, QoS 1 PUBLISH with packet
+    ids, and counting the broker's PUBACKs (a refusal, reason >= 0x80, is counted as not acknowledged).
+
+    Why not paho, as the agent uses: the publishers share the cores with the broker, the workers and
+    PostgreSQL, and paho's Python per publish and per acknowledgement cost them ~100-300 us of CPU per
+    message (one thread per client: more), more than a monitor worker; these packets cost a few us."""
+
+    def __init__(self, port: int, client_id: str, topic: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        body = _text("MQTT") + bytes([5, 0x02]) + (600).to_bytes(2, "big") + b"\x00" + _text(client_id)
+        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        self.topic, self.mid, self.acked, self.refused = _text(topic), 0, 0, 0
+        self.buffer, packets = b"", []
+        while not packets:
+            packets = self.read(blocking=True)
+        if packets[0][0] != 0x20 or packets[0][1][1] != 0:
+            raise SystemExit(f"the broker refused {client_id}: CONNACK {packets[0][1].hex()}")
+
+    def publish(self, payload: bytes) -> None:
+        self.mid = self.mid % 65535 + 1
+        body = self.topic + self.mid.to_bytes(2, "big") + b"\x00" + payload
+        self.sock.sendall(b"\x32" + _varint(len(body)) + body)
+
+    def read(self, blocking: bool = False) -> list[tuple[int, bytes]]:
+        """Read what arrived and count its PUBACKs; the whole packets, as (type, body)."""
+        self.sock.setblocking(blocking)
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return []
+        if not data:
+            raise SystemExit("the broker closed a publisher's connection")
+        self.buffer += data
+        packets = []
+        while len(self.buffer) >= 2:
+            length, shift, at = 0, 0, 1
+            while at < len(self.buffer):
+                length |= (self.buffer[at] & 0x7F) << shift
+                shift, at = shift + 7, at + 1
+                if not self.buffer[at - 1] & 0x80:
+                    break
+            else:
+                break
+            if len(self.buffer) < at + length:
+                break
+            kind, body, self.buffer = self.buffer[0] & 0xF0, self.buffer[at:at + length], self.buffer[at + length:]
+            packets.append((kind, body))
+            if kind == 0x40:  # PUBACK: packet id, then a reason code unless success
+                if len(body) > 2 and body[2] >= 0x80:
+                    self.refused += 1
+                else:
+                    self.acked += 1
+        return packets
+
+
 def _publisher(index: int, port: int, template: str, devices: list[str], rate: float, seconds: float,
                ready: Any, go: Any, out: Any) -> None:
-    """One publisher process: a client per device; paces `rate` messages/s round-robin over its devices."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    """One publisher process: a connection per device (`DeviceLink`, one thread for all); paces `rate`
+    messages/s round-robin over its devices; a payload is its template's fixed text joined with the
+    message's values. Reports (index, sent, seconds, acknowledged, refused, CPU seconds)."""
+    import selectors
 
-    clients = []
-    for device in devices:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}", protocol=mqtt.MQTTv5)
-        client.max_queued_messages_set(0)
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        clients.append(client)
-    while not all(client.is_connected() for client in clients):
-        time.sleep(0.01)
+    links = [DeviceLink(port, device, f"edge/v1/{FLEET}/{device}/telemetry") for device in devices]
+    sockets = selectors.DefaultSelector()
+    for link in links:
+        sockets.register(link.sock, selectors.EVENT_READ, link)
+
+    def pump(timeout: float) -> None:
+        for key, _ in sockets.select(timeout):
+            key.data.read()
+
     ready.release()
     go.wait()
     total, sent, seqs = int(rate * seconds), 0, [0] * len(devices)
-    infos = []
-    start = time.perf_counter()
+    pieces = re.split(r'("@@DEVICE@@"|-987654321|\[-1\.5, -2\.5\])', template)  # text, placeholder, text, ...
+    cpu, start = time.process_time(), time.perf_counter()
     while sent < total:
         due = min(total, int((time.perf_counter() - start) * rate) + 1)
         while sent < due:
             slot = sent % len(devices)
             seqs[slot] += 1
             now = time.time()
-            payload = (template.replace('"@@DEVICE@@"', f'"{devices[slot]}"').replace("-987654321", str(seqs[slot]))
-                       .replace("[-1.5, -2.5]", f"[{now - 1.0!r}, {now!r}]"))
-            infos.append(clients[slot].publish(f"edge/v1/{FLEET}/{devices[slot]}/telemetry", payload, qos=1))
+            values = {'"@@DEVICE@@"': f'"{devices[slot]}"', "-987654321": str(seqs[slot]),
+                      "[-1.5, -2.5]": f"[{now - 1.0!r}, {now!r}]"}
+            links[slot].publish("".join([values.get(piece, piece) if i % 2 else piece
+                                         for i, piece in enumerate(pieces)]).encode())
             sent += 1
-        time.sleep(0.0005)
+        pump(0.0005)
     elapsed = time.perf_counter() - start
     deadline = time.time() + 60
-    while time.time() < deadline and not all(info.is_published() for info in infos[-len(devices):]):
-        time.sleep(0.05)
-    for client in clients:
-        client.loop_stop()
-        client.disconnect()
-    out.put((index, sent, elapsed))
+    while time.time() < deadline and sum(link.acked + link.refused for link in links) < sent:
+        pump(0.05)
+    cpu = time.process_time() - cpu  # publishing and reading the acknowledgements
+    for link in links:
+        link.sock.sendall(b"\xe0\x00")  # DISCONNECT
+        link.sock.close()
+    out.put((index, sent, elapsed, cpu, sum(link.acked for link in links), sum(link.refused for link in links)))
 
 
 def start_workers(kind: str, db: str, workers: int, broker_url: str, logs: Path) -> list[subprocess.Popen]:
@@ -128,6 +208,24 @@ def start_workers(kind: str, db: str, workers: int, broker_url: str, logs: Path)
     return processes
 
 
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU of these processes so far (one that has gone counts 0)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def postgres_processes(pg: Any) -> list[psutil.Process]:
+    """The server's processes: the postmaster (first line of postmaster.pid) and its backends and helpers."""
+    postmaster = psutil.Process(int((pg.data / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
 def stored_lags(db: str) -> np.ndarray:
     """received_at - window_end of every stored window (one row per (device, stream, seq))."""
     from toolchain.fleet.store import FleetStore
@@ -135,6 +233,13 @@ def stored_lags(db: str) -> np.ndarray:
     with FleetStore(db, create=False) as store:
         rows = store._rows("SELECT received_at - window_end AS lag FROM telemetry WHERE fleet = ?", (FLEET,))
     return np.array([row["lag"] for row in rows], dtype=float)
+
+
+def count_stored(db: str) -> int:
+    from toolchain.fleet.store import FleetStore
+
+    with FleetStore(db, create=False) as store:
+        return int(store._rows("SELECT COUNT(*) AS n FROM telemetry WHERE fleet = ?", (FLEET,))[0]["n"])
 
 
 def step(kind: str, workers: int, rate: float, args: argparse.Namespace, template: str, pg: Any, work: Path) -> dict[str, Any]:
@@ -157,6 +262,10 @@ def step(kind: str, workers: int, rate: float, args: argparse.Namespace, templat
         for _ in publishers:
             if not ready.acquire(timeout=120):
                 raise SystemExit("the publishers did not connect")
+        serving = {"workers": [psutil.Process(m.pid) for m in monitors], "broker": [psutil.Process(broker._process.pid)]}
+        if kind == "postgres":
+            serving["postgres"] = postgres_processes(pg)
+        before = {name: cpu_seconds(group) for name, group in serving.items()}
         go.set()
         results = [out.get(timeout=args.seconds + 180) for _ in publishers]
         for process in publishers:
@@ -165,12 +274,15 @@ def step(kind: str, workers: int, rate: float, args: argparse.Namespace, templat
         reached = sum(r[1] / r[2] for r in results)
         count, last_change = 0, time.monotonic()
         while time.monotonic() - last_change < 10:
-            now_count = len(stored_lags(db))
+            now_count = count_stored(db)
             if now_count >= sent:
                 break
             if now_count != count:
                 count, last_change = now_count, time.monotonic()
             time.sleep(0.5)
+        used = {name: cpu_seconds(group) - before[name] for name, group in serving.items()}
+        used["publishers"] = sum(r[3] for r in results)
+        refused = sum(r[5] for r in results)  # the broker's PUBACK with a failure reason: counted as lost anyway
         lags = stored_lags(db)
     finally:
         for process in monitors:
@@ -184,9 +296,12 @@ def step(kind: str, workers: int, rate: float, args: argparse.Namespace, templat
     lost = sent - len(lags)
     p99 = float(np.percentile(lags, 99)) if len(lags) else float("inf")
     held = lost == 0 and p99 <= MAX_LAG_S and reached >= 0.95 * rate
+    per_message = {f"cpu_us_{name}": None if name not in used else round(used[name] / max(1, sent) * 1e6, 1)
+                   for name in ("workers", "broker", "postgres", "publishers")}
     return {"db": kind, "workers": workers, "rate": rate, "reached_rate": round(reached, 1), "sent": sent,
-            "lost": lost, "lag_p50_s": round(float(np.percentile(lags, 50)), 4) if len(lags) else None,
-            "lag_p99_s": round(p99, 4), "lag_max_s": round(float(lags.max()), 4) if len(lags) else None, "held": held}
+            "lost": lost, "refused": refused, "lag_p50_s": round(float(np.percentile(lags, 50)), 4) if len(lags) else None,
+            "lag_p99_s": round(p99, 4), "lag_max_s": round(float(lags.max()), 4) if len(lags) else None, "held": held,
+            **per_message, "load_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -224,7 +339,9 @@ def main() -> None:
                 row = step(kind, workers, float(rate), args, template, pg, work)
                 rows.append(row)
                 print(f"{kind} x{workers} @ {rate}/s: reached {row['reached_rate']}/s, lost {row['lost']}, "
-                      f"p99 lag {row['lag_p99_s']} s -> {'held' if row['held'] else 'FAILED'}", file=sys.stderr)
+                      f"p99 lag {row['lag_p99_s']} s -> {'held' if row['held'] else 'FAILED'}; CPU us/msg: workers "
+                      f"{row['cpu_us_workers']}, broker {row['cpu_us_broker']}, postgres {row['cpu_us_postgres']}, "
+                      f"publishers {row['cpu_us_publishers']}; load {row['load_1m']}", file=sys.stderr)
                 if not row["held"]:
                     break
     finally:
