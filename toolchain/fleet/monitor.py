@@ -133,6 +133,7 @@ class FleetMonitor:
         self._touched: set[str] = set()  # fleets whose share the batch being stored may have moved
         self._unevaluated: set[str] = set()  # fleets whose share moved since their last evaluation
         self._evaluated_at: dict[str, float] = {}
+        self._outage: tuple[float, float] | None = None  # a database outage: (since, the next wait)
         self._last_prune = 0.0
         self._inbox: queue.Queue[tuple[str, bytes, bool, int, int] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-monitor-writer", daemon=True)
@@ -259,7 +260,11 @@ class FleetMonitor:
                     self.stats["errors"] += 1
                     log.exception("failed to store %d messages", len(batch))
             if item is None:
-                self._evaluate_changed(due_only=False)
+                if self._outage is None:
+                    self._evaluate_changed(due_only=False)
+                else:
+                    log.warning("stopping without the fleet database: what was not stored is left unacknowledged "
+                                "for the broker to send again")
                 return
 
     def _next_evaluation(self) -> float | None:
@@ -276,7 +281,7 @@ class FleetMonitor:
         its connection under (PostgreSQL restarted) is held, unacknowledged, and tried again until the
         database is back (`_wait_for_database`); keys drop what a commit that went through before the
         drop already stored."""
-        conflicts, outage = 0, None
+        conflicts = 0
         while True:
             stats, acks = self.stats.copy(), []
             self._deferred, self._touched = [], set()
@@ -305,8 +310,7 @@ class FleetMonitor:
                 self.stats.clear()
                 self.stats.update(stats)
                 if self.store.disconnected:
-                    outage = self._wait_for_database(outage, len(batch), exc)
-                    if outage is not None:
+                    if self._wait_for_database(len(batch), exc):
                         continue
                     return  # stopping: the broker re-sends what was not acknowledged
                 # The commit failed: nothing of the batch is stored or acknowledged; the broker re-sends it all.
@@ -315,9 +319,10 @@ class FleetMonitor:
                 return
             finally:
                 deferred, self._deferred = self._deferred, None
-        if outage is not None:
+        if self._outage is not None:
             log.warning("the fleet database %s is back after %.1f s; storing again", self.store.path,
-                        time.monotonic() - outage[0])
+                        time.monotonic() - self._outage[0])
+            self._outage = None
         self._evaluate_changed()
         for mid, qos in acks:
             self.client.ack(mid, qos)
@@ -325,21 +330,20 @@ class FleetMonitor:
             self._callback(function, *args)
         self.stats["processed"] += len(acks)
 
-    def _wait_for_database(self, outage: tuple[float, float] | None, held: int,
-                           exc: BaseException) -> tuple[float, float] | None:
+    def _wait_for_database(self, held: int, exc: BaseException) -> bool:
         """The database dropped the connection: log it once per outage, wait (backing off to
-        RECONNECT_MAX_S) and return (when the outage began, the next wait) to try again; None when the
-        monitor is stopping (what it holds stays unacknowledged: the broker's session re-sends it)."""
-        if outage is None:
+        RECONNECT_MAX_S) and return True to try again; False when the monitor is stopping (what it holds
+        stays unacknowledged: the broker's session re-sends it)."""
+        if self._outage is None:
             self.stats["database_outages"] += 1
             log.error("lost the fleet database %s (%s); holding %d messages unacknowledged and reconnecting "
                       "every %g s at most", self.store.path, first_line(exc), held, RECONNECT_MAX_S)
-            outage = (time.monotonic(), RECONNECT_FIRST_S)
-        if self._stop.wait(outage[1]):
-            log.warning("stopping without the fleet database: %d messages left unacknowledged for the broker "
-                        "to re-send", held)
-            return None
-        return outage[0], min(2 * outage[1], RECONNECT_MAX_S)
+            self._outage = (time.monotonic(), RECONNECT_FIRST_S)
+        since, wait = self._outage
+        if self._stop.wait(wait):
+            return False
+        self._outage = (since, min(2 * wait, RECONNECT_MAX_S))
+        return True
 
     def _evaluate_changed(self, due_only: bool = True) -> None:
         """Evaluate the drift alarm of the fleets the batches changed whose evaluation is due (see the
