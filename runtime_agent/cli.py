@@ -58,9 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from runtime_agent.process import limit_malloc_arenas
+    from runtime_agent.process import tune_malloc
 
-    limit_malloc_arenas()  # first: before any thread allocates (see its docstring)
+    tune_malloc()  # first: before any thread allocates (see its docstring)
     from runtime_agent.agent import Agent
     from runtime_agent.config import load_agent_config
 

@@ -1,5 +1,5 @@
 """This process's memory: its resident size, read by telemetry (`runtime_agent.agent`) and benchmark jobs
-alike, and the allocator setting that keeps it flat over months of serving (`limit_malloc_arenas`)."""
+alike, and the allocator settings that keep it flat over months of serving (`tune_malloc`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import ctypes
 import os
 import platform
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-ARENAS = 2
+# glibc's mallopt parameters (malloc.h), each with the environment variable glibc reads for it itself.
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+SETTINGS = ((M_ARENA_MAX, "MALLOC_ARENA_MAX", 2), (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 128 << 10))
 
 
 def rss_mb() -> float:
@@ -23,16 +24,21 @@ def rss_mb() -> float:
     return 0.0
 
 
-def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process (before its threads start); True when applied.
+def tune_malloc() -> list[str]:
+    """Set glibc's malloc for a long-running server, before its threads start; the settings applied.
 
-    Why: glibc gives threads up to 8 arenas per core, and memory freed in one arena is never reused by
-    another. The agent starts a thread for every REST connection and every install, and each install
-    builds an onnxruntime session in whichever arena that thread got, so the resident size climbed with
-    every push and rollback (about 2 MB per push in `benchmarks/soak.py`, 40-80 MB/h at its default
-    schedule) while Python's own heap (tracemalloc) and the live sessions stayed flat. With two arenas
-    the freed space is reused and the resident size levels off. `MALLOC_ARENA_MAX` in the environment
-    (read by glibc itself) wins; other C libraries are left alone."""
-    if "MALLOC_ARENA_MAX" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
+    Why: `benchmarks/soak.py` saw the agent's resident size climb by about 2 MB per push and rollback
+    (40-80 MB/h at its schedule) while Python's heap (tracemalloc), the number of objects and the live
+    onnxruntime sessions (two: serving and previous) stayed flat; the growth was inside glibc's arenas.
+    Two defaults cause it. Threads get up to 8 arenas per core, and memory freed in one is never reused
+    by another: the agent runs a thread per REST connection and per install, and each install builds a
+    session in whichever arena its thread got. And the mmap threshold rises by itself (up to 32 MB) once
+    a large block is freed, after which MB-sized blocks (a bundle's bytes, a session's weights) are carved
+    out of the arenas and leave holes there instead of going back to the system when freed. So: two
+    arenas, and blocks of 128 KiB and more mapped on their own. A variable glibc reads itself
+    (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) wins; other C libraries are left alone."""
+    if platform.libc_ver()[0] != "glibc":
+        return []
+    libc = ctypes.CDLL(None)
+    return [variable for parameter, variable, value in SETTINGS
+            if variable not in os.environ and libc.mallopt(parameter, value)]

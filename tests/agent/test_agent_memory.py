@@ -1,6 +1,6 @@
 """What keeps a long-running agent's memory flat (benchmarks/soak.py measures it): over many pushes and
 rollbacks it holds two onnxruntime sessions, the serving one and the previous (for rollback), never one
-per update; and `edge-agent run` caps glibc's malloc arenas unless MALLOC_ARENA_MAX says otherwise."""
+per update; and `edge-agent run` tunes glibc's malloc unless the environment says otherwise."""
 
 from __future__ import annotations
 
@@ -46,10 +46,11 @@ def test_pushes_and_rollbacks_keep_two_sessions_alive_not_one_per_update(default
     agent.outbox.close()
 
 
-def test_the_arena_cap_applies_on_glibc_unless_the_environment_sets_one() -> None:
-    probe = "from runtime_agent.process import limit_malloc_arenas; print(limit_malloc_arenas())"
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+def test_malloc_is_tuned_on_glibc_except_where_the_environment_chose() -> None:
+    probe = "from runtime_agent.process import tune_malloc; print(*tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     chosen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             env={**env, "MALLOC_ARENA_MAX": "4"}, check=True)
-    assert (default.stdout.strip(), chosen.stdout.strip()) == ("True", "False")
+    assert (default.stdout.split(), chosen.stdout.split()) == (["MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_"],
+                                                              ["MALLOC_MMAP_THRESHOLD_"])
