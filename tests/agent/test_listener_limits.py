@@ -16,6 +16,7 @@ from tests.agent.test_kserve_rest_metrics import post
 from tests.agent.test_multi_io import two_input_bundle, two_input_data
 from tests.agent_helpers import running_agent
 from tests.conftest import provision_device
+from tests.fleet_helpers import wait_until
 from toolchain.deploy.broker import ManagedBroker
 
 LIMITS = {"max_body_bytes": 65536, "header_timeout_s": 1, "body_timeout_s": 1, "idle_timeout_s": 2, "max_connections": 32}
@@ -125,6 +126,8 @@ def test_a_connection_past_the_cap_is_a_503_and_serving_goes_on(broker: ManagedB
         assert status == 503 and body["error"] == "4 connections are open, the most this server serves"
         for sock in held:
             sock.close()
+        # a held connection counts until its handler reads the close: wait for the first answer, then all must pass
+        wait_until(lambda: post(base, b"{}", {})[0] != 503, timeout=10, what="the closed connections to be released")
         statuses = SteadyInference(base)
         time.sleep(0.5)
         assert set(statuses.stop()) == {200}
