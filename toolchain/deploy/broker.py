@@ -143,7 +143,9 @@ class ManagedBroker:
         (self.directory / "data").mkdir(exist_ok=True)
         lines = [f"listener {self.port} {self.host}", "log_dest stdout", "log_type error", "log_type warning",
                  "persistence true", f"persistence_location {self.directory / 'data'}/", "autosave_interval 1",
-                 "max_queued_messages 100000", "max_inflight_messages 100"]
+                 # in flight to one client: a monitor worker stores what is in flight in one transaction
+                 # (up to MAX_BATCH, 500) and acknowledges after the commit; 100 capped its batches at 100
+                 "max_queued_messages 100000", "max_inflight_messages 500"]
         if self.tls:
             cafile, certfile, keyfile = self._ensure_certificates()
             lines += [f"cafile {cafile}", f"certfile {certfile}", f"keyfile {keyfile}", "tls_version tlsv1.2"]
