@@ -580,10 +580,10 @@ def overhead_breakdown(agent: Agent, inputs: list[np.ndarray], calls: int = 400)
     prediction = model.predict_batch(batch)
     classes = prediction.classes
     active = Active(model)  # private copies: the live agent's window and statistics are not touched
-    expected = active.monitor.expected_correct(prediction.logits) if classes is not None else None  # as Agent.infer
+    scores = prediction.logits if classes is not None else None  # as Agent.infer queues them
     sketch, served = LatencySketch(), deque()
     every = Agent.ACCOUNT_EVERY
-    run_of = ([0.5] * every, [batch] * every, [classes] * every, [expected] * every)
+    run_of = ([0.5] * every, [batch] * every, [classes] * every, [scores] * every)
 
     def account() -> None:  # what Agent.account does for one run of requests
         sketch.add_many(run_of[0])
@@ -593,7 +593,7 @@ def overhead_breakdown(agent: Agent, inputs: list[np.ndarray], calls: int = 400)
     parts = {
         "validate (dtype, shape, isfinite)": per_call_us(lambda: model.validate(x), calls, before=run),
         "predict_batch - session.run (argmax, Prediction)": float(np.median(extra)) / 1e3,
-        "record: queue the request (deque append)": per_call_us(lambda: served.append((active, 0.5, batch, classes, expected)), calls, before=run),
+        "record: queue the request (deque append)": per_call_us(lambda: served.append((active, 0.5, batch, classes, scores)), calls, before=run),
     }
     parts[f"  amortised: accounting per request (sketches, drift on {active.monitor.n_features} summary features, "
           f"probation; run every {every} requests)"] = per_call_us(account, runs, before=run) / every

@@ -138,13 +138,12 @@ class SimDevice:
         return taken
 
     def served(self, latency_ms: float, batch: np.ndarray, classes: np.ndarray, correct: int,
-               expected_correct: np.ndarray | None = None) -> None:
-        """Account a run of single-sample requests in the agent (with their calibrated confidences, for the
-        label-free accuracy estimate), and their ground truth here."""
+               scores: np.ndarray | None = None) -> None:
+        """Account a run of single-sample requests in the agent (with the model's scores, for the label-free
+        accuracy estimate), and their ground truth here."""
         record = self.agent.record
         for j in range(len(classes)):
-            record(latency_ms, batch[j:j + 1], classes[j:j + 1], None,
-                   None if expected_correct is None else expected_correct[j:j + 1])
+            record(latency_ms, batch[j:j + 1], classes[j:j + 1], None, None if scores is None else scores[j:j + 1])
         start, n, right = self.since_report
         self.since_report = (start, n + len(classes), right + correct)
         self.requests += len(classes)

@@ -218,14 +218,12 @@ class Worker:
             batch = stream.inputs(indices, times)
             model = devices[0].agent.model
             prediction = model.predict_batch(batch)
-            classes = prediction.classes
-            expected = devices[0].agent.expected_correct(prediction)
+            classes, scores = prediction.classes, prediction.logits
             per_request_ms = self._cost_ms(model, batch)
             right = classes.reshape(len(devices), count) == stream.y[indices]
             for row, device in enumerate(devices):
                 rows = slice(row * count, (row + 1) * count)
-                device.served(per_request_ms, batch[rows], classes[rows], int(right[row].sum()),
-                              None if expected is None else expected[rows])
+                device.served(per_request_ms, batch[rows], classes[rows], int(right[row].sum()), scores[rows])
             self.bucket_n[:size] += np.bincount(buckets, minlength=size) * len(devices)
             self.bucket_correct[:size] += np.bincount(buckets, weights=right.sum(axis=0), minlength=size).astype(np.int64)
             self.phase_n += np.bincount(phases, minlength=self.phase_n.size) * len(devices)
