@@ -150,6 +150,8 @@ def rss_slope(samples: list[tuple[float, float]]) -> float:
 
 def per_minute(samples: list[tuple[float, float]]) -> list[float]:
     """The first sample of each minute, to show the curve's shape in the results."""
+    if not samples:
+        return []
     minutes = [int((t - samples[0][0]) // 60) for t, _ in samples]
     return [m for i, (_, m) in enumerate(samples) if i == 0 or minutes[i] != minutes[i - 1]]
 
