@@ -51,6 +51,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 DEFAULT_RELATIVE_ACCURACY = 0.01
+# Finer than a millionth would take millions of buckets per decade, and far enough below it the bucket
+# ratio (1 + a) / (1 - a) rounds to exactly 1.0 in floating point: no layout at all.
+MIN_RELATIVE_ACCURACY = 1e-6
 MIN_VALUE = 1e-6  # ms (= 1 ns); values at or below it share its bucket
 
 
@@ -62,8 +65,8 @@ class LatencySketch:
 
     def __init__(self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY, min_value: float = MIN_VALUE) -> None:
         relative_accuracy = float(relative_accuracy)
-        if not 0.0 < relative_accuracy < 1.0:
-            raise ValueError(f"relative_accuracy must be in (0, 1), got {relative_accuracy!r}")
+        if not MIN_RELATIVE_ACCURACY <= relative_accuracy < 1.0:
+            raise ValueError(f"relative_accuracy must be in [{MIN_RELATIVE_ACCURACY:g}, 1), got {relative_accuracy!r}")
         min_value = float(min_value)
         if not (math.isfinite(min_value) and min_value > 0.0):
             raise ValueError(f"min_value must be a positive finite number, got {min_value!r}")

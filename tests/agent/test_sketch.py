@@ -142,6 +142,8 @@ def test_from_dict_rejects_inconsistent_input() -> None:
         LatencySketch.from_dict({**good, "buckets": {"x": 3}})
     with pytest.raises(ValueError, match="relative_accuracy must be in"):
         LatencySketch.from_dict({**good, "relative_accuracy": 1.5})
+    with pytest.raises(ValueError, match=r"relative_accuracy must be in \[1e-06, 1\)"):  # its bucket ratio rounds to 1.0
+        LatencySketch.from_dict({**good, "relative_accuracy": 1e-300})
 
 
 def test_single_value() -> None:
