@@ -26,6 +26,7 @@ from runtime_agent.protocol import ACK, ACK_EVERY, FINAL_STATES, MAX_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 _TRANSFER = re.compile(r"^[0-9a-f]{16}$")
+KEEP_FINAL = 64  # final transfers remembered (in memory and as staging records) to answer a re-offer; older go
 
 
 @dataclass
@@ -83,12 +84,15 @@ class PushReceiver:
     """Stages transfers under `staging_dir`; calls `on_complete(transfer, path)` once all chunks are there."""
 
     def __init__(self, staging_dir: Path, send_ack: Callable[[str, dict[str, Any]], None],
-                 on_complete: Callable[[Transfer, Path], None], ack_every: int = ACK_EVERY) -> None:
+                 on_complete: Callable[[Transfer, Path], None], ack_every: int = ACK_EVERY,
+                 keep_final: int = KEEP_FINAL) -> None:
         self.dir = Path(staging_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.send_ack, self.on_complete, self.ack_every = send_ack, on_complete, ack_every
+        self.send_ack, self.on_complete, self.ack_every, self.keep_final = send_ack, on_complete, ack_every, keep_final
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
+        with self._lock:
+            self._forget_old()  # records a previous run left
 
     def states(self) -> dict[str, int]:
         """How many transfers this agent has seen in each state (receiving, installed, rejected, ...)."""
@@ -195,3 +199,26 @@ class PushReceiver:
         if state in FINAL_STATES:
             part, _ = self._paths(item.transfer)
             part.unlink(missing_ok=True)
+            with self._lock:
+                self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep the newest `keep_final` final transfers, in memory and on disk: an agent that runs for years
+        takes thousands of pushes. Newest: this run's in the order they were offered, after those of earlier
+        runs by their record's time (file times are too coarse to order one run's quick pushes). A
+        forgotten transfer offered again starts afresh, and its bundle is then refused as installed already
+        or not newer. Call under the lock."""
+        order = {transfer: position for position, transfer in enumerate(self._transfers)}
+        final = []
+        for record in self.dir.glob("*.json"):
+            item = self._transfers.get(record.stem)
+            try:
+                state = item.state if item is not None else json.loads(record.read_text()).get("state")
+                age = (1, order[record.stem]) if item is not None else (0, record.stat().st_mtime)
+            except (OSError, ValueError, AttributeError):
+                continue  # gone meanwhile, or not a record of ours
+            if state in FINAL_STATES:
+                final.append((age, record))
+        for _, record in sorted(final)[:max(0, len(final) - self.keep_final)]:
+            self._transfers.pop(record.stem, None)
+            record.unlink(missing_ok=True)
