@@ -135,9 +135,12 @@ def send_fit(label: str, module: torch.nn.Module, teacher: torch.nn.Module | Non
 
 def send_done() -> None:
     """Leader: no more training; the followers exit. Every rank leaves the process group (gloo aborts a
-    process that exits with it still open)."""
+    process that exits with it still open), after a barrier: a leader that tore its group down while the
+    broadcast was still in flight to a follower was aborted by gloo now and then ("terminate called
+    without an active exception", seen in benchmarks/scale_out.py)."""
     if world().spread and dist.is_initialized():
         _broadcast([None, None])
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -146,6 +149,7 @@ def receive(local_user_module: str | None) -> FitJob | None:
     name from its path; a leader elsewhere may hold it at another path, so its names are aliased to ours."""
     modules, payload = _broadcast([None, None])
     if payload is None:
+        dist.barrier()  # the leader's, in send_done
         dist.destroy_process_group()
         return None
     for name in modules:
