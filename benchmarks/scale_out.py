@@ -161,9 +161,7 @@ def main() -> None:
     if args.train_rank:
         train_rank(int(args.train_rank[0]), int(args.train_rank[1]), Path(args.train_rank[2]), int(args.train_rank[3]))
         return
-    # trials of ~8 s in the full run (the search runs of a real project are minutes each): a worker's start-up
-    # (imports, data, the study) is paid once per process and weighs less in the ratio than in the quick run
-    samples, epochs, trial_epochs = (512, 2, 8) if args.quick else (1024, 3, 60)
+    samples, epochs, trial_epochs = (512, 2, 8) if args.quick else (1024, 3, 15)
     rows = []
     with tempfile.TemporaryDirectory(prefix="scale-out-") as tmp:
         folder = Path(tmp)
