@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from tests.agent_helpers import start_agent
-from tests.conftest import BIN, Build, run_cli
+from tests.conftest import Build, run_cli
 from tests.deploy.bundle_variants import variant
 from tests.fleet_helpers import start_fleet_command, wait_until
 from toolchain.commands.broker import INSECURE_WARNING
