@@ -79,6 +79,23 @@ def padded_version(base: Path, keys: Path, out: Path, version: int, megabytes: f
     return write_bundle(path, manifest, files, load_private_key(keys / "signing.key"))
 
 
+def local_device(folder: Path, base: Path, keys: Path, broker_url: str, device_id: str, fleet: str,
+                 serve_extra: str = "", probation_s: float = 86400) -> int:
+    """Provision `folder` as a device of the local broker: the bundle, the key it trusts and agent.toml with
+    REST on a free port (returned), 1 s telemetry windows and a probation that never ends by requests
+    (`probation_s`: by time; the default keeps it out of the way)."""
+    from toolchain.deploy.broker import free_port
+
+    folder.mkdir()
+    shutil.copyfile(base, folder / "current.bundle")
+    shutil.copyfile(keys / "signing.pub", folder / "trusted.pub")
+    port = free_port()
+    (folder / "agent.toml").write_text(
+        f'device_id = "{device_id}"\nfleet = "{fleet}"\nbroker = "{broker_url}"\n[serve]\nhost = "127.0.0.1"\n'
+        f'port = {port}\n{serve_extra}[telemetry]\nwindow_s = 1\n[probation]\nrequests = 1000000\nseconds = {probation_s:g}\n')
+    return port
+
+
 def start_agent(device: Path, log: Path) -> subprocess.Popen:
     """`edge-agent run` on `device`, once it serves (its output appended to `log`)."""
     agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--device-dir", str(device)],
@@ -221,13 +238,7 @@ def main() -> None:
             print(f"built {base.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
         broker = ManagedBroker(work / "broker", port=free_port(), authenticated=False).start()
         device = work / "device"
-        device.mkdir()
-        shutil.copyfile(base, device / "current.bundle")
-        shutil.copyfile(keys / "signing.pub", device / "trusted.pub")
-        port = free_port()
-        (device / "agent.toml").write_text(
-            f'device_id = "bench-1"\nfleet = "bench"\nbroker = "{broker.url}"\n[serve]\nhost = "127.0.0.1"\nport = {port}\n'
-            '[telemetry]\nwindow_s = 1\n[probation]\nrequests = 1000000\nseconds = 86400\n')  # probation out of the way
+        port = local_device(device, base, keys, broker.url, "bench-1", "bench")
         log = work / "agent.log"
         agent = start_agent(device, log)
         x = sample_input(base, keys)

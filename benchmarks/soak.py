@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from _common import print_table, target, write_results
-from push import RestClient, given_or_built, latency_stats, padded_version, sample_input, start_agent
+from push import RestClient, given_or_built, latency_stats, local_device, padded_version, sample_input, start_agent
 
 FLEET, DEVICE = "soak", "soak-1"
 PREFIX = f"edge/v1/{FLEET}/{DEVICE}/"
@@ -189,13 +189,7 @@ def main() -> None:
         base, keys = given_or_built(args.bundle, args.keys, work)
         broker = ManagedBroker(work / "broker", port=free_port(), authenticated=False).start()
         device = work / "device"
-        device.mkdir()
-        shutil.copyfile(base, device / "current.bundle")
-        shutil.copyfile(keys / "signing.pub", device / "trusted.pub")
-        port = free_port()
-        (device / "agent.toml").write_text(
-            f'device_id = "{DEVICE}"\nfleet = "{FLEET}"\nbroker = "{broker.url}"\n[serve]\nhost = "127.0.0.1"\nport = {port}\n'
-            'header_timeout_s = 2\n[telemetry]\nwindow_s = 1\n[probation]\nrequests = 1000000\nseconds = 3\n')
+        port = local_device(device, base, keys, broker.url, DEVICE, FLEET, serve_extra="header_timeout_s = 2\n", probation_s=3)
         listener = Listener(broker.host, broker.port)
         agent = start_agent(device, work / "agent.log")
         client = RestClient(port, sample_input(base, keys), args.rps)
