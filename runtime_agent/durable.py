@@ -43,7 +43,9 @@ def replace_atomically(path: Path, mode: int = 0o644, durable: bool = True) -> I
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)  # exactly `mode` whatever the umask, before any byte (of a key, say) is written
+        with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             if durable:

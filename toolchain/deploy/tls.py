@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -38,6 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from runtime_agent import durable
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CA_DAYS = 3650  # the trust anchor lives on devices: long-lived, so server certificates can rotate under it
@@ -48,22 +48,9 @@ _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock differences between 
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` with `mode` via a temporary file and rename: readers see old or new, never half."""
+    """Write `data` to `path` with `mode`, durably and whole (`runtime_agent.durable`), making its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # before any byte of a key is written
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
+    durable.write_bytes(path, data, mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
