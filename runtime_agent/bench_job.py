@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +117,11 @@ def read_job(path: Path, keyring: Keyring, device_id: str, now: float | None = N
 class JobLedger:
     """The benchmark jobs this device has run, by id, each kept until its expiry has passed (then a replay
     is refused as expired anyway); at most `LEDGER_SIZE`. Stored in one JSON file ({id: expires}) replaced
-    durably, so a restart does not reopen the door to a replay."""
+    durably, so a restart does not reopen the door to a replay. The file is the state (no lock here): the
+    agent admits one job at a time (`Agent.bench` holds its bench lock)."""
 
     def __init__(self, path: Path, size: int = LEDGER_SIZE) -> None:
         self.path, self.size = path, size
-        self._lock = threading.Lock()
 
     def _read(self) -> dict[str, float]:
         try:
@@ -136,15 +135,14 @@ class JobLedger:
     def admit(self, job: BenchJob, now: float | None = None) -> None:
         """Record the job as run, or refuse it (AgentError) when it already ran here."""
         now = now if now is not None else time.time()
-        with self._lock:
-            entries = self._read()
-            if job.id in entries:
-                raise AgentError(f"benchmark job {job.id} already ran on this device: a replayed job is refused; "
-                                 "make a new one")
-            entries = {k: v for k, v in entries.items() if v + CLOCK_SKEW_S >= now}
-            entries[job.id] = job.expires
-            kept = sorted(entries.items(), key=lambda item: item[1])[-self.size:]
-            durable.write_text(self.path, json.dumps(dict(kept)))
+        entries = self._read()
+        if job.id in entries:
+            raise AgentError(f"benchmark job {job.id} already ran on this device: a replayed job is refused; "
+                             "make a new one")
+        entries = {k: v for k, v in entries.items() if v + CLOCK_SKEW_S >= now}
+        entries[job.id] = job.expires
+        kept = sorted(entries.items(), key=lambda item: item[1])[-self.size:]
+        durable.write_text(self.path, json.dumps(dict(kept)))
 
 
 def sample_feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
