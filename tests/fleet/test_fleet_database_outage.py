@@ -25,6 +25,14 @@ def send(injector: Injector, template: dict, seqs: range) -> None:
             injector.publish(f"edge/v1/lab/{device}/telemetry", telemetry(template, device, seq))
 
 
+def stop_after_the_first_windows(monitor, injector: Injector, template: dict, server: PostgresServer) -> bool:
+    """Stream the first third of the windows, wait until they are stored, then stop the database (True)."""
+    send(injector, template, range(1, 5))
+    wait_until(lambda: monitor.stats["telemetry"] == 4 * DEVICES, what="the first windows stored")
+    stop_server(server)
+    return True
+
+
 def stored_once(url: str) -> bool:
     """Every window of every device in the database, each exactly once."""
     with FleetStore(url, create=False) as store:
@@ -40,10 +48,7 @@ def test_monitor_holds_and_stores_every_window_once_through_a_database_restart(
     template, monitor, injector = real_payloads["telemetry"], started_monitor(broker, postgres_url), Injector(broker)
     stopped = False
     try:
-        send(injector, template, range(1, 5))
-        wait_until(lambda: monitor.stats["telemetry"] == 4 * DEVICES, what="the first windows stored")
-        stop_server(postgres_server)
-        stopped = True
+        stopped = stop_after_the_first_windows(monitor, injector, template, postgres_server)
         sender = threading.Thread(target=send, args=(injector, template, range(5, WINDOWS + 1)))
         sender.start()  # the broker takes them all while the monitor holds what it cannot store
         wait_until(lambda: monitor.stats["database_outages"] == 1, what="the monitor to notice the outage")
@@ -71,10 +76,7 @@ def test_a_monitor_stopped_during_the_outage_leaves_the_rest_to_the_next(
     template, monitor, injector = real_payloads["telemetry"], started_monitor(broker, postgres_url), Injector(broker)
     stopped = False
     try:
-        send(injector, template, range(1, 5))
-        wait_until(lambda: monitor.stats["telemetry"] == 4 * DEVICES, what="the first windows stored")
-        stop_server(postgres_server)
-        stopped = True
+        stopped = stop_after_the_first_windows(monitor, injector, template, postgres_server)
         send(injector, template, range(5, WINDOWS + 1))
         wait_until(lambda: monitor.stats["database_outages"] == 1, what="the monitor to notice the outage")
         monitor.stop()  # holding unacknowledged windows: its session keeps them for the next monitor
