@@ -27,7 +27,7 @@ from runtime_agent.faults import crash_point
 from runtime_agent.model import LoadedModel, Prediction
 from runtime_agent.outbox import Outbox
 from runtime_agent.probation import ModelStats, Probation
-from runtime_agent.process import rss_mb
+from runtime_agent.process import release_free_memory, rss_mb
 from runtime_agent.protocol import (COMMAND_TYPES, EVENTS, MAX_COMMAND_BYTES, ONLINE, SCHEMAS, STATUS, TELEMETRY,
                                     ack_topic)
 from runtime_agent.push_receiver import PushReceiver, Transfer
@@ -38,6 +38,8 @@ from runtime_agent.slots import Slots
 from runtime_agent.updates import check_update, self_test
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 60.0  # how often the main loop hands glibc's free pages back (`process.release_free_memory`)
 
 
 def _command_ids(command: dict[str, Any]) -> dict[str, Any]:
@@ -456,9 +458,13 @@ class Agent:
             on_ready(servers[0].port)
         try:
             next_close = time.monotonic() + self.window_s
+            next_trim = time.monotonic() + TRIM_EVERY_S
             while not stop.wait(max(0.0, next_close - time.monotonic())):
                 self.close_window()  # also ends a probation that is due (see `account`)
                 link.wake()
+                if time.monotonic() >= next_trim:  # at a window's close, at most once a minute
+                    release_free_memory()
+                    next_trim = time.monotonic() + TRIM_EVERY_S
                 next_close += self.window_s
                 if next_close < time.monotonic():  # fell behind (suspended): skip, don't burst
                     next_close = time.monotonic() + self.window_s
