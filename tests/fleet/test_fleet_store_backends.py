@@ -32,7 +32,9 @@ def test_streams_duplicates_events_and_pruning(target: str) -> None:
         assert store.insert_telemetry(window(2, "aaaa")) is None
         # A batch's windows in one statement: a key twice in it is stored once, an old one not again.
         assert store.insert_telemetry_many([(window(4, "aaaa"), 5.0), (window(4, "aaaa"), 5.0), (window(3, "aaaa"), 5.0),
-                                            (window(5, "aaaa"), 6.0)]) == [1, None, None, 1]
+                                            (window(5, "aaaa", latency_ms=2), 6.0)]) == [1, None, None, 1]
+        # Its columns go as typed arrays on PostgreSQL: an int in a REAL column and a NULL come back as stored.
+        assert [(w["p50"], w["rss_mb"]) for w in store.telemetry("lab") if w["seq"] == 5] == [(2.0, None)]
         assert store.insert_telemetry(window(1, "bbbb", latency_ms=9.0, psi=0.4)) == 2  # re-flashed: newer
         assert store.update_status("lab", "dev-1", "online", seen_at=1.0, model_version=3) == ("unknown", None)
         assert store.update_status("lab", "dev-1", "offline") == ("online", 3)

