@@ -70,6 +70,7 @@ from _gratings import data_py
 from drift_cost import measure_drift_cost
 from runtime_agent.agent import Active, Agent
 from runtime_agent.config import load_agent_config
+from runtime_agent.metrics import ServingMetrics
 from runtime_agent.reference import summary_features
 from runtime_agent.sketch import LatencySketch
 from toolchain.deploy.broker import ManagedBroker, free_port
@@ -118,6 +119,7 @@ from pathlib import Path
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
+from runtime_agent.metrics import ServingMetrics
 
 agent = Agent(load_agent_config(Path(sys.argv[1])))
 stop = threading.Event()
@@ -490,6 +492,25 @@ def per_call_us(function: Callable[[], object], calls: int, repeats: int = 3,
     return best / 1e3
 
 
+GRPC_HANDLER = "gRPC ModelInfer handler, in process (raw)"
+
+
+def grpc_handler(agent: Agent, inputs: list[np.ndarray]) -> Callable[[np.ndarray], object]:
+    """The agent's KServe gRPC ModelInfer handler as a runner: called in this process on a request built
+    beforehand for each input (raw contents, as Triton's client sends), without grpcio's transport."""
+    from runtime_agent.grpc_server import KServeServicer
+    from runtime_agent.kserve_grpc import grpc_predict_v2_pb2 as pb
+
+    servicer = KServeServicer(agent, ServingMetrics())
+    requests = {}
+    for x in inputs:
+        request = pb.ModelInferRequest(model_name=agent.model.bundle.manifest["name"])
+        request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        requests[id(x)] = request
+    return lambda x: servicer.ModelInfer(requests[id(x)], None)
+
+
 def measure_overhead(name: str, agent: Agent, model_path: Path, inputs: list[np.ndarray], seconds: float,
                      listener: Listener, rows: Rows) -> dict[str, Any]:
     model = agent.model
@@ -504,6 +525,7 @@ def measure_overhead(name: str, agent: Agent, model_path: Path, inputs: list[np.
         "agent.infer": agent.infer,
         "bare session.run": lambda x: bare.run(None, {input_name: x}),
         "agent's session.run": lambda x: own.run(None, {input_name: x}),
+        GRPC_HANDLER: grpc_handler(agent, inputs),
     }
     device = agent.config.device_id
     telemetry_before, served_before = listener.count(device), listener.served(device)
@@ -544,6 +566,10 @@ def measure_overhead(name: str, agent: Agent, model_path: Path, inputs: list[np.
              f"first/second half: {halves[0]:+.3f} / {halves[1]:+.3f}; median of per-round ratios {paired:+.3f}")
     rows.add(f"overhead: {name}", "agent p50 / own session.run p50 - 1", wrapper, "fraction",
              "same session object as the agent's, called directly: the Python wrapper's share alone")
+    rows.add(f"overhead: {name}", "gRPC handler in process p50 / bare p50 - 1", p50[GRPC_HANDLER] / p50["bare session.run"] - 1,
+             "fraction", "the agent's own share of a gRPC call: its KServe ModelInfer handler (decode the raw request, "
+             "agent.infer, encode the response, metrics) called in this process on prebuilt requests, no transport; "
+             "the round trip ('overhead: grpc') adds grpcio's client, server and HTTP/2 on loopback")
     rows.add(f"overhead: {name}", "agent p50 - bare p50", p50["agent.infer"] - p50["bare session.run"], "us",
              "absolute per-request cost of the agent: independent of the model's compute, but it grows with the "
              "input's size (validation and the drift summary read every value)")

@@ -80,7 +80,10 @@ def encode_response(prediction: Any, request: Any, model: LoadedModel) -> Any:
     return response
 
 
-class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's handlers; callable without a server (`benchmarks/agent.py` times ModelInfer in process
+    to tell the agent's share of a call from grpcio's)."""
+
     def __init__(self, servable: Servable, metrics: ServingMetrics) -> None:
         self.servable, self.metrics = servable, metrics
 
@@ -150,7 +153,7 @@ class GrpcServer:
                   ("grpc.so_reuseport", 0)]  # else a second agent could bind the same port and take half the calls
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kserve-grpc"),
                                    options=limits)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(servable, metrics), self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(servable, metrics), self._server)
         try:
             self.port = self._server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:  # grpcio's "Failed to bind"
