@@ -1,8 +1,9 @@
 """`toolchain`: the host command line. It only mounts the commands of `toolchain.commands` (each thin;
 the work lives in the packages they call) and turns a user's mistake into one line.
 
-Errors a user can fix (`ToolchainError`, and the agent's `AgentError` for bundles and keys) print one
-line and exit 2; `--debug` (anywhere on the command line) shows the traceback too.
+Errors a user can fix (`ToolchainError`, the agent's `AgentError` for bundles and keys, and the fleet
+database's `DatabaseLost` when PostgreSQL drops the connection) print one line and exit 2; `--debug`
+(anywhere on the command line) shows the traceback too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from toolchain.commands.push import push
 from toolchain.commands.search import search
 from toolchain.commands.targets import app as targets_app
 from toolchain.errors import ToolchainError
+from toolchain.fleet.store import DatabaseLost
 
 app = typer.Typer(help="Build, compress, sign and benchmark models for edge devices.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -52,7 +54,7 @@ def main() -> None:
     debug = "--debug" in sys.argv
     try:
         app(prog_name="toolchain")
-    except (ToolchainError, AgentError) as exc:
+    except (ToolchainError, AgentError, DatabaseLost) as exc:
         if debug:
             traceback.print_exc()
         print(f"error: {_rank()}{exc}", file=sys.stderr)

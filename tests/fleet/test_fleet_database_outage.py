@@ -1,7 +1,9 @@
 """The monitor through a PostgreSQL outage: a real mosquitto, a real PostgreSQL (tests/postgres.py) stopped
 with pg_ctl while windows stream in and started again. The monitor holds what it could not store,
 unacknowledged, and reconnects; or, stopped during the outage, leaves it to its broker session, which
-hands it to the next monitor. Either way every window ends up in the database exactly once."""
+hands it to the next monitor. Either way every window ends up in the database exactly once. Under it,
+the store: a read or write through a dropped connection raises `DatabaseLost` (one line) until the
+server is back."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from tests.fleet_helpers import Injector, started_monitor, telemetry, wait_until
 from toolchain.deploy.broker import ManagedBroker
-from toolchain.fleet.store import FleetStore
+from toolchain.fleet.store import DatabaseLost, FleetStore
 from toolchain.fleet.store.local_server import PostgresServer, run_server, stop_server
 
 DEVICES, WINDOWS = 4, 12  # per device: the first third before the stop, the rest during and after it
@@ -89,3 +91,19 @@ def test_a_monitor_stopped_during_the_outage_leaves_the_rest_to_the_next(
             run_server(postgres_server)
         injector.close()
         monitor.stop()
+
+
+def test_the_store_raises_database_lost_until_the_server_is_back(postgres_server: PostgresServer, postgres_url: str) -> None:
+    with FleetStore(postgres_url) as store:
+        store.update_status("lab", "dev-0", "online", seen_at=1.0)
+        stop_server(postgres_server)
+        try:
+            with pytest.raises(DatabaseLost, match="^lost the fleet database") as dropped:
+                store.devices("lab")  # the read that finds the connection dropped
+            with pytest.raises(DatabaseLost, match="^lost the fleet database") as unreachable:
+                store.update_status("lab", "dev-0", "offline", seen_at=2.0)  # the reconnect that fails
+            assert "\n" not in str(dropped.value) + str(unreachable.value)
+        finally:
+            run_server(postgres_server)
+        store.update_status("lab", "dev-0", "offline", seen_at=2.0)
+        assert [row["state"] for row in store.devices("lab")] == ["offline"]

@@ -18,11 +18,12 @@ once) are dropped by the store's ``(fleet, device, stream, seq)`` key. ``stream`
 starts a new one, with seq from 1 again); messages without it (agents older than the field) are stream ``''``.
 
 A database that drops the connection (PostgreSQL restarted, the network to it gone) stops nothing: the
-batch in hand stays unacknowledged and is tried again, reconnecting with backoff (RECONNECT_FIRST_S
-doubling to RECONNECT_MAX_S), with one line logged when the outage begins and one when it ends; meanwhile
-the broker queues the rest (its in-flight window bounds what the monitor holds), and a monitor stopped or
-killed during the outage leaves it all to the broker's session. A commit that went through just before
-the drop is dropped again by the keys when the batch is retried.
+store raises `DatabaseLost`, which no handler of one message's failure takes, so the whole batch in hand
+stays unacknowledged and is tried again, reconnecting with backoff (RECONNECT_FIRST_S doubling to
+RECONNECT_MAX_S), with one line logged when the outage begins and one when it ends; meanwhile the broker
+queues the rest (its in-flight window bounds what the monitor holds), and a monitor stopped or killed
+during the outage leaves it all to the broker's session. A commit that went through just before the drop
+is dropped again by the keys when the batch is retried.
 
 ``status`` (the retained birth and the LWT) sets a device online or offline. After each committed batch
 that changed a fleet, the monitor recomputes from the database the share of reporting devices (a
@@ -65,7 +66,7 @@ from runtime_agent.protocol import (EVENTS, ONLINE, REPORT_KINDS, STATUS, TOPIC_
                                     parse_status, parse_telemetry, parse_topic, device_topic, valid_id)
 from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
 from toolchain.errors import ToolchainError
-from toolchain.fleet.store import FLEET_ALARM, FleetStore, TelemetryRecord, window_alarm
+from toolchain.fleet.store import FLEET_ALARM, DatabaseLost, FleetStore, TelemetryRecord, window_alarm
 from toolchain.fleet.store.backend import first_line
 from toolchain.fleet.store.codec import decode
 
@@ -306,10 +307,10 @@ class FleetMonitor:
                     continue
                 self.stats["store_errors"] += len(batch)
                 return
-            except (*self.store.errors, ToolchainError) as exc:
+            except (DatabaseLost, *self.store.errors, ToolchainError) as exc:
                 self.stats.clear()
                 self.stats.update(stats)
-                if self.store.disconnected:
+                if isinstance(exc, DatabaseLost):  # the store's own error: no handler of one message takes it
                     if self._wait_for_database(len(batch), exc):
                         continue
                     return  # stopping: the broker re-sends what was not acknowledged
@@ -330,14 +331,14 @@ class FleetMonitor:
             self._callback(function, *args)
         self.stats["processed"] += len(acks)
 
-    def _wait_for_database(self, held: int, exc: BaseException) -> bool:
+    def _wait_for_database(self, held: int, exc: DatabaseLost) -> bool:
         """The database dropped the connection: log it once per outage, wait (backing off to
         RECONNECT_MAX_S) and return True to try again; False when the monitor is stopping (what it holds
         stays unacknowledged: the broker's session re-sends it)."""
         if self._outage is None:
             self.stats["database_outages"] += 1
-            log.error("lost the fleet database %s (%s); holding %d messages unacknowledged and reconnecting "
-                      "every %g s at most", self.store.path, first_line(exc), held, RECONNECT_MAX_S)
+            log.error("%s; holding %d messages unacknowledged and reconnecting every %g s at most", exc, held,
+                      RECONNECT_MAX_S)
             self._outage = (time.monotonic(), RECONNECT_FIRST_S)
         since, wait = self._outage
         if self._stop.wait(wait):
@@ -357,7 +358,7 @@ class FleetMonitor:
             self._evaluated_at[fleet] = now
             try:
                 self._evaluate(fleet)
-            except (*self.store.errors, ToolchainError) as exc:  # evaluated again after the next batch
+            except (DatabaseLost, *self.store.errors, ToolchainError) as exc:  # evaluated again after the next batch
                 self.stats["store_errors"] += 1
                 log.error("cannot evaluate fleet %s's drift alarm: %s", fleet, exc)
                 continue
@@ -366,10 +367,11 @@ class FleetMonitor:
     def _store_one(self, topic: str, payload: bytes, retained: bool) -> bool | tuple[TelemetryRecord, float]:
         """Handle one message inside the batch; False if it must not be acknowledged (the store failed), a
         valid telemetry window (and when it arrived) to be stored with the batch's others (`_store_windows`).
-        A conflict with another writer is raised: the whole batch is tried again."""
+        A conflict with another writer is raised (the whole batch is tried again), and so is a lost database
+        (the whole batch waits for it, `_store_batch`)."""
         try:
             stored = self._handle(topic, payload, retained)
-        except self.store.retryable:
+        except (DatabaseLost, *self.store.retryable):
             raise
         except Malformed as exc:
             self.stats["malformed"] += 1
@@ -379,12 +381,8 @@ class FleetMonitor:
             except self.store.retryable:
                 raise
             except (*self.store.errors, ToolchainError):
-                if self.store.disconnected:
-                    raise  # the whole batch waits for the database (`_store_batch`)
                 log.exception("cannot record the malformed message")
         except (*self.store.errors, ToolchainError) as exc:
-            if self.store.disconnected:
-                raise
             # Not acknowledged: the broker re-sends it after the next reconnect (the session keeps it).
             self.stats["store_errors"] += 1
             log.error("cannot store the message on %s: %s", topic, exc)
@@ -410,8 +408,6 @@ class FleetMonitor:
         except self.store.retryable:
             raise
         except (*self.store.errors, ToolchainError):
-            if self.store.disconnected:
-                raise  # the whole batch waits for the database (`_store_batch`)
             epochs = []
             for record, at, _ in windows:
                 try:
@@ -419,8 +415,6 @@ class FleetMonitor:
                 except self.store.retryable:
                     raise
                 except (*self.store.errors, ToolchainError) as exc:  # not acknowledged: re-sent after a reconnect
-                    if self.store.disconnected:
-                        raise
                     self.stats["store_errors"] += 1
                     log.error("cannot store %s/%s's window %s: %s", record.fleet, record.device, record.seq, exc)
                     epochs.append(False)

@@ -3,7 +3,8 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
 
   schema    tables, the schema version and the migrations from older versions
   backend   SQLite or PostgreSQL: the connection, and what differs between the two
-  database  one connection, one lock shared by threads, transactions and batches, create vs read-only
+  database  one connection, one lock shared by threads, transactions and batches, create vs read-only,
+            `DatabaseLost` when the server dropped the connection
   writes    device states, telemetry windows, events, alarms, rejected messages, pruning
   queries   devices, telemetry, merged latency sketches, fleet drift, events
   share     the fleet drift share from the database, and when the fleet alarm moves
@@ -16,6 +17,7 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
 
 from __future__ import annotations
 
+from toolchain.fleet.store.database import DatabaseLost
 from toolchain.fleet.store.queries import StoreQueries
 from toolchain.fleet.store.records import (
     FLEET_DEVICE,
@@ -31,7 +33,7 @@ from toolchain.fleet.store.schema import SCHEMA_VERSION
 from toolchain.fleet.store.share import FLEET_ALARM, FLEET_CLEARED, FleetShare
 from toolchain.fleet.store.writes import StoreWrites
 
-__all__ = ["FLEET_ALARM", "FLEET_CLEARED", "FLEET_DEVICE", "FleetShare", "OFFLINE", "ONLINE", "SCHEMA_VERSION", "UNKNOWN", "FleetStore", "MergedLatency",
+__all__ = ["FLEET_ALARM", "FLEET_CLEARED", "FLEET_DEVICE", "DatabaseLost", "FleetShare", "OFFLINE", "ONLINE", "SCHEMA_VERSION", "UNKNOWN", "FleetStore", "MergedLatency",
            "TelemetryRecord", "merge_sketches", "window_alarm"]
 
 

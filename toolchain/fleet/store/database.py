@@ -13,13 +13,21 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Self
 
 from toolchain.errors import ToolchainError
-from toolchain.fleet.store.backend import connect
+from toolchain.fleet.store.backend import connect, first_line
 from toolchain.fleet.store.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
 
 
 def _statements(script: str) -> list[str]:
     """A script's statements (the schema's SQL has no ';' inside literals)."""
     return [statement.strip() for statement in script.split(";") if statement.strip()]
+
+
+class DatabaseLost(Exception):
+    """The database server dropped the connection (PostgreSQL restarted, the network to it gone) under an
+    operation, or cannot be reached again yet: what failed can be tried again once it is back. Neither one
+    of the backend's ``errors`` nor a ToolchainError, on purpose: a caller's handler for one failed write
+    (the monitor counts the message and moves on) must not take an outage for one; the monitor holds its
+    whole batch instead, and the CLI prints it as one line."""
 
 
 class Database:
@@ -95,7 +103,7 @@ class Database:
         Yields the backend (``execute(sql, params)`` with ``?`` placeholders). What a write leaves for the
         end of its transaction (`_pending`) is kept only if the write succeeds: `_before_commit` writes it,
         `_after_commit` keeps what is true once committed."""
-        with self._lock:
+        with self._lock, self._lost():
             db = self._db()
             nested = db.in_transaction
             db.execute("SAVEPOINT write" if nested else db.begin)
@@ -140,8 +148,18 @@ class Database:
     @property
     def disconnected(self) -> bool:
         """The database server dropped the connection (PostgreSQL restarted): the next write or read
-        connects again (ToolchainError while it cannot); what failed meanwhile can be tried again."""
+        connects again (DatabaseLost while it cannot); what failed meanwhile can be tried again."""
         return self._open and self._backend.broken
+
+    @contextmanager
+    def _lost(self) -> Iterator[None]:
+        """A database error (or a failed reconnect) with the connection dropped becomes DatabaseLost."""
+        try:
+            yield
+        except (*self.errors, ToolchainError) as exc:
+            if not self.disconnected:
+                raise
+            raise DatabaseLost(f"lost the fleet database {self.path}: {first_line(exc)}") from exc
 
     def _db(self) -> Any:
         """The connection; a dropped one is replaced first, between transactions only (a transaction's
@@ -153,7 +171,7 @@ class Database:
         return self._backend
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._lock, self._lost():
             cursor = self._db().execute(sql, params)
             names = [c[0] for c in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
