@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from runtime_agent.signing import PUBLIC_KEY_NAME, default_key_dir
-from toolchain.commands.options import ClientCertOption, read_password
+from toolchain.commands.options import ClientCertOption, broker_login
 from toolchain.errors import ToolchainError
 
 
@@ -42,7 +42,6 @@ def autopilot(
     from toolchain.core.config import load_config
     from toolchain.build.autopilot import Autopilot
     from toolchain.fleet.store import FleetStore
-    from toolchain.deploy.mqtt import BrokerLogin
     from toolchain.deploy.push import RolloutSettings, rollout
     from toolchain.targets.profiles import resolve_target
     from toolchain.core.contract import BUDGETS
@@ -51,14 +50,13 @@ def autopilot(
         raise ToolchainError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     if interval <= 0 or cycles < 0:
         raise ToolchainError("--interval must be > 0 and --cycles >= 0")
-    password = read_password(password_file, username)
+    login = broker_login(broker, username, password_file, ca_file, client_cert)
     build_config, profile = load_config(config), resolve_target(target)
     policy = build_config.retrain
     console = Console(stderr=True)
 
     def deploy(bundle: Path, devices: list[str], on_decision: Any) -> Any:
-        settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey,
-                                   broker=BrokerLogin(broker, username, password, ca_file, client_cert))
+        settings = RolloutSettings(canary=policy.canary, waves=policy.waves, pubkey=pubkey, broker=login)
         return rollout(bundle, fleet, devices, settings, on_decision=on_decision)
 
     with FleetStore(db, create=False) as store:

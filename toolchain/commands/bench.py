@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption,
-                                       read_password)
+                                       broker_login)
 from toolchain.commands.tables import print_table, print_value
 from toolchain.errors import ToolchainError
 
@@ -54,10 +54,8 @@ def bench(
         raise ToolchainError("say where to measure: --target PROFILE (here, with a prediction) or --device ID (on the board)")
     if device is not None:
         from toolchain.deploy.device_bench import JobSettings
-        from toolchain.deploy.mqtt import BrokerLogin
 
-        _bench_device(model_or_bundle, device, BrokerLogin(broker, username, read_password(password_file, username),
-                                                           ca_file, client_cert),
+        _bench_device(model_or_bundle, device, broker_login(broker, username, password_file, ca_file, client_cert),
                       fleet, key, pubkey, JobSettings(runs=runs, threads=threads, duty=duty), as_json)
         return
     profile = resolve_target(target)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from toolchain.commands.options import (BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption, UsernameOption,
-                                       read_password)
+                                       broker_login)
 from toolchain.errors import ToolchainError
 
 err = Console(stderr=True)
@@ -79,10 +79,8 @@ def build(
     timer = None
     if measure_on is not None:
         from toolchain.deploy.device_bench import device_timer
-        from toolchain.deploy.mqtt import BrokerLogin
 
-        timer = device_timer(measure_on, BrokerLogin(broker, username, read_password(password_file, username),
-                                                     ca_file, client_cert),
+        timer = device_timer(measure_on, broker_login(broker, username, password_file, ca_file, client_cert),
                              fleet, key, profile.id)
     built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
                       track=track, device_timer=timer)

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption,
-                                       UsernameOption, read_password)
+                                       UsernameOption, broker_login)
 from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
@@ -63,7 +63,6 @@ def calibrate(
         from dataclasses import replace
 
         from toolchain.deploy.device_bench import JobSettings, device_timer
-        from toolchain.deploy.mqtt import BrokerLogin
         from toolchain.perf.calibrate_device import calibrate_device
         from toolchain.perf.calibrate_host import CalibrationSettings
 
@@ -72,8 +71,7 @@ def calibrate(
             if variants < 8:
                 raise ToolchainError(f"--variants must be at least 8 (a fit and a held-out set of every family), got {variants}")
             settings = replace(settings, variants=variants)
-        timer = device_timer(from_device, BrokerLogin(broker, username, read_password(password_file, username),
-                                                      ca_file, client_cert),
+        timer = device_timer(from_device, broker_login(broker, username, password_file, ca_file, client_cert),
                              fleet, key, profile.id, JobSettings(runs=runs, seed=seed))
         err.print(f"[bold]calibrating[/] {escape(profile.id)} ({runtime}) on device {escape(from_device)}: "
                   f"{settings.variants} generated variants, {runs} runs each")

@@ -11,7 +11,7 @@ import typer
 
 from runtime_agent.signing import PRIVATE_KEY_NAME, default_key_dir
 from toolchain.commands.options import (DEFAULT_PUBKEY, BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption,
-                                        read_password)
+                                        broker_login)
 from toolchain.errors import ToolchainError
 
 app = typer.Typer(help="Manage the ed25519 keys that sign bundles and that devices trust.", no_args_is_help=True)
@@ -49,7 +49,6 @@ def keys_rotate(
     """Add trusted keys (and revoke old ones) on every device of a fleet; offline devices catch up when they reconnect."""
     from runtime_agent.protocol import ONLINE
     from runtime_agent.signing import key_id, load_private_key, load_public_key
-    from toolchain.deploy.mqtt import BrokerLogin
     from toolchain.deploy.push import PushClient, device_statuses
     from toolchain.deploy.rotation import add_rotation, send_chain
 
@@ -58,8 +57,8 @@ def keys_rotate(
     signing_key = load_private_key(key)
     added = [load_public_key(path) for path in new_pubkey]
     revoked = {key_id(load_public_key(Path(r))) if r.endswith(".pub") else r: reason for r in revoke or []}
-    password = read_password(password_file, username)
-    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
+    login = broker_login(broker, username, password_file, ca_file, client_cert)
+    with PushClient(login) as client:
         statuses = device_statuses(client, fleet)
         if not statuses:
             raise ToolchainError(f"no device of fleet {fleet!r} on {broker} (none has a retained status)")

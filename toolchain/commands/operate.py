@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from toolchain.commands.options import BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption, read_password
+from toolchain.commands.options import BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, UsernameOption, broker_login
 from toolchain.errors import ToolchainError
 
 DeviceOption = Annotated[Optional[list[str]], typer.Option("--device", "-d", help="device id (repeatable)")]
@@ -26,16 +26,15 @@ def _send(kind: str, fields: dict[str, Any], device: Optional[list[str]], fleet:
           username: Optional[str], password_file: Optional[Path], ca_file: Optional[Path], client_cert: Optional[Path], timeout: float) -> None:
     from runtime_agent.protocol import ONLINE
     from toolchain.deploy.control import send_command
-    from toolchain.deploy.mqtt import BrokerLogin
     from toolchain.deploy.push import PushClient, device_statuses, fleet_of_devices
 
     if not device and not fleet:
         raise ToolchainError("say which devices: --device ID (repeatable) or --fleet NAME")
     if timeout <= 0:
         raise ToolchainError(f"--timeout must be more than 0 seconds, got {timeout}")
-    password = read_password(password_file, username)
+    login = broker_login(broker, username, password_file, ca_file, client_cert)
     offline: list[str] = []
-    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
+    with PushClient(login) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
             fleet = fleet_of_devices(client, targets, fleet)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from runtime_agent.protocol import ACK_EVERY, MAX_CHUNK_BYTES
-from toolchain.commands.options import DEFAULT_PUBKEY, ClientCertOption, read_password
+from toolchain.commands.options import DEFAULT_PUBKEY, ClientCertOption, broker_login
 from toolchain.commands.tables import print_table
 from toolchain.errors import ToolchainError
 
@@ -47,7 +47,6 @@ def push(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Push a bundle to devices: chunked, resumable, verified on the device; canaries first, then waves."""
-    from toolchain.deploy.mqtt import BrokerLogin
     from toolchain.deploy.push import (PushClient, RolloutSettings, discover_devices, fleet_of_devices, load_push_bundle,
                                        plan_stages, rollout)
 
@@ -67,10 +66,10 @@ def push(
         raise ToolchainError(f"--wave must be at least 1, got {wave}")
     if canary is not None and canary < 0:
         raise ToolchainError(f"--canary must be 0 or more, got {canary}")
-    password = read_password(password_file, username)
+    login = broker_login(broker, username, password_file, ca_file, client_cert)
     verified = load_push_bundle(bundle, pubkey)  # refuse before touching the network
 
-    with PushClient(BrokerLogin(broker, username, password, ca_file, client_cert)) as client:
+    with PushClient(login) as client:
         targets = list(dict.fromkeys(device or []))
         if targets:
             fleet = fleet_of_devices(client, targets, fleet)
