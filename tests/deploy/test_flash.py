@@ -53,8 +53,10 @@ def test_three_flashed_devices_come_online_with_their_own_credentials(default_bu
         recorder.close()
     secrets = {(tmp_path / d / "mqtt.password").read_text() for d in ("cam-1", "cam-2", "cam-3")}
     assert len(secrets) == 3
-    for secret in ("mqtt.password", "client.pem"):
-        assert oct((tmp_path / "cam-1" / secret).stat().st_mode & 0o777) == "0o600"
+    modes = {"mqtt.password": "0o600", "client.pem": "0o600", "agent.toml": "0o644", "install.sh": "0o755",
+             "edge-agent.service": "0o644"}
+    assert {name: oct((tmp_path / "cam-1" / name).stat().st_mode & 0o777) for name in modes} == modes
+    assert not list((tmp_path / "cam-1").glob(".*.tmp"))  # every file written whole, through a renamed temp file
     assert (tmp_path / "cam-1" / "current.bundle").resolve() == (tmp_path / "cam-1" / "slots" / "digits-1.bundle").resolve()
 
 

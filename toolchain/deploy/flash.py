@@ -22,6 +22,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from runtime_agent import durable
 from runtime_agent.bundle import read_bundle
 from runtime_agent.config import load_agent_config
 from runtime_agent.errors import AgentError
@@ -154,18 +155,19 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
     staging = Path(tempfile.mkdtemp(prefix=f".{device_dir.name}.flash-", dir=device_dir.parent))
     try:
         password = secrets.token_urlsafe(24)
-        _write(staging / "mqtt.password", password + "\n", 0o600)
+        durable.write_bytes(staging / "mqtt.password", f"{password}\n".encode(), 0o600)
         mqtt_lines = [f'username = "{device_id}"', 'password_file = "mqtt.password"']
         if managed is not None and managed.tls:
             mqtt_lines += tls_credentials(managed, staging, device_id, cert_days)
-        _write(staging / "agent.toml", agent_toml(device_id, fleet, broker_url, mqtt_lines, serve_port, window_s), 0o644)
+        durable.write_text(staging / "agent.toml", agent_toml(device_id, fleet, broker_url, mqtt_lines, serve_port, window_s))
         shutil.copyfile(pubkey, staging / "trusted.pub")
         manifest = verified.manifest
         slots = Slots(staging, staging / "current.bundle")
         slots.activate(slots.store(bundle, manifest["name"], manifest["version"]), f"{manifest['name']}-{manifest['version']}.bundle")
         shutil.copytree(agent_sources(), staging / "runtime_agent", ignore=shutil.ignore_patterns("__pycache__"))
-        _write(staging / "install.sh", INSTALL_SH.format(requirements=" ".join(pinned_agent_requirements()), device_id=device_id), 0o755)
-        _write(staging / "edge-agent.service", UNIT.format(device_id=device_id, fleet=fleet), 0o644)
+        durable.write_bytes(staging / "install.sh", INSTALL_SH.format(requirements=" ".join(pinned_agent_requirements()),
+                                                                      device_id=device_id).encode(), 0o755)
+        durable.write_text(staging / "edge-agent.service", UNIT.format(device_id=device_id, fleet=fleet))
         load_agent_config(staging)  # what we wrote must be what the agent accepts
         if managed is not None:
             managed.add_user(device_id, password)
@@ -174,12 +176,6 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return device_dir
-
-
-def _write(path: Path, text: str, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

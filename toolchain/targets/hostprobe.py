@@ -17,7 +17,6 @@ import logging
 import os
 import platform
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from runtime_agent import durable
 
 log = logging.getLogger(__name__)
 
@@ -393,14 +394,7 @@ def _looks_valid(values: Any) -> bool:
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Temp file + rename, so a concurrent reader never sees half a file."""
+    """`record` as indented JSON, written whole (`runtime_agent.durable`: a concurrent reader never sees
+    half a file), making its folder. Private to the user (0600), as these files have always been."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.write_bytes(path, (json.dumps(record, indent=2) + "\n").encode(), 0o600)
