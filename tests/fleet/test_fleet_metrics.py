@@ -75,9 +75,11 @@ def test_metrics_match_fleet_status(real_payloads: dict, broker: ManagedBroker, 
         status_messages = 4
 
         def settled() -> bool:
+            """Every message stored, and the fleet alarm evaluated after the last of them (the monitor evaluates
+            at most every 0.5 s: its row then counts cam-1 and cam-2 reporting, cam-3 offline)."""
             with FleetStore(db, create=False) as store:
                 return len(store.telemetry()) == len(windows) and store.device("plant", "cam-3")["state"] == "offline" \
-                    and store.rejected_count() == 1
+                    and store.rejected_count() == 1 and store.fleet_alarms().get("plant", {}).get("reporting") == 2
         wait_until(settled, what="every message stored")
         status = run_cli("toolchain", "fleet", "status", "--db", str(db), "--json", check=True)
         fleet_status = json.loads(status.stdout)
