@@ -10,6 +10,7 @@ upsert, never a read-then-insert, and a fleet alarm changes state only under its
 from __future__ import annotations
 
 import json
+import operator
 import time
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +27,7 @@ def _greatest(a: str, b: str) -> str:
 
 
 TOUCHES_PER_STATEMENT = 500
+_TELEMETRY_KEY = operator.itemgetter(0, 1, 2, 4)  # (fleet, device, stream, seq) of a telemetry row
 _TOUCH = (  # {rows}: one "(?, ?, ?, ?, ?, ?)" per device
     "INSERT INTO devices (fleet, device, last_seen, last_seq, stream, epoch) VALUES {rows} "
     "ON CONFLICT (fleet, device) DO UPDATE SET "
@@ -137,11 +139,20 @@ class StoreWrites(Database):
         if not windows:
             return []
         with self._tx() as db:
-            epochs = [self._epoch(db, r.fleet, r.device, r.stream, at) for r, at in windows]
+            # Rows are locked in key order, the streams a batch meets first, then its windows: two writers
+            # whose batches hold the same new streams (every device's, as a fleet starts) or the same windows
+            # (a redelivery) then wait on each other in one order, never in a circle. A circle is a deadlock,
+            # which PostgreSQL breaks only after its deadlock_timeout (1 s), and the batch is tried again.
+            first_seen: dict[tuple[str, str, str], float] = {}
+            for r, at in windows:
+                first_seen.setdefault((r.fleet, r.device, r.stream), at)
+            stream_epochs = {key: self._epoch(db, *key, at) for key, at in sorted(first_seen.items())}
+            epochs = [stream_epochs[r.fleet, r.device, r.stream] for r, _ in windows]
             rows = [(r.fleet, r.device, r.stream, epoch, r.seq, at, r.window_start, r.window_end, r.model_version, r.n,
                      r.requests, r.errors, r.rss_mb, r.p50, r.p90, r.p99, r.psi_max, int(r.alarm),
                      encode(r.sketch), encode(r.drift))
                     for (r, at), epoch in zip(windows, epochs)]
+            rows.sort(key=_TELEMETRY_KEY)  # stable: of a key twice, the first still goes first
             new = {tuple(row) for row in db.insert_many(
                 "INSERT INTO telemetry (fleet, device, stream, epoch, seq, received_at, window_start, window_end, "
                 "model_version, n, requests, errors, rss_mb, p50, p90, p99, psi_max, alarm, sketch, drift) "
