@@ -213,5 +213,5 @@ class StoreQueries(Database):
 
     def drift_share(self, fleet: str) -> FleetShare:
         """The fleet's drift share now (reporting devices, those in alarm), as the fleet alarm counts it."""
-        with self._lock:
+        with self._lock, self._lost():
             return read_share(self._db(), fleet)
