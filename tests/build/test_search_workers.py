@@ -76,6 +76,18 @@ def _running(storage: str, pid: int) -> bool:
                and t.user_attrs.get("owner", {}).get("pid") == pid for t in trials)
 
 
+def _stopped_in_a_trial(worker: subprocess.Popen[str], storage: str) -> bool:
+    """Stop `worker` (SIGSTOP) and say whether it is in the middle of a trial; if not, let it go on. Why stop
+    it first: a worker seen running a trial could finish it before a kill lands, leaving nothing to re-run."""
+    worker.send_signal(signal.SIGSTOP)
+    while (state := Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) not in "TtZX":
+        time.sleep(0.01)  # the signal is delivered asynchronously
+    if state in "Tt" and _running(storage, worker.pid):
+        return True
+    worker.send_signal(signal.SIGCONT)
+    return False
+
+
 def test_two_workers_in_parallel_finish_exactly_n_trials(tmp_path: Path, postgres_url: str) -> None:
     config = digits_project(tmp_path, PROJECT)
     workers = [_worker(config, postgres_url, "--n-trials", "3") for _ in range(2)]
@@ -92,7 +104,7 @@ def test_two_workers_in_parallel_finish_exactly_n_trials(tmp_path: Path, postgre
 def test_a_killed_workers_trial_is_rerun_by_another_and_the_build_uses_the_best(tmp_path: Path, postgres_url: str) -> None:
     config = digits_project(tmp_path, PROJECT)
     doomed = _worker(config, postgres_url)
-    while not _running(postgres_url, doomed.pid):
+    while not _stopped_in_a_trial(doomed, postgres_url):
         assert doomed.poll() is None, doomed.communicate()
         time.sleep(0.2)
     doomed.send_signal(signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,25 @@ def test_a_batch_commits_together_and_a_failed_write_undoes_only_itself(tmp_path
             assert [d["device"] for d in reader.devices("lab")] == ["dev-1", "dev-2"]
         with sqlite3.connect(path) as conn:
             assert conn.execute("SELECT device FROM streams ORDER BY device").fetchall() == [("dev-1",), ("dev-2",)]
+
+
+def test_processes_opening_a_new_database_together_all_get_it(tmp_path: Path) -> None:
+    """A monitor creating the file while `fleet status` or a second writer opens it: switching to WAL takes
+    the file's exclusive lock, which SQLite refuses at once ("database is locked") instead of waiting."""
+    failures: list[BaseException] = []
+    for attempt in range(30):
+        path, start = tmp_path / f"fleet-{attempt}.sqlite", threading.Barrier(3)
+
+        def open_it() -> None:
+            start.wait()
+            try:
+                FleetStore(path).close()
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []

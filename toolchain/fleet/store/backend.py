@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,21 @@ INSTALL_HINT = "pip install 'edge-toolchain[postgres]'"
 
 def is_postgres(target: Path | str) -> bool:
     return str(target).startswith(POSTGRES_SCHEMES)
+
+
+def _journal_mode_wal(conn: sqlite3.Connection, wait_s: float = 10.0) -> str:
+    """``PRAGMA journal_mode=WAL``; the mode it leaves. Why a loop: switching the mode takes the file's
+    exclusive lock, and SQLite answers "database is locked" at once, without its busy handler, while
+    another connection holds a lock (a monitor creating the schema as `fleet status` opens the file,
+    or two writers opening a new file together); it is tried again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 class SQLiteBackend:
@@ -51,7 +67,7 @@ class SQLiteBackend:
             raise ToolchainError(f"cannot open the fleet database {path}: {getattr(exc, 'strerror', None) or exc}") from None
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _journal_mode_wal(conn)
             if str(mode).lower() != "wal":
                 raise ToolchainError(f"{path}: cannot switch the fleet database to WAL mode (got {mode!r})")
             # NORMAL in WAL: a committed window survives a crash of the monitor; a power cut may lose the
