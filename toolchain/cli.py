@@ -27,8 +27,7 @@ from toolchain.commands.keys import verify
 from toolchain.commands.push import push
 from toolchain.commands.search import search
 from toolchain.commands.targets import app as targets_app
-from toolchain.errors import ToolchainError
-from toolchain.fleet.store import DatabaseLost
+from toolchain.errors import DatabaseLost, ToolchainError
 
 app = typer.Typer(help="Build, compress, sign and benchmark models for edge devices.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)

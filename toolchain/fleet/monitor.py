@@ -65,9 +65,8 @@ from runtime_agent.drift import MIN_PSI_SAMPLES
 from runtime_agent.protocol import (EVENTS, ONLINE, REPORT_KINDS, STATUS, TOPIC_ROOT, Malformed, parse_event,
                                     parse_status, parse_telemetry, parse_topic, device_topic, valid_id)
 from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 from toolchain.fleet.store import FLEET_ALARM, DatabaseLost, FleetStore, TelemetryRecord, window_alarm
-from toolchain.fleet.store.backend import first_line
 from toolchain.fleet.store.codec import decode
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
   schema    tables, the schema version and the migrations from older versions
   backend   SQLite or PostgreSQL: the connection, and what differs between the two
   database  one connection, one lock shared by threads, transactions and batches, create vs read-only,
-            `DatabaseLost` when the server dropped the connection
+            raises `DatabaseLost` (toolchain.errors) when the server dropped the connection
   writes    device states, telemetry windows, events, alarms, rejected messages, pruning
   queries   devices, telemetry, merged latency sketches, fleet drift, events
   share     the fleet drift share from the database, and when the fleet alarm moves
@@ -17,7 +17,7 @@ dashboard, the autopilot and fleet calibration. A SQLite file, or PostgreSQL (a 
 
 from __future__ import annotations
 
-from toolchain.fleet.store.database import DatabaseLost
+from toolchain.errors import DatabaseLost
 from toolchain.fleet.store.queries import StoreQueries
 from toolchain.fleet.store.records import (
     FLEET_DEVICE,

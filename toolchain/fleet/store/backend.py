@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, first_line
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _INSERT_VALUES = re.compile(r"INSERT INTO (\w+) \(([^)]*)\) VALUES \{rows\}")
@@ -207,12 +207,6 @@ class PostgresBackend:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def first_line(exc: BaseException) -> str:
-    """A database error's first line (psycopg's carry the server's detail and hints on more)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact(url: str) -> str:

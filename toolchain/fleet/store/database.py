@@ -12,22 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Self
 
-from toolchain.errors import ToolchainError
-from toolchain.fleet.store.backend import connect, first_line
+from toolchain.errors import DatabaseLost, ToolchainError, first_line
+from toolchain.fleet.store.backend import connect
 from toolchain.fleet.store.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
 
 
 def _statements(script: str) -> list[str]:
     """A script's statements (the schema's SQL has no ';' inside literals)."""
     return [statement.strip() for statement in script.split(";") if statement.strip()]
-
-
-class DatabaseLost(Exception):
-    """The database server dropped the connection (PostgreSQL restarted, the network to it gone) under an
-    operation, or cannot be reached again yet: what failed can be tried again once it is back. Neither one
-    of the backend's ``errors`` nor a ToolchainError, on purpose: a caller's handler for one failed write
-    (the monitor counts the message and moves on) must not take an outage for one; the monitor holds its
-    whole batch instead, and the CLI prints it as one line."""
 
 
 class Database:
