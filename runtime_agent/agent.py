@@ -102,7 +102,7 @@ class Agent:
 
     # -- model -------------------------------------------------------------------------------
     def _load_model(self, bundle: Bundle) -> LoadedModel:
-        return LoadedModel.from_bundle(bundle, threads=self.config.serve_threads)
+        return LoadedModel.from_bundle(bundle, threads=self.config.serve_threads, spin_us=self.config.serve_spin_us)
 
     def load(self) -> LoadedModel:
         """Verify and load the installed bundle (and the previous one, for rollback); refuse anything unverified.
@@ -267,6 +267,7 @@ class Agent:
             command = self._parse_command(raw)
             self._apply(command)
         except AgentError as exc:
+            log.warning("rejected cmd: %s", exc)
             self.emit_event("error", reason=f"rejected cmd: {exc}", **_command_ids(command))
         except Exception as exc:  # a command must never take the agent down
             log.exception("command failed")
@@ -332,7 +333,7 @@ class Agent:
                 return
             log.info("benchmark job %s: %d model(s), %d runs each", transfer.transfer, len(job.models), job.runs)
             manifest = self.model.bundle.manifest
-            result = run_job(job, manifest.get("providers", []), self.config.serve_threads)
+            result = run_job(job, manifest.get("providers", []), self.config.serve_threads, self.config.serve_spin_us)
         self.emit_event("bench_result", transfer=transfer.transfer, profile=manifest["target"], **result)
         self.receiver.set_state(transfer, "done")
 
@@ -418,12 +419,18 @@ class Agent:
 
     def roll_back(self, reason: str, refuse: bool = False, cmd_id: str | None = None) -> bool:
         """Swap back to the previous model (pointer and memory); False when there is none. `cmd_id`: the
-        command that asked for it, echoed in the event so the sender can match the answer."""
+        command that asked for it, echoed in the event so the sender can match the answer. A previous model
+        that failed its probation here stays refused: rolling back to it would serve it again (until a restart
+        undid it), so that is an AgentError."""
         with self._update_lock:
             with self._lock:
                 old, previous = self._active, self._previous
                 if previous is None:
                     return False
+                if previous.model.bundle.version in self._refused():
+                    raise AgentError(f"the previous model, v{previous.model.bundle.version}, was rolled back after "
+                                     f"failing its probation on this device; push a newer version to replace "
+                                     f"v{old.model.bundle.version}")
                 self._active, self._previous, self._probation = previous, old, None
             # The records first, the switch last: a restart in between finishes the rollback (`_resume_update`).
             if refuse:

@@ -16,8 +16,8 @@ Serving goes on while a job runs, so the job is paced: it computes in bursts of 
 then sleeps long enough that it computes at most `duty` of the wall time (default 0.5); after each pause
 one untimed run re-warms the caches, so neither the pause nor a cold first run is in any timing. One job
 runs at a time. Each model is opened exactly as a served model is (`runtime_agent.model.open_session`: the
-serving bundle's providers, the agent's `[serve] threads` unless the job names a thread count), fed
-seeded random inputs of the job's shapes, warmed up, then timed run by run.
+serving bundle's providers, the agent's `[serve] spin_us` and its `[serve] threads` unless the job names a
+thread count), fed seeded random inputs of the job's shapes, warmed up, then timed run by run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from runtime_agent import durable
 from runtime_agent.bundle import check_artifacts, read_signed
 from runtime_agent.errors import AgentError
 from runtime_agent.keyring import Keyring
-from runtime_agent.model import open_session
+from runtime_agent.model import SPIN_US, open_session
 from runtime_agent.process import rss_mb
 
 JOB_KIND = "bench-job"
@@ -158,7 +158,8 @@ def sample_feeds(session: Any, shapes: dict[str, list[int]], rng: np.random.Gene
     return feeds
 
 
-def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str], threads: int) -> dict[str, Any]:
+def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str], threads: int,
+               spin_us: int = SPIN_US) -> dict[str, Any]:
     """One model's p50/p90/p99 (ms), load time and memory; a model that cannot load or run gets `error`."""
     threads = job.threads if job.threads is not None else threads
     row: dict[str, Any] = {"name": artifact.get("name", artifact["path"]), "path": artifact["path"],
@@ -166,7 +167,7 @@ def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str]
     before = rss_mb()
     started = time.perf_counter()
     try:
-        session = open_session(artifact["format"], job.files[artifact["path"]], artifact["path"], providers, threads)
+        session = open_session(artifact["format"], job.files[artifact["path"]], artifact["path"], providers, threads, spin_us)
         row["load_ms"] = round((time.perf_counter() - started) * 1000, 3)
         feeds = sample_feeds(session, artifact["inputs"], np.random.default_rng(job.seed))
         latencies, busy = [], 0.0
@@ -192,9 +193,9 @@ def time_model(job: BenchJob, artifact: dict[str, Any], providers: Sequence[str]
     return row
 
 
-def run_job(job: BenchJob, providers: Sequence[str], threads: int) -> dict[str, Any]:
+def run_job(job: BenchJob, providers: Sequence[str], threads: int, spin_us: int = SPIN_US) -> dict[str, Any]:
     """Every model of the job, one after the other; what the `bench_result` event carries."""
     started = time.perf_counter()
-    models = [time_model(job, artifact, providers, threads) for artifact in job.models]
+    models = [time_model(job, artifact, providers, threads, spin_us) for artifact in job.models]
     return {"job": job.id, "models": models, "runs": job.runs, "warmup": job.warmup, "duty": job.duty,
             "seconds": round(time.perf_counter() - started, 3)}

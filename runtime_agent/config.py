@@ -10,6 +10,8 @@ broker = "mqtt://127.0.0.1:1883"     # or mqtts://host:8883 (TLS)
 mqtt = { username = "cam-17", password_file = "mqtt.password", ca_file = "ca.pem", keepalive_s = 30 }
 # mqtt.client_cert = "client.pem": certificate + key (one PEM) the agent presents to a broker that requires one
 serve = { host = "127.0.0.1", port = 8080, threads = 0 }   # threads: onnxruntime intra-op, 0 = one per core
+# serve.spin_us = 1000: how long onnxruntime's threads spin for more work before sleeping (0: never; -1: its
+#                       own policy, ~40 ms after every run: a busy core at low request rates)
 # serve.grpc_port = 8081: also KServe v2 over gRPC on that port (needs grpcio and protobuf: the agent-grpc extra)
 # serve: max_body_bytes = 33554432, header_timeout_s = 10, body_timeout_s = 60, idle_timeout_s = 30,
 #        max_connections = 64: the REST listener's limits (runtime_agent.http_limits)
@@ -31,12 +33,13 @@ from urllib.parse import urlparse
 
 from runtime_agent.errors import AgentError
 from runtime_agent.http_limits import Limits
+from runtime_agent.model import SPIN_US
 from runtime_agent.probation import ProbationLimits
 from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "client_cert", "keepalive_s"},
-             "serve": {"host", "port", "grpc_port", "threads", "max_body_bytes", "header_timeout_s", "body_timeout_s",
+             "serve": {"host", "port", "grpc_port", "threads", "spin_us", "max_body_bytes", "header_timeout_s", "body_timeout_s",
                        "idle_timeout_s", "max_connections"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},
              "queue": {"path", "max_messages"},
              "probation": {"requests", "seconds", "max_latency_ratio", "max_error_rate_increase", "max_prediction_psi"}}
@@ -60,6 +63,7 @@ class AgentConfig:
     serve_port: int
     grpc_port: int | None
     serve_threads: int
+    serve_spin_us: int  # runtime_agent.model.open_session's spin_us
     serve_limits: Limits
     window_s: float
     bundle_path: Path
@@ -155,6 +159,8 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         grpc_port=serve.get("grpc_port", int, None, check=lambda v: 1 <= v <= 65535, expected="a port 1..65535"),
         serve_threads=serve.get("threads", int, 0, check=lambda v: 0 <= v <= 256,
                                 expected="an integer 0..256 (0: onnxruntime's choice, one per core)"),
+        serve_spin_us=serve.get("spin_us", int, SPIN_US, check=lambda v: -1 <= v <= 1_000_000,
+                                expected="microseconds 0..1000000, or -1 for onnxruntime's own policy"),
         serve_limits=Limits(
             max_body_bytes=serve.get("max_body_bytes", int, Limits.max_body_bytes, check=lambda v: v >= 1024, expected="bytes >= 1024"),
             **{key: float(serve.get(key, (int, float), getattr(Limits, key), check=lambda v: v > 0, expected="seconds > 0"))

@@ -26,6 +26,12 @@ from runtime_agent.reference import TASKS, Features, prediction_values
 
 CLASSIFICATION = "classification"
 
+# How long (microseconds) onnxruntime's intra-op threads look for more work before they sleep, the agent's
+# default `[serve] spin_us`. onnxruntime's own policy spins ~40 ms after every run, so at 20 paced requests/s
+# one pool thread burns ~70% of a core doing nothing (benchmarks/serving_cpu.py). 1 ms still covers the gaps
+# between the ops of one run and between back-to-back requests, and lets the threads sleep between paced ones.
+SPIN_US = 1000
+
 
 def _providers(preferred: Sequence[str]) -> list[str]:
     """The profile's providers this onnxruntime build has, CPU always last as the fallback."""
@@ -129,9 +135,12 @@ def _check(spec: TensorSpec, x: Any, what: str) -> np.ndarray:
 
 
 def open_session(model_format: str, data: bytes, path: str, providers: Sequence[str] = (),
-                 threads: int = 0) -> ort.InferenceSession | LiteRtSession:
+                 threads: int = 0, spin_us: int = SPIN_US) -> ort.InferenceSession | LiteRtSession:
     """The device's runtime for a model file: onnxruntime (with the profile's providers) or LiteRT; the
-    one place sessions are made, so a served model and a benchmark job's model run with the same settings."""
+    one place sessions are made, so a served model and a benchmark job's model run with the same settings.
+
+    `threads`: intra-op threads (0: one per core). `spin_us`: how long onnxruntime's pool threads spin for
+    more work before sleeping (0: never, -1: onnxruntime's own policy); LiteRT has no such setting."""
     if model_format == "tflite":
         try:
             return LiteRtSession(data, threads=threads)
@@ -142,6 +151,10 @@ def open_session(model_format: str, data: bytes, path: str, providers: Sequence[
     if model_format == "onnx":
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if spin_us >= 0:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else "0")
+            if spin_us:
+                options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         try:
             return ort.InferenceSession(data, options, providers=_providers(providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
@@ -161,10 +174,11 @@ class LoadedModel:
     labels: list[str]
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0) -> "LoadedModel":
+    def from_bundle(cls, bundle: Bundle, providers: Sequence[str] = (), threads: int = 0,
+                    spin_us: int = SPIN_US) -> "LoadedModel":
         artifact = bundle.model_artifact
         session = open_session(artifact["format"], bundle.model_bytes, artifact["path"],
-                               providers or bundle.manifest.get("providers", []), threads)
+                               providers or bundle.manifest.get("providers", []), threads, spin_us)
         task, inputs, outputs = _specs(bundle.manifest)
         if "outputs" in bundle.manifest and len(outputs) != _output_count(session):
             raise BundleError(f"the model has {_output_count(session)} output(s) but the manifest lists {len(outputs)}")
