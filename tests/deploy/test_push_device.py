@@ -219,6 +219,30 @@ def test_a_good_model_passes_probation_and_manual_rollback_works(default_build: 
     assert (device / "current.bundle").resolve().name == "digits-1.bundle"
 
 
+def test_manual_rollback_never_brings_back_a_model_that_failed_probation(default_build: Build, broker: ManagedBroker,
+                                                                        pusher: RawPusher, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """After probation rolled v2 back, `previous` still points at v2: a manual rollback (an operator's retry)
+    used to swap the refused model in again, and a restart then rolled it back once more."""
+    caplog.set_level(logging.INFO, logger="runtime_agent")
+    recorder = Recorder(broker)
+    device = provision_device(tmp_path / "dev", default_build, broker.url)
+    v2 = variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "v", version=2)
+    with running_agent(device, subscribed=True) as (agent, _):
+        assert final_ack(recorder, pusher.push(v2.read_bytes()))["state"] == "installed"
+        assert agent.roll_back("probation failed: test", refuse=True)  # what a failed probation does
+        pusher.client.publish(PREFIX + "cmd", json.dumps({"id": "rb-again", "type": "rollback"}), qos=1)
+        [error] = recorder.wait_for(lambda r: [e for e in r.payloads("/events")
+                                               if e["type"] == "error" and e.get("id") == "rb-again"], what="refusal")
+        assert agent.model.bundle.version == 1
+    recorder.close()
+    reason = ("the previous model, v2, was rolled back after failing its probation on this device; "
+              "push a newer version to replace v1")
+    assert error["reason"] == f"rejected cmd: {reason}"
+    assert f"rejected cmd: {reason}" in agent_log(caplog)
+    assert (device / "current.bundle").resolve().name == "digits-1.bundle"
+
+
 def test_kill_9_mid_transfer_resumes_from_what_is_on_disk(default_build: Build, broker: ManagedBroker, pusher: RawPusher,
                                                           tmp_path: Path) -> None:
     recorder = Recorder(broker)
