@@ -28,6 +28,35 @@ from runtime_agent.protocol import CMD, PUSH, STATUS, STATUS_OFFLINE
 
 log = logging.getLogger(__name__)
 
+# TLS alerts a broker sends about the client's certificate, by the name OpenSSL gives them.
+_CERTIFICATE_ALERTS = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE",
+                       "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_UNKNOWN")
+
+
+def socket_error(level: int, message: str) -> str | None:
+    """The socket error in a paho log line, or None. paho tells why a connection died (a TLS alert, a reset)
+    only to its log callback: `on_disconnect` reads "Unspecified error"."""
+    prefix = "failed to receive on socket: "
+    return message[len(prefix):] if level == mqtt.MQTT_LOG_ERR and message.startswith(prefix) else None
+
+
+def explain_socket_error(error: str, certificate_setting: str) -> str:
+    """What to fix for a connection the broker closed before its CONNACK. A broker that requires client
+    certificates (mosquitto's `require_certificate`) checks one only after a TLS 1.3 handshake has
+    completed on the client's side, so a missing, foreign or expired certificate shows up here, as
+    the broker's alert or as the socket closed under the first read."""
+    if "ALERT_CERTIFICATE_REQUIRED" in error.upper():
+        return (f"the broker requires a client certificate and got none; set {certificate_setting} (a certificate "
+                "and key signed by the broker's CA)")
+    if any(alert in error.upper() for alert in _CERTIFICATE_ALERTS):
+        alert = error.split("] ", 1)[-1].split(" (_ssl.c", 1)[0]
+        return (f"the broker refused the client certificate ({alert}); {certificate_setting} must be a certificate "
+                "and key signed by the broker's CA, still valid")
+    if "EOF occurred in violation of protocol" in error:
+        return (f"the broker closed the connection right after the TLS handshake (no client certificate, or one it "
+                f"does not accept? check {certificate_setting})")
+    return error
+
 
 class MqttLink:
     def __init__(self, config: AgentConfig, outbox: Outbox, birth: Callable[[], dict[str, Any]],
@@ -49,6 +78,7 @@ class MqttLink:
         self._early: dict[int, tuple[float, Any]] = {}
         self.rejected_by_broker = 0
         self.connections = 0  # successful connects: the second and later are reconnects
+        self._socket_error: str | None = None  # why the last connection died, from paho's log (`socket_error`)
         self.client = self._make_client()
         self._pump = threading.Thread(target=self._pump_loop, name="mqtt-pump", daemon=True)
 
@@ -68,6 +98,7 @@ class MqttLink:
         client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s: %s; retrying with backoff",
                                                           config.broker_host, config.broker_port, self._why_unreachable())
         client.on_disconnect = self._on_disconnect
+        client.on_log = self._on_log
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
@@ -140,10 +171,17 @@ class MqttLink:
         self.connected.set()
         self.wake()
 
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        self._socket_error = socket_error(level, message) or self._socket_error
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        error, self._socket_error = self._socket_error, None
         if self.connected.is_set() and not self._stopping.is_set():
             log.warning("lost the broker at %s:%s (%s); reconnecting with backoff", self.config.broker_host,
                         self.config.broker_port, reason_code)
+        elif error is not None and not self._stopping.is_set():  # closed before its CONNACK: nothing else says why
+            log.warning("cannot connect to the broker at %s:%s: %s; retrying with backoff", self.config.broker_host,
+                        self.config.broker_port, explain_socket_error(error, "[mqtt] client_cert in agent.toml"))
         self.connected.clear()
         self.subscribed.clear()
         with self._lock:

@@ -5,6 +5,7 @@ certificate or one from another CA, or does not speak TLS at all."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import ssl
 import stat
@@ -235,3 +236,25 @@ def test_a_client_without_a_certificate_of_the_brokers_ca_is_refused(credential:
     finally:
         client.loop_stop()
         recorder.close()
+
+
+@pytest.mark.parametrize("credential", ["no certificate", "another CA's certificate"])
+def test_an_agent_the_broker_refuses_for_its_certificate_says_so(credential: str, default_build: Build,
+                                                                 tls_broker: ManagedBroker, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Over TLS 1.3 the broker checks the client's certificate after the client's side of the handshake, so paho
+    sees only a closed socket ("Unspecified error"): the agent used to retry forever without a line."""
+    caplog.set_level(logging.INFO, logger="runtime_agent")
+    device = provision_tls_device(tmp_path / "dev", default_build, tls_broker, tls_broker.ca_file)
+    if credential == "no certificate":
+        config = device / "agent.toml"
+        config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("client_cert")))
+    else:
+        ManagedBroker(tmp_path / "stranger", tls=True).issue_client_cert(device / "client.pem", "dev-1")
+    prefix = f"cannot connect to the broker at {tls_broker.host}:{tls_broker.port}: "
+    with running_agent(device):
+        deadline = time.monotonic() + 30
+        while not (lines := [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]):
+            assert time.monotonic() < deadline, "no line said why the agent cannot connect"
+            time.sleep(0.05)
+    assert "[mqtt] client_cert in agent.toml" in lines[0] and lines[0].endswith("; retrying with backoff"), lines[0]
