@@ -74,6 +74,14 @@ def test_python_source(tmp_path: Path) -> None:
     assert data.labels == ["0", "1"]
 
 
+def test_a_python_loader_that_raises_is_one_line_naming_its_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "load.py").write_text("import numpy as np\ndef load():\n    return np.load('gone.npy'), None\n")
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config_for(tmp_path, "python:load.py:load"), seed=0)
+    assert str(error.value).endswith("[data] source: load() raised FileNotFoundError: [Errno 2] No such file or "
+                                     "directory: 'gone.npy' (at load.py line 3)")
+
+
 @pytest.mark.parametrize("arrays, extra, expected", [
     ({"x": np.ones((30, 5)), "y": np.arange(30) % 3}, "", "[model] input_shape [4] needs 4 values per sample, but x has 5"),
     ({"x": np.full((30, 4), np.nan), "y": np.arange(30) % 3}, "", "x contains 120 NaN or infinite value(s)"),

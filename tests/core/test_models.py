@@ -89,6 +89,13 @@ def test_an_entry_the_toolchain_cannot_call_is_one_clear_error(source: str, kwar
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_an_entry_that_raises_is_one_line_naming_its_file_and_line(tmp_path: Path) -> None:
+    source = "def build_model(input_shape, num_classes):\n    raise ValueError('no such backbone')\n"
+    with pytest.raises(ConfigError) as error:
+        built(project(tmp_path, source))
+    assert str(error.value).endswith("[model] entry: build_model() raised ValueError: no such backbone (at model.py line 2)")
+
+
 def test_factory_defaults_leave_out_what_the_toolchain_fills() -> None:
     def make(input_shape, num_outputs=1, hidden=64, *, width_mult=1.0):
         pass

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import importlib.util
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from toolchain.core.config import BuildConfig
 from toolchain.core.tensors import Features, TensorSpec, count, first, take
-from toolchain.errors import ConfigError
+from toolchain.errors import ConfigError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm"}
 SKLEARN_BUNDLED = ("digits", "iris", "wine", "breast_cancer")
@@ -187,9 +188,23 @@ def load_python_function(spec: str, base_dir: Path, key: str) -> Callable[..., A
     return function
 
 
+def call_user_function(function: Callable[..., Any], key: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a function of the user's project (a data loader, a model entry). What it raises is the
+    user's own bug, so it is one line naming the exception and the line of their file that raised it,
+    not a traceback through the toolchain (`--debug` shows that, the exception chained)."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as exc:
+        code = getattr(function, "__code__", None)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if code is not None and f.filename == code.co_filename]
+        where = f" (at {Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
+        raise ConfigError(f"{key}: {getattr(function, '__name__', 'the function')}() raised "
+                          f"{type(exc).__name__}: {first_line(exc)}{where}") from exc
+
+
 def _load_python(spec: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]) -> RawData:
-    function = load_python_function(spec, config.base_dir, f"config {config.path}: [data] source")
-    result = function()
+    key = f"config {config.path}: [data] source"
+    result = call_user_function(load_python_function(spec, config.base_dir, key), key)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise _fail(config, f"python:{spec} must return a tuple (x, y), got {type(result).__name__}")
     x = {k: np.asarray(v) for k, v in result[0].items()} if isinstance(result[0], dict) else np.asarray(result[0])

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from toolchain.core.config import BuildConfig
-from toolchain.core.data import load_python_function
+from toolchain.core.data import call_user_function, load_python_function
 from toolchain.errors import ConfigError, first_line
 
 FILLED = ("input_shape", "num_classes", "num_outputs")  # what the toolchain passes by name (the last two: the output width)
@@ -88,7 +88,7 @@ def call_factory(factory: Callable[..., Any], input_shape: list[int], num_output
     """Call the entry with the arguments it declares (see the module docstring)."""
     parameters = _parameters(factory)
     if parameters is None:
-        return factory(input_shape, num_outputs, **kwargs)
+        return call_user_function(factory, key, input_shape, num_outputs, **kwargs)
     given = {"input_shape": input_shape, "num_classes": num_outputs, "num_outputs": num_outputs}
     names = {p.name for p in parameters}
     var_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
@@ -124,7 +124,7 @@ def call_factory(factory: Callable[..., Any], input_shape: list[int], num_output
     if var_keyword:
         keywords.update({k: v for k, v in kwargs.items() if k not in names})
         keywords.update({k: given[k] for k in ("input_shape", "num_classes") if k not in consumed and k not in names})
-    return factory(*positional, **keywords)
+    return call_user_function(factory, key, *positional, **keywords)
 
 
 def output_width(dataset) -> int:
@@ -147,10 +147,7 @@ def build_user_model(config: BuildConfig, task: str, num_outputs: int, **overrid
     key = f"config {config.path}: [model] entry"
     factory = model_factory(config.model.entry, config, key)
     kwargs = {**config.model.kwargs, **overrides}
-    try:
-        module = call_factory(factory, list(config.model.input_shape), num_outputs, kwargs, key)
-    except TypeError as exc:
-        raise ConfigError(f"{key}: calling it failed: {first_line(exc)}") from None
+    module = call_factory(factory, list(config.model.input_shape), num_outputs, kwargs, key)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{key}: must return a torch.nn.Module, got {type(module).__name__}")
     module.eval()

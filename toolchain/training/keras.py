@@ -42,10 +42,7 @@ def call_entry(config: BuildConfig, num_classes: int) -> Any:
         if any(f"No module named '{name}" in str(exc) for name in KERAS_MODULES):
             raise ConfigError(f"{exc}; Keras models need the tflite extra: {INSTALL_HINT}") from None
         raise
-    try:
-        return call_factory(factory, list(config.model.input_shape), num_classes, config.model.kwargs, _entry_key(config))
-    except TypeError as exc:
-        raise ConfigError(f"{_entry_key(config)}: calling it failed: {first_line(exc)}") from None
+    return call_factory(factory, list(config.model.input_shape), num_classes, config.model.kwargs, _entry_key(config))
 
 
 def framework_of(config: BuildConfig, num_classes: int) -> Framework:
