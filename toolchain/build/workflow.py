@@ -20,6 +20,7 @@ from rich.console import Console
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import BuildConfig
 from toolchain.core.contract import Budget, BuildContext, Pass
+from toolchain.errors import ToolchainError
 from toolchain.targets.profiles import Profile
 
 
@@ -127,16 +128,35 @@ def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None 
     return artifact
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an `--out` that cannot take the bundle before the build starts, not after it: a file in
+    its place (or in a parent's), or a folder (the nearest existing one, when it is to be created) this
+    user cannot write to."""
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == out_dir.absolute() else f"{existing} "
+        raise ToolchainError(f"--out {out_dir}: {where}is a file, not a folder; pass a folder for the bundle and the report")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ToolchainError(f"--out {out_dir}: {existing} is not writable; pass a folder you can write to")
+
+
 def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Move staged files into `out_dir`, each by an atomic rename (same file system via a temp name)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Move staged files into `out_dir` by atomic renames: every file is copied under a temp name first
+    (same file system), so a copy that fails (disk full, permissions) publishes none of them."""
+    temps = {role: out_dir / f".{staged.name}.tmp-{os.getpid()}" for role, staged in outputs.items()}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for role, staged in outputs.items():
+            shutil.copyfile(staged, temps[role])
+    except OSError as exc:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise ToolchainError(f"--out {out_dir}: cannot write the bundle and the report there ({exc.strerror or exc}); "
+                             "pass a folder you can write to") from exc
     published = {}
     for role, staged in outputs.items():
-        final = out_dir / staged.name
-        tmp = out_dir / f".{staged.name}.tmp-{os.getpid()}"
-        shutil.copyfile(staged, tmp)
-        os.replace(tmp, final)
-        published[role] = final
+        os.replace(temps[role], out_dir / staged.name)
+        published[role] = out_dir / staged.name
     return published
 
 
@@ -189,6 +209,7 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
     from toolchain.training.keras import framework_of
     from toolchain.core.seeding import seed_everything
 
+    check_out_dir(Path(out_dir))
     here = distributed.start()
     seed_everything(seed)
     console = console or Console(stderr=True)
