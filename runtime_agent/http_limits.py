@@ -124,6 +124,11 @@ class LimitedHandler(BaseHTTPRequestHandler):
             self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                          f"request line and headers are {size} bytes, over the {self.server.limits.max_header_bytes}-byte limit")
             return False
+        if "Transfer-Encoding" in self.headers:  # http.server reads bodies by Content-Length only
+            self.close_connection = True
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, f"Transfer-Encoding {self.headers['Transfer-Encoding']!r} is not "
+                         "supported; send the body in one piece with a Content-Length")
+            return False
         declared = self.headers.get("Content-Length", "0")
         if declared.isdigit() and int(declared) > self.server.limits.max_body_bytes:  # refused before it is read
             self.close_connection = True

@@ -117,6 +117,20 @@ def test_oversized_bodies_and_headers_are_refused_and_inference_goes_on(broker: 
     assert statuses and set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} failed inferences"
 
 
+def test_a_chunked_body_is_a_411_not_an_empty_request(broker: ManagedBroker, tmp_path: Path) -> None:
+    """A client streaming its body (Python requests with a generator) used to get "request body must be
+    1..N bytes of JSON, got 0": the body it had sent was never read."""
+    device = limited_device(tmp_path, broker, LIMITS)
+    body = b'{"inputs": []}'
+    with running_agent(device) as (_, base):
+        sock = connect(base)
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                     + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        status, answered = answer(sock)
+    assert status == 411 and answered["error"] == ("Transfer-Encoding 'chunked' is not supported; send the body in one "
+                                                   "piece with a Content-Length")
+
+
 def test_a_connection_past_the_cap_is_a_503_and_serving_goes_on(broker: ManagedBroker, tmp_path: Path) -> None:
     device = limited_device(tmp_path, broker, LIMITS | {"max_connections": 4, "idle_timeout_s": 60})
     with running_agent(device) as (_, base):
