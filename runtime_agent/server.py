@@ -95,7 +95,8 @@ def array_from_values(datatype: Any, shape: Any, values: Any, field: str = "'dat
     """A tensor sent as a flat list of values (JSON `data`, gRPC `contents`), as an array of its datatype and shape."""
     dtype, shape = _datatype(datatype), _shape(shape)
     try:
-        array = np.asarray(values, dtype=dtype)
+        with np.errstate(over="ignore"):  # 1e39 as FP32 is inf, refused by validation: no RuntimeWarning in the log
+            array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as exc:
         raise RequestError(f"{field} does not hold {datatype} values ({exc})") from None
     if array.size != int(np.prod(shape)):

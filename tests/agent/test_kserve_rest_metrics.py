@@ -13,6 +13,7 @@ import http.client
 import json
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import tritonclient.http as triton_http
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from runtime_agent.server import array_from_values
 from tests.agent.test_multi_io import bare_outputs, two_input_bundle, two_input_data, two_input_model
 from tests.agent_helpers import running_agent
 from tests.conftest import provision_device
@@ -139,6 +141,15 @@ def test_a_bad_binary_request_is_a_400_with_the_reason(broker: ManagedBroker, tm
         head = request({"features": 64, "ids": 96}, outputs=[{"name": "total"}])
         status, answer = post(base, head + raw, {"Inference-Header-Content-Length": str(len(head))})
         assert status == 200 and answer["outputs"] == [{"name": "total", "datatype": "INT64", "shape": [4, 1], "data": [3] * 4}]
+
+
+def test_a_value_past_fp32s_range_is_inf_for_validation_with_no_warning() -> None:
+    """`1e39` in a JSON FP32 tensor printed numpy's "overflow encountered in cast" with a source line into
+    the agent's log; the value becomes inf, which validation refuses with the reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        array = array_from_values("FP32", [2], [1e39, 1.0])
+    assert array.dtype == np.float32 and np.isinf(array[0]) and array[1] == 1.0
 
 
 def test_metrics_count_the_requests_sent(broker: ManagedBroker, tmp_path: Path) -> None:
