@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tests.conftest import run_cli
+from toolchain.core.contract import BuildContext
+from toolchain.errors import ToolchainError
+from toolchain.passes.shipping.bundle import signing_key_path
 
 pytestmark = pytest.mark.usefixtures("narrow_terminal")  # one clear line however narrow the terminal
 
@@ -64,3 +69,21 @@ def test_user_profile_file_is_accepted_as_target(tmp_path: Path) -> None:
 def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
     result = run_cli("toolchain", "--debug", "verify", str(tmp_path / "none.bundle"), "--pubkey", str(tmp_path / "k.pub"))
     assert result.returncode == 2 and "Traceback" in result.stderr and result.stderr.strip().endswith("does not exist; pass --pubkey with the key that signed the bundle")
+
+
+@pytest.mark.parametrize("out", ["taken", "taken/keys"])
+def test_keys_generate_into_a_file_is_one_clear_line(tmp_path: Path, out: str) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    result = run_cli("toolchain", "keys", "generate", "--out", str(tmp_path / out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {tmp_path / out}: cannot write the key pair there (") and line.endswith("pass a folder you can write to")
+
+
+def test_a_key_folder_that_is_a_file_fails_the_bundle_stage_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    monkeypatch.setenv("EDGE_TOOLCHAIN_KEYS", str(tmp_path / "taken"))
+    ctx = BuildContext(config=None, profile=None, dataset=None, out_dir=tmp_path / "out", work_dir=tmp_path,
+                       console=Console(file=io.StringIO()))
+    with pytest.raises(ToolchainError, match=f"cannot create the signing key in {tmp_path / 'taken'} \\(File exists\\); set "):
+        signing_key_path(ctx)

@@ -25,7 +25,10 @@ def keys_generate(
     """Create a signing key pair."""
     from runtime_agent.signing import write_keypair
 
-    private, public = write_keypair(out, overwrite=force)
+    try:
+        private, public = write_keypair(out, overwrite=force)
+    except OSError as exc:  # a file where the folder should be, a folder this user cannot write
+        raise ToolchainError(f"--out {out}: cannot write the key pair there ({exc.strerror or exc}); pass a folder you can write to") from exc
     print(f"private key: {private}\npublic key: {public}")
 
 

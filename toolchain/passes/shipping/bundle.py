@@ -43,7 +43,11 @@ def signing_key_path(ctx: BuildContext) -> Path:
         return ctx.key_path
     path = default_key_dir() / PRIVATE_KEY_NAME
     if not path.exists():
-        private, public = write_keypair(path.parent)
+        try:
+            private, public = write_keypair(path.parent)
+        except OSError as exc:
+            raise ToolchainError(f"cannot create the signing key in {path.parent} ({exc.strerror or exc}); set "
+                                 "$EDGE_TOOLCHAIN_KEYS to a folder you can write to, or pass --key") from exc
         ctx.notes.append(f"created a new signing key {private}; give devices its public half {public}")
         ctx.console.print(f"  [yellow]no signing key yet: created {private} (public key: {public})[/]")
     return path
