@@ -24,7 +24,11 @@ from runtime_agent.bundle import read_bundle
 from runtime_agent.signing import load_public_key
 from tests.agent_helpers import http, running_agent
 from tests.conftest import Build, provision_device, run_cli
+from toolchain.build.workflow import plan_passes
+from toolchain.core.config import parse_config
 from toolchain.deploy.broker import ManagedBroker
+from toolchain.errors import ToolchainError
+from toolchain.targets.profiles import resolve_target
 
 pytestmark = pytest.mark.slow
 
@@ -335,3 +339,12 @@ def test_a_tflite_file_is_measured_and_bundled_as_it_is(tmp_path: Path) -> None:
     assert bundle.model_bytes == tflite.read_bytes()  # shipped byte for byte
     assert candidate["latency_ms_p50_host"] > 0 and candidate["latency_ms_predicted"] > 0
     assert "bundled as it is" in json.loads((out / "report.json").read_text())["notes"][0]
+
+
+def test_a_tflite_file_for_a_board_that_runs_only_onnx_is_refused_before_any_pass(tmp_path: Path) -> None:
+    config = parse_config('[project]\nname = "m"\n[model]\nfile = "m.tflite"\n[data]\nsource = "npz:m.npz"\n', tmp_path / "toolchain.toml")
+    with pytest.raises(ToolchainError) as error:
+        plan_passes(config, resolve_target("jetson"), "file")
+    assert str(error.value) == ("model m.tflite: a .tflite file ships as it is, and target jetson-orin-nano runs only onnx models; "
+                                "give the model's ONNX file, or pick a target that runs tflite (e.g. rpi5, stm32h7)")
+    assert [p.name for p in plan_passes(config, resolve_target("rpi5"), "file")][0] == "import-tflite"

@@ -49,6 +49,11 @@ def plan_file_passes(config: BuildConfig, profile: Profile) -> list[Pass]:
     if config.model.file.lower().endswith(".tflite"):
         from toolchain.passes.tflite.import_tflite import ImportTflitePass
 
+        if "tflite" not in profile.formats:  # refused before it is measured, not by the gate at the end
+            raise ToolchainError(f"model {config.model.file}: a .tflite file ships as it is, and target {profile.id} runs only "
+                                 f"{', '.join(profile.formats)} models; give the model's ONNX file, or pick a target "
+                                 "that runs tflite (e.g. rpi5, stm32h7)")
+
         return [ImportTflitePass(), *shipping_passes()]
     from toolchain.passes.onnx.import_onnx import ImportOnnxPass
 
