@@ -156,6 +156,14 @@ def test_microcontroller_build_ships_tflite_and_reports_every_candidate(mcu_buil
     assert budget["ram_mb"]["value"] < 0.1 and budget["ram_mb"]["met"] and budget["model_mb"]["met"]
 
 
+def test_the_report_says_a_tflite_model_does_not_run_on_onnx_only_boards(mcu_build: Build) -> None:
+    rows = {row["target"]: row for row in json.loads((mcu_build.out / "report.json").read_text())["targets"]}
+    for board in ("jetson-orin-nano", "jetson-agx-orin"):
+        assert not rows[board]["fits"] and "runs only onnx models, not .tflite" in rows[board]["not_supported"]
+    assert rows["stm32h7"]["not_supported"] == [] and rows["raspberry-pi-5"]["not_supported"] == []
+    assert "no; runs only onnx models, not .tflite" in (mcu_build.out / "report.html").read_text()
+
+
 def test_the_agent_serves_a_tflite_bundle_over_rest(mcu_build: Build, tmp_path: Path, broker) -> None:
     device = provision_device(tmp_path / "dev", mcu_build, broker.url)
     bundle = read_bundle(mcu_build.bundle, load_public_key(mcu_build.pubkey))

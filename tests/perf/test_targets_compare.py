@@ -93,6 +93,15 @@ def test_every_profile_chart_has_a_bar_per_profile(heavy_model: Path) -> None:
     assert targets_section(None) == ""
 
 
+def test_a_board_that_cannot_run_the_model_says_why_in_the_report(model: Path) -> None:
+    rows = {row["target"]: row for row in compare_targets(model, list_profiles())}
+    nano = rows["jetson-nano"]  # an INT8 model; the Maxwell GPU has no INT8 path
+    assert all(v["met"] for v in nano["budget"].values()) and not nano["fits"]
+    assert nano["not_supported"] == ["does not list precision int8 in its runtime"]
+    assert rows["raspberry-pi-5"]["not_supported"] == [] and rows["stm32h7"]["not_supported"] == []  # ONNX: a build translates it
+    assert "<td>no; does not list precision int8 in its runtime</td>" in targets_section(list(rows.values()))
+
+
 @pytest.mark.slow  # three benches and a calibration, each measuring for seconds
 def test_bench_shows_measured_next_to_calibrated_prediction(model: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:

@@ -167,6 +167,5 @@ def compare_command(
     console = Console()
     print_table(table, console)
     for row in rows:
-        if row["unsupported_precisions"]:
-            console.print(f"[yellow]note:[/] {escape(row['target'])} does not list precision "
-                            f"{', '.join(row['unsupported_precisions'])} in its runtime")
+        for reason in row["not_supported"]:
+            console.print(f"[yellow]note:[/] {escape(row['target'])} {escape(reason)}")

@@ -220,7 +220,7 @@ def targets_section(rows: list[dict[str, Any]] | None) -> str:
         return ""
     table_rows = [[r["target"], r["latency_ms"], r["prediction"], r["memory_mb"], r["model_mb"],
                    *(_verdict(r["budget"][k]["met"]) for k in ("latency_ms", "ram_mb", "model_mb")),
-                   "yes" if r["fits"] else "no"] for r in rows]
+                   "yes" if r["fits"] else "; ".join(["no", *r["not_supported"]])] for r in rows]
     classes = ["" if r["fits"] else "reject" for r in rows]
     return ('<h2 id="targets">Every profile</h2><p>Predicted for the shipped model on each shipped profile '
             '(* calibrated: fitted to measurements; otherwise the uncalibrated roofline). Memory is the serving '
