@@ -151,3 +151,25 @@ def test_a_simulated_fleet_on_a_tls_broker_folder_gets_its_certificates(default_
         if monitor is not None:
             monitor.stop()
         broker.stop()
+
+
+def test_operator_commands_without_a_client_certificate_say_so(tmp_path: Path) -> None:
+    """The broker checks a client's certificate after a TLS 1.3 handshake, so paho sees only a closed socket:
+    push and `fleet rollback` waited 10 s for "did not answer", the monitor retried forever in silence."""
+    broker = ManagedBroker(tmp_path / "broker", port=free_port(), authenticated=True, tls=True)
+    broker.write_config()
+    broker.add_user(OPERATOR, "operator-secret")
+    (tmp_path / "operator.password").write_text("operator-secret\n")
+    login = ["--broker", broker.url, "--username", OPERATOR, "--password-file", str(tmp_path / "operator.password"),
+             "--ca-file", str(broker.ca_file)]
+    broker.start()
+    try:
+        rollback = run_cli("toolchain", "fleet", "rollback", "--device", "cam-1", "--fleet", "plant", *login, timeout=60)
+        monitor = run_cli("toolchain", "fleet", "monitor", "--db", str(tmp_path / "fleet.sqlite"), *login, timeout=60)
+    finally:
+        broker.stop()
+    assert rollback.returncode == 2 and rollback.stderr.startswith(f"error: cannot connect to the MQTT broker at {broker.url}: ")
+    assert "--client-cert" in rollback.stderr and "did not answer" not in rollback.stderr
+    last = monitor.stderr.strip().splitlines()[-1]
+    assert monitor.returncode == 2 and last.startswith(f"error: the broker at {broker.host}:{broker.port} refused the monitor: ")
+    assert "--client-cert" in last

@@ -127,6 +127,7 @@ class FleetMonitor:
         self.stats: Counter[str] = Counter()
         self.subscribed = threading.Event()
         self.refused: str | None = None
+        self._connected_once = False
         self._connect_result = threading.Event()
         self._stop = threading.Event()
         self._started = False
@@ -212,6 +213,7 @@ class FleetMonitor:
             self._connect_result.set()
             return
         self.refused = None
+        self._connected_once = True
         log.info("connected to %s:%s as %s (session %s)", self.host, self.port, self.client_id,
                  "resumed" if flags.session_present else "new")
         # Subscribing again on a resumed session is harmless and re-sends the retained statuses (the
@@ -229,7 +231,12 @@ class FleetMonitor:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.subscribed.clear()
-        if not self._stop.is_set():
+        failed = self.session.take_socket_error()
+        if failed is not None and not self._connected_once:  # e.g. the client certificate: retrying will not help
+            self.refused = failed
+            log.error("cannot connect to the broker at %s:%s: %s", self.host, self.port, failed)
+            self._connect_result.set()
+        elif not self._stop.is_set():
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

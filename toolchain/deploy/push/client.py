@@ -54,6 +54,7 @@ class PushClient:
         self.connected = threading.Event()
         self.connections = 0
         self._refused: str | None = None
+        self._failed: str | None = None  # the connection died before any CONNACK, and why (`take_socket_error`)
         self._answered = threading.Event()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -77,6 +78,10 @@ class PushClient:
         if not self._answered.wait(timeout_s):
             self.close()
             raise ToolchainError(f"the MQTT broker at {self.url} did not answer within {timeout_s:.0f} s")
+        if self._failed is not None and not self.connected.is_set():
+            reason = self._failed
+            self.close()
+            raise ToolchainError(f"cannot connect to the MQTT broker at {self.url}: {reason}")
         if self._refused is not None:
             reason = self._refused
             self.close()
@@ -125,6 +130,10 @@ class PushClient:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
+        failed = self.session.take_socket_error()
+        if failed is not None and not self._answered.is_set():
+            self._failed = failed
+            self._answered.set()
         with self._lock:
             self._online = False
             listeners = list(self._listeners)
