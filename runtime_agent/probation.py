@@ -90,7 +90,8 @@ class Probation:
             if ratio > limits.max_latency_ratio:
                 return (f"latency p90 {new.sketch.quantile(0.9):.3f} ms is {ratio:.1f}x the previous model's "
                         f"{old.sketch.quantile(0.9):.3f} ms (limit {limits.max_latency_ratio:.1f}x)")
-        if old is not None and new.error_rate > old.error_rate + limits.max_error_rate_increase:
+        judged_errors = new.requests + new.errors >= limits.min_requests  # a client's few bad requests are not a rate
+        if judged_errors and old is not None and new.error_rate > old.error_rate + limits.max_error_rate_increase:
             return f"error rate {new.error_rate:.1%} vs {old.error_rate:.1%} before (limit +{limits.max_error_rate_increase:.0%})"
         if new.requests >= limits.min_requests:
             # Either yardstick will do: the previous model on this device's traffic (a device may see few

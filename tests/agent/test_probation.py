@@ -57,3 +57,16 @@ def test_a_previous_model_with_other_bins_does_not_vouch() -> None:
     previous = value_stats([3] * 100, edges=(-5.0, -4.0, -3.0))
     reason = Probation(ProbationLimits(), value_stats([3] * 100), previous, UNIFORM).regression()
     assert reason is not None and "vs the previous model" not in reason
+
+
+def test_a_few_bad_requests_are_no_error_rate_but_a_model_refusing_its_traffic_is() -> None:
+    """A client's 4 malformed requests among 6 (wrong shape, NaN: the input checks refuse them) made "error
+    rate 66.7%" and rolled a good model back; a model that refuses what the previous one served still is."""
+    previous = stats([0, 1, 2, 3] * 25)
+    few = stats([0, 1], requests=2)
+    few.errors = 4
+    assert Probation(ProbationLimits(), few, previous, UNIFORM).regression() is None
+    refusing = stats([0, 1], requests=2)
+    refusing.errors = ProbationLimits().min_requests
+    reason = Probation(ProbationLimits(), refusing, previous, UNIFORM).regression()
+    assert reason is not None and reason.startswith("error rate 93.8% vs 0.0% before")
