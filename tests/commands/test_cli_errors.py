@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+from onnx import TensorProto, helper
 from rich.console import Console
 
 from tests.conftest import run_cli
@@ -87,3 +88,16 @@ def test_a_key_folder_that_is_a_file_fails_the_bundle_stage_in_one_line(tmp_path
                        console=Console(file=io.StringIO()))
     with pytest.raises(ToolchainError, match=f"cannot create the signing key in {tmp_path / 'taken'} \\(File exists\\); set "):
         signing_key_path(ctx)
+
+
+def test_bench_of_a_model_with_dynamic_sizes_says_how_to_fix_them(tmp_path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Relu", ["img"], ["out"])], "dyn",
+                              [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 3, "h", "w"])])
+    model = tmp_path / "dyn.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    result = run_cli("toolchain", "bench", str(model), "--target", "jetson")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line == (f"error: model {model}: input 'img' needs fixed sizes after the batch axis, got ['n', 3, 'h', 'w']; export it "
+                    "with fixed sizes, or build it (`toolchain build --model FILE --input-shape ...` fixes them) and bench its bundle")

@@ -53,7 +53,8 @@ def sample_input_shape(path: Path) -> tuple[int, ...]:
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
     if not dims or any(d is None or d <= 0 for d in shape):
         raise ToolchainError(f"model {path}: input {graph_input.name!r} needs fixed sizes after the batch axis, "
-                             f"got {[d.dim_param or d.dim_value for d in dims]}")
+                             f"got {[d.dim_param or d.dim_value for d in dims]}; export it with fixed sizes, or build it "
+                             "(`toolchain build --model FILE --input-shape ...` fixes them) and bench its bundle")
     return tuple(shape)
 
 
