@@ -68,6 +68,17 @@ def test_images_one_folder_per_class(tmp_path: Path) -> None:
     assert everything.min() >= 0 and everything.max() <= 1
 
 
+def test_a_file_that_is_not_an_image_is_named_in_one_line(tmp_path: Path) -> None:
+    for label in ("a", "b"):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((6, 5), dtype=np.uint8)).save(tmp_path / "img" / label / "0.png")
+    (tmp_path / "img" / "b" / "1.png").write_bytes(b"<html>a download that failed</html>")
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config_for(tmp_path, "images:img", shape="[1, 6, 5]"), seed=0)
+    assert str(error.value).endswith(f"[data] source: {tmp_path / 'img' / 'b' / '1.png'} cannot be read as an image "
+                                     f"(cannot identify image file '{tmp_path / 'img' / 'b' / '1.png'}'); fix or remove it")
+
+
 def test_python_source(tmp_path: Path) -> None:
     (tmp_path / "load.py").write_text("import numpy as np\ndef load():\n    return np.ones((30, 4)), np.arange(30) % 2\n")
     data = load_dataset(config_for(tmp_path, "python:load.py:load"), seed=0)

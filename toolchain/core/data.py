@@ -158,8 +158,11 @@ def _load_images(relative: str, config: BuildConfig, inputs: tuple[TensorSpec, .
     for label, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as image:
-                    pixels = np.asarray(image.convert(mode).resize((shape[2], shape[1])), dtype=np.float32) / 255.0
+                try:
+                    with Image.open(file) as image:
+                        pixels = np.asarray(image.convert(mode).resize((shape[2], shape[1])), dtype=np.float32) / 255.0
+                except OSError as exc:  # not an image, truncated (PIL's UnidentifiedImageError is an OSError)
+                    raise _fail(config, f"{file} cannot be read as an image ({first_line(exc)}); fix or remove it") from None
                 xs.append(pixels.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1))
                 ys.append(label)
     if not xs:
