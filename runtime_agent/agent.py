@@ -260,11 +260,18 @@ class Agent:
         return payload
 
     # -- commands ------------------------------------------------------------------------------
-    def handle_command(self, raw: bytes) -> None:
-        """Validate a `cmd` message; anything malformed becomes an `error` event with the reason."""
+    def handle_command(self, raw: bytes, retained: bool = False) -> None:
+        """Validate a `cmd` message; anything malformed becomes an `error` event with the reason. A retained
+        copy (`retained`: the broker hands it over at every subscribe) is applied only for `rotate_keys`, whose
+        chain is idempotent: a rollback or config published with retain by mistake would run again at every
+        reconnect and restart, flipping the model each time."""
         command: dict[str, Any] = {}
         try:
             command = self._parse_command(raw)
+            if retained and command["type"] != "rotate_keys":
+                raise AgentError(f"cmd {command['id']} is a retained {command['type']}, not applied: it would run again "
+                                 "at every reconnect; publish commands without retain, and clear this one with an "
+                                 "empty retained message on the topic")
             self._apply(command)
         except AgentError as exc:
             log.warning("rejected cmd: %s", exc)

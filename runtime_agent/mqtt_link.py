@@ -60,7 +60,7 @@ def explain_socket_error(error: str, certificate_setting: str) -> str:
 
 class MqttLink:
     def __init__(self, config: AgentConfig, outbox: Outbox, birth: Callable[[], dict[str, Any]],
-                 on_command: Callable[[bytes], None], on_chunk: Callable[[str, int, bytes], None] | None = None,
+                 on_command: Callable[[bytes, bool], None], on_chunk: Callable[[str, int, bytes], None] | None = None,
                  max_inflight: int = 20) -> None:
         self.config, self.outbox, self.birth, self.on_command = config, outbox, birth, on_command
         self.on_chunk = on_chunk
@@ -205,7 +205,7 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
         if topic == self.config.topic(CMD):
-            self.on_command(message.payload)
+            self.on_command(message.payload, bool(message.retain))
         elif self.on_chunk is not None and topic.startswith(chunks := self.config.topic(f"{PUSH}/")):
             transfer, _, index = topic[len(chunks):].partition("/")
             if index.isdigit():

@@ -243,6 +243,26 @@ def test_manual_rollback_never_brings_back_a_model_that_failed_probation(default
     assert (device / "current.bundle").resolve().name == "digits-1.bundle"
 
 
+def test_a_retained_command_is_not_run_again_at_every_reconnect(default_build: Build, broker: ManagedBroker,
+                                                                pusher: RawPusher, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A rollback published with retain (`mosquitto_pub -r`) rolled the device back and forth at every
+    restart and broker reconnect; only `rotate_keys` is meant to be retained."""
+    caplog.set_level(logging.INFO, logger="runtime_agent")
+    recorder = Recorder(broker)
+    device = provision_device(tmp_path / "dev", default_build, broker.url)
+    command = {"id": "cfg-kept", "type": "config", "telemetry": {"window_s": 5}}
+    pusher.client.publish(PREFIX + "cmd", json.dumps(command), qos=1, retain=True).wait_for_publish(5)
+    with running_agent(device) as (agent, _):
+        [error] = recorder.wait_for(lambda r: [e for e in r.payloads("/events")
+                                               if e["type"] == "error" and e.get("id") == "cfg-kept"], what="refusal")
+        assert agent.window_s == 0.5
+    recorder.close()
+    assert error["reason"].startswith("rejected cmd: cmd cfg-kept is a retained config, not applied: it would run "
+                                      "again at every reconnect; ")
+    assert [m for m in agent_log(caplog) if m.startswith("rejected cmd: cmd cfg-kept is a retained config")]
+
+
 def test_kill_9_mid_transfer_resumes_from_what_is_on_disk(default_build: Build, broker: ManagedBroker, pusher: RawPusher,
                                                           tmp_path: Path) -> None:
     recorder = Recorder(broker)

@@ -69,7 +69,7 @@ class LoopLink(MqttLink):
     """
 
     def __init__(self, config: AgentConfig, outbox: Outbox, birth: Callable[[], dict[str, Any]],
-                 on_command: Callable[[bytes], None], on_chunk: Callable[[str, int, bytes], None], woken: set) -> None:
+                 on_command: Callable[[bytes, bool], None], on_chunk: Callable[[str, int, bytes], None], woken: set) -> None:
         self._woken = woken
         super().__init__(config, outbox, birth, on_command, on_chunk)
 
