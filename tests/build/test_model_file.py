@@ -249,7 +249,7 @@ def test_labelled_classifier_by_file_ships_int8_within_a_point(tmp_path: Path) -
 
 @pytest.mark.parametrize("case, expected", [
     ("corrupt", "is not a valid ONNX model"),
-    ("dynamic", "with sizes that are not fixed after the batch axis; fix them with [model] input_shape (or --input-shape)"),
+    ("dynamic", "with sizes that are not fixed after the batch axis; fix them with --input-shape, e.g. "),
     ("arrays", "lacks array(s) ['ids'] for the model's inputs ['features', 'ids']"),
     ("metric", "--metric: unknown metric"),
     ("metric_raises", "[eval] metric metric:broken: computing it failed: ZeroDivisionError"),

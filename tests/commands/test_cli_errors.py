@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from rich.console import Console
@@ -101,3 +102,18 @@ def test_bench_of_a_model_with_dynamic_sizes_says_how_to_fix_them(tmp_path: Path
     [line] = result.stderr.strip().splitlines()
     assert line == (f"error: model {model}: input 'img' needs fixed sizes after the batch axis, got ['n', 3, 'h', 'w']; export it "
                     "with fixed sizes, or build it (`toolchain build --model FILE --input-shape ...` fixes them) and bench its bundle")
+
+
+def test_a_model_file_builds_errors_name_the_options_typed_not_a_config(tmp_path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Relu", ["img"], ["out"])], "relu",
+                              [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])])
+    model = tmp_path / "relu.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    np.savez(tmp_path / "named.npz", image=np.ones((20, 4), np.float32))
+    result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(tmp_path / "dist"), "--model", str(model),
+                     "--data", f"npz:{tmp_path / 'named.npz'}")
+    assert result.returncode == 2 and f"(--model {model})" in result.stderr.replace("\n", "")
+    assert result.stderr.strip().splitlines()[-1] == (f"error: --data: {tmp_path / 'named.npz'} lacks array 'x' (or 'img', the "
+                                                      "model's input); it has ['image']; save it with numpy.savez(path, x=..., y=...)")
+    assert not (tmp_path / "dist").exists()

@@ -110,3 +110,21 @@ def test_the_command_line_form_names_the_options_in_its_errors(tmp_path: Path) -
         with pytest.raises(ConfigError) as error:
             command_line_config(Path(args[0]), *args[1:])
         assert str(error.value).startswith(expected), str(error.value)
+
+
+def test_later_errors_of_the_command_line_form_name_the_options_too(tmp_path: Path) -> None:
+    """What the data and the model file raise once the build runs (`commands.build` rewrites them)."""
+    from toolchain.core.config import COMMAND_LINE, command_line_message
+
+    where = Path.cwd() / COMMAND_LINE
+    for message, expected in (
+        (f"config {where}: [data] source: /d/x.npz does not exist (paths are relative to the config file)",
+         "--data: /d/x.npz does not exist (paths are relative to the current folder)"),
+        (f"config {where}: [eval] metric: accuracy needs labels (an array y), and the data has none; use metric = \"agreement\" "
+         "or add y to the data", "--metric: accuracy needs labels (an array y), and the data has none; use --metric agreement "
+                                 "or add y to the data"),
+        ("model m.onnx: input 'x' has dims ['n', 'c'] with sizes that are not fixed after the batch axis; fix them with "
+         "[model] input_shape (or --input-shape), e.g. [N]", "model m.onnx: input 'x' has dims ['n', 'c'] with sizes that are "
+                                                             "not fixed after the batch axis; fix them with --input-shape, e.g. [N]"),
+    ):
+        assert command_line_message(message) == expected

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from toolchain.commands.options import (BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption, UsernameOption,
                                        broker_login)
-from toolchain.errors import ToolchainError
+from toolchain.errors import ConfigError, ToolchainError
 
 err = Console(stderr=True)
 
@@ -52,7 +52,7 @@ def build(
     client_cert: ClientCertOption = None,
 ) -> None:
     """Train, compress, verify, benchmark and sign a model for a device profile (or optimize your own model file)."""
-    from toolchain.core.config import command_line_config, load_config, with_search
+    from toolchain.core.config import command_line_config, command_line_message, load_config, with_search
     from toolchain.targets.profiles import resolve_target
     from toolchain.core.contract import BUDGETS
     from toolchain.build.workflow import build as run_build
@@ -74,7 +74,7 @@ def build(
         raise ToolchainError("--data, --input-shape and --metric go with --model; with --config, set them in the config file")
     else:
         build_config = with_search(load_config(config), storage=storage)
-    err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path}) for [bold]{profile.id}[/] "
+    err.print(f"[bold]building[/] {build_config.project.name} ({build_config.path if model is None else f'--model {model}'}) for [bold]{profile.id}[/] "
               f"({profile.name}), budget {budget}, seed {seed}")
     timer = None
     if measure_on is not None:
@@ -82,8 +82,13 @@ def build(
 
         timer = device_timer(measure_on, broker_login(broker, username, password_file, ca_file, client_cert),
                              fleet, key, profile.id)
-    built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
-                      track=track, device_timer=timer)
+    try:
+        built = run_build(build_config, profile, out, seed=seed, budget=budget, key_path=key, console=err, warm_start=warm_start,
+                          track=track, device_timer=timer)
+    except ConfigError as exc:
+        if model is None:
+            raise
+        raise ConfigError(command_line_message(str(exc))) from exc
     if built is None:  # a follower rank under torchrun: rank 0 reports
         return
     artifact, ctx = built

@@ -383,12 +383,22 @@ def command_line_config(model: Path, data: str, input_shape: str | None, metric:
     lines += ["[data]", f"source = {json.dumps(data)}"]
     if metric is not None:
         lines += ["[eval]", f"metric = {json.dumps(metric)}"]
-    where = Path.cwd() / "command line"
     try:
-        return parse_config("\n".join(lines) + "\n", where)
-    except ConfigError as exc:  # name the options the user typed, not the config they stand for
-        message = str(exc).replace(f"config {where}: ", "")
-        for key, option in (("[model] file", "--model"), ("[data] source", "--data"), ("[model] input_shape", "--input-shape"),
-                            ("[eval] metric", "--metric")):
-            message = message.replace(key, option)
-        raise ConfigError(message) from None
+        return parse_config("\n".join(lines) + "\n", Path.cwd() / COMMAND_LINE)
+    except ConfigError as exc:
+        raise ConfigError(command_line_message(str(exc))) from None
+
+
+COMMAND_LINE = "command line"  # the config file a `--model` build stands for, in the current folder
+
+
+def command_line_message(message: str) -> str:
+    """A config error of a `--model` build (when parsing it, or later from the data or the model) in the
+    options the user typed, not in the config they stand for."""
+    message = message.replace(f"config {Path.cwd() / COMMAND_LINE}: ", "")
+    for key, option in (("[model] input_shape (or --input-shape)", "--input-shape"), ("[model] file", "--model"),
+                        ("[data] source", "--data"), ("[model] input_shape", "--input-shape"), ("[eval] metric", "--metric"),
+                        ('metric = "agreement"', "--metric agreement"),
+                        ("(paths are relative to the config file)", "(paths are relative to the current folder)")):
+        message = message.replace(key, option)
+    return message

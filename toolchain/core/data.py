@@ -101,7 +101,8 @@ def _load_npz(relative: str, config: BuildConfig, inputs: tuple[TensorSpec, ...]
         x_test = {name: arrays[f"{name}_test"] for name in names} if all(f"{name}_test" in arrays for name in names) else None
     else:
         if "x" not in arrays:
-            raise _fail(config, f"{path} lacks array 'x'; save it with numpy.savez(path, x=..., y=...)")
+            named = f" (or {names[0]!r}, the model's input)" if names and names[0] != "x" else ""
+            raise _fail(config, f"{path} lacks array 'x'{named}; it has {sorted(arrays)}; save it with numpy.savez(path, x=..., y=...)")
         x, x_test = arrays["x"], arrays.get("x_test")
     if "y" not in arrays and not config.model.from_file:
         raise _fail(config, f"{path} lacks array 'y' (the labels a model is trained on); save it with numpy.savez(path, x=..., y=...)")
