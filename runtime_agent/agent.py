@@ -264,7 +264,10 @@ class Agent:
         """Validate a `cmd` message; anything malformed becomes an `error` event with the reason. A retained
         copy (`retained`: the broker hands it over at every subscribe) is applied only for `rotate_keys`, whose
         chain is idempotent: a rollback or config published with retain by mistake would run again at every
-        reconnect and restart, flipping the model each time."""
+        reconnect and restart, flipping the model each time. An empty payload is how MQTT clears a retained
+        message, never a command: ignored."""
+        if not raw:
+            return
         command: dict[str, Any] = {}
         try:
             command = self._parse_command(raw)

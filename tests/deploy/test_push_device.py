@@ -257,6 +257,9 @@ def test_a_retained_command_is_not_run_again_at_every_reconnect(default_build: B
         [error] = recorder.wait_for(lambda r: [e for e in r.payloads("/events")
                                                if e["type"] == "error" and e.get("id") == "cfg-kept"], what="refusal")
         assert agent.window_s == 0.5
+        refusals = [m for m in agent_log(caplog) if m.startswith("rejected cmd:")]
+        agent.handle_command(b"")  # what clearing it, as the reason says, delivers: no refusal
+        assert [m for m in agent_log(caplog) if m.startswith("rejected cmd:")] == refusals
     recorder.close()
     assert error["reason"].startswith("rejected cmd: cmd cfg-kept is a retained config, not applied: it would run "
                                       "again at every reconnect; ")
