@@ -13,7 +13,7 @@ from toolchain.errors import ToolchainError
 
 
 @pytest.mark.parametrize("out, message", [
-    ("taken", "--out {tmp}/taken: is a file, not a folder; pass a folder for the bundle and the report"),
+    ("taken", "--out {tmp}/taken: {tmp}/taken is a file, not a folder; pass a folder you can write to for the bundle and the report"),
     ("taken/dist", "--out {tmp}/taken/dist: {tmp}/taken is a file, not a folder;"),
 ])
 def test_an_out_path_that_is_a_file_is_refused_before_the_build(tmp_path: Path, out: str, message: str) -> None:
@@ -28,8 +28,8 @@ def test_the_build_command_refuses_it_in_one_line_before_training(tmp_path: Path
     (tmp_path / "taken").write_text("not a folder")
     result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(tmp_path / "taken"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "train" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'taken'}: is a file, not a folder; "
-                                                      "pass a folder for the bundle and the report")
+    assert result.stderr.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a "
+                                                      "folder; pass a folder you can write to for the bundle and the report")
 
 
 def test_a_failed_copy_publishes_nothing(tmp_path: Path) -> None:

@@ -117,3 +117,13 @@ def test_a_model_file_builds_errors_name_the_options_typed_not_a_config(tmp_path
     assert result.stderr.strip().splitlines()[-1] == (f"error: --data: {tmp_path / 'named.npz'} lacks array 'x' (or 'img', the "
                                                       "model's input); it has ['image']; save it with numpy.savez(path, x=..., y=...)")
     assert not (tmp_path / "dist").exists()
+
+
+def test_calibrate_to_a_path_it_cannot_write_fails_before_measuring(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    for out, reason in ((tmp_path / "taken" / "pi5.json", f"{tmp_path / 'taken'} is a file, not a folder"), (tmp_path, "it is a folder")):
+        # before the fleet database is even opened (it does not exist): the check comes first
+        result = run_cli("toolchain", "calibrate", "--target", "rpi5", "--from-fleet", str(tmp_path / "fleet.sqlite"),
+                         "--models", str(tmp_path), "--out", str(out))
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: cannot write calibration file {out}: {reason}; pass --out FILE in a folder you can write to"

@@ -20,6 +20,7 @@ from rich.console import Console
 from toolchain.core.artifact import Artifact
 from toolchain.core.config import BuildConfig
 from toolchain.core.contract import Budget, BuildContext, Pass
+from toolchain.core.paths import unwritable
 from toolchain.errors import ToolchainError
 from toolchain.targets.profiles import Profile
 
@@ -134,15 +135,10 @@ def run_passes(passes: list[Pass], ctx: BuildContext, artifact: Artifact | None 
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse an `--out` that cannot take the bundle before the build starts, not after it: a file in
-    its place (or in a parent's), or a folder (the nearest existing one, when it is to be created) this
-    user cannot write to."""
-    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        where = "" if existing == out_dir.absolute() else f"{existing} "
-        raise ToolchainError(f"--out {out_dir}: {where}is a file, not a folder; pass a folder for the bundle and the report")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ToolchainError(f"--out {out_dir}: {existing} is not writable; pass a folder you can write to")
+    """Refuse an `--out` that cannot take the bundle before the build starts, not after it."""
+    reason = unwritable(out_dir)
+    if reason is not None:
+        raise ToolchainError(f"--out {out_dir}: {reason}; pass a folder you can write to for the bundle and the report")
 
 
 def publish(outputs: dict[str, Path], out_dir: Path) -> dict[str, Path]:

@@ -49,6 +49,7 @@ def calibrate(
     runs: Annotated[int, typer.Option(help="with --from-device: timed runs per variant")] = 50,
 ) -> None:
     """Fit the predictor of a profile from measurements and store it next to the profile lookup path."""
+    from toolchain.core.paths import unwritable
     from toolchain.perf.calibration import default_path, file_name, write_calibration
     from toolchain.targets.profiles import resolve_target
 
@@ -56,6 +57,9 @@ def calibrate(
         raise ToolchainError("--from-fleet DB and --models DIR go together (telemetry latencies and the bundles' graphs)")
     file_name(target, runtime)  # an unknown runtime is an error before anything is measured
     profile = resolve_target(target)
+    destination = out or default_path(profile.id, runtime)
+    if (reason := unwritable(destination.parent)) is not None or destination.is_dir():
+        raise ToolchainError(f"cannot write calibration file {destination}: {reason or 'it is a folder'}; pass --out FILE in a folder you can write to")
     err = Console(stderr=True)
     if from_device is not None and from_fleet is not None:
         raise ToolchainError("--from-device and --from-fleet are two ways to calibrate a board: give one")
@@ -89,7 +93,7 @@ def calibrate(
         err.print(f"[bold]calibrating[/] {escape(profile.id)} ({runtime}): {settings.variants} generated variants, "
                   f"{settings.seconds:.0f} s interleaved on {settings.threads} thread")
         calibration = calibrate_host(profile, settings, console=err).calibration
-    path = write_calibration(calibration, out or default_path(profile.id, runtime))
+    path = write_calibration(calibration, destination)
     if as_json:
         typer.echo(json.dumps(calibration.to_dict(), indent=2))
     else:
