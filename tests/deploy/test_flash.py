@@ -71,6 +71,22 @@ def test_reflash_needs_force_and_replaces_the_credentials(default_build: Build, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cam-9")]
 
 
+def test_reflashing_a_running_device_is_refused(default_build: Build, managed: ManagedBroker, tmp_path: Path) -> None:
+    """A forced re-flash under a running agent left it serving from the deleted folder (its outbox with it),
+    refused by the broker for its old password at every reconnect."""
+    assert flash(tmp_path, default_build, managed, "cam-8").returncode == 0
+    before = (tmp_path / "cam-8" / "mqtt.password").read_text()
+    agent = start_agent(tmp_path / "cam-8", tmp_path / "cam-8.log")
+    try:
+        refused = flash(tmp_path, default_build, managed, "cam-8", "--force")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    assert refused.returncode == 2 and refused.stderr.startswith(f"error: the agent of {tmp_path / 'cam-8'} seems to be running")
+    assert (tmp_path / "cam-8" / "mqtt.password").read_text() == before
+    assert flash(tmp_path, default_build, managed, "cam-8", "--force").returncode == 0  # stopped: re-flashed
+
+
 def test_an_unverified_bundle_is_not_flashed(default_build: Build, managed: ManagedBroker, tmp_path: Path) -> None:
     from runtime_agent.signing import write_keypair
 

@@ -140,6 +140,10 @@ def flash(device_dir: Path, device_id: str, bundle: Path, broker_url: str, fleet
     device_dir = Path(device_dir).resolve()
     if (device_dir / "agent.toml").exists() and not force:
         raise ToolchainError(f"{device_dir} is already provisioned; re-flashing replaces its model and credentials: add --force")
+    if force and (running := _configured_port(device_dir)) and not _bindable(running):
+        # its agent would go on serving from the replaced (deleted) folder, shut out by the new password
+        raise ToolchainError(f"the agent of {device_dir} seems to be running (its REST port {running} is in use); stop "
+                             "it before re-flashing")
     if pubkey is None:
         raise ToolchainError("flash needs the trusted public key (--pubkey)")
     verified = read_bundle(bundle, load_public_key(pubkey))
