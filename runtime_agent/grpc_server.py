@@ -14,6 +14,7 @@ Optional: this module needs grpcio and protobuf (the `agent-grpc` extra) and is 
 from __future__ import annotations
 
 import errno
+import socket
 import time
 from concurrent import futures
 from functools import partial
@@ -144,6 +145,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._answer("infer", context, respond)
 
 
+def _check_free(host: str, port: int) -> None:
+    """EADDRINUSE for a port another socket listens on, found by binding it ourselves first: grpcio's own
+    failed bind also prints a line of its C core's log ("E... add_port.cc ... Failed to add port") on stderr,
+    ahead of the agent's one-line error."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio binds: TIME_WAIT is no obstacle
+        probe.bind(address)
+
+
 class GrpcServer:
     """The gRPC endpoint: bound on construction (a port in use is an OSError EADDRINUSE, as for REST),
     served by a small thread pool from `start()`."""
@@ -154,6 +165,8 @@ class GrpcServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kserve-grpc"),
                                    options=limits)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(servable, metrics), self._server)
+        if port:
+            _check_free(host, port)
         try:
             self.port = self._server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:  # grpcio's "Failed to bind"
