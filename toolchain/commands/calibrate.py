@@ -59,7 +59,8 @@ def calibrate(
     profile = resolve_target(target)
     destination = out or default_path(profile.id, runtime)
     if (reason := unwritable(destination.parent)) is not None or destination.is_dir():
-        raise ToolchainError(f"cannot write calibration file {destination}: {reason or 'it is a folder'}; pass --out FILE in a folder you can write to")
+        raise ToolchainError(f"cannot write calibration file {destination}: {reason or 'it is a folder'}; "
+                             "pass --out FILE in a folder you can write to")
     err = Console(stderr=True)
     if from_device is not None and from_fleet is not None:
         raise ToolchainError("--from-device and --from-fleet are two ways to calibrate a board: give one")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -554,10 +555,32 @@ def choose(study: optuna.Study, plan: SearchPlan, ctx: BuildContext) -> tuple[Fr
     return chosen, front, reason
 
 
+class _NoInterruptedTrialLog(logging.Filter):
+    """Ctrl-C in a trial: Optuna logs it as a failed trial, with the whole traceback and then a second
+    line; the trial is queued again for the resumed build (`retry_interrupted`), so both are noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_next = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.drop_next = True  # its "failed with value None." line follows
+            return False
+        drop, self.drop_next = self.drop_next, False
+        return not drop
+
+
 def _quiet_optuna() -> Callable[[], None]:
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return lambda: optuna.logging.set_verbosity(level)
+    trial_log, interrupted = logging.getLogger("optuna.study._optimize"), _NoInterruptedTrialLog()
+    trial_log.addFilter(interrupted)
+
+    def restore() -> None:
+        trial_log.removeFilter(interrupted)
+        optuna.logging.set_verbosity(level)
+    return restore
 
 
 @dataclass(frozen=True)
