@@ -111,3 +111,7 @@ def test_the_device_folder_runs_without_the_host_packages(default_build: Build, 
     result = subprocess.run([sys.executable, "-P", "-c", code, str(folder)], capture_output=True, text=True, env=env, cwd=folder)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # the copied package is its own command (`python -m runtime_agent` said "cannot be directly executed")
+    usage = subprocess.run([sys.executable, "-P", "-m", "runtime_agent", "run", "--help"], capture_output=True, text=True,
+                           env=env, cwd=folder)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: edge-agent run "), usage.stderr
