@@ -275,6 +275,13 @@ class _Handler(LimitedHandler):
         self.end_headers()
         self.wfile.write(data + binary)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a method with no handler: HEAD, PUT, OPTIONS...; a request line too long
+        or malformed) as the JSON `{"error": ...}` of every other answer, not its HTML page; then close."""
+        self.endpoint, self.body_pending = "other", True  # what follows is unread: the connection closes
+        body = {"error": message or HTTPStatus(code).phrase}
+        self._send(HTTPStatus(code), None if getattr(self, "command", None) == "HEAD" else body)
+
     def _model(self, name: str, version: str | None) -> LoadedModel:
         model = self.server.servable.model
         if model is None:

@@ -131,6 +131,20 @@ def test_a_chunked_body_is_a_411_not_an_empty_request(broker: ManagedBroker, tmp
                                                    "piece with a Content-Length")
 
 
+def test_http_servers_own_refusals_are_json_too(broker: ManagedBroker, tmp_path: Path) -> None:
+    """A method without a route (PUT, OPTIONS) or a request line over 64 KiB got http.server's HTML page."""
+    device = limited_device(tmp_path, broker, LIMITS)
+    answers = []
+    with running_agent(device) as (_, base):
+        for request in (f"OPTIONS {INFER} HTTP/1.1\r\nHost: a\r\n\r\n", f"PUT /v2 HTTP/1.1\r\nHost: a\r\n\r\n",
+                        f"GET /{'a' * 70000} HTTP/1.1\r\nHost: a\r\n\r\n"):
+            sock = connect(base)
+            sock.sendall(request.encode())
+            answers.append(answer(sock))
+    assert answers == [(501, {"error": "Unsupported method ('OPTIONS')"}), (501, {"error": "Unsupported method ('PUT')"}),
+                       (414, {"error": "Request-URI Too Long"})]
+
+
 def test_a_connection_past_the_cap_is_a_503_and_serving_goes_on(broker: ManagedBroker, tmp_path: Path) -> None:
     device = limited_device(tmp_path, broker, LIMITS | {"max_connections": 4, "idle_timeout_s": 60})
     with running_agent(device) as (_, base):
