@@ -97,7 +97,8 @@ class Outbox:
             self._init_schema(conn)
         except sqlite3.DatabaseError as error:
             conn.close()
-            raise OutboxError(f"{self.path} is not a usable outbox database: {error}") from error
+            raise OutboxError(f"{self.path} is not a usable outbox database: {error}; move it aside to start with an "
+                              "empty queue (what it held unsent is lost)") from error
         except BaseException:
             conn.close()
             raise

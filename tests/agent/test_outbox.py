@@ -174,8 +174,8 @@ def test_closed_or_foreign_files_give_clear_errors(db: Path, tmp_path: Path) -> 
         box.put(TELEMETRY, {}, kind="telemetry")
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(AgentError, match="not a usable outbox database"):
-        Outbox(junk)
+    with pytest.raises(AgentError, match="not a usable outbox database: .*; move it aside to start with an empty queue"):
+        Outbox(junk)  # the agent refuses to start on it: the line says how to get going
 
 
 def test_wal_mode_with_full_synchronous(db: Path) -> None:
