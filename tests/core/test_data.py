@@ -108,6 +108,15 @@ def test_bad_data_is_refused_with_the_reason(tmp_path: Path, arrays: dict, extra
     assert expected in str(error.value)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_too_few_samples_to_split_is_one_line(tmp_path: Path, n: int) -> None:
+    np.savez(tmp_path / "d.npz", x=np.ones((n, 4)), y=np.arange(n) % 2)
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config_for(tmp_path, "npz:d.npz"), seed=0)
+    assert str(error.value).endswith(f"[data] source: {n} samples are too few to split into training, validation (0.2) "
+                                     "and test (0.2) sets; give more samples")
+
+
 def test_missing_file_and_unknown_sklearn_set(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist \\(paths are relative to the config file\\)"):
         load_dataset(config_for(tmp_path, "npz:missing.npz"), seed=0)

@@ -293,6 +293,16 @@ def default_inputs(config: BuildConfig) -> tuple[TensorSpec, ...]:
     return (TensorSpec("input", tuple(config.model.input_shape), "float32"),)
 
 
+def _split(config: BuildConfig, index: np.ndarray, fraction: float, seed: int, stratify: np.ndarray | None,
+           total: int) -> list[np.ndarray]:
+    """`index` split in two, seeded; a split left empty (a handful of samples) is the user's to fix."""
+    try:
+        return train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:
+        raise _fail(config, f"{total} samples are too few to split into training, validation ({config.data.validation:g}) "
+                            f"and test ({config.data.test:g}) sets; give more samples") from None
+
+
 def load_dataset(config: BuildConfig, seed: int, inputs: tuple[TensorSpec, ...] | None = None) -> Dataset:
     """Load `[data] source` for a model taking `inputs` (default: the entry's one input) and split it."""
     inputs = inputs or default_inputs(config)
@@ -320,11 +330,11 @@ def load_dataset(config: BuildConfig, seed: int, inputs: tuple[TensorSpec, ...] 
                                          else _as_targets(raw.y_test, config, "y_test"))
         rest_index = everything
     else:
-        rest_index, test_index = train_test_split(everything, test_size=config.data.test, random_state=seed, stratify=stratify)
+        rest_index, test_index = _split(config, everything, config.data.test, seed, stratify, count(x))
         x_test, y_test = take(x, test_index), None if y is None else y[test_index]
     val_fraction = config.data.validation / (1 - config.data.test)
-    train_index, val_index = train_test_split(rest_index, test_size=val_fraction, random_state=seed,
-                                              stratify=None if stratify is None else y[rest_index])
+    train_index, val_index = _split(config, rest_index, val_fraction, seed, None if stratify is None else y[rest_index],
+                                   count(x))
     pick = (lambda index: None) if y is None else (lambda index: y[index])
     return Dataset(take(x, train_index), pick(train_index), take(x, val_index), pick(val_index), x_test, y_test,
                    labels=labels, sha256=digest, inputs=tuple(inputs), task=task)
