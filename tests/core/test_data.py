@@ -100,6 +100,10 @@ def test_a_python_loader_that_raises_is_one_line_naming_its_file_and_line(tmp_pa
     ({"x": np.ones((30, 4)), "y": np.arange(30) * 0.5}, 'labels = ["a", "b"]', "y must be integers in [0, 2)"),
     ({"x": np.ones((30, 4)), "y": np.full(30, np.inf)}, 'task = "regression"', "y contains 30 NaN or infinite value(s)"),
     ({"x": np.ones((30, 4))}, "", "lacks array 'y' (the labels a model is trained on)"),
+    ({"x": np.ones((30, 4)), "y": np.array(["cat", "dog"] * 15)}, "",
+     "y holds text (e.g. 'cat'); give class indices 0..K-1 and name the classes in [model] labels"),
+    ({"x": np.ones((30, 4)), "y": np.zeros(30, np.int64)}, "",
+     "y holds a single class ('0'); a classifier is trained on examples of at least two"),
 ])
 def test_bad_data_is_refused_with_the_reason(tmp_path: Path, arrays: dict, extra: str, expected: str) -> None:
     np.savez(tmp_path / "d.npz", **arrays)
@@ -110,7 +114,7 @@ def test_bad_data_is_refused_with_the_reason(tmp_path: Path, arrays: dict, extra
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_too_few_samples_to_split_is_one_line(tmp_path: Path, n: int) -> None:
-    np.savez(tmp_path / "d.npz", x=np.ones((n, 4)), y=np.arange(n) % 2)
+    np.savez(tmp_path / "d.npz", x=np.ones((n, 4)), y=np.arange(n) + 0.5)  # regression targets: one sample is one class
     with pytest.raises(ConfigError) as error:
         load_dataset(config_for(tmp_path, "npz:d.npz"), seed=0)
     assert str(error.value).endswith(f"[data] source: {n} samples are too few to split into training, validation (0.2) "

@@ -280,6 +280,9 @@ def _as_labels(y: np.ndarray, n_labels: int, config: BuildConfig, what: str) -> 
 
 def _as_targets(y: np.ndarray, config: BuildConfig, what: str) -> np.ndarray:
     y = np.asarray(y)
+    if y.dtype.kind in "USO":  # text: class names, which only a csv: source maps to indices itself
+        raise _fail(config, f"{what} holds text (e.g. {str(y.reshape(-1)[0])!r}); give class indices 0..K-1 and name the classes "
+                            "in [model] labels")
     if not np.issubdtype(y.dtype, np.number):
         raise _fail(config, f"{what} has dtype {y.dtype}; regression targets must be numbers")
     y = y.astype(np.float32)
@@ -314,6 +317,8 @@ def load_dataset(config: BuildConfig, seed: int, inputs: tuple[TensorSpec, ...] 
     if task == "classification":
         labels = list(config.model.labels or raw.labels or [str(i) for i in range(int(np.max(raw.y)) + 1)])
         y = _as_labels(raw.y, len(labels), config, "y")
+        if len(np.unique(y)) < 2 and not config.model.from_file:
+            raise _fail(config, f"y holds a single class ({labels[int(y[0])]!r}); a classifier is trained on examples of at least two")
     elif task == "regression":
         y = _as_targets(raw.y, config, "y")
     else:
