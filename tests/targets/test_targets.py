@@ -179,6 +179,13 @@ def test_invalid_toml(tmp_path: Path) -> None:
         ('isa = ["neon", "dotprod"]\n', "isa = [1]\n", "isa"),
         ('aliases = ["mine"]\n', 'aliases = "mine"\n', "aliases"),
         ("ram_mb = 2048\n", "ram_mb = 2048.5\n", "ram_mb"),
+        ("ram_mb = 2048\n", "ram_mb = -5\n", "ram_mb"),  # sizes, speeds and budgets must be > 0
+        ("cores = 4\n", "cores = 0\n", "cores"),
+        ("bandwidth_gbs = 10.0\n", "bandwidth_gbs = 0\n", "bandwidth_gbs"),
+        ("latency_ms = 40\n", "latency_ms = -1\n", "latency_ms"),
+        ("latency_ms = 40\n", "latency_ms = 40\nlatncy_ms = 5\n", "latncy_ms"),  # a typo is an unknown key, not ignored
+        ("op_overhead_us = 3.0\n", "op_overhead_us = 3.0\nop_overhead = 1.0\n", "op_overhead"),
+        ('id = "my-board"\n', 'id = "my-board"\nunit = "npu"\n', "unit"),
     ],
 )
 def test_bad_profile_names_the_key(tmp_path: Path, old: str, new: str, key: str) -> None:

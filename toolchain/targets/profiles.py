@@ -105,11 +105,8 @@ def _section(data: dict[str, Any], name: str, origin: str) -> dict[str, Any]:
 
 
 def _compute_spec(table: dict[str, Any], where: str) -> ComputeSpec:
-    values = {k: float(_require(table, k, (int, float), where)) for k in ("fp32_gflops", "fp16_gflops", "int8_gops")}
-    for key, value in values.items():
-        if value <= 0:
-            raise TargetError(f"profile {where}: '{key}' must be > 0, got {value}")
-    return ComputeSpec(**values)
+    return ComputeSpec(**{k: _positive(float(_require(table, k, (int, float), where)), k, where)
+                          for k in ("fp32_gflops", "fp16_gflops", "int8_gops")})
 
 
 def _str_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -136,8 +133,38 @@ def _choices(values: list[Any], allowed: tuple[str, ...], key: str, where: str) 
     return tuple(values)
 
 
+# Every key a profile may have, by section: a typo (`[budget] latncy_ms`) must not leave a default in force.
+KNOWN_KEYS: dict[str, set[str]] = {
+    "": {"id", "name", "aliases", "measured", "cpu", "memory", "compute", "runtime", "budget"},
+    "cpu": {"arch", "cores", "freq_ghz", "isa"},
+    "memory": {"ram_mb", "bandwidth_gbs"},
+    "compute": {"fp32_gflops", "fp16_gflops", "int8_gops", "op_overhead_us", "cpu"},
+    "compute.cpu": {"fp32_gflops", "fp16_gflops", "int8_gops"},
+    "runtime": {"formats", "providers", "precisions"},
+    "budget": {"latency_ms", "model_mb", "ram_mb"},
+}
+
+
+def _check_keys(data: dict[str, Any], origin: str) -> None:
+    for section, known in KNOWN_KEYS.items():
+        table = data
+        for part in filter(None, section.split(".")):
+            table = table.get(part) if isinstance(table, dict) else None
+        unknown = sorted(set(table) - known) if isinstance(table, dict) else []
+        if unknown:
+            where = f" [{section}]" if section else ""
+            raise TargetError(f"profile {origin}{where}: unknown key '{unknown[0]}' (known keys here: {', '.join(sorted(known))})")
+
+
+def _positive(value: float, key: str, where: str) -> float:
+    if value <= 0:
+        raise TargetError(f"profile {where}: '{key}' must be > 0, got {value}")
+    return value
+
+
 def profile_from_dict(data: dict[str, Any], origin: str, path: Path | None = None) -> Profile:
     """Validate a parsed profile; every message names the file, the section and the key."""
+    _check_keys(data, origin)
     cpu = _section(data, "cpu", origin)
     memory = _section(data, "memory", origin)
     compute = _section(data, "compute", origin)
@@ -151,17 +178,19 @@ def profile_from_dict(data: dict[str, Any], origin: str, path: Path | None = Non
         name=str(data.get("name", data["id"])),
         aliases=_str_list(data, "aliases", origin),
         cpu_arch=_require(cpu, "arch", str, f"{origin} [cpu]"),
-        cpu_cores=_require(cpu, "cores", int, f"{origin} [cpu]"),
-        cpu_freq_ghz=float(_require(cpu, "freq_ghz", (int, float), f"{origin} [cpu]")),
+        cpu_cores=int(_positive(_require(cpu, "cores", int, f"{origin} [cpu]"), "cores", f"{origin} [cpu]")),
+        cpu_freq_ghz=_positive(float(_require(cpu, "freq_ghz", (int, float), f"{origin} [cpu]")), "freq_ghz", f"{origin} [cpu]"),
         cpu_isa=_str_list(cpu, "isa", f"{origin} [cpu]"),
-        ram_mb=_require(memory, "ram_mb", int, f"{origin} [memory]"),
-        bandwidth_gbs=float(_require(memory, "bandwidth_gbs", (int, float), f"{origin} [memory]")),
+        ram_mb=int(_positive(_require(memory, "ram_mb", int, f"{origin} [memory]"), "ram_mb", f"{origin} [memory]")),
+        bandwidth_gbs=_positive(float(_require(memory, "bandwidth_gbs", (int, float), f"{origin} [memory]")), "bandwidth_gbs",
+                                f"{origin} [memory]"),
         compute=accel,
         cpu_compute=cpu_compute,
         formats=_choices(_require(runtime, "formats", list, f"{origin} [runtime]"), FORMATS, "formats", f"{origin} [runtime]"),
         providers=_str_list(runtime, "providers", f"{origin} [runtime]"),
         precisions=_choices(_require(runtime, "precisions", list, f"{origin} [runtime]"), PRECISIONS, "precisions", f"{origin} [runtime]"),
-        budget=Budget(**{k: float(_require(budget, k, (int, float), f"{origin} [budget]")) for k in ("latency_ms", "model_mb", "ram_mb")}),
+        budget=Budget(**{k: _positive(float(_require(budget, k, (int, float), f"{origin} [budget]")), k, f"{origin} [budget]")
+                         for k in ("latency_ms", "model_mb", "ram_mb")}),
         op_overhead_us=_op_overhead_us(compute, f"{origin} [compute]"),
         path=path,
         raw=data,
