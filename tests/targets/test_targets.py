@@ -186,6 +186,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
         ("latency_ms = 40\n", "latency_ms = 40\nlatncy_ms = 5\n", "latncy_ms"),  # a typo is an unknown key, not ignored
         ("op_overhead_us = 3.0\n", "op_overhead_us = 3.0\nop_overhead = 1.0\n", "op_overhead"),
         ('id = "my-board"\n', 'id = "my-board"\nunit = "npu"\n', "unit"),
+        ('id = "my-board"\n', 'id = "my board/x"\n', "id"),  # it names the bundle file
     ],
 )
 def test_bad_profile_names_the_key(tmp_path: Path, old: str, new: str, key: str) -> None:

@@ -7,6 +7,7 @@ A profile is data, not code: the passes, the gate and the latency predictor only
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,13 @@ def _check_keys(data: dict[str, Any], origin: str) -> None:
             raise TargetError(f"profile {origin}{where}: unknown key '{unknown[0]}' (known keys here: {', '.join(sorted(known))})")
 
 
+def _profile_id(value: str, origin: str) -> str:
+    """The id names bundle and report files (`NAME-VERSION-ID.bundle`) and devices' status: no path parts."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise TargetError(f"profile {origin}: 'id' must be letters, digits, '_', '.' or '-' (it names the bundle file), got {value!r}")
+    return value
+
+
 def _positive(value: float, key: str, where: str) -> float:
     if value <= 0:
         raise TargetError(f"profile {where}: '{key}' must be > 0, got {value}")
@@ -174,7 +182,7 @@ def profile_from_dict(data: dict[str, Any], origin: str, path: Path | None = Non
     cpu_table = compute.get("cpu")
     cpu_compute = _compute_spec(cpu_table, f"{origin} [compute.cpu]") if isinstance(cpu_table, dict) else accel
     return Profile(
-        id=_require(data, "id", str, origin),
+        id=_profile_id(_require(data, "id", str, origin), origin),
         name=str(data.get("name", data["id"])),
         aliases=_str_list(data, "aliases", origin),
         cpu_arch=_require(cpu, "arch", str, f"{origin} [cpu]"),
