@@ -301,6 +301,23 @@ def test_operator_account_on_the_secure_broker(real_payloads: dict, secure_broke
         intruder.stop()
 
 
+def test_a_second_monitor_on_the_same_file_is_refused_until_the_first_stops(tmp_path: Path) -> None:
+    """`fleet dashboard` beside `fleet monitor` on one file: both were the MQTT client of its session, and the
+    broker let them take it over from each other every second, for ever, in silence."""
+    db = tmp_path / "fleet.sqlite"
+    first = FleetMonitor("mqtt://127.0.0.1:1", db)
+    try:
+        with pytest.raises(ToolchainError) as refused:
+            FleetMonitor("mqtt://127.0.0.1:1", db)
+        FleetMonitor("mqtt://127.0.0.1:1", db, group="ingest", worker="w1").stop()  # a worker has its own session
+    finally:
+        first.stop()
+    assert str(refused.value) == (f"another monitor is running on {db} (MQTT session {first.client_id}); run one per "
+                                  "database (`fleet dashboard` is the monitor with its page, or add --dashboard-port to "
+                                  "`fleet monitor`)")
+    FleetMonitor("mqtt://127.0.0.1:1", db).stop()  # the first one's stop released it
+
+
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "none.sqlite"
     result = run_cli("toolchain", "fleet", "status", "--db", str(missing))

@@ -48,6 +48,7 @@ subscriptions get no retained messages: a worker group learns device states from
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import queue
@@ -67,6 +68,7 @@ from runtime_agent.protocol import (EVENTS, ONLINE, REPORT_KINDS, STATUS, TOPIC_
 from toolchain.deploy.mqtt import BrokerLogin, OperatorSession
 from toolchain.errors import ToolchainError, first_line
 from toolchain.fleet.store import FLEET_ALARM, DatabaseLost, FleetStore, TelemetryRecord, window_alarm
+from toolchain.fleet.store.backend import is_postgres
 from toolchain.fleet.store.codec import decode
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,25 @@ EVALUATE_EVERY_S = 0.5  # a fleet's drift alarm is evaluated this often at most 
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0  # waits between tries to reach a database that dropped us
 
 Notice = Callable[[str, dict[str, Any]], None]
+
+
+def claim_session(db_path: Path | str, client_id: str) -> Any:
+    """Hold the MQTT session `client_id` of the SQLite file `db_path` for this process (an open file with an
+    exclusive flock beside the database; released when closed, or when the process dies), or a one-line
+    ToolchainError. Two monitors on one file (say `fleet dashboard` started beside `fleet monitor`) share its
+    client id, and the broker let each take the session over from the other every second, for ever, with
+    nothing said. PostgreSQL: None (workers sharing one database name themselves with --worker)."""
+    if is_postgres(db_path):
+        return None
+    db = Path(db_path)
+    handle = open(db.with_name(f".{db.name}.{client_id}.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ToolchainError(f"another monitor is running on {db} (MQTT session {client_id}); run one per database "
+                             "(`fleet dashboard` is the monitor with its page, or add --dashboard-port to `fleet monitor`)") from None
+    return handle
 
 
 class FleetMonitor:
@@ -124,6 +145,11 @@ class FleetMonitor:
         self.topics = [share + device_topic(fleet, "+", kind) for kind in REPORT_KINDS]
         self.store = FleetStore(db_path)
         self.client_id = client_id or (f"{self.store.client_id}-{group}-{worker}" if group else self.store.client_id)
+        try:
+            self._claim = claim_session(db_path, self.client_id)
+        except BaseException:
+            self.store.close()
+            raise
         self.stats: Counter[str] = Counter()
         self.subscribed = threading.Event()
         self.refused: str | None = None
@@ -187,6 +213,9 @@ class FleetMonitor:
             self.session.disconnect(end_session=False)
             self.client.loop_stop()
         self.store.close()
+        if self._claim is not None:
+            self._claim.close()  # the session is free for the next monitor
+            self._claim = None
 
     def run_forever(self) -> None:
         """Run until Ctrl-C (KeyboardInterrupt) or `stop()` from another thread."""
