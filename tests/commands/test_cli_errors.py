@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 from rich.console import Console
 
+from runtime_agent.signing import write_keypair
 from tests.conftest import run_cli
 from toolchain.core.contract import BuildContext
 from toolchain.errors import ToolchainError
-from toolchain.passes.shipping.bundle import signing_key_path
+from toolchain.passes.shipping.bundle import check_signing_key, signing_key_path
 
 pytestmark = pytest.mark.usefixtures("narrow_terminal")  # one clear line however narrow the terminal
 
@@ -127,3 +128,14 @@ def test_calibrate_to_a_path_it_cannot_write_fails_before_measuring(tmp_path: Pa
                          "--models", str(tmp_path), "--out", str(out))
         assert result.returncode == 2
         assert result.stderr.strip() == f"error: cannot write calibration file {out}: {reason}; pass --out FILE in a folder you can write to"
+
+
+def test_a_key_that_cannot_sign_fails_the_build_before_training(tmp_path: Path) -> None:
+    write_keypair(tmp_path / "keys")
+    public = tmp_path / "keys" / "signing.pub"  # the wrong half
+    result = run_cli("toolchain", "build", "--target", "jetson", "--out", str(tmp_path / "dist"), "--key", str(public))
+    assert result.returncode == 2 and "train" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: signing key {public} is not a readable PEM key")
+    assert not (tmp_path / "dist").exists()
+    with pytest.raises(ToolchainError, match=f"is a folder; pass the key file in it \\(--key {tmp_path / 'keys' / 'signing.key'}\\)"):
+        check_signing_key(tmp_path / "keys")

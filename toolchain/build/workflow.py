@@ -206,11 +206,13 @@ def build(config: BuildConfig, profile: Profile, out_dir: Path, *, seed: int = 0
     from toolchain.build.tracking import open_tracking
     from toolchain.core.data import load_dataset
     from toolchain.core.models import output_width
+    from toolchain.passes.shipping.bundle import check_signing_key
     from toolchain.training import distributed
     from toolchain.training.keras import framework_of
     from toolchain.core.seeding import seed_everything
 
     check_out_dir(Path(out_dir))
+    check_signing_key(key_path)
     here = distributed.start()
     seed_everything(seed)
     console = console or Console(stderr=True)

@@ -36,10 +36,19 @@ def next_version(out_dir: Path, name: str, floor: int) -> int:
     return max([floor - 1, *found]) + 1
 
 
+def check_signing_key(key_path: Path | None) -> None:
+    """Before the build's work: a `--key` (or the key folder's key, once there is one) that cannot sign
+    fails now, not at the bundle stage after training and measuring."""
+    path = key_path if key_path is not None else default_key_dir() / PRIVATE_KEY_NAME
+    if key_path is not None and path.is_dir():
+        raise ToolchainError(f"signing key {path} is a folder; pass the key file in it (--key {path / PRIVATE_KEY_NAME})")
+    if key_path is not None or path.exists():
+        load_private_key(path)
+
+
 def signing_key_path(ctx: BuildContext) -> Path:
     if ctx.key_path is not None:
-        if not ctx.key_path.is_file():
-            raise ToolchainError(f"signing key {ctx.key_path} does not exist; create one with `toolchain keys generate --out DIR`")
+        check_signing_key(ctx.key_path)
         return ctx.key_path
     path = default_key_dir() / PRIVATE_KEY_NAME
     if not path.exists():
