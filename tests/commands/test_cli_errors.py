@@ -139,3 +139,11 @@ def test_a_key_that_cannot_sign_fails_the_build_before_training(tmp_path: Path) 
     assert not (tmp_path / "dist").exists()
     with pytest.raises(ToolchainError, match=f"is a folder; pass the key file in it \\(--key {tmp_path / 'keys' / 'signing.key'}\\)"):
         check_signing_key(tmp_path / "keys")
+
+
+@pytest.mark.parametrize("command", [["build", "--target", "jetson", "--seed", "-1"],
+                                     ["search", "--target", "jetson", "--config", "x.toml", "--storage", "sqlite://", "--seed", str(2**32)],
+                                     ["calibrate", "--target", "host", "--seed", "-5"]])
+def test_a_seed_numpy_cannot_take_is_a_usage_error_not_a_traceback(command: list[str]) -> None:
+    result = run_cli("toolchain", *command)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "Invalid value for '--seed'" in result.stderr

@@ -25,7 +25,7 @@ def build(
     config: Annotated[Optional[Path], typer.Option(help="toolchain.toml of your project (default: the embedded digits example)")] = None,
     out: Annotated[Path, typer.Option(help="where the bundle and the report go")] = Path("dist"),
     budget: Annotated[str, typer.Option(help="quick | standard | thorough")] = "quick",
-    seed: Annotated[int, typer.Option(help="seed for every random number generator")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed for every random number generator")] = 0,
     key: Annotated[Optional[Path], typer.Option(help="ed25519 private key (default: created on first use in the key folder)")] = None,
     warm_start: Annotated[Optional[Path], typer.Option(help="fine-tune the model of an earlier build (its NAME-VERSION-TARGET.pt) "
                                                            "instead of training from scratch")] = None,

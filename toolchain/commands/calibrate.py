@@ -32,7 +32,7 @@ def calibrate(
     models: Annotated[Optional[Path], typer.Option(help="with --from-fleet: folder of the bundles the devices ran")] = None,
     pubkey: Annotated[Path, typer.Option(help="trusted public key the bundles must verify with")] = DEFAULT_PUBKEY,
     out: Annotated[Optional[Path], typer.Option(help="calibration file to write (default: the lookup path for the profile)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the variant sample and the fit/held-out split")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the variant sample and the fit/held-out split")] = 0,
     runtime: Annotated[str, typer.Option(help="whose kernels to calibrate: onnxruntime, or litert (.tflite, needs "
                                               "the tflite extra to measure here)")] = "onnxruntime",
     as_json: Annotated[bool, typer.Option("--json", help="print the calibration as JSON")] = False,

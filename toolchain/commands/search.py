@@ -25,7 +25,7 @@ def search(
     storage: Annotated[str, typer.Option(help="Optuna storage the workers share, e.g. postgresql://user@host/db")],
     n_trials: Annotated[Optional[int], typer.Option(help="trials the study should have (default: \\[search] n_trials)")] = None,
     budget: Annotated[str, typer.Option(help="quick | standard | thorough (as the build will use)")] = "quick",
-    seed: Annotated[int, typer.Option(help="the build's seed (part of what the study was made for)")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="the build's seed (part of what the study was made for)")] = 0,
 ) -> None:
     """Run trials of the config's search study until it has its trials (one of many workers)."""
     from toolchain.build.workflow import join_search
