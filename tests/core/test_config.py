@@ -39,7 +39,7 @@ def with_overrides(**sections: str) -> str:
     (with_overrides(data='source = "s3://bucket"'), "[data] source: expected one of sklearn:..., npz:..., csv:..., images:..., python:..."),
     (with_overrides(data='source = "npz:x.npz"\ntest = 0.5\nvalidation = 0.45'), "[data]: validation + test = 0.95 leaves too little training data"),
     (with_overrides(model='entry = "model.py"\ninput_shape = [1, 8, 8]'), "[model] entry: String should match pattern"),
-    (with_overrides(model='entry = "m.py:f"\ninput_shape = [1, 0, 8]'), "[model] input_shape: every dimension must be > 0"),
+    (with_overrides(model='entry = "m.py:f"\ninput_shape = [1, 0, 8]'), "[model] input_shape: every dimension must be > 0 (got [1, 0, 8])"),
     (with_overrides(model='entry = "m.py:f"'), "[model]: input_shape is required with entry"),
     (with_overrides(project='name = "demo"\nversion = 0'), "[project] version: Input should be greater than or equal to 1 (got 0)"),
     (with_overrides(project='name = "bad name!"'), "[project] name: String should match pattern"),

@@ -57,10 +57,11 @@ class ModelSection(_Section):
     def _positive(cls, shape: list[int] | dict[str, list[int]] | None) -> list[int] | dict[str, list[int]] | None:
         for name, dims in (shape.items() if isinstance(shape, dict) else [("", shape)] if shape is not None else []):
             where = f"{name}: " if name else ""
+            got = f", got {dims}" if name else ""  # one list: the message's "(got ...)" shows it
             if not 1 <= len(dims) <= 4:
-                raise ValueError(f"{where}one sample's shape has 1 to 4 dimensions (no batch axis), got {dims}")
+                raise ValueError(f"{where}one sample's shape has 1 to 4 dimensions (no batch axis){got}")
             if any(d <= 0 for d in dims):
-                raise ValueError(f"{where}every dimension must be > 0, got {dims}")
+                raise ValueError(f"{where}every dimension must be > 0{got}")
         return shape
 
     @field_validator("file")
