@@ -33,11 +33,30 @@ _CERTIFICATE_ALERTS = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE",
                        "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_UNKNOWN")
 
 
-def socket_error(level: int, message: str) -> str | None:
-    """The socket error in a paho log line, or None. paho tells why a connection died (a TLS alert, a reset)
-    only to its log callback: `on_disconnect` reads "Unspecified error"."""
-    prefix = "failed to receive on socket: "
-    return message[len(prefix):] if level == mqtt.MQTT_LOG_ERR and message.startswith(prefix) else None
+class SocketErrors(logging.Handler):
+    """The last socket error of one paho client. paho tells why a connection died (a TLS alert, a reset) only
+    to its log (`on_disconnect` reads "Unspecified error"): a logger of the client's own at ERROR, given
+    through `enable_logger`, so that its per-packet DEBUG lines are never formatted (an `on_log` callback
+    would format one for every packet), and kept out of the logging tree."""
+
+    PREFIX = "failed to receive on socket: "
+
+    def __init__(self, client: mqtt.Client) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+        logger = logging.Logger("paho.socket-errors", logging.ERROR)
+        logger.addHandler(self)
+        client.enable_logger(logger)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            self.last = message[len(self.PREFIX):]
+
+    def take(self) -> str | None:
+        """The last error since the last call (for `on_disconnect`), or None."""
+        error, self.last = self.last, None
+        return error
 
 
 def explain_socket_error(error: str, certificate_setting: str) -> str:
@@ -78,7 +97,6 @@ class MqttLink:
         self._early: dict[int, tuple[float, Any]] = {}
         self.rejected_by_broker = 0
         self.connections = 0  # successful connects: the second and later are reconnects
-        self._socket_error: str | None = None  # why the last connection died, from paho's log (`socket_error`)
         self.client = self._make_client()
         self._pump = threading.Thread(target=self._pump_loop, name="mqtt-pump", daemon=True)
 
@@ -98,7 +116,7 @@ class MqttLink:
         client.on_connect_fail = lambda c, u: log.warning("cannot reach the broker at %s:%s: %s; retrying with backoff",
                                                           config.broker_host, config.broker_port, self._why_unreachable())
         client.on_disconnect = self._on_disconnect
-        client.on_log = self._on_log
+        self._socket_errors = SocketErrors(client)
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
@@ -171,11 +189,8 @@ class MqttLink:
         self.connected.set()
         self.wake()
 
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
-        self._socket_error = socket_error(level, message) or self._socket_error
-
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        error, self._socket_error = self._socket_error, None
+        error = self._socket_errors.take()
         if self.connected.is_set() and not self._stopping.is_set():
             log.warning("lost the broker at %s:%s (%s); reconnecting with backoff", self.config.broker_host,
                         self.config.broker_port, reason_code)

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from runtime_agent.config import parse_broker
-from runtime_agent.mqtt_link import explain_socket_error, socket_error
+from runtime_agent.mqtt_link import SocketErrors, explain_socket_error
 from runtime_agent.errors import AgentError
 from toolchain.errors import ToolchainError
 
@@ -70,16 +70,12 @@ class OperatorSession:
             client.tls_set(ca_certs=str(login.ca_file) if login.ca_file else None,
                            certfile=str(login.client_cert) if login.client_cert else None)
         client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
-        self.socket_error: str | None = None  # why the last connection died, as paho logged it
-        client.on_log = self._on_log
-
-    def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
-        self.socket_error = socket_error(level, message) or self.socket_error
+        self.socket_errors = SocketErrors(client)  # why the last connection died, as paho logged it
 
     def take_socket_error(self) -> str | None:
         """For `on_disconnect` before any CONNACK: what to fix (a broker refusing the client certificate closes
         the socket after a TLS 1.3 handshake, which paho reports only as "Unspecified error"), or None. Cleared."""
-        error, self.socket_error = self.socket_error, None
+        error = self.socket_errors.take()
         if error is None:
             return None
         return explain_socket_error(error, "--client-cert") + ("" if self.tls else " (a TLS listener? use mqtts://)")
