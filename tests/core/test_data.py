@@ -121,6 +121,17 @@ def test_too_few_samples_to_split_is_one_line(tmp_path: Path, n: int) -> None:
                                      "and test (0.2) sets; give more samples")
 
 
+@pytest.mark.parametrize("returned, expected", [
+    ("1, 2, 3", "must return a tuple (x, y), got a tuple of 3"),
+    ("[[1.0, 2.0], [1.0]], [0, 1]", "returned arrays numpy cannot make rectangular (setting an array element with a sequence."),
+])
+def test_a_python_loader_returning_the_wrong_shape_of_thing_is_one_line(tmp_path: Path, returned: str, expected: str) -> None:
+    (tmp_path / "load.py").write_text(f"def load():\n    return {returned}\n")
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config_for(tmp_path, "python:load.py:load"), seed=0)
+    assert f"[data] source: python:load.py:load {expected}" in str(error.value)
+
+
 def test_missing_file_and_unknown_sklearn_set(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist \\(paths are relative to the config file\\)"):
         load_dataset(config_for(tmp_path, "npz:missing.npz"), seed=0)

@@ -210,9 +210,14 @@ def _load_python(spec: str, config: BuildConfig, inputs: tuple[TensorSpec, ...])
     key = f"config {config.path}: [data] source"
     result = call_user_function(load_python_function(spec, config.base_dir, key), key)
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise _fail(config, f"python:{spec} must return a tuple (x, y), got {type(result).__name__}")
-    x = {k: np.asarray(v) for k, v in result[0].items()} if isinstance(result[0], dict) else np.asarray(result[0])
-    return RawData(x=x, y=None if result[1] is None else np.asarray(result[1]))
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise _fail(config, f"python:{spec} must return a tuple (x, y), got {got}")
+    try:
+        x = {k: np.asarray(v) for k, v in result[0].items()} if isinstance(result[0], dict) else np.asarray(result[0])
+        y = None if result[1] is None else np.asarray(result[1])
+    except ValueError as exc:  # nested lists of different lengths
+        raise _fail(config, f"python:{spec} returned arrays numpy cannot make rectangular ({first_line(exc)})") from None
+    return RawData(x=x, y=y)
 
 
 LOADERS: dict[str, Callable[[str, BuildConfig, tuple[TensorSpec, ...]], RawData]] = {
