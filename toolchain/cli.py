@@ -9,6 +9,7 @@ database's `DatabaseLost` when PostgreSQL drops the connection) print one line a
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Annotated
@@ -49,8 +50,16 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks o
     """Edge compile-and-deploy toolchain."""
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (`timeout`, a cancelled CI job, `kill`) unwinds like Ctrl-C does, so a build's work folder
+    is removed on the way out instead of being left in the temp folder; 143 = 128 + 15, as shells report it.
+    Commands that stop gracefully on SIGTERM (the fleet monitor, the simulator) install their own handler."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app(prog_name="toolchain")
     except (ToolchainError, AgentError, DatabaseLost) as exc:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ from onnx import TensorProto, helper
 from rich.console import Console
 
 from runtime_agent.signing import write_keypair
-from tests.conftest import run_cli
+from tests.conftest import BIN, REPO, run_cli
 from toolchain.core.contract import BuildContext
 from toolchain.errors import ToolchainError
 from toolchain.passes.shipping.bundle import check_signing_key, signing_key_path
@@ -147,3 +150,23 @@ def test_a_key_that_cannot_sign_fails_the_build_before_training(tmp_path: Path) 
 def test_a_seed_numpy_cannot_take_is_a_usage_error_not_a_traceback(command: list[str]) -> None:
     result = run_cli("toolchain", *command)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "Invalid value for '--seed'" in result.stderr
+
+
+@pytest.mark.slow  # a real build up to its training (~5 s)
+def test_sigterm_mid_build_removes_the_work_folder_and_writes_nothing(tmp_path: Path) -> None:
+    """`timeout`, a cancelled CI job: the build unwinds like Ctrl-C (exit 143) instead of dying with its
+    work folder (every candidate model) left in the temp folder."""
+    scratch, out = tmp_path / "tmp", tmp_path / "dist"
+    scratch.mkdir()
+    child = subprocess.Popen([str(BIN / "toolchain"), "build", "--target", "jetson", "--out", str(out)], cwd=REPO,
+                             env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stderr:
+            if "train" in line:  # the work folder exists from here on
+                break
+        assert list(scratch.glob("toolchain-build-*")), "the build should be running in its work folder"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 143
+    finally:
+        child.kill()
+    assert not list(scratch.glob("toolchain-build-*")) and not out.exists()
