@@ -58,6 +58,12 @@ def test_corrupt_onnx_model_is_one_clear_line(tmp_path: Path, content: bytes) ->
     assert line.startswith(f"error: model {model} ") and "re-export it" in line
 
 
+def test_bench_of_a_folder_says_it_is_one(tmp_path: Path) -> None:
+    result = run_cli("toolchain", "bench", str(tmp_path), "--target", "jetson")
+    assert result.returncode == 2 and result.stderr.strip() == (f"error: model {tmp_path} is a folder; pass the model file "
+                                                                "(.onnx or .tflite) or a .bundle")
+
+
 def test_missing_bundle_and_missing_key(tmp_path: Path) -> None:
     missing = run_cli("toolchain", "verify", str(tmp_path / "none.bundle"), "--pubkey", str(tmp_path / "k.pub"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr

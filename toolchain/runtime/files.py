@@ -13,9 +13,15 @@ from toolchain.core.tensors import TensorSpec
 from toolchain.errors import ConfigError, ToolchainError, first_line
 
 
-def check_onnx_file(path: Path) -> onnx.ModelProto:
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise ToolchainError(f"model {path} is a folder; pass the model file (.onnx or .tflite) or a .bundle")
     if not path.is_file():
         raise ToolchainError(f"model {path} does not exist")
+
+
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    _require_file(path)
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -30,8 +36,7 @@ def tflite_input_shape(path: Path) -> tuple[int, ...]:
     """Shape of one sample of a `.tflite` model's input, loading it with LiteRT (the check)."""
     from runtime_agent.litert import LiteRtSession
 
-    if not path.is_file():
-        raise ToolchainError(f"model {path} does not exist")
+    _require_file(path)
     try:
         shape = LiteRtSession(path).get_inputs()[0].shape[1:]
     except Exception as exc:  # LiteRtUnavailable, or the interpreter's ValueError for a bad flatbuffer
