@@ -8,6 +8,11 @@ bytes never reached the disk. The two pointers change together: both targets go 
 (`DIR/switch.json`) before the first link moves, and `recover()` at start-up finishes a switch a crash cut in half, so current and previous are
 never left pointing at the same slot. A device provisioned with a plain `current.bundle` file is adopted
 into a slot on the first install.
+
+The disk holds two bundles, not one per push: after each install, and at start-up, the slots neither
+pointer names are deleted (a board taking a 40 MB model a week would otherwise fill its storage). Nothing
+reads such a slot again: rollback goes to `previous`, and an install cut short before its switch is
+pushed again.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Slots:
         """Make `slot` current and the old current previous."""
         old = self._adopt_current(current_name)
         self._switch(slot, old if old is not None and old != slot.resolve() else None, "install")
+        self._prune()
 
     def roll_back(self) -> None:
         """Swap current and previous."""
@@ -89,3 +95,12 @@ class Slots:
         self.journal.unlink(missing_ok=True)
         for leftover in [*self.slots.glob(".*.tmp"), *self.dir.glob(".*.tmp")]:
             leftover.unlink()
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete every slot that neither `current` nor `previous` points to (a plain provisioned `current`
+        names none: a slot then is an adoption or an install that a crash cut short)."""
+        keep = {link.resolve() for link in (self.current, self.previous) if link.is_symlink()}
+        for slot in self.slots.glob("*.bundle"):
+            if slot.resolve() not in keep:
+                slot.unlink(missing_ok=True)

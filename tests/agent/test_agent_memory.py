@@ -1,6 +1,6 @@
-"""What keeps a long-running agent's memory flat (benchmarks/soak.py measures it): over many pushes and
-rollbacks it holds two onnxruntime sessions, the serving one and the previous (for rollback), never one
-per update; and `edge-agent run` tunes glibc's malloc unless the environment says otherwise."""
+"""What keeps a long-running agent's memory and disk flat (benchmarks/soak.py measures RSS): over many
+pushes and rollbacks it holds two onnxruntime sessions and two bundle files, the serving one and the
+previous (for rollback), never one per update; and `edge-agent run` tunes glibc's malloc unless the environment says otherwise."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def test_pushes_and_rollbacks_keep_two_sessions_alive_not_one_per_update(default
         sessions.append(weakref.ref(agent.model.session))
         if version % 2:
             assert agent.roll_back("soak-like manual rollback")
+        slots = sorted(path.name for path in agent.slots.slots.iterdir())  # and two bundles on disk, not one per push
+        assert slots == sorted({agent.slots.current.resolve().name, agent.slots.previous.resolve().name}), slots
     gc.collect()
     assert sum(ref() is not None for ref in sessions) == 2
     agent.outbox.close()

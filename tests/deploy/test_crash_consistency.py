@@ -93,6 +93,8 @@ def test_a_crash_during_an_install_leaves_a_working_model_and_the_push_retries(
         birth = online(recorder)
         assert device.infer(digits.x_test) == {serves} and birth["model_version"] == int(serves)
         assert not (device.dir / "switch.json").exists()
+        linked = {device.link("current.bundle"), device.link("previous.bundle")} - {None}
+        assert {slot.name for slot in (device.dir / "slots").glob("*")} == linked  # a slot the crash left is gone
         if serves == "2":
             assert (device.link("current.bundle"), device.link("previous.bundle")) == ("digits-2.bundle", "digits-1.bundle")
             assert birth["probation"] == {"version": 2, "state": "running"}  # started again after the restart
