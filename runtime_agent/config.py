@@ -148,6 +148,10 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
                          "certificate and key, PEM; `toolchain flash --broker-dir` writes client.pem)")
     if client_cert is not None and not tls:
         raise AgentError(f"{path} [mqtt] client_cert needs an mqtts:// broker")
+    serve_port = serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535")
+    grpc_port = serve.get("grpc_port", int, None, check=lambda v: 1 <= v <= 65535, expected="a port 1..65535")
+    if grpc_port == serve_port:
+        raise AgentError(f"{path} [serve] grpc_port {grpc_port} is also the REST port; give gRPC a port of its own")
     return AgentConfig(
         device_dir=device_dir, device_id=ident, fleet=fleet, broker_host=host, broker_port=port, tls=tls,
         username=mqtt.get("username", str, ident if password else None), password=password,
@@ -155,8 +159,7 @@ def load_agent_config(device_dir: Path) -> AgentConfig:
         client_cert=device_dir / client_cert if client_cert else None,
         keepalive_s=mqtt.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, expected="an integer 5..3600"),
         serve_host=serve.get("host", str, "127.0.0.1"),
-        serve_port=serve.get("port", int, 8080, check=lambda v: 0 <= v <= 65535, expected="a port 0..65535"),
-        grpc_port=serve.get("grpc_port", int, None, check=lambda v: 1 <= v <= 65535, expected="a port 1..65535"),
+        serve_port=serve_port, grpc_port=grpc_port,
         serve_threads=serve.get("threads", int, 0, check=lambda v: 0 <= v <= 256,
                                 expected="an integer 0..256 (0: onnxruntime's choice, one per core)"),
         serve_spin_us=serve.get("spin_us", int, SPIN_US, check=lambda v: -1 <= v <= 1_000_000,

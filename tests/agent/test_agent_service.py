@@ -181,6 +181,7 @@ def test_a_config_command_changes_the_window(default_build: Build, broker: Manag
     ('device_id = "d"\nbroker = "mqtt://h:1"\n[telemetry]\nwindow_s = "10"\n', "'window_s' must be seconds between 0.05 and 86400"),
     ('device_id = "d"\nbroker = "mqtt://h:1"\n[serve]\nthreads = -1\n', "'threads' must be an integer 0..256"),
     ('device_id = "d"\nbroker = "mqtt://h:1"\n[serve]\nspin_us = -2\n', "'spin_us' must be microseconds 0..1000000, or -1"),
+    ('device_id = "d"\nbroker = "mqtt://h:1"\n[serve]\nport = 8500\ngrpc_port = 8500\n', "grpc_port 8500 is also the REST port"),
     ('broker = "mqtt://h:1"\n', "required key 'device_id' is missing"),
 ])
 def test_bad_agent_config_is_one_line(tmp_path: Path, toml: str, message: str) -> None:
