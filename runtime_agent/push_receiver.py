@@ -58,6 +58,13 @@ class Transfer:
         return payload | ({"reason": self.reason} if self.reason else {})
 
 
+def offered_version(offer: dict[str, Any]) -> int | None:
+    """The model version an offer names (advisory: the signed manifest decides); None when it names none or
+    is a benchmark job's (`job`), which installs nothing."""
+    version = offer.get("version")
+    return version if isinstance(version, int) and not isinstance(version, bool) and "job" not in offer else None
+
+
 def parse_offer(command: dict[str, Any]) -> Transfer:
     """Validate a push_offer command; the message says which field is wrong."""
     def integer(key: str, low: int, high: int) -> int:
@@ -146,6 +153,8 @@ class PushReceiver:
                 item = self._transfers[offered.transfer] = self._load(offered)  # a rejected one starts afresh
             item.offer = offered.offer  # acks name the offer they answer
         self.send_ack(item.transfer, item.ack())
+        if (version := offered_version(item.offer)) is not None and item.state == "receiving":
+            self.drop_superseded(version - 1, f"superseded by the offer of v{version} (transfer {item.transfer})")
         if item.state == "receiving" and len(item.received) == item.chunks:
             self._finish(item)  # every chunk was on disk before a restart: verify now
         return item
@@ -195,12 +204,43 @@ class PushReceiver:
         with self._lock:
             item.state, item.reason = state, reason
             self._save(item)
+        self._announce(item)
+
+    def _announce(self, item: Transfer) -> None:
+        """Ack `item`'s recorded state; a final one also frees its staging file and may retire old records."""
         self.send_ack(item.transfer, item.ack())
-        if state in FINAL_STATES:
+        if item.state in FINAL_STATES:
             part, _ = self._paths(item.transfer)
             part.unlink(missing_ok=True)
             with self._lock:
                 self._forget_old()
+
+    def drop_superseded(self, version: int, reason: str) -> None:
+        """Reject every unfinished transfer whose offer names a version up to `version`, freeing its staging
+        file. A push its sender abandoned (Ctrl-C, an operator host gone) otherwise keeps its whole reserved
+        size on the device for ever, and its bundle would be refused as not newer if it ever came. Records
+        a previous run left count too; a transfer this run is verifying is left to its installer."""
+        dropped = []
+        with self._lock:
+            for record in self.dir.glob("*.json"):
+                item = self._transfers.get(record.stem)
+                if item is None:  # a previous run's: unfinished whether it was receiving or being verified
+                    try:
+                        saved = json.loads(record.read_text())
+                        item = parse_offer(saved["offer"])
+                    except (OSError, ValueError, KeyError, TypeError, AgentError):
+                        continue  # gone meanwhile, or not a record of ours
+                    item.state = "receiving" if saved.get("state") == "verifying" else saved.get("state", "receiving")
+                version_offered = offered_version(item.offer)
+                if item.state != "receiving" or version_offered is None or version_offered > version:
+                    continue
+                item.state, item.reason = "rejected", reason  # chunks arriving from now on are ignored
+                self._transfers[item.transfer] = item
+                self._save(item)
+                dropped.append(item)
+        for item in dropped:
+            log.info("push %s (v%s) dropped: %s", item.transfer, offered_version(item.offer), reason)
+            self._announce(item)
 
     def _forget_old(self) -> None:
         """Keep the newest `keep_final` final transfers, in memory and on disk: an agent that runs for years

@@ -136,7 +136,7 @@ def test_http_servers_own_refusals_are_json_too(broker: ManagedBroker, tmp_path:
     device = limited_device(tmp_path, broker, LIMITS)
     answers = []
     with running_agent(device) as (_, base):
-        for request in (f"OPTIONS {INFER} HTTP/1.1\r\nHost: a\r\n\r\n", f"PUT /v2 HTTP/1.1\r\nHost: a\r\n\r\n",
+        for request in (f"OPTIONS {INFER} HTTP/1.1\r\nHost: a\r\n\r\n", "PUT /v2 HTTP/1.1\r\nHost: a\r\n\r\n",
                         f"GET /{'a' * 70000} HTTP/1.1\r\nHost: a\r\n\r\n"):
             sock = connect(base)
             sock.sendall(request.encode())
