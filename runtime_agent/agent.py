@@ -119,13 +119,13 @@ class Agent:
         with self._lock:
             self._active, self._previous = active, previous
         self._resume_update()
-        self._drop_superseded_pushes()
+        self._drop_superseded_pushes(self.slots.current_sha256())
         return self.model
 
-    def _drop_superseded_pushes(self) -> None:
+    def _drop_superseded_pushes(self, installed_sha256: str) -> None:
         """Free the staging space of unfinished pushes whose bundles could no longer install (not newer)."""
         version = self._version()
-        self.receiver.drop_superseded(version, f"v{version} is installed; a push must be newer")
+        self.receiver.drop_superseded(version, f"v{version} is installed; a push must be newer", installed_sha256)
 
     def _resume_update(self) -> None:
         """After a restart: finish a rollback that was recorded (refused version, or the probation record says
@@ -396,7 +396,7 @@ class Agent:
             self.emit_event("installed", transfer=transfer.transfer, version=bundle.version,
                             previous_version=running["version"])
             self.receiver.set_state(transfer, "installed")
-            self._drop_superseded_pushes()
+            self._drop_superseded_pushes(transfer.sha256)
 
     def _installed_before(self, transfer: Transfer) -> None:
         """The pushed file is the one running: a restart came between its switch and its report."""

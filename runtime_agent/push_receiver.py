@@ -215,11 +215,13 @@ class PushReceiver:
             with self._lock:
                 self._forget_old()
 
-    def drop_superseded(self, version: int, reason: str) -> None:
+    def drop_superseded(self, version: int, reason: str, installed_sha256: str | None = None) -> None:
         """Reject every unfinished transfer whose offer names a version up to `version`, freeing its staging
         file. A push its sender abandoned (Ctrl-C, an operator host gone) otherwise keeps its whole reserved
         size on the device for ever, and its bundle would be refused as not newer if it ever came. Records
-        a previous run left count too; a transfer this run is verifying is left to its installer."""
+        a previous run left count too; a transfer this run is verifying is left to its installer. One of
+        the file installed (`installed_sha256`: a restart came between its switch and its report) ends
+        `installed` instead, as a re-offer of it would."""
         dropped = []
         with self._lock:
             for record in self.dir.glob("*.json"):
@@ -234,12 +236,14 @@ class PushReceiver:
                 version_offered = offered_version(item.offer)
                 if item.state != "receiving" or version_offered is None or version_offered > version:
                     continue
-                item.state, item.reason = "rejected", reason  # chunks arriving from now on are ignored
+                installed = item.sha256 == installed_sha256
+                item.state, item.reason = ("installed", "") if installed else ("rejected", reason)  # chunks now are ignored
                 self._transfers[item.transfer] = item
                 self._save(item)
                 dropped.append(item)
         for item in dropped:
-            log.info("push %s (v%s) dropped: %s", item.transfer, offered_version(item.offer), reason)
+            log.info("push %s (v%s) %s", item.transfer, offered_version(item.offer),
+                     "is the installed file" if item.state == "installed" else f"dropped: {reason}")
             self._announce(item)
 
     def _forget_old(self) -> None:

@@ -88,3 +88,12 @@ def test_an_agent_frees_the_space_of_pushes_older_than_what_it_serves(default_bu
     restarted.load()
     assert not staged.exists() and restarted.receiver.states() == {"rejected": 1}
     restarted.outbox.close()
+
+
+def test_an_unfinished_push_of_the_installed_file_ends_installed(tmp_path: Path) -> None:
+    """A restart between an install's switch and its report: the transfer is the running file, not a stale one."""
+    acks: list[dict] = []
+    receiver = PushReceiver(tmp_path, lambda transfer, ack: acks.append(ack), lambda item, path: None)
+    transfer = offer(receiver, b"v2", 2)
+    receiver.drop_superseded(2, "v2 is installed; a push must be newer", installed_sha256=hashlib.sha256(b"v2").hexdigest())
+    assert (acks[-1]["state"], "reason" in acks[-1]) == ("installed", False) and not (tmp_path / f"{transfer}.part").exists()
