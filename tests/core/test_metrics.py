@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error, r2_score, top_k_accuracy_score
 
 from toolchain.core.config import parse_config
-from toolchain.core.metrics import BUILTIN, allowed_drop, output_agreement, resolve_metric
+from toolchain.core.metrics import BUILTIN, allowed_drop, constant_baseline, output_agreement, resolve_metric
 from toolchain.errors import ConfigError, ToolchainError
 
 RNG = np.random.default_rng(0)
@@ -91,3 +91,40 @@ def test_the_allowed_drop_is_in_the_metric_units(tmp_path: Path) -> None:
     assert allowed_drop(config(tmp_path), BUILTIN["agreement"], 1.0) == (0.01, "[compress] max_accuracy_drop")
     assert allowed_drop(config(tmp_path), BUILTIN["rmse"], 50.0) == (pytest.approx(1.0), "2% of the reference rmse")
     assert allowed_drop(config(tmp_path, "[eval]\nmax_drop = 3.0\n"), BUILTIN["mae"], 50.0) == (3.0, "[eval] max_drop")
+
+
+def test_the_constant_baseline_answers_the_training_splits_most_common_class_or_mean() -> None:
+    y_train = np.array([3, 3, 3, 1, 0])
+    accuracy, answer = constant_baseline(BUILTIN["accuracy"], [SCORES], y_train, LABELS, "classification")
+    assert accuracy == pytest.approx(np.mean(LABELS == 3)) and "(3)" in answer
+    binary = constant_baseline(BUILTIN["accuracy"], [SCORES[:, 0]], np.array([1, 1, 0]), LABELS % 2, "classification")
+    assert binary[0] == pytest.approx(np.mean(LABELS % 2 == 1))  # one sigmoid score per sample
+    train = np.array([1.0, 2.0, 6.0])
+    rmse, _ = constant_baseline(BUILTIN["rmse"], [VALUES], train, TARGETS, "regression")
+    assert rmse == pytest.approx(np.sqrt(mean_squared_error(TARGETS, np.full(200, 3.0))), rel=1e-6)
+    assert constant_baseline(BUILTIN["agreement"], [SCORES], None, None, "unlabelled") is None
+
+
+def test_a_model_no_better_than_a_constant_is_a_warning_note() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from toolchain.passes.shipping.evaluate import EvaluatePass
+
+    def notes(scores: np.ndarray) -> list[str]:
+        dataset = SimpleNamespace(y_train=np.array([2, 2, 1]), y_test=LABELS, task="classification")
+        ctx = SimpleNamespace(metric=BUILTIN["accuracy"], dataset=dataset, notes=[], console=Console(quiet=True))
+        reference = {"metric_value": BUILTIN["accuracy"].value([scores], LABELS)}
+        EvaluatePass._against_a_constant(reference, [scores], ctx)
+        assert reference["constant_baseline"] == pytest.approx(np.mean(LABELS == 2))
+        return ctx.notes
+
+    learned = np.eye(7, dtype=np.float32)[LABELS]  # right every time
+    assert notes(learned) == []
+    [note] = notes(np.eye(7, dtype=np.float32)[(LABELS + 1) % 7])  # wrong every time: worse than always 2
+    assert note.startswith("WARNING: the model is not clearly better than always answering the most common class")
+    constant = float(np.mean(LABELS == 2))  # right on a few more samples than the constant: chance, on 200
+    lucky = np.where((LABELS == 2) | (np.arange(200) < 6), LABELS, (LABELS + 1) % 7)
+    assert BUILTIN["accuracy"].value([np.eye(7, dtype=np.float32)[lucky]], LABELS) > constant
+    assert len(notes(np.eye(7, dtype=np.float32)[lucky])) == 1

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from toolchain.commands.options import (BrokerOption, CaFileOption, ClientCertOption, PasswordFileOption, TargetOption, UsernameOption,
                                        broker_login)
@@ -99,6 +100,6 @@ def build(
               f"predicted {shipped.metrics['latency_ms_predicted']:.4f} ms on {profile.id}"
               + (f", measured {shipped.metrics['latency_ms_p50_device']:.4f} ms on {measure_on}" if measure_on else ""))
     for note in ctx.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {escape(note)}")  # notes name config keys: "[train] lr" is not markup
     print(f"report: {artifact.outputs['report_html']}")
     print(artifact.outputs["bundle"])

@@ -191,3 +191,31 @@ def allowed_drop(config: BuildConfig, metric: Metric, reference_value: float) ->
     if metric.name in REGRESSION_METRICS:
         return RELATIVE_ERROR_DROP * abs(reference_value), f"{100 * RELATIVE_ERROR_DROP:g}% of the reference {metric.name}"
     return config.compress.max_accuracy_drop, "[compress] max_accuracy_drop (set [eval] max_drop in your metric's units)"
+
+
+def constant_baseline(metric: Metric, outputs: Outputs, y_train: np.ndarray | None, y_test: np.ndarray | None,
+                      task: str) -> tuple[float, str] | None:
+    """The metric of a model that learned nothing: the same answer for every test sample, the training
+    split's most common class (classification) or its mean (regression), shaped like `outputs`; and what
+    that answer is, for the message. None where there is no such answer (no labels, a metric that cannot
+    score it)."""
+    if y_train is None or y_test is None or not len(y_train) or task not in ("classification", "regression"):
+        return None
+    first = outputs[0]
+    if task == "classification":
+        classes, counts = np.unique(y_train, return_counts=True)
+        common = int(classes[counts.argmax()])
+        if first.ndim > 1 and first.reshape(len(first), -1).shape[1] > common:
+            constant = np.zeros_like(first).reshape(len(first), -1)
+            constant[:, common] = 1
+            constant = constant.reshape(first.shape)
+        else:  # one score per sample (a sigmoid): above 0.5 is class 1
+            constant = np.full_like(first, float(common))
+        answer = f"the most common class of the training split ({common})"
+    else:
+        constant = np.broadcast_to(np.asarray(y_train, np.float64).mean(axis=0), first.shape).astype(first.dtype)
+        answer = "the training split's mean"
+    try:
+        return metric.value([constant, *outputs[1:]], y_test, outputs), answer
+    except ToolchainError:
+        return None
