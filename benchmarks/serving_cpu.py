@@ -3,7 +3,7 @@ for it.
 
 onnxruntime's intra-op threads spin for more work after every run (its own policy: ~40 ms). On a board that
 answers a few requests per second, that is most of a core burning for nothing: heat, battery, and a core the
-rest of the device does not get. The agent caps the spin (runtime_agent.model.SPIN_US, 1 ms by default).
+rest of the device does not get. The agent caps the spin (runtime_agent.config.SPIN_US, 1 ms by default).
 
 For each model (generated variants, toolchain.perf.variants: a small dense CNN like the default example, a
 depthwise "mobile" net at 64 px and one at 128 px) and each setting (onnxruntime's own policy, the agent's
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from _common import print_table, target, write_results
-from runtime_agent.model import SPIN_US, open_session
+from runtime_agent.config import SPIN_US
+from runtime_agent.model import open_session
 from toolchain.perf.variants import VariantSpec, write_variant
 
 MODELS = {"cnn (like the default example)": VariantSpec("cnn", 32, 2, 3, 8, "fp32"),

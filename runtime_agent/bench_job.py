@@ -33,9 +33,10 @@ import numpy as np
 
 from runtime_agent import durable
 from runtime_agent.bundle import check_artifacts, read_signed
+from runtime_agent.config import SPIN_US
 from runtime_agent.errors import AgentError
 from runtime_agent.keyring import Keyring
-from runtime_agent.model import SPIN_US, open_session
+from runtime_agent.model import open_session
 from runtime_agent.process import rss_mb
 
 JOB_KIND = "bench-job"

@@ -33,11 +33,16 @@ from urllib.parse import urlparse
 
 from runtime_agent.errors import AgentError
 from runtime_agent.http_limits import Limits
-from runtime_agent.model import SPIN_US
 from runtime_agent.probation import ProbationLimits
 from runtime_agent.protocol import device_prefix
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# How long (microseconds) onnxruntime's intra-op threads look for more work before they sleep: `[serve] spin_us`
+# unless set (runtime_agent.model.open_session applies it). onnxruntime's own policy spins ~40 ms after every
+# run, so at 20 paced requests/s one pool thread burns ~80% of a core doing nothing (benchmarks/serving_cpu.py).
+# 1 ms still covers the gaps between the ops of one run and between back-to-back requests, and lets the
+# threads sleep between paced ones.
+SPIN_US = 1000
 _SECTIONS = {"mqtt": {"username", "password", "password_file", "ca_file", "client_cert", "keepalive_s"},
              "serve": {"host", "port", "grpc_port", "threads", "spin_us", "max_body_bytes", "header_timeout_s", "body_timeout_s",
                        "idle_timeout_s", "max_connections"}, "telemetry": {"window_s"}, "model": {"bundle", "pubkey", "keyring"},

@@ -20,17 +20,12 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime_agent.bundle import Bundle
+from runtime_agent.config import SPIN_US
 from runtime_agent.errors import BundleError, InputError
 from runtime_agent.litert import LiteRtSession, LiteRtUnavailable
 from runtime_agent.reference import TASKS, Features, prediction_values
 
 CLASSIFICATION = "classification"
-
-# How long (microseconds) onnxruntime's intra-op threads look for more work before they sleep, the agent's
-# default `[serve] spin_us`. onnxruntime's own policy spins ~40 ms after every run, so at 20 paced requests/s
-# one pool thread burns ~70% of a core doing nothing (benchmarks/serving_cpu.py). 1 ms still covers the gaps
-# between the ops of one run and between back-to-back requests, and lets the threads sleep between paced ones.
-SPIN_US = 1000
 
 
 def _providers(preferred: Sequence[str]) -> list[str]:

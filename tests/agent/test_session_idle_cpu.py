@@ -1,6 +1,6 @@
 """What a served model costs while no request comes: onnxruntime's intra-op threads spin for more work
 after every run (its own policy: ~40 ms, most of a core at a few requests per second), so the agent caps the
-spin (`[serve] spin_us`, runtime_agent.model.SPIN_US) and the threads sleep between paced requests."""
+spin (`[serve] spin_us`, runtime_agent.config.SPIN_US) and the threads sleep between paced requests."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_agent.config import load_agent_config
-from runtime_agent.model import SPIN_US
+from runtime_agent.config import SPIN_US, load_agent_config
 from toolchain.perf.variants import VariantSpec, write_variant
 
 # A child process that owns nothing else: opens the model as the agent does (2 threads: one pool thread
