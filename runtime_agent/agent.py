@@ -109,18 +109,43 @@ class Agent:
         First finish a slot switch that a crash cut in half."""
         self.slots.recover()
         key = self.keyring()
-        active = Active(self._load_model(read_bundle(self.config.bundle_path, key, installed=True)))
-        previous = None
+        previous, previous_error = None, None
         if self.slots.previous.exists():
             try:
                 previous = Active(self._load_model(read_bundle(self.slots.previous, key, installed=True)))
             except AgentError as exc:
-                log.warning("previous bundle unusable, rollback disabled: %s", exc)
+                previous_error = exc
+        try:
+            active = Active(self._load_model(read_bundle(self.config.bundle_path, key, installed=True)))
+        except AgentError as exc:
+            active, previous = self._fall_back(exc, previous, previous_error), None
+        else:
+            if previous_error is not None:
+                log.warning("previous bundle unusable, rollback disabled: %s", previous_error)
         with self._lock:
             self._active, self._previous = active, previous
         self._resume_update()
         self._drop_superseded_pushes(self.slots.current_sha256())
         return self.model
+
+    def _fall_back(self, error: AgentError, previous: Active | None, previous_error: AgentError | None) -> Active:
+        """The installed bundle no longer loads (bytes rotted or lost on the board's storage, a model its runtime
+        now refuses): serve the previous one and make it current, as an A/B updater boots its other slot, rather
+        than leave the device without a model. Not a previous model that failed its probation here (the refusal
+        `roll_back` makes too); with none usable, the original error stops the agent."""
+        if previous is None or previous.model.bundle.version in self._refused():
+            why = (f"the previous bundle is unusable too ({previous_error})" if previous_error is not None else
+                   "there is no previous bundle to fall back to" if previous is None else
+                   f"the previous model, v{previous.model.bundle.version}, failed its probation here")
+            raise AgentError(f"{error}; {why}: push or provision a new bundle") from error
+        failed_version = self.slots.slot_version(self.slots.current)
+        self.slots.roll_back()
+        version = previous.model.bundle.version
+        reason = f"the installed bundle does not load ({error})"
+        log.error("%s: serving the previous model, v%s; push a new bundle to replace it", reason, version)
+        self.emit_event("rollback", from_version=failed_version, to_version=version, reason=reason,
+                        model_version=version)  # not yet the active model's: it becomes so on return
+        return previous
 
     def _drop_superseded_pushes(self, installed_sha256: str) -> None:
         """Free the staging space of unfinished pushes whose bundles could no longer install (not newer)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from runtime_agent import durable
@@ -56,6 +57,13 @@ class Slots:
         slot = self.slots / f"{name}-{version}.bundle"
         durable.copy(staged, slot)
         return slot
+
+    @staticmethod
+    def slot_version(link: Path) -> int | None:
+        """The version a pointer's slot holds, from its file name (`NAME-VERSION.bundle`), for when the bundle
+        itself cannot be read; None for a plain provisioned file."""
+        match = re.fullmatch(r".+-(\d+)\.bundle", link.resolve().name) if link.is_symlink() else None
+        return int(match.group(1)) if match else None
 
     def current_sha256(self) -> str:
         with open(self.current, "rb") as handle:

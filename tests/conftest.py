@@ -85,6 +85,7 @@ def digits():
 
 # --- MQTT: a real mosquitto per test, and a recording subscriber -------------------------------
 
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
@@ -95,6 +96,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+from runtime_agent.agent import Agent  # noqa: E402
+from runtime_agent.push_receiver import Transfer  # noqa: E402
 from toolchain.deploy.broker import OPERATOR, ManagedBroker, free_port  # noqa: E402
 
 from tests.postgres import postgres_server, postgres_url  # noqa: E402,F401  (a real PostgreSQL: tests/postgres.py)
@@ -177,3 +180,13 @@ def provision_device(device_dir: Path, build: Build, broker_url: str, device_id:
         f'device_id = "{device_id}"\nfleet = "{fleet}"\nbroker = "{broker_url}"\n{extra}\n'
         f'[serve]\nhost = "127.0.0.1"\nport = {free_port()}\n[telemetry]\nwindow_s = {window_s}\n')
     return device_dir
+
+
+def install_push(agent: Agent, bundle: Path, version: int) -> None:
+    """Install `bundle` as the push receiver hands it over once every chunk is staged (no broker needed)."""
+    data = bundle.read_bytes()
+    transfer = Transfer(transfer=f"{version:016x}", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                        chunk_bytes=len(data), chunks=1, offer={"id": f"offer-{version}", "version": version})
+    staged = agent.receiver.dir / f"{transfer.transfer}.part"
+    shutil.copyfile(bundle, staged)
+    agent.install(transfer, staged)

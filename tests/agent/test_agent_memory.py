@@ -5,9 +5,7 @@ previous (for rollback), never one per update; and `edge-agent run` tunes glibc'
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import weakref
@@ -15,19 +13,8 @@ from pathlib import Path
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import load_agent_config
-from runtime_agent.push_receiver import Transfer
-from tests.conftest import Build, provision_device
+from tests.conftest import Build, install_push, provision_device
 from tests.deploy.bundle_variants import variant
-
-
-def _push(agent: Agent, bundle: Path, version: int) -> None:
-    """What the receiver hands the installer once every chunk of `bundle` is staged."""
-    data = bundle.read_bytes()
-    transfer = Transfer(transfer=f"{version:016x}", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                        chunk_bytes=len(data), chunks=1, offer={"id": f"offer-{version}", "version": version})
-    staged = agent.receiver.dir / f"{transfer.transfer}.part"
-    shutil.copyfile(bundle, staged)
-    agent.install(transfer, staged)
 
 
 def test_pushes_and_rollbacks_keep_two_sessions_alive_not_one_per_update(default_build: Build, tmp_path: Path) -> None:
@@ -36,7 +23,7 @@ def test_pushes_and_rollbacks_keep_two_sessions_alive_not_one_per_update(default
     agent.load()
     sessions = [weakref.ref(agent.model.session)]
     for version in range(2, 9):
-        _push(agent, variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "bundles", version=version), version)
+        install_push(agent, variant(default_build.bundle, default_build.pubkey.parent, tmp_path / "bundles", version=version), version)
         assert agent.model.bundle.version == version
         sessions.append(weakref.ref(agent.model.session))
         if version % 2:
