@@ -132,10 +132,11 @@ class Agent:
         """The installed bundle no longer loads (bytes rotted or lost on the board's storage, a model its runtime
         now refuses): serve the previous one and make it current, as an A/B updater boots its other slot, rather
         than leave the device without a model. Not a previous model that failed its probation here (the refusal
-        `roll_back` makes too); with none usable, the original error stops the agent."""
+        `roll_back` makes too); with none usable, the error, and why previous could not stand in, stops the agent."""
+        if previous is None and previous_error is None:
+            raise error  # a device that never had two bundles: the error says it all
         if previous is None or previous.model.bundle.version in self._refused():
-            why = (f"the previous bundle is unusable too ({previous_error})" if previous_error is not None else
-                   "there is no previous bundle to fall back to" if previous is None else
+            why = (f"the previous bundle is unusable too ({previous_error})" if previous is None else
                    f"the previous model, v{previous.model.bundle.version}, failed its probation here")
             raise AgentError(f"{error}; {why}: push or provision a new bundle") from error
         failed_version = self.slots.slot_version(self.slots.current)
