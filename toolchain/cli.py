@@ -3,7 +3,8 @@ the work lives in the packages they call) and turns a user's mistake into one li
 
 Errors a user can fix (`ToolchainError`, the agent's `AgentError` for bundles and keys, and the fleet
 database's `DatabaseLost` when PostgreSQL drops the connection) print one line and exit 2; `--debug`
-(anywhere on the command line) shows the traceback too.
+(anywhere on the command line) shows the traceback too. A command stopped by Ctrl-C or SIGTERM unwinds (a
+build removes its work folder) and says so in one line, exiting 128 + the signal.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+# How a command stopped by a signal exits (128 + the signal), and the line that says so: Typer exits 130 on
+# Ctrl-C without a word, which in a log reads like a crash.
+STOPPED_BY = {128 + signal.SIGINT: "Ctrl-C (SIGINT)", 128 + signal.SIGTERM: "SIGTERM"}
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app(prog_name="toolchain")
+    except SystemExit as exc:
+        if exc.code in STOPPED_BY:
+            print(f"stopped by {STOPPED_BY[exc.code]}", file=sys.stderr)
+        raise
     except (ToolchainError, AgentError, DatabaseLost) as exc:
         if debug:
             traceback.print_exc()
