@@ -109,6 +109,16 @@ class PushReceiver:
     def _paths(self, transfer: str) -> tuple[Path, Path]:
         return self.dir / f"{transfer}.part", self.dir / f"{transfer}.json"
 
+    def _read_record(self, transfer: str) -> tuple[dict[str, Any], Transfer | None]:
+        """A transfer's record as a run left it on disk, and its offer parsed; ({}, None) when there is none
+        (or it is not a record of ours)."""
+        _, state = self._paths(transfer)
+        try:
+            saved = json.loads(state.read_text())
+            return saved, parse_offer(saved["offer"])
+        except (OSError, ValueError, KeyError, TypeError, AgentError):
+            return {}, None
+
     def _save(self, item: Transfer) -> None:
         """Atomic, not durable: after a power cut a lost record only makes the sender re-send chunks, and a
         chunk recorded but lost fails the whole-file hash (the retry starts afresh); one fsync per chunk
@@ -119,12 +129,8 @@ class PushReceiver:
 
     def _load(self, offered: Transfer) -> Transfer:
         """Resume from disk when this transfer (same id, same file) was started before a restart."""
-        part, state = self._paths(offered.transfer)
-        try:
-            saved = json.loads(state.read_text())
-            previous = parse_offer(saved["offer"])
-        except (OSError, ValueError, KeyError, AgentError):
-            previous = None
+        part, _ = self._paths(offered.transfer)
+        saved, previous = self._read_record(offered.transfer)
         same = previous is not None and (previous.sha256, previous.size, previous.chunk_bytes) == \
             (offered.sha256, offered.size, offered.chunk_bytes)
         # Resume a transfer in progress; remember one that was installed; start a rejected one afresh.
@@ -227,10 +233,8 @@ class PushReceiver:
             for record in self.dir.glob("*.json"):
                 item = self._transfers.get(record.stem)
                 if item is None:  # a previous run's: unfinished whether it was receiving or being verified
-                    try:
-                        saved = json.loads(record.read_text())
-                        item = parse_offer(saved["offer"])
-                    except (OSError, ValueError, KeyError, TypeError, AgentError):
+                    saved, item = self._read_record(record.stem)
+                    if item is None:
                         continue  # gone meanwhile, or not a record of ours
                     item.state = "receiving" if saved.get("state") == "verifying" else saved.get("state", "receiving")
                 version_offered = offered_version(item.offer)
