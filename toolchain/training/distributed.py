@@ -187,10 +187,13 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def report_weights(label: str, module: torch.nn.Module, best_epoch: int, epochs_run: int) -> None:
-    """One stderr line per rank and job, so the ranks' weights can be compared after a run."""
+    """One stderr line per rank and job, so the ranks' weights can be compared after a run. Written in one
+    call with its newline: `print` writes the text and the newline separately, and two ranks sharing the
+    terminal (or a pipe) then ran their lines together."""
     here = world()
-    print(f"rank {here.rank}/{here.size}: {label}: best epoch {best_epoch} of {epochs_run}, "
-          f"weights sha256 {weights_digest(module)}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"rank {here.rank}/{here.size}: {label}: best epoch {best_epoch} of {epochs_run}, "
+                     f"weights sha256 {weights_digest(module)}\n")
+    sys.stderr.flush()
 
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
